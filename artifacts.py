@@ -1,0 +1,98 @@
+"""Data passed between the pack's nodes. Custom ComfyUI types are plain strings naming these classes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+INVERSION = "INVERSION"
+
+
+class InversionChainError(ValueError):
+    """A user-facing error: the message says what was wrong and what is accepted."""
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Identity of the diffusion model an artefact was made with (architecture + a weight fingerprint)."""
+
+    model_class: str
+    prediction: str
+    channels: int
+    context_dim: int
+    weight_fingerprint: Tuple[float, ...]
+
+    def describe(self) -> str:
+        return (f"{self.model_class} ({self.prediction}, {self.channels} channels, context {self.context_dim}, "
+                f"weights {', '.join(f'{w:.4g}' for w in self.weight_fingerprint)})")
+
+
+@dataclass
+class Inversion:
+    """A real image's DDIM inversion chain: every intermediate latent, with how it was made.
+
+    Index ``i`` follows the *forward* (denoising) schedule: ``sigmas[i]`` descends from sigma_max to 0,
+    ``chain[i]`` is the latent at ``sigmas[i]`` in ComfyUI's sampler space (``x0 + sigma * eps``, after the model's
+    latent scaling), so ``chain[0]`` is x_T and ``chain[-1]`` the encoded image. ``chain`` lives on the model's
+    offload device; ``latent_at`` brings one step where it is needed.
+    """
+
+    sigmas: torch.Tensor            # [steps + 1], float32, CPU
+    timesteps: torch.Tensor         # [steps + 1], the model's 0..999 timestep for each sigma (sigma 0 -> 0)
+    chain: torch.Tensor             # [steps + 1, B, C, H, W]
+    residuals: torch.Tensor         # [steps, B]: bound on each inversion step's round-trip error; NaN = not measured
+    positive: list                  # CONDITIONING used while inverting
+    negative: Optional[list]
+    cfg: float
+    scheduler: str
+    refine_iters: int
+    latent_shape: Tuple[int, ...]   # LATENT-space shape of the source batch [B, C, H, W]
+    model_key: ModelKey
+    unet_calls: int = 0
+    extras: dict = field(default_factory=dict)  # room for later artefacts (e.g. attention maps of the inversion)
+
+    @property
+    def steps(self) -> int:
+        return int(self.sigmas.shape[0]) - 1
+
+    def latent_at(self, index: int, device=None, dtype=None) -> torch.Tensor:
+        return self.chain[index].to(device=device, dtype=dtype)
+
+    def step_index(self, sigma: float, rtol: float = 1e-4) -> Optional[int]:
+        """Index i with sigmas[i] == sigma (None if the sigma is not on this schedule)."""
+        diffs = (self.sigmas - float(sigma)).abs()
+        i = int(torch.argmin(diffs))
+        return i if float(diffs[i]) <= rtol * max(1.0, float(sigma)) else None
+
+    def check_matches(self, model_key: "ModelKey", latent_shape=None, what: str = "this node"):
+        """Raise a clear error when the inversion was made with another model or latent size."""
+        if model_key != self.model_key:
+            raise InversionChainError(
+                f"{what}: the INVERSION was made with a different model.\n  inversion: {self.model_key.describe()}\n"
+                f"  this model: {model_key.describe()}\nInvert the image again with the model you sample with.")
+        if latent_shape is not None and tuple(latent_shape[-2:]) != tuple(self.latent_shape[-2:]):
+            raise InversionChainError(
+                f"{what}: the latent is {tuple(latent_shape[-2:])} (HxW) but the INVERSION was made at "
+                f"{tuple(self.latent_shape[-2:])}. Use an image of the same size as the inverted one.")
+
+    def check_sigmas(self, sigmas: torch.Tensor, what: str = "this node"):
+        """Raise a clear error when a sampler's sigmas are not the inversion's schedule."""
+        sigmas = sigmas.detach().float().cpu().flatten()
+        if sigmas.shape != self.sigmas.shape or not torch.allclose(sigmas, self.sigmas, rtol=1e-4, atol=1e-5):
+            raise InversionChainError(
+                f"{what}: the sampler's sigmas are not the inversion's schedule. Sample with {self.steps} steps and "
+                f"scheduler '{self.scheduler}' (e.g. sampler 'ddim'), or feed DDIM Invert's `sigmas` output to "
+                f"SamplerCustom.\n  expected: {_fmt(self.sigmas)}\n  got:      {_fmt(sigmas)}")
+
+    def summary(self) -> str:
+        res = self.residuals[torch.isfinite(self.residuals)]
+        worst = f"{float(res.max()):.3g}" if res.numel() else "not measured (refine_iters=0)"
+        return (f"INVERSION: {self.steps} steps ({self.scheduler}), cfg {self.cfg}, refine_iters {self.refine_iters}, "
+                f"batch {self.latent_shape[0]}, latent {tuple(self.latent_shape[1:])}, {self.unet_calls} model calls, "
+                f"worst step residual {worst}")
+
+
+def _fmt(t: torch.Tensor, n: int = 6) -> str:
+    vals = [f"{float(v):.4g}" for v in t[:n]]
+    return "[" + ", ".join(vals) + (", ..." if t.numel() > n else "") + f"] ({t.numel()} values)"

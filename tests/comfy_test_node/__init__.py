@@ -1,0 +1,17 @@
+"""Test-only custom node: registers the small/bench test model configs so that the stock
+CheckpointLoaderSimple recognises the test checkpoints. Never installed for users."""
+import importlib.util
+import os
+import sys
+
+# Loaded by file path: ComfyUI's own tree has a regular `tests` package that would shadow ours.
+_harness_dir = os.path.join(os.environ["IC_REPO_ROOT"], "tests", "harness")
+_spec = importlib.util.spec_from_file_location("ic_test_harness", os.path.join(_harness_dir, "__init__.py"),
+                                               submodule_search_locations=[_harness_dir])
+_harness = importlib.util.module_from_spec(_spec)
+sys.modules["ic_test_harness"] = _harness
+_spec.loader.exec_module(_harness)
+from ic_test_harness.models import register_test_model_configs  # noqa: E402
+
+register_test_model_configs()
+NODE_CLASS_MAPPINGS = {}

@@ -1,0 +1,53 @@
+"""Fixtures shared by every test: a real ComfyUI in-process, the pack loaded as ComfyUI loads it, small models
+loaded through ComfyUI's own checkpoint loader, real photos, and a headless ComfyUI server."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.harness import comfy_env, models, photos
+
+comfy_env.setup_comfy()
+comfy_env.load_pack()
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode():
+    """ComfyUI runs every node under inference mode; so do the tests."""
+    with torch.inference_mode():
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_model():
+    """(MODEL, CLIP, VAE): SD1.5 layout at width 32, random seeded weights, via the stock loader."""
+    with torch.inference_mode():
+        return models.load_checkpoint("small")
+
+
+@pytest.fixture(scope="session")
+def encode():
+    """encode(clip, text) -> CONDITIONING, with real CLIP tokenization."""
+    def _encode(clip, text):
+        with torch.inference_mode():
+            cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+    return _encode
+
+
+@pytest.fixture(scope="session")
+def astronaut_latent(small_model):
+    """{"samples": ...}: VAEEncode of scikit-image's astronaut at 128 px (16x16 latent)."""
+    import nodes
+    with torch.inference_mode():
+        return nodes.VAEEncode().encode(small_model[2], photos.photo("astronaut", 128))[0]
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A headless ComfyUI (main.py --cpu on 127.0.0.1) with the pack and the test checkpoints."""
+    from tests.harness.server import ComfyServer
+    server = ComfyServer(tmp_path_factory.mktemp("comfy_server"))
+    server.start()
+    yield server
+    server.stop()

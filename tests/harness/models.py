@@ -1,0 +1,174 @@
+"""Random-weight SD1.x-layout models built from ComfyUI's own classes, saved as real checkpoints.
+
+Three sizes:
+- ``small``: SD1.5's block layout (4 levels, 16 attention blocks) at width 32, context 32, a 2-layer CLIP and a
+  TAESD VAE. Loadable by the stock ``CheckpointLoaderSimple`` once ``register_test_model_configs()`` ran (a test
+  node does that in the server).
+- ``bench``: the same layout at width 128, context 768, the real SD1 CLIP architecture; for ``bench/``.
+- ``sd15``: full SD1.5 architecture with random fp16 weights, recognised by the stock loader with no registration.
+Weights are filled from a seeded generator (ComfyUI leaves them uninitialised), so every build is identical.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .comfy_env import CACHE_DIR, setup_comfy
+
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SIZES = {
+    "small": {"model_channels": 32, "context_dim": 32, "clip": {"hidden_size": 32, "intermediate_size": 64,
+                                                             "num_attention_heads": 2, "num_hidden_layers": 2,
+                                                             "projection_dim": 32}, "vae": "taesd"},
+    "bench": {"model_channels": 128, "context_dim": 768, "clip": None, "vae": "taesd"},
+    "sd15": {"model_channels": 320, "context_dim": 768, "clip": None, "vae": "kl", "dtype": torch.float16},
+}
+CHECKPOINT_NAMES = {"small": "ic_test_small.safetensors", "bench": "ic_test_bench.safetensors",
+                    "sd15": "ic_test_sd15_random_fp16.safetensors"}
+SEED = 1234
+
+
+def unet_config(size: str) -> dict:
+    cfg = dict(SD15_UNET)
+    cfg["model_channels"] = SIZES[size]["model_channels"]
+    cfg["context_dim"] = SIZES[size]["context_dim"]
+    return cfg
+
+
+def clip_config_path(size: str) -> str | None:
+    """A shrunk copy of ComfyUI's SD1 CLIP config (real vocabulary and 77 positions), or None for the real size."""
+    overrides = SIZES[size]["clip"]
+    if overrides is None:
+        return None
+    import comfy.sd1_clip
+    base = Path(comfy.sd1_clip.__file__).with_name("sd1_clip_config.json")
+    config = json.loads(base.read_text())
+    config.update(overrides)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    path = CACHE_DIR / f"clip_config_{size}.json"
+    text = json.dumps(config, indent=1)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return str(path)
+
+
+_registered = {}
+
+
+def register_test_model_configs():
+    """Let the stock checkpoint loader recognise the small and bench models (test-only)."""
+    setup_comfy()
+    import comfy.supported_models as sm
+    import comfy.sd1_clip as sd1
+    from comfy import supported_models_base
+
+    for size in ("small", "bench"):
+        if size in _registered:
+            continue
+        clip_path = clip_config_path(size)
+
+        class TestSD15(sm.SD15):
+            unet_config = {"context_dim": SIZES[size]["context_dim"],
+                           "model_channels": SIZES[size]["model_channels"],
+                           "use_linear_in_transformer": False, "adm_in_channels": None,
+                           "use_temporal_attention": False}
+
+            def clip_target(self, state_dict={}, _clip_path=clip_path):
+                target = supported_models_base.ClipTarget(sd1.SD1Tokenizer, sd1.SD1ClipModel)
+                if _clip_path is not None:
+                    target.params["clip_model"] = partial(sd1.SDClipModel, textmodel_json_config=_clip_path)
+                return target
+
+        TestSD15.__name__ = TestSD15.__qualname__ = f"ICTestSD15_{size}"
+        sm.models.insert(0, TestSD15)
+        _registered[size] = TestSD15
+    return dict(_registered)
+
+
+def fill_seeded_(module: torch.nn.Module, seed: int):
+    """Fill every parameter deterministically: fan-in scaled normals for weights, ones for norm scales."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                std = 0.02 if "embedding" in name else fan_in ** -0.5
+                value = torch.randn(p.shape, generator=gen) * std
+            elif "norm" in name or name.endswith("ln_1.weight") or name.endswith("ln_2.weight"):
+                value = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
+            else:
+                value = torch.randn(p.shape, generator=gen) * 0.02
+            p.copy_(value.to(p.dtype))
+
+
+@torch.no_grad()
+def build_state_dict(size: str, seed: int = SEED) -> dict:
+    setup_comfy()
+    import comfy.supported_models as sm
+    import comfy.sd1_clip as sd1
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    register_test_model_configs()
+    config_cls = _registered.get(size, sm.SD15)
+    model_config = config_cls(copy.deepcopy(unet_config(size)))
+    model_config.set_inference_dtype(torch.float32, None)
+    base_model = model_config.get_model({}, "", device=torch.device("cpu"))
+    fill_seeded_(base_model.diffusion_model, seed)
+    sd = {f"model.diffusion_model.{k}": v for k, v in base_model.diffusion_model.state_dict().items()}
+    del base_model
+
+    clip_kwargs = {}
+    path = clip_config_path(size)
+    if path is not None:
+        clip_kwargs["textmodel_json_config"] = path
+    clip = sd1.SDClipModel(device="cpu", dtype=torch.float32, **clip_kwargs)
+    fill_seeded_(clip, seed + 1)
+    for k, v in clip.state_dict().items():
+        if k in ("transformer.text_projection.weight", "logit_scale") or "position_ids" in k:
+            continue
+        sd[f"cond_stage_model.{k}"] = v
+    del clip
+
+    if SIZES[size]["vae"] == "taesd":
+        vae_module = comfy.taesd.taesd.TAESD()
+    else:
+        vae_module = comfy.sd.VAE(sd={}).first_stage_model
+    fill_seeded_(vae_module, seed + 2)
+    for k, v in vae_module.state_dict().items():
+        sd[f"first_stage_model.{k}"] = v
+    dtype = SIZES[size].get("dtype", torch.float32)
+    return {k: v.detach().to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
+
+
+def checkpoint_path(size: str) -> Path:
+    """Build the checkpoint once (cached outside the repo) and return its path."""
+    path = CACHE_DIR / "checkpoints" / CHECKPOINT_NAMES[size]
+    if not path.is_file():
+        import comfy.utils
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        comfy.utils.save_torch_file(build_state_dict(size), str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(size: str):
+    """(MODEL, CLIP, VAE) through ComfyUI's own loader, as CheckpointLoaderSimple does."""
+    import comfy.sd
+    register_test_model_configs()
+    with torch.inference_mode():  # as ComfyUI runs every node
+        out = comfy.sd.load_checkpoint_guess_config(str(checkpoint_path(size)), output_vae=True, output_clip=True)
+    return out[0], out[1], out[2]
