@@ -53,3 +53,27 @@ def check_interrupt():
 
 def progress_bar(total: int):
     return comfy.utils.ProgressBar(total)
+
+
+def attention(q, k, v, extra_options):
+    """ComfyUI's own attention kernel, called as its CrossAttention does (so results are bit-identical).
+    0.3x passes attn_precision and transformer_options; 2024-03 takes only (q, k, v, heads)."""
+    import comfy.ldm.modules.attention as attn
+    heads = extra_options["n_heads"]
+    if _ATTENTION_TAKES_OPTIONS:
+        return attn.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                        transformer_options=extra_options)
+    return attn.optimized_attention(q, k, v, heads)
+
+
+def _attention_takes_options() -> bool:
+    import inspect
+    import comfy.ldm.modules.attention as attn
+    try:
+        params = inspect.signature(attn.optimized_attention).parameters
+    except (TypeError, ValueError):
+        return False
+    return "attn_precision" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+_ATTENTION_TAKES_OPTIONS = _attention_takes_options()

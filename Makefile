@@ -1,0 +1,23 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11:
+#   make test   - builds the environment (cached), obtains ComfyUI, links the pack, runs the test suite
+#   make demo   - runs the main job headless on a real photo and writes the results to out/
+# COMFYUI_PATH=/path/to/ComfyUI selects another ComfyUI tree (default: the upstream 2024-03-22 tree).
+# CKPT=/path/model.safetensors makes the demo use your checkpoint (default: a small random-weight test model).
+PY := .venv/bin/python
+
+.PHONY: setup test demo bench clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+test: setup
+	$(PY) -m pytest tests
+
+demo: setup
+	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)")
+
+bench: setup
+	$(PY) -m bench all
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,65 @@
+"""Addressing: every transformer block of a UNet, numbered in execution order, with its resolution.
+
+SD1.x/SD2.x have 16 (down 0-5, mid 6, up 7-15, MasaCtrl's numbering); SDXL has 70. A layer's ``key`` is the
+``(block_name, block_number, index_in_spatial_transformer)`` triple ComfyUI uses for attention replace patches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+PARTS = ("down", "mid", "up")
+_PART_OF_BLOCK = {"input": "down", "middle": "mid", "output": "up"}
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    index: int                 # execution order, 0-based
+    key: Tuple[str, int, int]  # ComfyUI patches_replace key
+    part: str                  # down | mid | up
+    level: int                 # number of 2x downsamplings before this block (token grid = latent / 2**level)
+    channels: int
+    heads: int
+
+    def grid(self, latent_h: int, latent_w: int) -> Tuple[int, int]:
+        f = 2 ** self.level
+        return (latent_h + f - 1) // f, (latent_w + f - 1) // f
+
+
+def enumerate_layers(unet) -> List[AttentionLayer]:
+    """Walk ``input_blocks``, ``middle_block``, ``output_blocks`` in execution order."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    layers: List[AttentionLayer] = []
+    level = 0
+
+    def visit(block_name, number, block):
+        nonlocal level
+        for module in block:
+            if isinstance(module, SpatialTransformer):
+                for j, tb in enumerate(module.transformer_blocks):
+                    layers.append(AttentionLayer(index=len(layers), key=(block_name, number, j),
+                                                 part=_PART_OF_BLOCK[block_name], level=level,
+                                                 channels=int(tb.attn1.to_q.weight.shape[0]), heads=int(tb.n_heads)))
+        for module in block:
+            if isinstance(module, Downsample):
+                level += 1
+            elif isinstance(module, Upsample):
+                level -= 1
+
+    for i, block in enumerate(unet.input_blocks):
+        visit("input", i, block)
+    visit("middle", 0, unet.middle_block)
+    for i, block in enumerate(unet.output_blocks):
+        visit("output", i, block)
+    return layers
+
+
+def select_layers(layers: Sequence[AttentionLayer], start: int = 0, end: Optional[int] = None,
+                  parts: Iterable[str] = PARTS, levels: Optional[Iterable[int]] = None) -> List[AttentionLayer]:
+    """Layers with ``start <= index <= end`` in the given parts (down/mid/up) and levels (None = all)."""
+    end = len(layers) - 1 if end is None else end
+    parts = set(parts)
+    levels = None if levels is None else set(levels)
+    return [l for l in layers if start <= l.index <= end and l.part in parts and (levels is None or l.level in levels)]

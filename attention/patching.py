@@ -1,0 +1,135 @@
+"""The only module that touches ComfyUI's patch API (attention replace patches, the UNet function wrapper).
+
+``install(model, editor)`` returns a patched ``model.clone()``: the original MODEL is never modified, so nothing
+is left behind after a run. One ``AttentionPatch`` per (attn1|attn2, layer) looks up the model's Controller at
+call time; an entry another pack already put in the same ``patches_replace`` slot is wrapped (called as the
+fallback), never overwritten.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .. import compat
+from ..samplers.model_info import check_supported, unet_of
+from .controller import CONTROLLER_KEY, REFERENCE_PASS_KEY, Controller, Editor
+from .layers import enumerate_layers
+
+_KIND_SLOT = {"self": "attn1", "cross": "attn2"}
+
+
+class AttentionPatch:
+    """attn1/attn2 replace patch: hands the call to the Controller found in extra_options."""
+
+    def __init__(self, kind: str, previous: Optional[Callable] = None):
+        self.kind = kind
+        self.previous = previous
+
+    def __deepcopy__(self, memo):  # 2024-03 clone() deep-copies model_options
+        return self
+
+    def to(self, device):  # 0.3x moves patch objects with the model
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        def fallback(q_, k_, v_):
+            if self.previous is not None:
+                return self.previous(q_, k_, v_, extra_options)
+            return compat.attention(q_, k_, v_, extra_options)
+
+        controller = extra_options.get(CONTROLLER_KEY)
+        if controller is None:
+            return fallback(q, k, v)
+        return controller(self.kind, q, k, v, extra_options, fallback)
+
+
+def controller_of(model) -> Optional[Controller]:
+    return model.model_options.get("transformer_options", {}).get(CONTROLLER_KEY)
+
+
+def layers_of(model):
+    controller = controller_of(model)
+    return controller.layers if controller is not None else enumerate_layers(unet_of(model))
+
+
+def install(model, editor: Editor, what: str):
+    """A clone of ``model`` whose Controller also runs ``editor``; patches only where the editor may act."""
+    check_supported(model, what)
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    old = to.get(CONTROLLER_KEY)
+    controller = (old or Controller(enumerate_layers(unet_of(m)), compat.model_sampling(m))).with_editor(editor)
+    # copy-on-write: the dicts may still be shared with the original MODEL in some ComfyUI versions
+    to = dict(to)
+    to[CONTROLLER_KEY] = controller
+    replace = {slot: dict(entries) for slot, entries in to.get("patches_replace", {}).items()}
+    for layer in editor.layers(controller.layers):
+        for kind in editor.kinds:
+            slot = replace.setdefault(_KIND_SLOT[kind], {})
+            current = slot.get(layer.key)
+            if isinstance(current, AttentionPatch):
+                continue
+            slot[layer.key] = AttentionPatch(kind, previous=current)
+    to["patches_replace"] = replace
+    m.model_options["transformer_options"] = to
+    return m
+
+
+def with_reference_pass(model, recorder):
+    """A clone whose attention calls record into ``recorder`` instead of editing (see reference.py)."""
+    m = model.clone()
+    to = dict(m.model_options.get("transformer_options", {}))
+    to[REFERENCE_PASS_KEY] = recorder
+    m.model_options["transformer_options"] = to
+    return m
+
+
+def add_unet_wrapper(model, wrapper_factory):
+    """Install a UNet function wrapper on ``model`` (in place: call on a fresh clone), chaining any existing one.
+
+    ``wrapper_factory(previous)`` returns ``wrapper(apply_model, args)``; ``previous`` may be None."""
+    previous = model.model_options.get("model_function_wrapper")
+    model.set_model_unet_function_wrapper(wrapper_factory(previous))
+    return model
+
+
+def call_unet(apply_model, args, previous):
+    if previous is not None:
+        return previous(apply_model, args)
+    c = args["c"]
+    return apply_model(args["input"], args["timestep"], **c)
+
+
+def reference_call(apply_model, x, timestep, conds, transformer_options, recorder):
+    """One UNet forward of a reference latent whose attention calls record into ``recorder``."""
+    to = dict(transformer_options)
+    to[REFERENCE_PASS_KEY] = recorder
+    to["cond_or_uncond"] = [0]
+    c = dict(conds)
+    c["transformer_options"] = to
+    return apply_model(x, timestep, **c)
+
+
+def capture_conds(model, positive, latent_image):
+    """The model-ready conditioning tensors (c_crossattn, y, ...) ComfyUI builds from ``positive``: one UNet
+    call through the stock sampling path with cfg 1."""
+    captured = {}
+    m = model.clone()
+
+    def factory(previous):
+        def wrapper(apply_model, args):
+            if "c" not in captured:
+                captured["c"] = {k: v for k, v in args["c"].items() if k not in ("transformer_options", "control")}
+            return call_unet(apply_model, args, previous)
+        return wrapper
+
+    add_unet_wrapper(m, factory)
+    sigma_max = float(compat.model_sampling(m).sigma_max)
+
+    def one_call(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        model_k(x, x.new_ones([x.shape[0]]) * sigma_max, **(extra_args or {}))
+        return x
+
+    compat.sample_with_function(m, one_call, torch.tensor([sigma_max, 0.0]), positive, positive, 1.0, latent_image)
+    return captured["c"]
