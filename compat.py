@@ -77,3 +77,14 @@ def _attention_takes_options() -> bool:
 
 
 _ATTENTION_TAKES_OPTIONS = _attention_takes_options()
+
+
+def preview_callback(model_patcher, steps: int):
+    """ComfyUI's progress bar with latent previews: ``cb(step, x0, x, total_steps)`` (same in both trees)."""
+    import latent_preview
+    return latent_preview.prepare_callback(model_patcher, steps)
+
+
+def out_of_memory_errors():
+    import comfy.model_management as mm
+    return (getattr(mm, "OOM_EXCEPTION", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)

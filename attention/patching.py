@@ -133,3 +133,22 @@ def capture_conds(model, positive, latent_image):
 
     compat.sample_with_function(m, one_call, torch.tensor([sigma_max, 0.0]), positive, positive, 1.0, latent_image)
     return captured["c"]
+
+
+def add_post_cfg_function(model, fn):
+    """Append ``fn(args) -> denoised`` to the post-CFG list (in place: call on a clone). ``args`` has
+    ``denoised``, ``cond_denoised``, ``uncond_denoised``, ``input``, ``sigma`` (x0 predictions, both trees)."""
+    model.set_model_sampler_post_cfg_function(fn)
+    return model
+
+
+def add_attn2_patch(model, patch):
+    """Add a cross-attention pre-projection patch ``patch(n, context, value, extra_options) -> (n, context, value)``
+    (in place: call on a clone). Stacks with other packs' attn2 patches; the patch lists are copied, never shared
+    with the MODEL this one was cloned from."""
+    to = dict(model.model_options.get("transformer_options", {}))
+    patches = {name: list(entries) for name, entries in to.get("patches", {}).items()}
+    patches["attn2_patch"] = patches.get("attn2_patch", []) + [patch]
+    to["patches"] = patches
+    model.model_options["transformer_options"] = to
+    return model

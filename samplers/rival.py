@@ -1,0 +1,140 @@
+"""RIVAL (Real-world Image Variation by ALignment) as a sampling loop in ComfyUI's sigma space.
+
+Batch rows: [reference, variation 1..N]. Every step the reference row is overwritten with the inversion chain's
+latent at that step, so it always equals the real image's chain; its attention keys/values feed the variations
+(attention/rival.py). For timesteps t > t_early the variations' noise prediction (after CFG) is AdaIN-normalised
+per channel over HxW to the reference's conditional noise prediction (``normalize='eps'``, the official code), or
+their latents to the chain latent's statistics (``'latent'``, the paper's prose).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import compat
+from ..artifacts import Inversion, InversionChainError
+from ..attention import patching
+from ..attention.rival import RivalAttentionEditor
+from .model_info import check_supported, model_key
+
+INITS = ("permute", "adain", "inverted")
+NORMALIZE = ("eps", "latent", "off")
+WHAT = "RIVAL Align Sampler"
+
+
+def adain(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-row, per-channel statistics over HxW of ``x`` set to those of ``target`` (broadcast over rows)."""
+    mean_x, var_x = x.mean(dim=(2, 3), keepdim=True), x.var(dim=(2, 3), keepdim=True, unbiased=False)
+    mean_t, var_t = target.mean(dim=(2, 3), keepdim=True), target.var(dim=(2, 3), keepdim=True, unbiased=False)
+    return (x - mean_x) / (var_x + eps).sqrt() * (var_t + eps).sqrt() + mean_t
+
+
+def initial_latent(x_T: torch.Tensor, seed: int, init: str) -> torch.Tensor:
+    """One variation's starting latent from the inversion's x_T ([1, C, H, W], sampler space)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    _, c, h, w = x_T.shape
+    if init == "inverted":
+        return x_T.clone()
+    if init == "permute":  # one spatial permutation for all channels: per-channel statistics kept exactly
+        perm = torch.randperm(h * w, generator=gen).to(x_T.device)
+        return x_T.flatten(2)[:, :, perm].reshape(x_T.shape)
+    if init == "adain":
+        noise = torch.randn(x_T.shape, generator=gen).to(x_T.device, x_T.dtype)
+        return adain(noise, x_T)
+    raise InversionChainError(f"{WHAT}: unknown init '{init}'; use one of {', '.join(INITS)}.")
+
+
+def stack_rows(reference_cond, generation_cond, variations: int, what: str = WHAT):
+    """A CONDITIONING with one row per batch row: the reference's prompt, then the generation prompt N times.
+    Token counts that differ are repeated to a common multiple (attention over repeated keys is unchanged)."""
+    ref, gen = reference_cond[0], generation_cond[0]
+    a, b = ref[0][:1], gen[0][:1]
+    if a.shape[-1] != b.shape[-1]:
+        raise InversionChainError(f"{what}: the inversion's conditioning has width {a.shape[-1]} but the prompt has "
+                                  f"{b.shape[-1]}; encode both with the same CLIP.")
+    if a.shape[1] != b.shape[1]:
+        import math
+        n = math.lcm(a.shape[1], b.shape[1])
+        a, b = a.repeat(1, n // a.shape[1], 1), b.repeat(1, n // b.shape[1], 1)
+    meta = dict(gen[1])
+    pooled = [d.get("pooled_output") for d in (ref[1], gen[1])]
+    if all(p is not None for p in pooled):
+        meta["pooled_output"] = torch.cat([pooled[0][:1]] + [pooled[1][:1]] * variations)
+    return [[torch.cat([a] + [b] * variations), meta]]
+
+
+def check_inputs(model, inversion, batch_size, cfg, t_align, t_early, init, normalize):
+    check_supported(model, WHAT)
+    if not isinstance(inversion, Inversion):
+        raise InversionChainError(f"{WHAT}: `inversion` must come from DDIM Invert.")
+    inversion.check_matches(model_key(model), what=WHAT)
+    for name, value in (("t_align", t_align), ("t_early", t_early)):
+        if not 0 <= value <= 1000:
+            raise InversionChainError(f"{WHAT}: {name} is a timestep on the 0..1000 scale, got {value}.")
+    if batch_size < 1:
+        raise InversionChainError(f"{WHAT}: batch_size must be at least 1, got {batch_size}.")
+    if init not in INITS:
+        raise InversionChainError(f"{WHAT}: unknown init '{init}'; use one of {', '.join(INITS)}.")
+    if normalize not in NORMALIZE:
+        raise InversionChainError(f"{WHAT}: unknown normalize '{normalize}'; use one of {', '.join(NORMALIZE)}.")
+    if cfg <= 0:
+        raise InversionChainError(f"{WHAT}: cfg must be positive, got {cfg}.")
+
+
+def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,
+                 t_align: float = 600, t_early: float = 600, init: str = "permute", normalize: str = "eps",
+                 preview: bool = True):
+    """Returns (variations [N, C, H, W], reference [1, C, H, W]) in LATENT space."""
+    check_inputs(model, inversion, batch_size, cfg, t_align, t_early, init, normalize)
+    steps = inversion.steps
+    sigmas = inversion.sigmas
+    timesteps = inversion.timesteps
+    m = patching.install(model, RivalAttentionEditor(t_align), WHAT)
+    ref_cond = {}
+
+    def observe(args):  # the reference row's conditional prediction, for eps normalisation
+        ref_cond["denoised"] = args["cond_denoised"][:1]
+        return args["denoised"]
+
+    patching.add_post_cfg_function(m, observe)
+    preview_cb = compat.preview_callback(m, steps) if preview else None
+    pbar = None if preview else compat.progress_bar(steps)
+    x_T = inversion.chain[0][:1]
+    inits = torch.cat([initial_latent(x_T, seed + j, init) for j in range(batch_size)])
+    state = {}
+
+    def rival_loop(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        chain = lambda i: inversion.latent_at(i, x.device, x.dtype)[:1]  # noqa: E731
+        x = torch.cat([chain(0), inits.to(x.device, x.dtype)])
+        ones = x.new_ones([x.shape[0]])
+        for i in range(steps):
+            compat.check_interrupt()
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            x[:1] = chain(i)
+            denoised = model_k(x, ones * s, **extra_args)
+            eps = (x - denoised) / s
+            late = float(timesteps[i]) > t_early
+            if normalize == "eps" and late:
+                eps_ref = (x[:1] - ref_cond["denoised"].to(x)) / s
+                eps[1:] = adain(eps[1:], eps_ref)
+            x_next = x + (s_next - s) * eps
+            if normalize == "latent" and late:
+                x_next[1:] = adain(x_next[1:], chain(i + 1))
+            x_next[:1] = chain(i + 1)
+            if preview_cb is not None:
+                preview_cb(i, denoised[1:], x[1:], steps)
+            else:
+                pbar.update(1)
+            x = x_next
+        state["x"] = x
+        return x
+
+    pos = stack_rows(inversion.positive, positive, batch_size)
+    neg = stack_rows(negative, negative, batch_size)
+    latent_image = torch.zeros((batch_size + 1,) + tuple(inversion.latent_shape[1:]))
+    try:
+        out = compat.sample_with_function(m, rival_loop, sigmas, pos, neg, cfg, latent_image, seed=seed)
+    except compat.out_of_memory_errors() as e:
+        raise InversionChainError(f"{WHAT}: out of memory with batch_size {batch_size} (+1 reference row); lower "
+                                  f"batch_size or the image size. ({e})") from e
+    return out[1:].cpu(), out[:1].cpu()
