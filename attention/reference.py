@@ -37,7 +37,8 @@ class ReferenceKV:
         self.layers = list(layers)
         self.steps = sorted(set(int(s) for s in steps))
         self.storage_dtype = storage_dtype
-        self.store: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.store: Dict[Tuple[int, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}  # (step, layer, branch)
+        self.eps: Dict[int, torch.Tensor] = {}  # step -> the reference's conditional noise prediction
         self.cross_tokens = list(cross_tokens or [])
         self.cross_level = cross_level
         self.cross_maps: Dict[int, torch.Tensor] = {}   # step -> (tokens, h, w) mean over heads and layers
@@ -75,8 +76,11 @@ class ReferenceKV:
         if i is None or i not in self.steps:
             return
         if ctx.kind == "self" and ctx.layer.index in self.layer_ids:
-            self.store[(i, ctx.layer.index)] = (k[:1].detach().to(self.storage_device, self.storage_dtype),
-                                                v[:1].detach().to(self.storage_device, self.storage_dtype))
+            for chunk, branch in enumerate(ctx.cond_or_uncond):  # 0 = cond, 1 = uncond; row 0 of each chunk
+                row = chunk * ctx.rows_per_chunk
+                self.store[(i, ctx.layer.index, int(branch))] = (
+                    k[row:row + 1].detach().to(self.storage_device, self.storage_dtype),
+                    v[row:row + 1].detach().to(self.storage_device, self.storage_dtype))
         elif ctx.kind == "cross" and self.cross_tokens and ctx.layer.level == self.cross_level:
             probs = attention_probs(q[:1], k[:1], ctx.heads)[0].mean(0)  # (Nq, 77)
             maps = probs[:, self.cross_tokens].T.reshape(len(self.cross_tokens), *ctx.grid).float().cpu()
@@ -84,8 +88,8 @@ class ReferenceKV:
             self.cross_maps[i] = maps if n == 0 else self.cross_maps[i] * (n / (n + 1)) + maps / (n + 1)
             self._cross_count[i] = n + 1
 
-    def get(self, step: int, layer: AttentionLayer, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        kv = self.store.get((step, layer.index))
+    def get(self, step: int, layer: AttentionLayer, device, dtype, branch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        kv = self.store.get((step, layer.index, branch))
         if kv is None:
             raise InversionChainError(
                 f"KV Inject: no reference keys/values for step {step}, layer {layer.index}. If another node set a "
@@ -116,10 +120,22 @@ class ReferenceKV:
                     "every step instead (slower, same result)", need / 2 ** 20)
         return "recompute"
 
-    def fill(self, model, latent_image):
-        """Cache mode: one reference pass over the needed steps (batch 1, cfg 1, the inversion's conditioning)."""
+    def fill(self, model, latent_image, negative=None):
+        """Cache mode: one reference pass over the needed steps (batch 1, the inversion's conditioning). With a
+        ``negative`` both CFG branches are recorded, and the reference's conditional noise prediction too."""
         inv = self.inversion
         recorder_model = patching.with_reference_pass(model, self)
+        eps = self.eps
+
+        def observe(args):
+            sigma = args["sigma"].flatten()[:1]
+            i = inv.step_index(float(sigma))
+            if i is not None:
+                eps[i] = ((args["input"][:1] - args["cond_denoised"][:1]) / sigma.view(1, 1, 1, 1)).to(
+                    self.storage_device)
+            return args["denoised"]
+
+        patching.add_post_cfg_function(recorder_model, observe)
         pbar = compat.progress_bar(len(self.steps))
         steps = self.steps
 
@@ -132,8 +148,10 @@ class ReferenceKV:
             return x
 
         positive = [[c[0][:1], c[1]] for c in inv.positive]
-        compat.sample_with_function(recorder_model, reference_pass, inv.sigmas, positive, positive, 1.0,
-                                    latent_image[:1])
+        # any cfg != 1 makes ComfyUI evaluate the uncond branch; the guided result itself is not used
+        compat.sample_with_function(recorder_model, reference_pass, inv.sigmas, positive,
+                                    negative if negative is not None else positive,
+                                    1.0 if negative is None else 2.0, latent_image[:1])
         self.filled = True
 
     def recompute_wrapper(self, previous):
@@ -141,7 +159,7 @@ class ReferenceKV:
         def wrapper(apply_model, args):
             t = args["timestep"]
             i = self.inversion.step_index(float(t.flatten()[0]))
-            if i is not None and i in self.steps and not any(s == i for s, _ in self.store):
+            if i is not None and i in self.steps and not any(key[0] == i for key in self.store):
                 self.store.clear()
                 x = args["input"]
                 x_ref = self.inversion.latent_at(i, x.device, x.dtype)[:1]

@@ -42,11 +42,17 @@ class ICRIVALAlignSampler:
                         default="permute"),
             "normalize": tip(list(rival.NORMALIZE), "eps: normalise the noise prediction (official code); latent: "
                              "normalise the latents (paper prose); off.", default="eps"),
+        }, "optional": {
+            "reference_kv": tip(list(rival.REFERENCE_MODES), "cache: record the photo's keys/values once per "
+                                "inversion and negative prompt, then every run (new seeds) costs only the variations; "
+                                "batch: run the photo as an extra row every step (the official layout).",
+                                default="cache"),
         }}
 
-    def sample(self, model, positive, negative, inversion, seed, batch_size, cfg, t_align, t_early, init, normalize):
+    def sample(self, model, positive, negative, inversion, seed, batch_size, cfg, t_align, t_early, init, normalize,
+               reference_kv="cache"):
         variations, reference = rival.rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,
-                                                   t_align, t_early, init, normalize)
+                                                   t_align, t_early, init, normalize, reference_mode=reference_kv)
         return ({"samples": variations}, {"samples": reference})
 
 

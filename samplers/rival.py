@@ -8,17 +8,23 @@ their latents to the chain latent's statistics (``'latent'``, the paper's prose)
 """
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 
 from .. import compat
 from ..artifacts import Inversion, InversionChainError
 from ..attention import patching
+from ..attention.reference import ReferenceKV
 from ..attention.rival import RivalAttentionEditor
 from .model_info import check_supported, model_key
 
 INITS = ("permute", "adain", "inverted")
+REFERENCE_MODES = ("cache", "batch")
 NORMALIZE = ("eps", "latent", "off")
 WHAT = "RIVAL Align Sampler"
+log = logging.getLogger("inversion_chain")
 
 
 def adain(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -80,11 +86,45 @@ def check_inputs(model, inversion, batch_size, cfg, t_align, t_early, init, norm
         raise InversionChainError(f"{WHAT}: cfg must be positive, got {cfg}.")
 
 
+def conditioning_key(cond) -> tuple:
+    t = cond[0][0]
+    return (tuple(t.shape), round(float(t.float().sum()), 4), round(float(t.float().abs().sum()), 4))
+
+
+def cached_reference(model, inversion: Inversion, negative, policy: str = "auto") -> Optional[ReferenceKV]:
+    """The inversion's reference K/V for both CFG branches (and its conditional eps), recorded once and kept on
+    the INVERSION for later runs; None when it would not fit (then the reference row runs in the batch)."""
+    key = ("rival", conditioning_key(negative))
+    store = inversion.extras.get(key)
+    if store is not None:
+        return store
+    layers = patching.layers_of(model)
+    store = ReferenceKV(inversion, layers, range(inversion.steps))
+    if store.choose_storage(policy, model) != "cache":
+        return None
+    recorder = patching.install(model, RivalAttentionEditor(0, reference=store), WHAT)
+    store.fill(recorder, torch.zeros(inversion.latent_shape), negative=[[c[0][:1], c[1]] for c in negative])
+    inversion.extras[key] = store
+    log.info("[Inversion Chain] %s: cached reference K/V, %.1f MB on %s", WHAT, store.nbytes() / 2 ** 20,
+             store.storage_device)
+    return store
+
+
 def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,
                  t_align: float = 600, t_early: float = 600, init: str = "permute", normalize: str = "eps",
-                 preview: bool = True):
-    """Returns (variations [N, C, H, W], reference [1, C, H, W]) in LATENT space."""
+                 preview: bool = True, reference_mode: str = "cache"):
+    """Returns (variations [N, C, H, W], reference [1, C, H, W]) in LATENT space.
+
+    ``reference_mode='cache'`` records the reference row once per inversion (and negative prompt) and keeps it out
+    of the batch; ``'batch'`` runs it as row 0 of every step (the official code's layout)."""
     check_inputs(model, inversion, batch_size, cfg, t_align, t_early, init, normalize)
+    if reference_mode not in REFERENCE_MODES:
+        raise InversionChainError(f"{WHAT}: unknown reference mode '{reference_mode}'; use one of "
+                                  f"{', '.join(REFERENCE_MODES)}.")
+    store = cached_reference(model, inversion, negative) if reference_mode == "cache" else None
+    if store is not None:
+        return _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, t_align,
+                                  t_early, init, normalize, preview)
     steps = inversion.steps
     sigmas = inversion.sigmas
     timesteps = inversion.timesteps
@@ -138,3 +178,54 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
         raise InversionChainError(f"{WHAT}: out of memory with batch_size {batch_size} (+1 reference row); lower "
                                   f"batch_size or the image size. ({e})") from e
     return out[1:].cpu(), out[:1].cpu()
+
+
+def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, t_align, t_early, init,
+                       normalize, preview):
+    """The same algorithm with the reference row's K/V and conditional eps read from ``store``."""
+    steps, sigmas, timesteps = inversion.steps, inversion.sigmas, inversion.timesteps
+    m = patching.install(model, RivalAttentionEditor(t_align, reference=store), WHAT)
+    preview_cb = compat.preview_callback(m, steps) if preview else None
+    pbar = None if preview else compat.progress_bar(steps)
+    x_T = inversion.chain[0][:1]
+    inits = torch.cat([initial_latent(x_T, seed + j, init) for j in range(batch_size)])
+
+    def rival_loop(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        x = inits.to(x.device, x.dtype)
+        ones = x.new_ones([x.shape[0]])
+        for i in range(steps):
+            compat.check_interrupt()
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            denoised = model_k(x, ones * s, **extra_args)
+            eps = (x - denoised) / s
+            late = float(timesteps[i]) > t_early
+            if normalize == "eps" and late:
+                eps = adain(eps, store.eps[i].to(x))
+            x_next = x + (s_next - s) * eps
+            if normalize == "latent" and late:
+                x_next = adain(x_next, inversion.latent_at(i + 1, x.device, x.dtype)[:1])
+            if preview_cb is not None:
+                preview_cb(i, denoised, x, steps)
+            else:
+                pbar.update(1)
+            x = x_next
+        return x
+
+    pos = [[torch.cat([positive[0][0][:1]] * batch_size), _repeat_pooled(positive[0][1], batch_size)]]
+    neg = [[torch.cat([negative[0][0][:1]] * batch_size), _repeat_pooled(negative[0][1], batch_size)]]
+    latent_image = torch.zeros((batch_size,) + tuple(inversion.latent_shape[1:]))
+    try:
+        out = compat.sample_with_function(m, rival_loop, sigmas, pos, neg, cfg, latent_image, seed=seed)
+    except compat.out_of_memory_errors() as e:
+        raise InversionChainError(f"{WHAT}: out of memory with batch_size {batch_size}; lower batch_size or the "
+                                  f"image size. ({e})") from e
+    reference = model.model.process_latent_out(inversion.chain[-1][:1].clone()).cpu()
+    return out.cpu(), reference
+
+
+def _repeat_pooled(meta: dict, n: int) -> dict:
+    meta = dict(meta)
+    if meta.get("pooled_output") is not None:
+        meta["pooled_output"] = torch.cat([meta["pooled_output"][:1]] * n)
+    return meta

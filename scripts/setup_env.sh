@@ -52,7 +52,8 @@ else
     touch "$TREE/.complete"
   fi
 fi
-ln -sfn "$TREE" .comfyui-tree
+# The default tree is what tests use without COMFYUI_PATH; a COMFYUI_PATH run leaves that link alone.
+[ -z "${COMFYUI_PATH:-}" ] && ln -sfn "$TREE" .comfyui-tree
 mkdir -p "$TREE/custom_nodes"
 LINK="$TREE/custom_nodes/comfyui-inversion-chain"
 if [ "$(readlink "$LINK" 2>/dev/null)" != "$ROOT" ]; then
