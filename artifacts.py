@@ -96,3 +96,59 @@ class Inversion:
 def _fmt(t: torch.Tensor, n: int = 6) -> str:
     vals = [f"{float(v):.4g}" for v in t[:n]]
     return "[" + ", ".join(vals) + (", ..." if t.numel() > n else "") + f"] ({t.numel()} values)"
+
+
+# -- null-text inversion ------------------------------------------------------------------------------------------
+NULL_TEXT = "NULL_TEXT"
+
+
+def inversion_fingerprint(inversion: "Inversion") -> tuple:
+    """Identity of an INVERSION (model, schedule, size and the chain's two ends), to match artefacts made from it."""
+    chain = inversion.chain
+    return (inversion.model_key, inversion.scheduler, inversion.steps, tuple(inversion.latent_shape),
+            tuple(round(float(s), 5) for s in inversion.sigmas),
+            round(float(chain[0].double().sum()), 3), round(float(chain[-1].double().sum()), 3))
+
+
+@dataclass
+class NullText:
+    """Unconditional embeddings that make CFG sampling retrace an INVERSION's chain (null-text inversion), or the
+    zero-cost negative-prompt inversion (the source prompt used as the unconditional prompt).
+
+    ``embeddings[i]`` is the unconditional context for forward sampling step ``i`` (``sigmas[i]`` -> ``sigmas[i+1]``)
+    at guidance ``cfg``; None for the negative-prompt method."""
+
+    method: str                          # "null-text" | "negative-prompt"
+    embeddings: Optional[torch.Tensor]   # [steps, 1, tokens, dim] float32 CPU, or None
+    positive: list                       # CONDITIONING of the source prompt it was made with
+    negative: list                       # CONDITIONING whose context was optimised (null-text), else the positive
+    cfg: float
+    sigmas: torch.Tensor                 # the inversion's forward schedule
+    scheduler: str
+    inversion_fingerprint: tuple
+    losses: Optional[torch.Tensor] = None        # [steps] final loss (MSE of the latent after the step)
+    inner_iters: Optional[torch.Tensor] = None   # [steps] optimiser iterations spent
+    final_error: Optional[float] = None          # max |x_0 - source| (LATENT units) of the guided reconstruction
+    seconds: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return int(self.sigmas.shape[0]) - 1
+
+    def check_inversion(self, inversion: "Inversion", what: str = "this node"):
+        if inversion is None:
+            raise InversionChainError(f"{what}: a NULL_TEXT needs the INVERSION it was made from; connect it to "
+                                      f"`inversion` as well.")
+        if inversion_fingerprint(inversion) != self.inversion_fingerprint:
+            raise InversionChainError(
+                f"{what}: the NULL_TEXT was made from another INVERSION (other image, model, steps or scheduler). "
+                f"Feed Null-Text Inversion the same INVERSION as this node.")
+
+    def summary(self) -> str:
+        if self.method != "null-text":
+            return f"NULL_TEXT: {self.method} inversion, {self.steps} steps, cfg {self.cfg} (no optimisation)"
+        iters = int(self.inner_iters.sum()) if self.inner_iters is not None else 0
+        worst = float(self.losses.max()) if self.losses is not None else float("nan")
+        return (f"NULL_TEXT: null-text inversion, {self.steps} steps, cfg {self.cfg}, {iters} optimiser iterations, "
+                f"worst step loss {worst:.3g}, reconstruction max error {self.final_error:.3g}, "
+                f"{self.seconds:.1f}s ({self.seconds / max(1, self.steps):.2f}s per step)")

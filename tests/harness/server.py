@@ -1,13 +1,16 @@
 """A real headless ComfyUI server on 127.0.0.1 for end-to-end tests and the demo."""
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -15,7 +18,9 @@ from pathlib import Path
 from .comfy_env import REPO_ROOT, comfy_tree
 from . import models, photos
 
-PACK_NODES = ("ICDDIMInvert",)
+PACK_NODES = ("ICDDIMInvert", "ICLatentDifference")
+PHOTOS = ("astronaut", "chelsea", "coffee")
+PHOTO_SIZES = (64, 128, 256)
 
 
 def free_port() -> int:
@@ -24,18 +29,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def photo_name(name: str, size: int) -> str:
+    """The input file name the harness writes for a scikit-image photo at ``size`` px (e.g. astronaut_128.png)."""
+    return f"{name}_{size}.png"
+
+
 class ComfyServer:
     """Starts ``main.py --cpu --listen 127.0.0.1 --port P`` with the pack (linked into the tree's custom_nodes by
-    the setup script), the test checkpoints and a test-only node registering their configs."""
+    the setup script), the test checkpoints and a test-only node registering their configs.
 
-    def __init__(self, workdir: Path, checkpoints=("small", "sd15"), extra_checkpoints=None, python=sys.executable):
+    ``checkpoints``: test model sizes to put in the checkpoints folder (built and cached on first use).
+    ``extra_checkpoints``: {file name: path} of user checkpoints to link in as well.
+    ``photo_sizes``: sizes at which astronaut/chelsea/coffee are written into the input folder."""
+
+    def __init__(self, workdir: Path, checkpoints=("small", "sd15"), extra_checkpoints=None, python=sys.executable,
+                 photo_sizes=PHOTO_SIZES):
         self.workdir = Path(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.python = python
-        self.checkpoints = checkpoints
+        self.checkpoints = tuple(checkpoints)
         self.extra_checkpoints = dict(extra_checkpoints or {})
+        self.photo_sizes = tuple(sorted(set(photo_sizes)))
         self.proc = None
+        self._log = None
+        self.object_info = None
+        self._runs = {}
         self.log_path = self.workdir / "server.log"
         self.output_dir = self.workdir / "output"
         self.input_dir = self.workdir / "input"
@@ -51,21 +70,20 @@ class ComfyServer:
         for d in (ckpt_dir, nodes_dir, self.output_dir, self.input_dir):
             d.mkdir(parents=True, exist_ok=True)
         for size in self.checkpoints:
-            target = ckpt_dir / models.CHECKPOINT_NAMES[size]
-            if not target.exists():
-                target.symlink_to(models.checkpoint_path(size))
+            self._link(ckpt_dir / models.CHECKPOINT_NAMES[size], models.checkpoint_path(size))
         for name, path in self.extra_checkpoints.items():
-            target = ckpt_dir / name
-            if not target.exists():
-                target.symlink_to(Path(path).resolve())
-        test_node = nodes_dir / "ic_test_models"
-        if not test_node.exists():
-            test_node.symlink_to(REPO_ROOT / "tests" / "comfy_test_node")
-        for name in ("astronaut", "chelsea", "coffee"):
-            for size in (64, 128, 256):
-                photos.save_png(name, self.input_dir / f"{name}_{size}.png", size)
+            path = Path(path).expanduser().resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint {path} does not exist")
+            self._link(ckpt_dir / name, path)
+        self._link(nodes_dir / "ic_test_models", REPO_ROOT / "tests" / "comfy_test_node")
+        for name in PHOTOS:
+            for size in self.photo_sizes:
+                target = self.input_dir / photo_name(name, size)
+                if not target.exists():
+                    photos.save_png(name, target, size)
         extra = self.workdir / "extra_model_paths.yaml"
-        extra.write_text(f"ic_test:\n  base_path: {self.workdir}\n  checkpoints: checkpoints\n"
+        extra.write_text(f"ic_test:\n  base_path: {json.dumps(str(self.workdir))}\n  checkpoints: checkpoints\n"
                          f"  custom_nodes: test_nodes\n")
         env = dict(os.environ, IC_REPO_ROOT=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
@@ -73,6 +91,22 @@ class ComfyServer:
                "--temp-directory", str(self.workdir / "temp"), "--extra-model-paths-config", str(extra)]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(tree), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @staticmethod
+    def _link(target: Path, source: Path):
+        if target.is_symlink() or target.exists():
+            if target.resolve() == Path(source).resolve():
+                return
+            target.unlink()
+        target.symlink_to(source)
+
+    def _wait_ready(self, timeout: float):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -87,7 +121,7 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI started without the pack's nodes {missing} (import error?):\n"
                                    f"{self.log_tail()}")
             self.object_info = info
-            return self
+            return
         raise RuntimeError(f"ComfyUI did not answer within {timeout}s:\n{self.log_tail()}")
 
     def stop(self):
@@ -97,8 +131,19 @@ class ComfyServer:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        if getattr(self, "_log", None):
+                self.proc.wait(10)
+        if self._log is not None:
             self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, n: int = 60) -> str:
         try:
@@ -117,7 +162,11 @@ class ComfyServer:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read() or b"{}")
+                body = r.read()
+                try:
+                    return r.status, json.loads(body or b"{}")
+                except ValueError:
+                    return r.status, {"raw": body.decode(errors="replace")}
         except urllib.error.HTTPError as e:
             body = e.read()
             try:
@@ -126,29 +175,42 @@ class ComfyServer:
                 return e.code, {"raw": body.decode(errors="replace")}
 
     def submit(self, graph: dict):
+        """POST /prompt; returns (status, body). 200 means the graph validated and was queued."""
         return self.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
 
     def wait(self, prompt_id: str, timeout: float = 900) -> dict:
+        """Poll /history until the prompt finished (success or error); returns its history entry."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             hist = self.get(f"/history/{prompt_id}")
-            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None \
-                    and (hist[prompt_id]["status"].get("completed") or hist[prompt_id]["status"].get("status_str")):
-                return hist[prompt_id]
-            if self.proc.poll() is not None:
+            entry = hist.get(prompt_id)
+            if entry is not None:
+                status = entry.get("status") or {}
+                if status.get("completed") or status.get("status_str") in ("success", "error"):
+                    return entry
+            if not self.alive():
                 raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
-            time.sleep(0.3)
+            time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
 
     def run(self, graph: dict, timeout: float = 900) -> dict:
-        """Submit and wait; raises with the server's message when validation or execution fails."""
+        """Submit and wait; raises with the server's message when validation or execution fails.
+        Returns the /history entry (``outputs`` per output node, ``status``)."""
         status, body = self.submit(graph)
         if status != 200:
             raise RuntimeError(f"/prompt rejected the graph ({status}): {json.dumps(body)[:2000]}")
         entry = self.wait(body["prompt_id"], timeout)
         if entry["status"].get("status_str") != "success":
-            raise RuntimeError(f"execution failed: {json.dumps(entry['status'])[:3000]}")
+            raise RuntimeError(f"execution failed: {json.dumps(entry['status'])[:3000]}\n{self.log_tail(30)}")
         return entry
+
+    def run_once(self, graph: dict, timeout: float = 900) -> dict:
+        """``run``, but an identical graph submitted again on this server returns the first run's entry.
+        (ComfyUI caches only the last prompt per node id, so alternating graphs would recompute.)"""
+        key = json.dumps(graph, sort_keys=True)
+        if key not in self._runs:
+            self._runs[key] = self.run(graph, timeout)
+        return self._runs[key]
 
     def error_of(self, graph: dict, timeout: float = 300) -> str:
         """Submit a graph expected to fail; return the error text (validation or execution)."""
@@ -160,6 +222,106 @@ class ComfyServer:
             raise AssertionError("the graph was expected to fail but succeeded")
         return json.dumps(entry["status"])
 
+    # -- results -----------------------------------------------------------------------------------------------
+    def output_images(self, entry: dict, node_id: str | None = None) -> list[Path]:
+        """Paths of the images that SaveImage nodes (all, or ``node_id``) wrote for a history entry."""
+        base = {"output": self.output_dir, "temp": self.workdir / "temp" / "temp", "input": self.input_dir}
+        paths = []
+        for nid, out in entry.get("outputs", {}).items():
+            if node_id is not None and str(nid) != str(node_id):
+                continue
+            for img in out.get("images", []):
+                paths.append(base.get(img.get("type", "output"), self.output_dir) / img.get("subfolder", "")
+                             / img["filename"])
+        return paths
+
+    def fetch_image(self, image: dict) -> bytes:
+        """GET /view for one {filename, subfolder, type} record of a history entry."""
+        query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
+        with urllib.request.urlopen(f"{self.url}/view?{query}", timeout=30) as r:
+            return r.read()
+
+
+# -- workflows ---------------------------------------------------------------------------------------------------
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+
+
+def api_workflow_names() -> list[str]:
+    return sorted(p.stem for p in (WORKFLOWS_DIR / "api").glob("*.json"))
+
 
 def load_api_workflow(name: str) -> dict:
-    return json.loads((REPO_ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    return json.loads((WORKFLOWS_DIR / "api" / f"{name}.json").read_text())
+
+
+def nodes_of(graph: dict, class_type: str) -> list[str]:
+    return [nid for nid, node in graph.items() if node["class_type"] == class_type]
+
+
+def set_inputs(graph: dict, class_type: str, **values) -> dict:
+    """A copy of ``graph`` with widget inputs of every ``class_type`` node set to ``values``."""
+    graph = copy.deepcopy(graph)
+    ids = nodes_of(graph, class_type)
+    if not ids:
+        raise KeyError(f"no {class_type} node in the graph")
+    for nid in ids:
+        graph[nid]["inputs"].update(values)
+    return graph
+
+
+def with_checkpoint(graph: dict, ckpt_name: str, image_size: int | None = None) -> dict:
+    """A copy of ``graph`` using ``ckpt_name`` in every checkpoint loader and, if ``image_size`` is given, the
+    same photos at that size in every LoadImage (``astronaut_128.png`` -> ``astronaut_<size>.png``)."""
+    graph = set_inputs(graph, "CheckpointLoaderSimple", ckpt_name=ckpt_name)
+    if image_size is not None:
+        for nid in nodes_of(graph, "LoadImage"):
+            stem = graph[nid]["inputs"]["image"].rsplit(".", 1)[0]
+            name = stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1].isdigit() else stem
+            graph[nid]["inputs"]["image"] = photo_name(name, image_size)
+    return graph
+
+
+def ui_output(entry: dict, class_type_or_id: str, graph: dict | None = None) -> dict:
+    """The ``ui`` dict an output node returned, by node id or (with ``graph``) by class_type."""
+    outputs = entry.get("outputs", {})
+    if class_type_or_id in outputs:
+        return outputs[class_type_or_id]
+    if graph is not None:
+        ids = [nid for nid in nodes_of(graph, class_type_or_id) if nid in outputs]
+        if len(ids) == 1:
+            return outputs[ids[0]]
+        if len(ids) > 1:
+            raise KeyError(f"several {class_type_or_id} nodes in the graph: {ids}")
+    raise KeyError(f"no outputs for {class_type_or_id!r}; have {sorted(outputs)}")
+
+
+def copy_outputs(server: ComfyServer, entry: dict, dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in server.output_images(entry):
+        target = dest / path.name
+        shutil.copyfile(path, target)
+        written.append(target)
+    return written
+
+
+# -- the test checkpoints on CPU ---------------------------------------------------------------------------------
+# Per test model: the checkpoint file, the photo size its runs use (None = the workflow's own), and caps on
+# step-like inputs. The full-size SD1.5 UNet costs seconds per call on 2 CPU cores, so its runs use the 64 px
+# photo and a few steps; the small model runs the workflow as committed.
+TEST_MODELS = {
+    "small": {"ckpt": models.CHECKPOINT_NAMES["small"], "image_size": None, "caps": {}},
+    "sd15": {"ckpt": models.CHECKPOINT_NAMES["sd15"], "image_size": 64, "caps": {"steps": 3, "refine_iters": 2, "inner_steps": 1, "batch_size": 2}},
+}
+
+
+def for_test_model(graph: dict, size: str) -> dict:
+    """A copy of ``graph`` set up to run on test model ``size`` ("small" or "sd15") within CPU budgets."""
+    spec = TEST_MODELS[size]
+    graph = with_checkpoint(graph, spec["ckpt"], spec["image_size"])
+    for node in graph.values():
+        for name, cap in spec["caps"].items():
+            value = node["inputs"].get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+                node["inputs"][name] = cap
+    return graph

@@ -1,0 +1,190 @@
+"""Null-text inversion (Mokady et al.) and negative-prompt inversion (Miyake et al.) on ComfyUI models.
+
+Null-text inversion: given a real image's DDIM inversion chain made at cfg 1 (the pivots ``chain[i]``), find per
+sampling step ``i`` an unconditional embedding ``u_i`` such that one guided DDIM step from the current latent lands
+on the next pivot:  ``x_{i+1} = x_i + (s_{i+1} - s_i) * eps_cfg(x_i, s_i; c, u_i)``.  As in the paper's code:
+``u`` starts from the negative prompt's embedding and carries over from step to step; Adam with
+``lr = 1e-2 * (1 - i / 100)`` (floored at 1% beyond 99 steps; the base rate is an input: a model whose
+unconditional branch reacts weakly to its context, like the pack's random-weight test model, needs a larger one);
+at most ``inner_steps`` iterations per step, stopping after an iteration whose loss is below ``1e-5 + i * 2e-5``;
+the loss is the MSE of the DDPM latent ``z = x / sqrt(1 + s^2)`` after the step (the paper's latent, so the
+thresholds mean what they meant there); the latent then advances with the final ``u_i`` at full guidance, so later
+steps correct the drift of earlier ones.
+
+Memory: the activations of one batch-1 forward kept for backward (cloned once more by the saved-tensor hook); the
+weights are not duplicated (see ``trainable_weights``).
+
+Autograd inside ComfyUI: nodes run under ``torch.inference_mode()`` and the checkpoint's weights are inference
+tensors, which autograd refuses to save for backward. The optimisation therefore runs under
+``torch.inference_mode(False)`` + ``torch.enable_grad()``, gives the UNet normal (non-inference) copies of its
+weights for its duration (swapped in place one parameter at a time, back again in a ``finally``), feeds it
+normal input tensors, and wraps each forward in ``saved_tensors_hooks(clone, identity)`` because the 2024-03
+transformer block adds its attention outputs in place (``x += n``). The model is called as the sampler calls it,
+``model.model.apply_model(x, sigma, c_crossattn=..., <other model conds>, transformer_options=...)`` on the loaded
+model, so ComfyUI's own latent scaling, dtype casting and attention patches apply.
+
+Negative-prompt inversion: no optimisation; the source prompt's conditioning is the unconditional one, so the
+source row's guided prediction equals its conditional one and reconstruction is as good as the cfg-1 inversion.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+import comfy.model_management
+
+from .. import compat
+from ..artifacts import Inversion, InversionChainError, NullText, inversion_fingerprint
+from ..attention import patching
+from . import ddim
+from .model_info import check_supported, model_key, unet_of
+
+METHODS = ("null-text", "negative-prompt")
+EARLY_STOP_EPS = 1e-5
+EARLY_STOP_SLOPE = 2e-5
+LEARNING_RATE = 1e-2
+
+
+def check_inputs(model, inversion: Inversion, cfg: float, inner_steps: int, what: str):
+    check_supported(model, what)
+    if not isinstance(inversion, Inversion):
+        raise InversionChainError(f"{what}: `inversion` must come from DDIM Invert.")
+    inversion.check_matches(model_key(model), what=what)
+    if inversion.latent_shape[0] != 1:
+        raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; null-text "
+                                  f"inversion edits one image at a time. Invert a single image.")
+    if abs(inversion.cfg - 1.0) > 1e-6:
+        raise InversionChainError(f"{what}: the INVERSION was made at inversion_cfg {inversion.cfg}; null-text "
+                                  f"inversion pivots on the cfg 1 chain. Invert with inversion_cfg 1.0.")
+    if not math.isfinite(cfg) or cfg < 1.0:
+        raise InversionChainError(f"{what}: cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
+    if inner_steps < 1:
+        raise InversionChainError(f"{what}: inner_steps must be at least 1, got {inner_steps}.")
+
+
+def negative_prompt_inversion(model, inversion: Inversion, positive, cfg: float,
+                              what: str = "Null-Text Inversion") -> NullText:
+    """Zero-cost: the source prompt is the unconditional prompt at every step."""
+    check_inputs(model, inversion, cfg, 1, what)
+    return NullText(method="negative-prompt", embeddings=None, positive=positive, negative=positive, cfg=float(cfg),
+                    sigmas=inversion.sigmas.clone(), scheduler=inversion.scheduler,
+                    inversion_fingerprint=inversion_fingerprint(inversion))
+
+
+@contextlib.contextmanager
+def trainable_weights(module: torch.nn.Module):
+    """Temporarily make ``module``'s inference-tensor parameters normal tensors (autograd can save those).
+
+    Parameter by parameter, the inference tensor is replaced by a normal copy and released, and afterwards the copy
+    by a fresh inference tensor the same way, so memory stays at about one copy of the weights (plus the largest
+    module's) instead of two. Values are bit-identical; only the tensor objects change."""
+
+    def swap(pairs, inference: bool):
+        done = {}
+        with torch.inference_mode(inference):
+            for sub, name in pairs:
+                p = sub._parameters[name]
+                new = done.get(id(p))
+                if new is None:   # tied parameters stay tied
+                    new = done[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                sub._parameters[name] = new
+                del p
+
+    pairs = [(sub, name) for sub in module.modules() for name, p in sub._parameters.items()
+             if p is not None and p.is_inference()]
+    try:
+        swap(pairs, inference=False)
+        yield
+    finally:
+        swap(pairs, inference=True)
+
+
+def _normal(t):
+    """A non-inference copy of a tensor (call under inference_mode(False))."""
+    return t.detach().clone() if torch.is_tensor(t) else t
+
+
+def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, inner_steps: int = 10,
+             learning_rate: float = LEARNING_RATE, what: str = "Null-Text Inversion") -> NullText:
+    check_inputs(model, inversion, cfg, inner_steps, what)
+    if not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise InversionChainError(f"{what}: learning_rate must be a positive number, got {learning_rate}.")
+    if negative is None:
+        raise InversionChainError(f"{what}: null-text inversion needs `negative` (the unconditional prompt to start "
+                                  f"from, usually empty).")
+    started = time.perf_counter()
+    latent = torch.zeros(inversion.latent_shape)
+    conds_c = patching.capture_conds(model, positive, latent)
+    conds_u = patching.capture_conds(model, negative, latent)
+    if "c_crossattn" not in conds_u or "c_crossattn" not in conds_c:
+        raise InversionChainError(f"{what}: this model takes no text context (c_crossattn); null-text inversion "
+                                  f"does not apply.")
+    comfy.model_management.load_models_gpu([model])
+    base = model.model
+    device = model.load_device
+    sigmas = inversion.sigmas
+    steps = inversion.steps
+    to_base = dict(model.model_options.get("transformer_options", {}))
+    pbar = compat.progress_bar(steps * inner_steps)
+    embeddings: List[torch.Tensor] = []
+    losses, iters = [0.0] * steps, [0] * steps
+
+    def call(x, sigma, conds, cond_or_uncond, **override):
+        to = dict(to_base)
+        to["cond_or_uncond"] = [cond_or_uncond]
+        to["sigmas"] = sigma
+        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in conds.items()}
+        kwargs.update(override)
+        return base.apply_model(x, sigma, transformer_options=to, **kwargs)
+
+    def guided_step(x, s, s_next, d_cond, d_uncond):
+        denoised = d_uncond + cfg * (d_cond - d_uncond)
+        return ddim.ddim_step(x, ddim.eps_from_denoised(x, denoised, s), s, s_next)
+
+    with torch.inference_mode(False), trainable_weights(unet_of(model)):
+        conds_c = {k: _normal(v) for k, v in conds_c.items()}
+        conds_u = {k: _normal(v) for k, v in conds_u.items()}
+        uncond = conds_u.pop("c_crossattn").to(device).float()
+        x = inversion.latent_at(0, device, torch.float32).clone()
+        for i in range(steps):
+            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+            sigma = torch.full((1,), s, device=device)
+            target = ddim.z_from_x(inversion.latent_at(i + 1, device, torch.float32).clone(), s_next)
+            with torch.no_grad():
+                d_cond = call(x, sigma, conds_c, 0)
+            uncond = uncond.detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([uncond], lr=learning_rate * max(0.01, 1.0 - i / 100.0))
+            threshold = EARLY_STOP_EPS + i * EARLY_STOP_SLOPE
+            j = 0
+            for j in range(inner_steps):
+                compat.check_interrupt()
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                    d_uncond = call(x, sigma, conds_u, 1, c_crossattn=uncond)
+                    x_next = guided_step(x, s, s_next, d_cond, d_uncond)
+                    loss = F.mse_loss(ddim.z_from_x(x_next, s_next), target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                pbar.update(1)
+                losses[i] = float(loss.detach())
+                if losses[i] < threshold:
+                    break
+            iters[i] = j + 1
+            pbar.update(inner_steps - (j + 1))
+            uncond = uncond.detach()
+            embeddings.append(uncond.float().cpu().clone())
+            with torch.no_grad():
+                x = guided_step(x, s, s_next, d_cond, call(x, sigma, conds_u, 1, c_crossattn=uncond))
+        source = inversion.latent_at(steps, device, torch.float32)
+        final_error = float((base.process_latent_out(x.detach().clone()) - base.process_latent_out(source.clone()))
+                            .abs().max())
+    return NullText(method="null-text", embeddings=torch.stack(embeddings), positive=positive, negative=negative,
+                    cfg=float(cfg), sigmas=sigmas.clone(), scheduler=inversion.scheduler,
+                    inversion_fingerprint=inversion_fingerprint(inversion), losses=torch.tensor(losses),
+                    inner_iters=torch.tensor(iters),
+                    final_error=final_error, seconds=time.perf_counter() - started)

@@ -1,0 +1,148 @@
+"""The shipped workflows: every UI copy (workflows/*.json) describes exactly its API copy (workflows/api/*.json),
+and every API copy validates and runs on a headless ComfyUI with both test checkpoints."""
+import importlib.util
+import json
+import math
+
+import pytest
+
+from tests.harness.comfy_env import REPO_ROOT
+from tests.harness.server import TEST_MODELS, api_workflow_names, for_test_model, load_api_workflow
+
+pytestmark = pytest.mark.server
+
+UI_DIR = REPO_ROOT / "workflows"
+NAMES = api_workflow_names()
+SEED_NAMES = ("seed", "noise_seed")
+
+
+def load_ui_workflow(name):
+    return json.loads((UI_DIR / f"{name}.json").read_text())
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """What the ComfyUI frontend sends for a UI workflow, rebuilt independently of scripts/make_ui_workflow.py:
+    links -> link inputs, widgets_values -> widget inputs in /object_info order (required, then optional), skipping
+    the frontend-only values (seed "control after generate", combo filter list, LoadImage's upload button)."""
+    links = {link[0]: link for link in ui["links"]}
+    graph = {}
+    for node in ui["nodes"]:
+        if node.get("mode", 0) in (2, 4):  # muted / bypassed nodes are not sent
+            continue
+        defn = object_info[node["type"]]
+        specs = [(name, spec) for section in ("required", "optional")
+                 for name, spec in (defn["input"].get(section) or {}).items()]
+        converted = {i["widget"]["name"] for i in node.get("inputs", []) if i.get("widget")}
+        values = list(node.get("widgets_values") or [])
+        inputs, pos = {}, 0
+        for name, spec in specs:
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+            if not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")) or opts.get("forceInput"):
+                continue
+            assert pos < len(values), f"node {node['id']} ({node['type']}): no widget value for {name!r}"
+            if name not in converted:
+                inputs[name] = values[pos]
+            pos += 1
+            if kind == "INT" and (name in SEED_NAMES or opts.get("control_after_generate")):
+                assert values[pos] in ("fixed", "increment", "decrement", "randomize"), values[pos]
+                pos += 1
+            elif isinstance(kind, list) and opts.get("control_after_generate"):
+                pos += 2
+            if name == "image" and opts.get("image_upload") is True:
+                assert values[pos] == "image"
+                pos += 1
+        assert pos == len(values), f"node {node['id']} ({node['type']}): {len(values) - pos} extra widget values"
+        for slot, inp in enumerate(node.get("inputs", [])):
+            if inp.get("link") is None:
+                continue
+            link_id, src, src_slot, dst, dst_slot, _type = links[inp["link"]]
+            assert (dst, dst_slot) == (node["id"], slot), f"link {link_id} does not end at node {node['id']}:{slot}"
+            inputs[inp["name"]] = [str(src), src_slot]
+        graph[str(node["id"])] = {"class_type": node["type"],
+                                  "_meta": {"title": node.get("title") or defn.get("display_name") or node["type"]},
+                                  "inputs": inputs}
+    # inputs fed by removed nodes are dropped, as the frontend does
+    for node in graph.values():
+        node["inputs"] = {k: v for k, v in node["inputs"].items() if not (isinstance(v, list) and v[0] not in graph)}
+    return graph
+
+
+def check_ui_consistency(ui: dict, object_info: dict):
+    """LiteGraph invariants the frontend relies on when it loads the file."""
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]), "duplicate node ids"
+    assert ui["last_node_id"] >= max(nodes)
+    assert ui["last_link_id"] >= max((link[0] for link in ui["links"]), default=0)
+    assert ui["version"] == 0.4
+    for key in ("groups", "config", "extra"):
+        assert key in ui
+    for link_id, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id
+        assert out["type"] == kind == inp["type"], (link_id, out["type"], kind, inp["type"])
+        out_def = object_info[nodes[src]["type"]]["output"][src_slot]
+        assert kind == ("COMBO" if isinstance(out_def, list) else out_def)
+    for node in ui["nodes"]:
+        assert node["type"] in object_info
+        assert node["properties"]["Node name for S&R"] == node["type"]
+        for name in ("pos", "size", "flags", "order", "mode"):
+            assert name in node, (node["id"], name)
+        for i, out in enumerate(node.get("outputs", [])):
+            assert out.get("slot_index", i) == i
+            for link_id in out["links"] or []:
+                assert ui["links"][[link[0] for link in ui["links"]].index(link_id)][1:3] == [node["id"], i]
+
+
+def test_there_are_workflows_and_each_has_a_ui_copy():
+    assert "ddim_invert_reconstruct" in NAMES
+    missing = [n for n in NAMES if not (UI_DIR / f"{n}.json").is_file()]
+    assert not missing, f"run scripts/make_ui_workflow.py: no UI copy for {missing}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_copy_is_well_formed(name):
+    graph = load_api_workflow(name)
+    for nid, node in graph.items():
+        assert nid.isdigit(), f"node id {nid!r} is not a string of an int"
+        assert set(node) <= {"class_type", "inputs", "_meta"}, (nid, sorted(node))
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert len(value) == 2 and value[0] in graph and isinstance(value[1], int), (nid, value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_copy_rebuilds_the_api_copy(comfy_server, name):
+    info = comfy_server.object_info
+    ui = load_ui_workflow(name)
+    check_ui_consistency(ui, info)
+    rebuilt = ui_to_api(ui, info)
+    committed = load_api_workflow(name)
+    for nid, node in committed.items():
+        if "_meta" not in node:
+            rebuilt.get(nid, {}).pop("_meta", None)
+    assert rebuilt == committed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_copy_is_up_to_date_with_the_converter(comfy_server, name):
+    spec = importlib.util.spec_from_file_location("make_ui_workflow", REPO_ROOT / "scripts" / "make_ui_workflow.py")
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    expected = converter.dumps(converter.api_to_ui(load_api_workflow(name), comfy_server.object_info))
+    assert (UI_DIR / f"{name}.json").read_text() == expected, \
+        f"workflows/{name}.json is stale: run .venv/bin/python scripts/make_ui_workflow.py"
+
+
+@pytest.mark.parametrize("size", list(TEST_MODELS))
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_validates_and_runs(comfy_server, name, size):
+    graph = for_test_model(load_api_workflow(name), size)
+    entry = comfy_server.run_once(graph)  # raises unless POST /prompt answered 200 and the run succeeded
+    assert entry["status"]["status_str"] == "success"
+    images = comfy_server.output_images(entry)
+    assert images and all(p.is_file() and p.stat().st_size > 0 for p in images)
+    for out in entry["outputs"].values():
+        for key in ("max_abs", "mean_abs"):
+            for value in out.get(key, []):
+                assert math.isfinite(value)
