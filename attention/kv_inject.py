@@ -82,4 +82,5 @@ class KVInjectEditor(Editor):
         same_region = fg[:, None] == fg[None, :]                                # queries x reference keys
         bias = torch.zeros(same_region.shape, device=q.device, dtype=torch.float32)
         bias.masked_fill_(~same_region, float("-inf"))
+        ctx.scratch["attention_bias"] = bias  # observers (attention capture) see the masked attention
         return apply_probs(attention_probs(q, k, ctx.heads, bias), v, ctx.heads)

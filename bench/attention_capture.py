@@ -5,8 +5,9 @@ at cfg 5 (cond and uncond rows in one batch; ComfyUI's free-memory reading is pi
 scheduler ddim_uniform, 3 steps. The headline ratio is cross-attention at a 16x16 token grid
 (resolution latent/2 on this latent: 5 layers, as SD1.5's latent/4 at 512 px), target <= 1.25. Extra ratio: the
 node's default (cross + self at latent/4); everything (cross + self, all layers) is checked for memory and bit
-identity only. On CPU the headline is the ratio of process CPU time (the project's machines are shared; wall
-times are reported too); on a GPU it is wall time. Each captured run is
+identity only. The headline is the ratio of the fastest runs (the project's CPU machines are shared: other
+processes only ever add time); median ratios are reported too, and ``capture_hooks`` times the capture's own work
+inside one run of each variant. Each captured run is
 checked to be bit-identical to the stock one, and the capture's memory is reported next to its layout formula.
 """
 from __future__ import annotations
@@ -79,11 +80,12 @@ def timed_rounds(fns, reps: int, budget_s: float) -> dict:
     for n in names:
         for key in ("wall_s", "cpu_s"):
             out[n]["median_" + key] = round(statistics.median(out[n][key]), 4)
+            out[n]["min_" + key] = round(min(out[n][key]), 4)
     return out
 
 
-def _ratio(timing: dict, name: str, key: str) -> float:
-    return round(timing[name]["median_" + key] / timing["stock"]["median_" + key], 4)
+def _ratio(timing: dict, name: str, key: str, stat: str) -> float:
+    return round(timing[name][stat + key] / timing["stock"][stat + key], 4)
 
 
 @register("attention_capture", "sampling with ICAttentionCapture vs without (cross-attention at 16x16), cfg 5")
@@ -99,7 +101,7 @@ def _run() -> dict:
     import comfy.samplers
     from inversion_chain import compat
     from inversion_chain.attention import patching
-    from inversion_chain.attention.capture import capture_layers, storage_bytes
+    from inversion_chain.attention.capture import AttentionCaptureEditor, capture_layers, storage_bytes
     from inversion_chain.nodes.attention_maps import ICAttentionCapture
 
     model, clip, vae = common.load_models(SIZE)
@@ -141,10 +143,39 @@ def _run() -> dict:
     fns = {"stock": lambda: sample(model)}
     fns.update({name: (lambda n=name: sample(captured[n])) for name in TIMED})
     timing = timed_rounds(fns, REPS, BUDGET_S)
-    ratios = {name: {"cpu_time": _ratio(timing, name, "cpu_s"), "wall": _ratio(timing, name, "wall_s")}
-              for name in TIMED}
-    headline_key = "wall" if torch.cuda.is_available() else "cpu_time"
+    ratios = {name: {"min_wall": _ratio(timing, name, "wall_s", "min_"),
+                     "median_wall": _ratio(timing, name, "wall_s", "median_"),
+                     "median_cpu": _ratio(timing, name, "cpu_s", "median_")} for name in TIMED}
+    headline_key = "min_wall"
     ratios_headline = {name: ratios[name][headline_key] for name in TIMED}
+
+    # the capture's own work inside a run (its hooks, which include the per-step flush), timed in the same run
+    hook_share = {}
+    for name in TIMED:
+        editor = next(e for e in patching.controller_of(captured[name]).editors
+                      if isinstance(e, AttentionCaptureEditor))
+        spent = [0.0]
+
+        def timed(fn):
+            def wrapper(*a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    spent[0] += time.perf_counter() - t0
+            return wrapper
+
+        editor.edit_qkv, editor.edit_out = timed(editor.edit_qkv), timed(editor.edit_out)
+        try:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                sample(captured[name])
+            total = time.perf_counter() - t0
+        finally:
+            for attr in ("edit_qkv", "edit_out"):
+                delattr(editor, attr)
+        hook_share[name] = {"hooks_s": round(spent[0], 4), "run_s": round(total, 4),
+                            "share_of_run": round(spent[0] / total, 4)}
     r = ratios_headline[HEADLINE]
     return {
         "benchmark": "attention_capture",
@@ -154,10 +185,12 @@ def _run() -> dict:
                   "stock": "comfy.sample.sample_custom on the plain MODEL",
                   "ours": "the same on ICAttentionCapture's MODEL"},
         "ratio": r,
-        "ratio_measure": headline_key + " (median over interleaved rounds, ours / stock)",
+        "ratio_measure": "fastest run with capture / fastest stock run (interleaved rounds; on a shared machine "
+                         "other processes only ever add time, so the minimum is the least disturbed run)",
         "target_ratio": TARGET_RATIO,
         "pass": r <= TARGET_RATIO,
         "ratios": ratios,
+        "capture_hooks": hook_share,
         "configs": details,
         "timing": timing,
     }

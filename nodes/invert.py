@@ -33,7 +33,7 @@ class ICDDIMInvert:
                 "steps": tip("INT", "DDIM steps; sample with the same number of steps.", default=50, min=1, max=1000),
                 "inversion_cfg": tip("FLOAT", "Guidance while inverting. 1.0 (default) inverts the conditional model "
                                      "exactly; > 1 needs `negative` and reconstructs worse.",
-                                     default=1.0, min=0.0, max=30.0, step=0.1, round=0.01),
+                                     default=1.0, min=0.1, max=30.0, step=0.1, round=0.01),
                 "refine_iters": tip("INT", "Fixed-point iterations per step that make each step the exact inverse "
                                     "of a DDIM sampling step (one extra model call each). 0 = naive inversion.",
                                     default=DEFAULT_REFINE_ITERS, min=0, max=20),

@@ -47,11 +47,20 @@ def report_reconstruction(entry: dict, graph: dict) -> list[str]:
             f"  -> DDIM inversion then sampling back is {verdict}"]
 
 
-# The demo's job, in order. A later issue swaps in the variation workflow: add or replace a Step here.
+def report_variations(entry: dict, graph: dict) -> list[str]:
+    rival = next(n for n in graph.values() if n["class_type"] == "ICRIVALAlignSampler")["inputs"]
+    return [f"{rival['batch_size']} RIVAL variations (cfg {rival['cfg']}, t_align {rival['t_align']}, "
+            f"t_early {rival['t_early']}, init {rival['init']}) sharing one reference chain"]
+
+
+# The demo's job, in order: prove the inversion, then make variations of the photo (the headline feature).
 DEMO_STEPS = [
     Step("ddim_invert_reconstruct",
          "DDIM Invert the photo, then sample its noise back with SamplerCustom (no added noise, same sigmas)",
          report_reconstruction),
+    Step("rival_variation",
+         "RIVAL Align Sampler: variations of the photo aligned with its inversion chain",
+         report_variations),
 ]
 
 
