@@ -77,11 +77,14 @@ def prepare(graph: dict, ckpt_name: str, photo: str, size: int) -> dict:
 
 
 def copy_images(server: ComfyServer, entry: dict, out_dir: Path, workflow: str) -> list[Path]:
-    """Copy every image the run saved to out/<workflow>__<prefix>.png (the SaveImage counter dropped)."""
+    """Copy every image the run saved to out/<workflow>__<prefix>.png (the SaveImage counter dropped); a batch
+    (e.g. RIVAL's variations) gets _1, _2, ... so no image overwrites another."""
     written = []
-    for path in server.output_images(entry):
+    paths = server.output_images(entry)
+    for n, path in enumerate(paths, 1):
         stem = re.sub(r"_\d{5}_$", "", path.stem)
-        target = out_dir / f"{workflow}__{stem}{path.suffix}"
+        suffix = f"_{n}" if len(paths) > 1 else ""
+        target = out_dir / f"{workflow}__{stem}{suffix}{path.suffix}"
         shutil.copyfile(path, target)
         written.append(target)
     return written
