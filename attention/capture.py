@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..artifacts import InversionChainError
-from .controller import CONTROLLER_KEY, CallContext, Editor, attention_probs, split_heads
+from .controller import CONTROLLER_KEY, CallContext, Editor, attention_probs
 from .layers import AttentionLayer
 from . import tokens as tokens_mod
 

@@ -1,7 +1,7 @@
 """Mutual self-attention (MasaCtrl): generated rows attend to a real image's keys/values from its inversion chain."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

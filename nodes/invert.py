@@ -1,7 +1,6 @@
 """DDIM Invert and a small latent comparison node."""
 from __future__ import annotations
 
-import torch
 
 from .. import compat
 from ..artifacts import INVERSION, InversionChainError

@@ -9,7 +9,7 @@ from ..attention.kv_inject import MODES, KVInjectEditor
 from ..attention.layers import select_layers
 from ..attention.reference import POLICIES, ReferenceKV
 from ..attention.tokens import locate_words, parse_words
-from ..samplers.model_info import check_supported, model_key
+from ..samplers.model_info import require_inversion
 from .common import CATEGORY, tip
 
 WHAT = "KV Inject"
@@ -53,10 +53,7 @@ class ICKVInject:
 
     def patch(self, model, inversion, start_step, start_layer, mode, mask_words="", clip=None, source_prompt="",
               cache="auto"):
-        check_supported(model, WHAT)
-        if not hasattr(inversion, "chain"):
-            raise InversionChainError(f"{WHAT}: `inversion` must come from DDIM Invert.")
-        inversion.check_matches(model_key(model), what=WHAT)
+        require_inversion(model, inversion, WHAT)
         if mode not in MODES:
             raise InversionChainError(f"{WHAT}: unknown mode '{mode}'; use one of {', '.join(MODES)}.")
         layers = patching.layers_of(model)

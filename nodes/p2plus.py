@@ -6,13 +6,13 @@ import torch
 import comfy.sample
 
 from .. import compat
-from ..artifacts import INVERSION, NULL_TEXT, Inversion, InversionChainError, NullText
+from ..artifacts import INVERSION, NULL_TEXT, InversionChainError, NullText
 from ..attention import patching
 from ..attention.p2p import (BLEND_LEVEL, DEFAULT_SELF_MAX_RES, MODES, CfgCheck, LocalBlend, P2PlusEditor,
                              StepSchedule, UncondContext, build_plan, word_positions)
 from ..attention.tokens import parse_words
 from ..samplers import null_text as null_text_lib
-from ..samplers.model_info import check_supported, model_key
+from ..samplers.model_info import check_supported, require_inversion
 from .common import CATEGORY, tip
 
 WHAT = "P2Plus Controller"
@@ -129,9 +129,7 @@ class ICP2PlusController:
 
         # schedule and starting noise
         if inversion is not None:
-            if not isinstance(inversion, Inversion):
-                raise InversionChainError(f"{WHAT}: `inversion` must come from DDIM Invert.")
-            inversion.check_matches(model_key(model), what=WHAT)
+            require_inversion(model, inversion, WHAT)
             if inversion.latent_shape[0] != 1:
                 raise InversionChainError(f"{WHAT}: the INVERSION holds {inversion.latent_shape[0]} images; edit one "
                                           f"image at a time.")

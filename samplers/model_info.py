@@ -55,3 +55,13 @@ def _context_dim(unet) -> int:
         if name.endswith("attn2.to_k"):
             return int(module.weight.shape[1])
     return 0
+
+
+def require_inversion(model_patcher, inversion, what: str):
+    """The one check every consumer of an INVERSION makes: it came from DDIM Invert, with this model."""
+    from ..artifacts import Inversion
+    check_supported(model_patcher, what)
+    if not isinstance(inversion, Inversion):
+        raise InversionChainError(f"{what}: `inversion` must come from DDIM Invert.")
+    inversion.check_matches(model_key(model_patcher), what=what)
+    return inversion

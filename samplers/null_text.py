@@ -42,7 +42,7 @@ from .. import compat
 from ..artifacts import Inversion, InversionChainError, NullText, inversion_fingerprint
 from ..attention import patching
 from . import ddim
-from .model_info import check_supported, model_key, unet_of
+from .model_info import require_inversion, unet_of
 
 METHODS = ("null-text", "negative-prompt")
 EARLY_STOP_EPS = 1e-5
@@ -51,10 +51,7 @@ LEARNING_RATE = 1e-2
 
 
 def check_inputs(model, inversion: Inversion, cfg: float, inner_steps: int, what: str):
-    check_supported(model, what)
-    if not isinstance(inversion, Inversion):
-        raise InversionChainError(f"{what}: `inversion` must come from DDIM Invert.")
-    inversion.check_matches(model_key(model), what=what)
+    require_inversion(model, inversion, what)
     if inversion.latent_shape[0] != 1:
         raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; null-text "
                                   f"inversion edits one image at a time. Invert a single image.")

@@ -18,7 +18,7 @@ from ..artifacts import Inversion, InversionChainError
 from ..attention import patching
 from ..attention.reference import ReferenceKV
 from ..attention.rival import RivalAttentionEditor
-from .model_info import check_supported, model_key
+from .model_info import require_inversion
 
 INITS = ("permute", "adain", "inverted")
 REFERENCE_MODES = ("cache", "batch")
@@ -69,10 +69,7 @@ def stack_rows(reference_cond, generation_cond, variations: int, what: str = WHA
 
 
 def check_inputs(model, inversion, batch_size, cfg, t_align, t_early, init, normalize):
-    check_supported(model, WHAT)
-    if not isinstance(inversion, Inversion):
-        raise InversionChainError(f"{WHAT}: `inversion` must come from DDIM Invert.")
-    inversion.check_matches(model_key(model), what=WHAT)
+    require_inversion(model, inversion, WHAT)
     for name, value in (("t_align", t_align), ("t_early", t_early)):
         if not 0 <= value <= 1000:
             raise InversionChainError(f"{WHAT}: {name} is a timestep on the 0..1000 scale, got {value}.")
