@@ -152,3 +152,56 @@ class NullText:
         return (f"NULL_TEXT: null-text inversion, {self.steps} steps, cfg {self.cfg}, {iters} optimiser iterations, "
                 f"worst step loss {worst:.3g}, reconstruction max error {self.final_error:.3g}, "
                 f"{self.seconds:.1f}s ({self.seconds / max(1, self.steps):.2f}s per step)")
+
+
+# -- StyleDiffusion -----------------------------------------------------------------------------------------------
+STYLE = "STYLE"
+
+
+@dataclass
+class Style:
+    """A real image's StyleDiffusion inversion: per sampling step, the value input of cross-attention in the
+    conditional branch (keys keep the prompt), produced by that step's trained mapper in eval mode.
+
+    ``values[i]`` is used for forward step ``i`` (``sigmas[i]`` -> ``sigmas[i+1]``); the mappers themselves are
+    not kept (their output for this one image is all that sampling needs)."""
+
+    values: torch.Tensor                 # [steps, 1, tokens, dim] float32 CPU
+    positive: list                       # CONDITIONING of the source prompt (keys)
+    negative: list                       # CONDITIONING of the unconditional prompt it was trained with
+    cfg: float
+    sigmas: torch.Tensor
+    scheduler: str
+    inversion_fingerprint: tuple
+    model_key: ModelKey
+    settings: dict                       # inner_steps, learning_rate, attention_loss_weight, image tokens/width
+    losses: list                         # per step: the loss of every inner iteration (training curve)
+    latent_losses: list                  # per step: final latent MSE
+    inner_iters: torch.Tensor            # [steps]
+    final_error: float                   # max |x_0 - source| (LATENT units) of the guided reconstruction
+    seconds: float = 0.0
+    cache_key: str = ""
+    from_cache: str = ""                 # "" (trained now), "memory" or "disk"
+
+    @property
+    def steps(self) -> int:
+        return int(self.sigmas.shape[0]) - 1
+
+    def check(self, model_key: ModelKey, inversion: Optional["Inversion"] = None, what: str = "this node"):
+        if not isinstance(self, Style):
+            raise InversionChainError(f"{what}: `style` must come from StyleDiffusion Mapper.")
+        if model_key != self.model_key:
+            raise InversionChainError(
+                f"{what}: the STYLE was trained on a different model.\n  style: {self.model_key.describe()}\n"
+                f"  this model: {model_key.describe()}\nTrain the mapper with the model you sample with.")
+        if inversion is not None and inversion_fingerprint(inversion) != self.inversion_fingerprint:
+            raise InversionChainError(
+                f"{what}: the STYLE was trained on another INVERSION (other image, steps or scheduler). Feed the "
+                f"StyleDiffusion Mapper the same INVERSION as this node.")
+
+    def summary(self) -> str:
+        iters = int(self.inner_iters.sum())
+        origin = f", loaded from the {self.from_cache} cache" if self.from_cache else ""
+        return (f"STYLE: {self.steps} steps, cfg {self.cfg}, {iters} optimiser iterations, final loss "
+                f"{self.losses[-1][-1] if self.losses and self.losses[-1] else float('nan'):.3g}, reconstruction max "
+                f"error {self.final_error:.3g}, trained in {self.seconds:.1f}s{origin}")

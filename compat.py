@@ -88,3 +88,24 @@ def preview_callback(model_patcher, steps: int):
 def out_of_memory_errors():
     import comfy.model_management as mm
     return (getattr(mm, "OOM_EXCEPTION", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
+
+
+def clip_vision_tokens(clip_vision, image: torch.Tensor) -> torch.Tensor:
+    """Per-token features ``(B, tokens, width)`` of a CLIP_VISION for an IMAGE, after the vision tower's final
+    layer norm and before any projection (what StyleDiffusion's mapper reads).
+    Both trees return the encoder output as ``last_hidden_state``; for CLIP towers it is *before*
+    ``post_layernorm`` (which ComfyUI applies to the class token only), for SigLIP towers (0.3x,
+    ``output_layernorm``) it is already normalised. 0.3x's ``encode_image`` also takes ``crop``."""
+    with torch.no_grad():
+        tokens = clip_vision.encode_image(image)["last_hidden_state"]
+        tower = getattr(getattr(clip_vision, "model", None), "vision_model", None)
+        post = getattr(tower, "post_layernorm", None)
+        if post is not None and not getattr(tower, "output_layernorm", False):
+            tokens = post(tokens)
+    return tokens
+
+
+def temp_directory() -> str:
+    """ComfyUI's temp folder (both trees: folder_paths.get_temp_directory; emptied when the server starts)."""
+    import folder_paths
+    return folder_paths.get_temp_directory()

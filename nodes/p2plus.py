@@ -6,13 +6,14 @@ import torch
 import comfy.sample
 
 from .. import compat
-from ..artifacts import INVERSION, NULL_TEXT, InversionChainError, NullText
+from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, NullText, Style
 from ..attention import patching
 from ..attention.p2p import (BLEND_LEVEL, DEFAULT_SELF_MAX_RES, MODES, CfgCheck, LocalBlend, P2PlusEditor,
                              StepSchedule, UncondContext, build_plan, word_positions)
+from ..attention.style import ValueInjection
 from ..attention.tokens import parse_words
 from ..samplers import null_text as null_text_lib
-from ..samplers.model_info import check_supported, require_inversion
+from ..samplers.model_info import check_supported, model_key, require_inversion
 from .common import CATEGORY, tip
 
 WHAT = "P2Plus Controller"
@@ -36,7 +37,7 @@ def _conditioning(rows):
 def _rows_of(conditioning, what: str, name: str):
     """(cond, pooled) of a one-entry, one-row CONDITIONING."""
     if not conditioning or len(conditioning) != 1 or conditioning[0][0].shape[0] != 1:
-        raise InversionChainError(f"{what}: the NULL_TEXT's {name} conditioning must be one prompt (one entry, "
+        raise InversionChainError(f"{what}: the {name} conditioning it was made with must be one prompt (one entry, "
                                   f"batch 1).")
     return conditioning[0][0], conditioning[0][1].get("pooled_output")
 
@@ -114,15 +115,25 @@ class ICP2PlusController:
                                             "grid is at most this many tokens per side (32: P2Plus/StyleDiffusion "
                                             "code; 16: the first Prompt-to-Prompt code).",
                                             default=DEFAULT_SELF_MAX_RES, min=1, max=256),
+                "style": tip(STYLE, "StyleDiffusion: from StyleDiffusion Mapper on the same inversion. While "
+                             "`style_until` lasts, the value input of both rows' cross-attention (cond branch) "
+                             "comes from the trained mappers: row 0 retraces the photo, row 1 keeps its "
+                             "appearance (refine: aligned tokens only); keys keep each row's prompt."),
+                "style_until": tip("FLOAT", "tau_v (StyleDiffusion): fraction of the steps during which the value "
+                                   "input comes from the STYLE; afterwards each row uses its own prompt. 0 = no "
+                                   "style (plain P2Plus); paper default 0.5, 0.2-0.5 for large structural changes.",
+                                   default=0.5, min=0.0, max=1.0, step=0.01),
             },
         }
 
     def build(self, model, clip, source_prompt, target_prompt, mode, cross_replace, self_replace, uncond_self_replace,
               reweight="", blend_words="", blend_threshold=0.3, blend_start=0.2, inversion=None, null_text=None,
-              latent=None, seed=0, steps=50, scheduler="ddim_uniform", self_replace_max_res=DEFAULT_SELF_MAX_RES):
+              latent=None, seed=0, steps=50, scheduler="ddim_uniform", self_replace_max_res=DEFAULT_SELF_MAX_RES,
+              style=None, style_until=0.5):
         check_supported(model, WHAT)
         for name, value in (("cross_replace", cross_replace), ("self_replace", self_replace),
-                            ("uncond_self_replace", uncond_self_replace), ("blend_start", blend_start)):
+                            ("uncond_self_replace", uncond_self_replace), ("blend_start", blend_start),
+                            ("style_until", style_until)):
             if not 0.0 <= float(value) <= 1.0:
                 raise InversionChainError(f"{WHAT}: {name} is a fraction of the steps in [0, 1], got {value}.")
         plan = build_plan(clip, source_prompt, target_prompt, mode, reweight, WHAT)
@@ -195,10 +206,27 @@ class ICP2PlusController:
         if null_text is not None and null_text.method == "null-text":
             patching.add_attn2_patch(patched, UncondContext(null_text.embeddings, schedule))
             patching.add_post_cfg_function(patched, CfgCheck(null_text.cfg, WHAT))
+        if style is not None:
+            if not isinstance(style, Style):
+                raise InversionChainError(f"{WHAT}: `style` must come from StyleDiffusion Mapper.")
+            if inversion is None:
+                raise InversionChainError(f"{WHAT}: a STYLE needs the INVERSION it was trained on; connect it to "
+                                          f"`inversion` as well.")
+            style.check(model_key(model), inversion, WHAT)
+            trained_with = _rows_of(style.positive, WHAT, "positive")[0]
+            if trained_with.shape != source[0].shape or not torch.allclose(trained_with.float().cpu(),
+                                                                            source[0].float().cpu(), atol=1e-4):
+                raise InversionChainError(f"{WHAT}: the STYLE was trained with another source prompt (or CLIP) than "
+                                          f"'{source_prompt}'. Encode the same source prompt for StyleDiffusion "
+                                          f"Mapper and this node.")
+            # row 0 takes the style token for token; row 1 through the edit's token alignment
+            row_maps = [None, (plan.mapper.long(), plan.aligned.float())]
+            patching.add_attn2_patch(patched, ValueInjection(style.values, schedule, style_until, row_maps))
         print(f"[Inversion Chain] {WHAT}: {plan.describe()}; {schedule.steps} steps ({schedule.scheduler}); "
               f"tau_c {cross_replace}, tau_s {self_replace}, tau_u {uncond_self_replace}"
               f"{'; local blend ' + ', '.join(words) if words else ''}"
-              f"{'; ' + null_text.method + ' uncond' if null_text is not None else ''}")
+              f"{'; ' + null_text.method + ' uncond' if null_text is not None else ''}"
+              f"{'; StyleDiffusion values until ' + str(style_until) if style is not None else ''}")
         return (patched, positive, negative, latent_out, schedule.sigmas.clone())
 
 

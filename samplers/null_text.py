@@ -14,12 +14,7 @@ steps correct the drift of earlier ones.
 Memory: the activations of one batch-1 forward kept for backward (cloned once more by the saved-tensor hook); the
 weights are not duplicated (see ``trainable_weights``).
 
-Autograd inside ComfyUI: nodes run under ``torch.inference_mode()`` and the checkpoint's weights are inference
-tensors, which autograd refuses to save for backward. The optimisation therefore runs under
-``torch.inference_mode(False)`` + ``torch.enable_grad()``, gives the UNet normal (non-inference) copies of its
-weights for its duration (swapped in place one parameter at a time, back again in a ``finally``), feeds it
-normal input tensors, and wraps each forward in ``saved_tensors_hooks(clone, identity)`` because the 2024-03
-transformer block adds its attention outputs in place (``x += n``). The model is called as the sampler calls it,
+Autograd inside ComfyUI: see ``training.py``. The model is called as the sampler calls it,
 ``model.model.apply_model(x, sigma, c_crossattn=..., <other model conds>, transformer_options=...)`` on the loaded
 model, so ComfyUI's own latent scaling, dtype casting and attention patches apply.
 
@@ -28,7 +23,6 @@ source row's guided prediction equals its conditional one and reconstruction is 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import List
@@ -43,6 +37,7 @@ from ..artifacts import Inversion, InversionChainError, NullText, inversion_fing
 from ..attention import patching
 from . import ddim
 from .model_info import require_inversion, unet_of
+from .training import forward_hooks, normal as _normal, trainable_weights
 
 METHODS = ("null-text", "negative-prompt")
 EARLY_STOP_EPS = 1e-5
@@ -71,39 +66,6 @@ def negative_prompt_inversion(model, inversion: Inversion, positive, cfg: float,
     return NullText(method="negative-prompt", embeddings=None, positive=positive, negative=positive, cfg=float(cfg),
                     sigmas=inversion.sigmas.clone(), scheduler=inversion.scheduler,
                     inversion_fingerprint=inversion_fingerprint(inversion))
-
-
-@contextlib.contextmanager
-def trainable_weights(module: torch.nn.Module):
-    """Temporarily make ``module``'s inference-tensor parameters normal tensors (autograd can save those).
-
-    Parameter by parameter, the inference tensor is replaced by a normal copy and released, and afterwards the copy
-    by a fresh inference tensor the same way, so memory stays at about one copy of the weights (plus the largest
-    module's) instead of two. Values are bit-identical; only the tensor objects change."""
-
-    def swap(pairs, inference: bool):
-        done = {}
-        with torch.inference_mode(inference):
-            for sub, name in pairs:
-                p = sub._parameters[name]
-                new = done.get(id(p))
-                if new is None:   # tied parameters stay tied
-                    new = done[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-                sub._parameters[name] = new
-                del p
-
-    pairs = [(sub, name) for sub in module.modules() for name, p in sub._parameters.items()
-             if p is not None and p.is_inference()]
-    try:
-        swap(pairs, inference=False)
-        yield
-    finally:
-        swap(pairs, inference=True)
-
-
-def _normal(t):
-    """A non-inference copy of a tensor (call under inference_mode(False))."""
-    return t.detach().clone() if torch.is_tensor(t) else t
 
 
 def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, inner_steps: int = 10,
@@ -160,7 +122,7 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
             j = 0
             for j in range(inner_steps):
                 compat.check_interrupt()
-                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                with torch.enable_grad(), forward_hooks():
                     d_uncond = call(x, sigma, conds_u, 1, c_crossattn=uncond)
                     x_next = guided_step(x, s, s_next, d_cond, d_uncond)
                     loss = F.mse_loss(ddim.z_from_x(x_next, s_next), target)

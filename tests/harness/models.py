@@ -172,3 +172,77 @@ def load_checkpoint(size: str):
     with torch.inference_mode():  # as ComfyUI runs every node
         out = comfy.sd.load_checkpoint_guess_config(str(checkpoint_path(size)), output_vae=True, output_clip=True)
     return out[0], out[1], out[2]
+
+
+# -- CLIP vision ---------------------------------------------------------------------------------------------------
+CLIP_VISION_NAME = "ic_test_clip_vision_small.safetensors"
+CLIP_VISION_SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+                     "patch_size": 16, "image_size": 224, "projection_dim": 32}   # ViT-B/16 token grid: 197 tokens
+
+
+def clip_vision_config_path() -> str:
+    """ComfyUI's ViT-L config shrunk to width 32 and 2 layers, with ViT-B/16's patch grid (197 tokens)."""
+    import comfy.clip_vision
+    base = Path(comfy.clip_vision.__file__).with_name("clip_vision_config_vitl.json")
+    config = json.loads(base.read_text())
+    config.update(CLIP_VISION_SMALL)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    path = CACHE_DIR / "clip_vision_config_small.json"
+    text = json.dumps(config, indent=1)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return str(path)
+
+
+_clip_vision_registered = False
+
+
+def register_test_clip_vision():
+    """Let the stock CLIP vision loader (Load CLIP Vision) recognise the small test encoder (test-only): ComfyUI
+    picks a config by layer count and knows only full-size towers."""
+    global _clip_vision_registered
+    setup_comfy()
+    if _clip_vision_registered:
+        return
+    import comfy.clip_vision as cv
+    stock = cv.load_clipvision_from_sd
+
+    def load_clipvision_from_sd(sd, prefix="", convert_keys=False):
+        weight = sd.get(f"{prefix}vision_model.encoder.layers.0.layer_norm1.weight")
+        is_small = (weight is not None and weight.shape[0] == CLIP_VISION_SMALL["hidden_size"]
+                    and f"{prefix}vision_model.encoder.layers.2.layer_norm1.weight" not in sd)
+        if not is_small:
+            return stock(sd, prefix, convert_keys)
+        clip = cv.ClipVisionModel(clip_vision_config_path())
+        clip.load_sd({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+        return clip
+
+    cv.load_clipvision_from_sd = load_clipvision_from_sd
+    _clip_vision_registered = True
+
+
+def clip_vision_path() -> Path:
+    path = CACHE_DIR / "clip_vision" / CLIP_VISION_NAME
+    if not path.is_file():
+        setup_comfy()
+        import comfy.clip_model
+        import comfy.ops
+        import comfy.utils
+        config = json.loads(Path(clip_vision_config_path()).read_text())
+        with torch.inference_mode(False):
+            module = comfy.clip_model.CLIPVisionModelProjection(config, torch.float32, "cpu", comfy.ops.manual_cast)
+            fill_seeded_(module, SEED + 3)
+            sd = {k: v.detach().contiguous() for k, v in module.state_dict().items() if "position_ids" not in k}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        comfy.utils.save_torch_file(sd, str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
+def load_clip_vision():
+    """CLIP_VISION through ComfyUI's own loader function (what Load CLIP Vision calls)."""
+    import comfy.clip_vision
+    register_test_clip_vision()
+    with torch.inference_mode():
+        return comfy.clip_vision.load(str(clip_vision_path()))

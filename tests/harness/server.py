@@ -67,7 +67,8 @@ class ComfyServer:
             raise RuntimeError(f"the pack is not linked into {tree}/custom_nodes: run scripts/setup_env.sh")
         ckpt_dir = self.workdir / "checkpoints"
         nodes_dir = self.workdir / "test_nodes"
-        for d in (ckpt_dir, nodes_dir, self.output_dir, self.input_dir):
+        vision_dir = self.workdir / "clip_vision"
+        for d in (ckpt_dir, nodes_dir, vision_dir, self.output_dir, self.input_dir):
             d.mkdir(parents=True, exist_ok=True)
         for size in self.checkpoints:
             self._link(ckpt_dir / models.CHECKPOINT_NAMES[size], models.checkpoint_path(size))
@@ -77,6 +78,7 @@ class ComfyServer:
                 raise FileNotFoundError(f"checkpoint {path} does not exist")
             self._link(ckpt_dir / name, path)
         self._link(nodes_dir / "ic_test_models", REPO_ROOT / "tests" / "comfy_test_node")
+        self._link(vision_dir / models.CLIP_VISION_NAME, models.clip_vision_path())
         for name in PHOTOS:
             for size in self.photo_sizes:
                 target = self.input_dir / photo_name(name, size)
@@ -84,7 +86,7 @@ class ComfyServer:
                     photos.save_png(name, target, size)
         extra = self.workdir / "extra_model_paths.yaml"
         extra.write_text(f"ic_test:\n  base_path: {json.dumps(str(self.workdir))}\n  checkpoints: checkpoints\n"
-                         f"  custom_nodes: test_nodes\n")
+                         f"  clip_vision: clip_vision\n  custom_nodes: test_nodes\n")
         env = dict(os.environ, IC_REPO_ROOT=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),

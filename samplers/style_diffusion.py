@@ -1,0 +1,360 @@
+"""StyleDiffusion (Li et al.): invert a real image into the value input of cross-attention, one mapper per step.
+
+Mapper (per sampling step): the image's CLIP vision tokens ``(N, W)`` (after the final layer norm, no
+projection) -> Conv1d N -> 2T (tokens as channels) -> [Linear W -> D when the vision width is not the model's
+context width] -> Conv1d 2T -> 2T -> BatchNorm1d -> LeakyReLU -> Conv1d 2T -> 2T, split into T scale and T shift
+rows; the value input is ``text * (1 + scale) + shift`` (T = prompt tokens, D = context width). Weights start at
+N(0, 0.01) and biases at 0, so an untrained mapper is close to the prompt itself (this pack writes the FiLM as a
+residual, ``1 + scale``, for that reason); each step's mapper starts from the previous step's.
+
+Training (per image), at guidance ``cfg`` with the unconditional prompt: from the noisiest step down, Adam
+(beta1 0, beta2 0.999), lr ``learning_rate * (1 - i/100)`` (floored at 1%), at most ``ceil(inner_steps *
+e^(-0.1 i))`` iterations at step i, stopping early (as null-text) once the loss is below ``1e-5 + i * 2e-5``;
+loss = MSE of the DDPM latent after the guided step against the inversion's + ``attention_loss_weight`` x MSE of
+the conditional branch's latent/4 cross-attention maps against the inversion's (the maps of the chain latent at
+that step with the prompt's own values). After its iterations a step's BatchNorm statistics are set to the exact
+statistics of its input under the final weights and the mapper runs in eval mode (the official code never leaves
+train mode); with this single fixed input eval and train outputs agree, so what was optimised is what is used.
+The latent then advances with that value input, so later steps correct earlier drift.
+
+Cache: the result is keyed by the image, the inversion, the model, both prompts, the CLIP vision weights and
+every setting; kept in memory (a few entries) and on disk in ComfyUI's temp folder.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import comfy.model_management
+
+from .. import compat
+from ..artifacts import Inversion, InversionChainError, Style, inversion_fingerprint
+from ..attention import patching
+from ..attention.p2p import StepSchedule
+from ..attention.style import CrossAttentionRecorder, ValueInjection, recorder_level
+from . import ddim
+from .model_info import model_key, require_inversion, unet_of
+from .training import forward_hooks, normal, trainable_weights
+
+log = logging.getLogger("inversion_chain")
+
+WHAT = "StyleDiffusion Mapper"
+EARLY_STOP_EPS = 1e-5
+EARLY_STOP_SLOPE = 2e-5
+INIT_STD = 0.01
+INIT_SEED = 0
+LATENT_FACTOR = 8          # SD-family VAEs: image pixels per latent cell
+CACHE_VERSION = 2
+MEMORY_ENTRIES = 4
+_memory: "OrderedDict[str, Style]" = OrderedDict()
+
+
+class ValueMapper(torch.nn.Module):
+    """One step's mapper: image tokens (1, N, W) -> value input (1, T, D) for the text embedding (1, T, D)."""
+
+    def __init__(self, image_tokens: int, image_width: int, text_tokens: int, context_dim: int):
+        super().__init__()
+        hidden = 2 * text_tokens
+        self.text_tokens = text_tokens
+        self.token_mix = torch.nn.Conv1d(image_tokens, hidden, 1)
+        self.width = torch.nn.Linear(image_width, context_dim) if image_width != context_dim else torch.nn.Identity()
+        self.mix = torch.nn.Conv1d(hidden, hidden, 1)
+        self.norm = torch.nn.BatchNorm1d(hidden)
+        self.act = torch.nn.LeakyReLU()
+        self.out = torch.nn.Conv1d(hidden, hidden, 1)
+        generator = torch.Generator().manual_seed(INIT_SEED)  # same image + settings -> same result (and cache)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear)):
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * INIT_STD)
+                    m.bias.zero_()
+
+    def forward(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        h = self.width(self.token_mix(tokens))
+        h = self.out(self.act(self.norm(self.mix(h))))
+        scale, shift = h[:, :self.text_tokens], h[:, self.text_tokens:]
+        return text * (1 + scale) + shift
+
+    @torch.no_grad()
+    def calibrate(self, tokens: torch.Tensor):
+        """Set BatchNorm's running statistics to the exact (biased) statistics of this input's batch, so eval mode
+        computes what train mode computed."""
+        h = self.mix(self.width(self.token_mix(tokens)))
+        self.norm.running_mean.copy_(h.mean(dim=(0, 2)))
+        self.norm.running_var.copy_(h.var(dim=(0, 2), unbiased=False))
+
+
+def inner_iterations(inner_steps: int, i: int, decay: bool = True) -> int:
+    return max(1, math.ceil(inner_steps * math.exp(-0.1 * i))) if decay else inner_steps
+
+
+def image_tokens(clip_vision, image, what: str = WHAT) -> torch.Tensor:
+    if not hasattr(clip_vision, "encode_image"):
+        raise InversionChainError(f"{what}: `clip_vision` must be a CLIP_VISION from Load CLIP Vision, got "
+                                  f"{type(clip_vision).__name__}.")
+    tokens = compat.clip_vision_tokens(clip_vision, image)
+    if not torch.is_tensor(tokens) or tokens.ndim != 3 or tokens.shape[1] < 2 or tokens.shape[0] != image.shape[0]:
+        shape = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
+        raise InversionChainError(
+            f"{what}: this CLIP_VISION's output {shape} is not a sequence of image tokens (batch, tokens, width); "
+            f"the mapper needs a ViT image encoder (CLIP ViT-B/16: 197x768, ViT-L/14: 257x1024, ViT-H/14: "
+            f"257x1280).")
+    if not torch.isfinite(tokens).all():
+        raise InversionChainError(f"{what}: the CLIP_VISION produced non-finite features for this image.")
+    return tokens.float()
+
+
+def check_inputs(model, inversion: Inversion, image, cfg: float, inner_steps: int, learning_rate: float,
+                 attention_loss_weight: float, what: str = WHAT):
+    require_inversion(model, inversion, what)
+    if inversion.latent_shape[0] != 1:
+        raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; the mapper is "
+                                  f"trained for one image. Invert a single image.")
+    if abs(inversion.cfg - 1.0) > 1e-6:
+        raise InversionChainError(f"{what}: the INVERSION was made at inversion_cfg {inversion.cfg}; StyleDiffusion "
+                                  f"trains against the cfg 1 chain. Invert with inversion_cfg 1.0.")
+    if not torch.is_tensor(image) or image.ndim != 4 or image.shape[-1] not in (3, 4):
+        raise InversionChainError(f"{what}: `image` must be an IMAGE (batch, height, width, channels).")
+    if image.shape[0] != 1:
+        raise InversionChainError(f"{what}: `image` holds {image.shape[0]} images; connect the one image that was "
+                                  f"inverted.")
+    expected = tuple(s * LATENT_FACTOR for s in inversion.latent_shape[-2:])
+    if tuple(image.shape[1:3]) != expected:
+        raise InversionChainError(
+            f"{what}: the image is {image.shape[2]}x{image.shape[1]} px but the INVERSION was made from a "
+            f"{expected[1]}x{expected[0]} px image. Connect the image that was encoded and inverted.")
+    if not math.isfinite(cfg) or cfg < 1.0:
+        raise InversionChainError(f"{what}: cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
+    if inner_steps < 1:
+        raise InversionChainError(f"{what}: inner_steps must be at least 1, got {inner_steps}.")
+    if not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise InversionChainError(f"{what}: learning_rate must be a positive number, got {learning_rate}.")
+    if not math.isfinite(attention_loss_weight) or attention_loss_weight < 0:
+        raise InversionChainError(f"{what}: attention_loss_weight must be 0 or more, got {attention_loss_weight}.")
+
+
+# -- cache --------------------------------------------------------------------------------------------------------
+def _digest(h, value):
+    if torch.is_tensor(value):
+        t = value.detach().float().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _digest(h, v)
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _digest(h, value[k])
+    else:
+        h.update(repr(value).encode())
+
+
+def _vision_fingerprint(clip_vision) -> tuple:
+    params = list(clip_vision.model.state_dict().items()) if hasattr(clip_vision, "model") else []
+    picked = [params[i] for i in sorted({0, len(params) // 2, len(params) - 1}) if params]
+    return tuple((k, tuple(v.shape), round(float(v.double().sum()), 4)) for k, v in picked)
+
+
+def _conditioning_tensors(conditioning) -> list:
+    return [[c[0]] + [v for _, v in sorted(c[1].items()) if torch.is_tensor(v)] for c in conditioning]
+
+
+def cache_key(image, inversion, positive, negative, clip_vision, settings: dict) -> str:
+    h = hashlib.sha256()
+    _digest(h, [CACHE_VERSION, image, repr(inversion_fingerprint(inversion)), positive, negative,
+                repr(_vision_fingerprint(clip_vision)), settings])
+    return h.hexdigest()[:32]
+
+
+def cache_dir() -> str:
+    return os.path.join(compat.temp_directory(), "inversion_chain", "style")
+
+
+def _remember(style: Style):
+    _memory[style.cache_key] = style
+    _memory.move_to_end(style.cache_key)
+    while len(_memory) > MEMORY_ENTRIES:
+        _memory.popitem(last=False)
+
+
+TRAINED_FIELDS = ("values", "losses", "latent_losses", "inner_iters", "final_error", "seconds", "settings")
+
+
+def load_cached(key: str, context: dict) -> Optional[Style]:
+    """The cached result for ``key``, or None. ``context``: the Style fields that come from the inputs (equal
+    inputs give equal keys, so only the trained fields are stored: plain tensors and numbers, no pack classes)."""
+    if key in _memory:
+        _memory.move_to_end(key)
+        style = copy.copy(_memory[key])
+        style.from_cache = "memory"
+        return style
+    path = os.path.join(cache_dir(), f"{key}.pt")
+    if not os.path.isfile(path):
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        style = Style(**{k: data[k] for k in TRAINED_FIELDS}, **context, cache_key=key)
+    except Exception as e:  # a damaged or older file is retrained, not fatal
+        log.warning("[Inversion Chain] %s: ignoring unreadable cache file %s (%s)", WHAT, path, e)
+        return None
+    _remember(style)
+    style = copy.copy(style)
+    style.from_cache = "disk"
+    return style
+
+
+def store(style: Style):
+    _remember(style)
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        path = os.path.join(cache_dir(), f"{style.cache_key}.pt")
+        tmp = path + ".tmp"
+        torch.save({k: getattr(style, k) for k in TRAINED_FIELDS}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # the memory cache still works; a read-only temp folder is not an error
+        log.warning("[Inversion Chain] %s: could not write the disk cache (%s)", WHAT, e)
+
+
+def clear_memory_cache():
+    _memory.clear()
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+def train(model, clip_vision, image, inversion: Inversion, positive, negative, cfg: float = 7.5,
+          inner_steps: int = 100, learning_rate: float = 1e-2, attention_loss_weight: float = 1.0,
+          use_cache: bool = True, decay: bool = True, what: str = WHAT) -> Style:
+    check_inputs(model, inversion, image, cfg, inner_steps, learning_rate, attention_loss_weight, what)
+    if negative is None:
+        raise InversionChainError(f"{what}: connect `negative` (the unconditional prompt, usually empty).")
+    tokens = image_tokens(clip_vision, image[..., :3], what)
+    settings = {"inner_steps": int(inner_steps), "learning_rate": float(learning_rate), "cfg": float(cfg),
+                "attention_loss_weight": float(attention_loss_weight), "decay": bool(decay),
+                "image_tokens": int(tokens.shape[1]), "image_width": int(tokens.shape[2])}
+    key = cache_key(image, inversion, _conditioning_tensors(positive), _conditioning_tensors(negative), clip_vision,
+                    settings)
+    context = dict(positive=positive, negative=negative, cfg=float(cfg), sigmas=inversion.sigmas.clone(),
+                   scheduler=inversion.scheduler, inversion_fingerprint=inversion_fingerprint(inversion),
+                   model_key=model_key(model))
+    if use_cache:
+        cached = load_cached(key, context)
+        if cached is not None:
+            log.info("[Inversion Chain] %s: cache hit (%s, key %s): no training", what, cached.from_cache, key)
+            print(f"[Inversion Chain] {what}: loaded the trained mappers' values from the {cached.from_cache} cache "
+                  f"(key {key}); no training.")
+            return cached
+
+    started = time.perf_counter()
+    latent = torch.zeros(inversion.latent_shape)
+    conds_c = patching.capture_conds(model, positive, latent)
+    conds_u = patching.capture_conds(model, negative, latent)
+    if "c_crossattn" not in conds_c or "c_crossattn" not in conds_u:
+        raise InversionChainError(f"{what}: this model takes no text context (c_crossattn); StyleDiffusion does not "
+                                  f"apply.")
+    steps, sigmas = inversion.steps, inversion.sigmas
+    schedule = StepSchedule(sigmas, inversion.scheduler, what)
+    recorder = CrossAttentionRecorder(recorder_level(), sigmas)
+    injection = ValueInjection(None, schedule)
+    patched = patching.add_attn2_patch(patching.install(model, recorder, what), injection)
+    comfy.model_management.load_models_gpu([patched])
+    base, device = patched.model, patched.load_device
+    to_base = dict(patched.model_options.get("transformer_options", {}))
+    plan = [inner_iterations(inner_steps, i, decay) for i in range(steps)]
+    pbar = compat.progress_bar(sum(plan))
+    values: List[torch.Tensor] = []
+    losses: List[List[float]] = []
+    latent_losses: List[float] = []
+    iters = [0] * steps
+
+    def call(x, sigma, conds, cond_or_uncond, **override):
+        to = dict(to_base)
+        to["cond_or_uncond"] = [cond_or_uncond]
+        to["sigmas"] = sigma
+        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in conds.items()}
+        kwargs.update(override)
+        return base.apply_model(x, sigma, transformer_options=to, **kwargs)
+
+    def guided_step(x, s, s_next, d_cond, d_uncond):
+        denoised = d_uncond + cfg * (d_cond - d_uncond)
+        return ddim.ddim_step(x, ddim.eps_from_denoised(x, denoised, s), s, s_next)
+
+    try:
+        with torch.inference_mode(False), trainable_weights(unet_of(model)):
+            conds_c = {k: normal(v) for k, v in conds_c.items()}
+            conds_u = {k: normal(v) for k, v in conds_u.items()}
+            text = conds_c["c_crossattn"].to(device).float()
+            tokens_n = normal(tokens).to(device)
+            mapper = ValueMapper(tokens_n.shape[1], tokens_n.shape[2], text.shape[1], text.shape[2]).to(device)
+            x = inversion.latent_at(0, device, torch.float32).clone()
+            for i in range(steps):
+                s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+                sigma = torch.full((1,), s, device=device)
+                target = ddim.z_from_x(inversion.latent_at(i + 1, device, torch.float32).clone(), s_next)
+                with torch.no_grad():
+                    d_uncond = call(x, sigma, conds_u, 1)
+                    recorder.enabled = True
+                    call(inversion.latent_at(i, device, torch.float32).clone(), sigma, conds_c, 0)
+                    target_maps = recorder.take()
+                mapper.train()
+                optimizer = torch.optim.Adam(mapper.parameters(), lr=learning_rate * max(0.01, 1.0 - i / 100.0),
+                                             betas=(0.0, 0.999))
+                threshold = EARLY_STOP_EPS + i * EARLY_STOP_SLOPE
+                step_losses: List[float] = []
+                latent_loss = float("nan")
+                for j in range(plan[i]):
+                    compat.check_interrupt()
+                    with torch.enable_grad(), forward_hooks():
+                        injection.override = mapper(tokens_n, text)
+                        d_cond = call(x, sigma, conds_c, 0)
+                        maps = recorder.take()
+                        x_next = guided_step(x, s, s_next, d_cond, d_uncond)
+                        loss_latent = F.mse_loss(ddim.z_from_x(x_next, s_next), target)
+                        loss = loss_latent + attention_loss_weight * F.mse_loss(maps, target_maps)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    injection.override = None
+                    pbar.update(1)
+                    step_losses.append(float(loss.detach()))
+                    latent_loss = float(loss_latent.detach())
+                    iters[i] = j + 1
+                    if step_losses[-1] < threshold:
+                        break
+                pbar.update(plan[i] - iters[i])
+                recorder.enabled = False
+                mapper.calibrate(tokens_n)
+                mapper.eval()
+                with torch.no_grad():
+                    value = mapper(tokens_n, text).detach()
+                    values.append(value.float().cpu().clone())
+                    injection.override = value
+                    d_cond = call(x, sigma, conds_c, 0)
+                    injection.override = None
+                    x = guided_step(x, s, s_next, d_cond, d_uncond)
+                losses.append(step_losses)
+                latent_losses.append(latent_loss)
+            source = inversion.latent_at(steps, device, torch.float32)
+            final_error = float((base.process_latent_out(x.detach().clone())
+                                 - base.process_latent_out(source.clone())).abs().max())
+    finally:
+        injection.override = None
+        recorder.enabled = False
+        recorder.maps = []
+
+    style = Style(values=torch.stack(values), **context, settings=settings, losses=losses,
+                  latent_losses=latent_losses, inner_iters=torch.tensor(iters),
+                  final_error=final_error, seconds=time.perf_counter() - started, cache_key=key)
+    if use_cache:
+        store(style)
+        print(f"[Inversion Chain] {what}: trained in {style.seconds:.1f}s, cached (key {key}) in memory and "
+              f"{cache_dir()}")
+    return style
