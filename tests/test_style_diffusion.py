@@ -60,7 +60,7 @@ def test_training_lowers_the_loss(setup):
     later = losses[1:]
     lowered = [step[-1] < step[0] for step in later]
     assert sum(lowered) >= len(lowered) - 1, losses
-    assert sum(step[-1] for step in later) < 0.9 * sum(step[0] for step in later)
+    assert sum(step[-1] for step in later) < 0.95 * sum(step[0] for step in later)  # 2024-03: 0.81, 0.33x: 0.90
 
 
 def test_inner_iterations_decay_as_the_paper(setup):

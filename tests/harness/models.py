@@ -36,8 +36,10 @@ SIZES = {
     "sd15": {"model_channels": 320, "context_dim": 768, "clip": None, "vae": "kl", "dtype": torch.float16},
 }
 CHECKPOINT_NAMES = {"small": "ic_test_small.safetensors", "bench": "ic_test_bench.safetensors",
-                    "sd15": "ic_test_sd15_random_fp16.safetensors"}
+                    "sd15": "ic_test_sd15_random_fp16_v2.safetensors"}  # v2: real SD VAE layout
 SEED = 1234
+SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                   "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
 def unet_config(size: str) -> dict:
@@ -145,7 +147,9 @@ def build_state_dict(size: str, seed: int = SEED) -> dict:
     if SIZES[size]["vae"] == "taesd":
         vae_module = comfy.taesd.taesd.TAESD()
     else:
-        vae_module = comfy.sd.VAE(sd={}).first_stage_model
+        # SD1.x's VAE layout (downscale 8); comfy.sd.VAE(sd={}) would build the x4 upscaler's (downscale 4)
+        from comfy.ldm.models.autoencoder import AutoencoderKL
+        vae_module = AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4)
     fill_seeded_(vae_module, seed + 2)
     for k, v in vae_module.state_dict().items():
         sd[f"first_stage_model.{k}"] = v
