@@ -42,6 +42,14 @@ def _rows_of(conditioning, what: str, name: str):
     return conditioning[0][0], conditioning[0][1].get("pooled_output")
 
 
+def _require_source_prompt(made_with, source, source_prompt: str, artefact: str, maker: str):
+    """The NULL_TEXT / STYLE was made with the same source prompt embedding as this node encodes."""
+    cond = _rows_of(made_with, WHAT, "positive")[0]
+    if cond.shape != source[0].shape or not torch.allclose(cond.float().cpu(), source[0].float().cpu(), atol=1e-4):
+        raise InversionChainError(f"{WHAT}: the {artefact} was made with another source prompt (or CLIP) than "
+                                  f"'{source_prompt}'. Encode the same source prompt for {maker} and this node.")
+
+
 class ICP2PlusController:
     DESCRIPTION = (
         "Prompt-to-Prompt editing with P2Plus unconditional-branch control. Outputs a patched MODEL, 2-row "
@@ -167,12 +175,7 @@ class ICP2PlusController:
             if not isinstance(null_text, NullText):
                 raise InversionChainError(f"{WHAT}: `null_text` must come from Null-Text Inversion.")
             null_text.check_inversion(inversion, WHAT)
-            made_with = _rows_of(null_text.positive, WHAT, "positive")[0]
-            if made_with.shape != source[0].shape or not torch.allclose(made_with.float().cpu(),
-                                                                         source[0].float().cpu(), atol=1e-4):
-                raise InversionChainError(f"{WHAT}: the NULL_TEXT was made with another source prompt (or CLIP) than "
-                                          f"'{source_prompt}'. Encode the same source prompt for Null-Text Inversion "
-                                          f"and this node.")
+            _require_source_prompt(null_text.positive, source, source_prompt, "NULL_TEXT", "Null-Text Inversion")
             uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, WHAT,
                                                                                   "negative")
         else:
@@ -213,12 +216,7 @@ class ICP2PlusController:
                 raise InversionChainError(f"{WHAT}: a STYLE needs the INVERSION it was trained on; connect it to "
                                           f"`inversion` as well.")
             style.check(model_key(model), inversion, WHAT)
-            trained_with = _rows_of(style.positive, WHAT, "positive")[0]
-            if trained_with.shape != source[0].shape or not torch.allclose(trained_with.float().cpu(),
-                                                                            source[0].float().cpu(), atol=1e-4):
-                raise InversionChainError(f"{WHAT}: the STYLE was trained with another source prompt (or CLIP) than "
-                                          f"'{source_prompt}'. Encode the same source prompt for StyleDiffusion "
-                                          f"Mapper and this node.")
+            _require_source_prompt(style.positive, source, source_prompt, "STYLE", "StyleDiffusion Mapper")
             # row 0 takes the style token for token; row 1 through the edit's token alignment
             row_maps = [None, (plan.mapper.long(), plan.aligned.float())]
             patching.add_attn2_patch(patched, ValueInjection(style.values, schedule, style_until, row_maps))

@@ -32,6 +32,13 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, sigma: float, sigma_next: floa
     return x + (sigma_next - sigma) * eps
 
 
+def guided_ddim_step(x: torch.Tensor, sigma: float, sigma_next: float, d_cond: torch.Tensor, d_uncond: torch.Tensor,
+                     cfg: float) -> torch.Tensor:
+    """One DDIM step with classifier-free guidance from the two x0 predictions (what ComfyUI's CFG computes)."""
+    denoised = d_uncond + cfg * (d_cond - d_uncond)
+    return ddim_step(x, eps_from_denoised(x, denoised, sigma), sigma, sigma_next)
+
+
 def z_from_x(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Sigma-space state -> the usual DDPM latent ``z = sqrt(alpha_bar) * x``."""
     return x / (1.0 + sigma * sigma) ** 0.5

@@ -37,7 +37,7 @@ from ..artifacts import Inversion, InversionChainError, NullText, inversion_fing
 from ..attention import patching
 from . import ddim
 from .model_info import require_inversion, unet_of
-from .training import forward_hooks, normal as _normal, trainable_weights
+from .training import forward_hooks, normal as _normal, trainable_weights, unet_caller
 
 METHODS = ("null-text", "negative-prompt")
 EARLY_STOP_EPS = 1e-5
@@ -88,22 +88,14 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
     device = model.load_device
     sigmas = inversion.sigmas
     steps = inversion.steps
-    to_base = dict(model.model_options.get("transformer_options", {}))
     pbar = compat.progress_bar(steps * inner_steps)
     embeddings: List[torch.Tensor] = []
     losses, iters = [0.0] * steps, [0] * steps
 
-    def call(x, sigma, conds, cond_or_uncond, **override):
-        to = dict(to_base)
-        to["cond_or_uncond"] = [cond_or_uncond]
-        to["sigmas"] = sigma
-        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in conds.items()}
-        kwargs.update(override)
-        return base.apply_model(x, sigma, transformer_options=to, **kwargs)
+    call = unet_caller(model)
 
     def guided_step(x, s, s_next, d_cond, d_uncond):
-        denoised = d_uncond + cfg * (d_cond - d_uncond)
-        return ddim.ddim_step(x, ddim.eps_from_denoised(x, denoised, s), s, s_next)
+        return ddim.guided_ddim_step(x, s, s_next, d_cond, d_uncond, cfg)
 
     with torch.inference_mode(False), trainable_weights(unet_of(model)):
         conds_c = {k: _normal(v) for k, v in conds_c.items()}

@@ -43,7 +43,7 @@ from ..attention.p2p import StepSchedule
 from ..attention.style import CrossAttentionRecorder, ValueInjection, recorder_level
 from . import ddim
 from .model_info import model_key, require_inversion, unet_of
-from .training import forward_hooks, normal, trainable_weights
+from .training import forward_hooks, normal, trainable_weights, unet_caller
 
 log = logging.getLogger("inversion_chain")
 
@@ -267,7 +267,6 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
     patched = patching.add_attn2_patch(patching.install(model, recorder, what), injection)
     comfy.model_management.load_models_gpu([patched])
     base, device = patched.model, patched.load_device
-    to_base = dict(patched.model_options.get("transformer_options", {}))
     plan = [inner_iterations(inner_steps, i, decay) for i in range(steps)]
     pbar = compat.progress_bar(sum(plan))
     values: List[torch.Tensor] = []
@@ -275,17 +274,10 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
     latent_losses: List[float] = []
     iters = [0] * steps
 
-    def call(x, sigma, conds, cond_or_uncond, **override):
-        to = dict(to_base)
-        to["cond_or_uncond"] = [cond_or_uncond]
-        to["sigmas"] = sigma
-        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in conds.items()}
-        kwargs.update(override)
-        return base.apply_model(x, sigma, transformer_options=to, **kwargs)
+    call = unet_caller(patched)
 
     def guided_step(x, s, s_next, d_cond, d_uncond):
-        denoised = d_uncond + cfg * (d_cond - d_uncond)
-        return ddim.ddim_step(x, ddim.eps_from_denoised(x, denoised, s), s, s_next)
+        return ddim.guided_ddim_step(x, s, s_next, d_cond, d_uncond, cfg)
 
     try:
         with torch.inference_mode(False), trainable_weights(unet_of(model)):

@@ -49,3 +49,21 @@ def normal(t):
 def forward_hooks():
     """Saved-tensor hooks that make ComfyUI's in-place residual adds safe for backward."""
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+
+def unet_caller(patcher):
+    """``call(x, sigma, conds, cond_or_uncond, **override)``: one UNet forward of one CFG branch as ComfyUI's sampler
+    makes it (``apply_model`` on the loaded model with the patcher's transformer_options, so latent scaling, dtype
+    casting and attention patches apply); ``override`` replaces model conds (e.g. ``c_crossattn``)."""
+    base, device = patcher.model, patcher.load_device
+    to_base = dict(patcher.model_options.get("transformer_options", {}))
+
+    def call(x, sigma, conds, cond_or_uncond, **override):
+        to = dict(to_base)
+        to["cond_or_uncond"] = [cond_or_uncond]
+        to["sigmas"] = sigma
+        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in conds.items()}
+        kwargs.update(override)
+        return base.apply_model(x, sigma, transformer_options=to, **kwargs)
+
+    return call
