@@ -13,7 +13,7 @@ ComfyUI's own attention kernel), so an inactive editor changes nothing, bit for 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,6 +36,9 @@ class CallContext:
     extra_options: dict
     reference_pass: object = None   # the recorder during a reference pass, else None
     scratch: dict = field(default_factory=dict)  # per-call space shared by editors
+    # the attention kernel ``(q, k, v) -> out`` the controller runs when no editor attends itself; an editor may
+    # wrap it in edit_qkv (e.g. RIVAL runs it per CFG branch so no call's score matrix outgrows the stock one)
+    kernel: Optional[Callable] = None
 
     def chunk_rows(self, which: int) -> List[int]:
         """Batch indices of the chunk ``which`` (0 cond, 1 uncond)."""
@@ -180,6 +183,7 @@ class Controller:
         active = [e for e in self.editors if e.active(ctx)]
         if not active:
             return fallback(q, k, v)
+        ctx.kernel = fallback
         for e in active:
             q, k, v = e.edit_qkv(q, k, v, ctx)
         out = None
@@ -194,7 +198,7 @@ class Controller:
                     probs = e.edit_probs(probs, ctx)
                 out = apply_probs(probs, v, ctx.heads)
             else:
-                out = fallback(q, k, v)
+                out = ctx.kernel(q, k, v)
         for e in active:
             out = e.edit_out(out, ctx)
         return out

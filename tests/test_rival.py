@@ -157,3 +157,27 @@ def test_bad_input_gets_clear_errors(setup, astronaut_latent):
         ICRIVALAlignSampler().sample(other, s["src"], s["neg"], s["inv"], 0, 1, 5.0, 600, 600, "permute", "eps")
     with pytest.raises(InversionChainError, match="batch_size must be at least 1"):
         run(s, batch_size=0)
+
+
+def test_concatenation_regime_runs_the_kernel_per_branch_with_the_same_result():
+    from inversion_chain.attention.controller import CallContext
+    from inversion_chain.attention.rival import RivalAttentionEditor
+    from inversion_chain.attention.schedule import StepInfo
+    torch.manual_seed(0)
+    heads, rows, n, c = 2, 3, 16, 8
+    q, k, v = (torch.randn(2 * rows, n, c) for _ in range(3))
+    calls = []
+
+    def kernel(q_, k_, v_):
+        calls.append((q_.shape[0], k_.shape[1]))
+        return plain_attention(q_, k_, v_, heads)
+
+    ctx = CallContext(kind="self", layer=None, step=StepInfo(index=5, total=10, sigma=1.0, timestep=400.0),
+                      cond_or_uncond=[1, 0], rows_per_chunk=rows, grid=(4, 4), heads=heads, extra_options={},
+                      kernel=kernel)
+    q2, k2, v2 = RivalAttentionEditor(t_align=600).edit_qkv(q, k, v, ctx)
+    out = ctx.kernel(q2, k2, v2)
+    # per CFG branch: the reference row over its own n keys, the generated rows over [K_ref, K_gen]
+    assert calls == [(1, n), (rows - 1, 2 * n)] * 2
+    assert k2.shape == (2 * rows, 2 * n, c)  # editors after RIVAL still see the one-call layout
+    assert torch.allclose(out, plain_attention(q2, k2, v2, heads), atol=1e-6)
