@@ -65,3 +65,14 @@ def require_inversion(model_patcher, inversion, what: str):
         raise InversionChainError(f"{what}: `inversion` must come from DDIM Invert.")
     inversion.check_matches(model_key(model_patcher), what=what)
     return inversion
+
+
+def require_single_cfg1_inversion(model_patcher, inversion, what: str, method: str):
+    """Per-image optimisers (null-text, StyleDiffusion) pivot on the cfg-1 chain of one image."""
+    require_inversion(model_patcher, inversion, what)
+    if inversion.latent_shape[0] != 1:
+        raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; {method} works on "
+                                  f"one image at a time. Invert a single image.")
+    if abs(inversion.cfg - 1.0) > 1e-6:
+        raise InversionChainError(f"{what}: the INVERSION was made at inversion_cfg {inversion.cfg}; {method} pivots "
+                                  f"on the cfg 1 chain. Invert with inversion_cfg 1.0.")

@@ -36,7 +36,7 @@ from .. import compat
 from ..artifacts import Inversion, InversionChainError, NullText, inversion_fingerprint
 from ..attention import patching
 from . import ddim
-from .model_info import require_inversion, unet_of
+from .model_info import require_single_cfg1_inversion, unet_of
 from .training import forward_hooks, normal as _normal, trainable_weights, unet_caller
 
 METHODS = ("null-text", "negative-prompt")
@@ -46,13 +46,7 @@ LEARNING_RATE = 1e-2
 
 
 def check_inputs(model, inversion: Inversion, cfg: float, inner_steps: int, what: str):
-    require_inversion(model, inversion, what)
-    if inversion.latent_shape[0] != 1:
-        raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; null-text "
-                                  f"inversion edits one image at a time. Invert a single image.")
-    if abs(inversion.cfg - 1.0) > 1e-6:
-        raise InversionChainError(f"{what}: the INVERSION was made at inversion_cfg {inversion.cfg}; null-text "
-                                  f"inversion pivots on the cfg 1 chain. Invert with inversion_cfg 1.0.")
+    require_single_cfg1_inversion(model, inversion, what, "null-text inversion")
     if not math.isfinite(cfg) or cfg < 1.0:
         raise InversionChainError(f"{what}: cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
     if inner_steps < 1:

@@ -42,7 +42,7 @@ from ..attention import patching
 from ..attention.p2p import StepSchedule
 from ..attention.style import CrossAttentionRecorder, ValueInjection, recorder_level
 from . import ddim
-from .model_info import model_key, require_inversion, unet_of
+from .model_info import model_key, require_single_cfg1_inversion, unet_of
 from .training import forward_hooks, normal, trainable_weights, unet_caller
 
 log = logging.getLogger("inversion_chain")
@@ -115,13 +115,7 @@ def image_tokens(clip_vision, image, what: str = WHAT) -> torch.Tensor:
 
 def check_inputs(model, inversion: Inversion, image, cfg: float, inner_steps: int, learning_rate: float,
                  attention_loss_weight: float, what: str = WHAT):
-    require_inversion(model, inversion, what)
-    if inversion.latent_shape[0] != 1:
-        raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; the mapper is "
-                                  f"trained for one image. Invert a single image.")
-    if abs(inversion.cfg - 1.0) > 1e-6:
-        raise InversionChainError(f"{what}: the INVERSION was made at inversion_cfg {inversion.cfg}; StyleDiffusion "
-                                  f"trains against the cfg 1 chain. Invert with inversion_cfg 1.0.")
+    require_single_cfg1_inversion(model, inversion, what, "StyleDiffusion")
     if not torch.is_tensor(image) or image.ndim != 4 or image.shape[-1] not in (3, 4):
         raise InversionChainError(f"{what}: `image` must be an IMAGE (batch, height, width, channels).")
     if image.shape[0] != 1:
