@@ -34,10 +34,9 @@ import comfy.model_management
 
 from .. import compat
 from ..artifacts import Inversion, InversionChainError, NullText, inversion_fingerprint
-from ..attention import patching
 from . import ddim
 from .model_info import require_single_cfg1_inversion, unet_of
-from .training import forward_hooks, normal as _normal, trainable_weights, unet_caller
+from .training import forward_hooks, normal as _normal, text_conds, trainable_weights, unet_caller
 
 METHODS = ("null-text", "negative-prompt")
 EARLY_STOP_EPS = 1e-5
@@ -71,12 +70,7 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
         raise InversionChainError(f"{what}: null-text inversion needs `negative` (the unconditional prompt to start "
                                   f"from, usually empty).")
     started = time.perf_counter()
-    latent = torch.zeros(inversion.latent_shape)
-    conds_c = patching.capture_conds(model, positive, latent)
-    conds_u = patching.capture_conds(model, negative, latent)
-    if "c_crossattn" not in conds_u or "c_crossattn" not in conds_c:
-        raise InversionChainError(f"{what}: this model takes no text context (c_crossattn); null-text inversion "
-                                  f"does not apply.")
+    conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "null-text inversion")
     comfy.model_management.load_models_gpu([model])
     base = model.model
     device = model.load_device

@@ -43,7 +43,7 @@ from ..attention.p2p import StepSchedule
 from ..attention.style import CrossAttentionRecorder, ValueInjection, recorder_level
 from . import ddim
 from .model_info import model_key, require_single_cfg1_inversion, unet_of
-from .training import forward_hooks, normal, trainable_weights, unet_caller
+from .training import forward_hooks, normal, text_conds, trainable_weights, unet_caller
 
 log = logging.getLogger("inversion_chain")
 
@@ -248,12 +248,7 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
             return cached
 
     started = time.perf_counter()
-    latent = torch.zeros(inversion.latent_shape)
-    conds_c = patching.capture_conds(model, positive, latent)
-    conds_u = patching.capture_conds(model, negative, latent)
-    if "c_crossattn" not in conds_c or "c_crossattn" not in conds_u:
-        raise InversionChainError(f"{what}: this model takes no text context (c_crossattn); StyleDiffusion does not "
-                                  f"apply.")
+    conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "StyleDiffusion")
     steps, sigmas = inversion.steps, inversion.sigmas
     schedule = StepSchedule(sigmas, inversion.scheduler, what)
     recorder = CrossAttentionRecorder(recorder_level(), sigmas)
