@@ -59,12 +59,6 @@ class Inversion:
     def latent_at(self, index: int, device=None, dtype=None) -> torch.Tensor:
         return self.chain[index].to(device=device, dtype=dtype)
 
-    def step_index(self, sigma: float, rtol: float = 1e-4) -> Optional[int]:
-        """Index i with sigmas[i] == sigma (None if the sigma is not on this schedule)."""
-        diffs = (self.sigmas - float(sigma)).abs()
-        i = int(torch.argmin(diffs))
-        return i if float(diffs[i]) <= rtol * max(1.0, float(sigma)) else None
-
     def check_matches(self, model_key: "ModelKey", latent_shape=None, what: str = "this node"):
         """Raise a clear error when the inversion was made with another model or latent size."""
         if model_key != self.model_key:

@@ -31,7 +31,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..artifacts import InversionChainError
-from .controller import CONTROLLER_KEY, CallContext, Editor, attention_probs
+from .controller import CallContext, Editor, attention_probs
 from .layers import AttentionLayer
 from . import tokens as tokens_mod
 
@@ -183,9 +183,6 @@ class AttentionMaps:
     def add(self, kind: str, layer_index: int, branch: int, maps: torch.Tensor, sigma: float, index=None,
             total=None, grid=None, latent_hw=None):
         """Accumulate ``maps`` (rows, T, h*w) float32 of one call into the running sums of the current step."""
-        last = self._pending.sigma if self._pending is not None else (self.steps[-1].sigma if self.steps else None)
-        if last is not None and sigma > last * (1 + SIGMA_RTOL) + 1e-8:
-            self.reset()  # sigma went back up without begin_run (e.g. editor driven directly): a new run
         if self._pending is None or abs(sigma - self._pending.sigma) > SIGMA_RTOL * max(1.0, abs(sigma)):
             self.flush()
             self._pending = StepRecord(sigma=sigma, index=index, total=total)
@@ -286,7 +283,6 @@ class AttentionCaptureEditor(Editor):
         self._layers = list(layers)
         self.layer_ids = {l.index for l in layers}
         self._key = f"capture_{id(self)}"
-        self._controller = None
         maps.set_units(self._layers)
 
     def layers(self, all_layers):
@@ -295,17 +291,11 @@ class AttentionCaptureEditor(Editor):
     def active(self, ctx: CallContext) -> bool:
         return ctx.kind in self.kinds and ctx.layer.index in self.layer_ids
 
-    def begin_run(self):
+    def begin_run(self):  # schedule.RunTracker: sigma went back up, or another MODEL clone samples
         self.maps.reset()
 
     # the hooks: stash q/k, take edited probabilities if the controller computes them, record at the end
     def edit_qkv(self, q, k, v, ctx):
-        controller = ctx.extra_options.get(CONTROLLER_KEY)
-        if controller is not None and controller is not self._controller:
-            # another MODEL clone (e.g. a helper call made while building an editor on top): another run
-            if self._controller is not None or not self.maps.empty():
-                self.maps.reset()
-            self._controller = controller
         ctx.scratch[self._key] = (q, k)
         return q, k, v
 

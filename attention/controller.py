@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .layers import AttentionLayer
-from .schedule import StepInfo, locate
+from .schedule import RunTracker, StepInfo, locate
 
 CONTROLLER_KEY = "inversion_chain"          # transformer_options key holding the model's Controller
 REFERENCE_PASS_KEY = "inversion_chain_reference_pass"  # set while a reference image's K/V are being recorded
@@ -78,11 +78,19 @@ class Editor:
         return out
 
     def begin_run(self):
-        """Called when a new sampling run starts on this model (sigma went back up)."""
+        """Called when a new sampling run starts (``schedule.RunTracker``'s rule)."""
 
     def schedule(self) -> Optional[torch.Tensor]:
-        """The sigma schedule this editor expects, if it knows one (e.g. its inversion's)."""
+        """The sigma schedule this editor is defined on, if it has one (e.g. its inversion's)."""
         return None
+
+    def observe_call(self, step: StepInfo, owner):
+        """Called by the Controller once per UNet call (not during reference passes): run boundaries."""
+        tracker = self.__dict__.get("_runs")
+        if tracker is None:
+            tracker = self.__dict__["_runs"] = RunTracker()
+        if tracker.new_run(step.sigma, owner):
+            self.begin_run()
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -121,7 +129,10 @@ class Controller:
         self.model_sampling = model_sampling
         self.editors = sorted(editors, key=lambda e: e.order)  # stable: ties keep installation order
         self._step_cache: Tuple[Optional[torch.Tensor], Optional[StepInfo]] = (None, None)
-        self._last_sigma: Optional[float] = None
+        self._observed: Optional[torch.Tensor] = None
+        # the schedule the editors are defined on (the first that has one); else the sampler's (0.3x only)
+        own = next((s for s in (e.schedule() for e in self.editors) if s is not None), None)
+        self._schedule = None if own is None else own.detach().float().cpu()
 
     def __deepcopy__(self, memo):
         return self
@@ -137,28 +148,32 @@ class Controller:
         return self.by_key.get((block[0], block[1], extra_options.get("block_index", 0)))
 
     def step_of(self, extra_options) -> StepInfo:
+        """The step of this UNet call: computed once per call (the only sigma -> step index in the pack)."""
         sigmas = extra_options["sigmas"]
         cached_sigmas, cached = self._step_cache
         if cached_sigmas is sigmas:  # same tensor object = same UNet call (holding it keeps ids from recycling)
+            self._observe(sigmas, cached, extra_options)
             return cached
         sigma = float(sigmas.flatten()[0])
-        if self._last_sigma is not None and sigma > self._last_sigma * (1 + 1e-5) + 1e-8 \
-                and not extra_options.get(REFERENCE_PASS_KEY):
-            for e in self.editors:
-                e.begin_run()
-        if not extra_options.get(REFERENCE_PASS_KEY):
-            self._last_sigma = sigma
-        schedule = extra_options.get("sample_sigmas")  # 0.3x only
-        if schedule is None:
-            schedule = next((s for s in (e.schedule() for e in self.editors) if s is not None), None)
-        schedule = None if schedule is None else schedule.detach().float().cpu()
+        schedule = self._schedule
+        if schedule is None and extra_options.get("sample_sigmas") is not None:
+            schedule = extra_options["sample_sigmas"].detach().float().cpu()
         index = locate(sigma, schedule) if schedule is not None else None
         total = int(schedule.numel()) - 1 if schedule is not None else None
         timestep = float(self.model_sampling.timestep(sigmas.flatten()[:1].float().to(
             self.model_sampling.sigmas.device if hasattr(self.model_sampling, "sigmas") else sigmas.device)))
         info = StepInfo(index=index, total=total, sigma=sigma, timestep=timestep)
         self._step_cache = (sigmas, info)
+        self._observe(sigmas, info, extra_options)
         return info
+
+    def _observe(self, sigmas, info: StepInfo, extra_options):
+        """Run boundaries: the editors see each sampling call once (a reference pass is not a sampling call)."""
+        if extra_options.get(REFERENCE_PASS_KEY) or self._observed is sigmas:
+            return
+        self._observed = sigmas
+        for e in self.editors:
+            e.observe_call(info, self)
 
     def context(self, kind, q, extra_options) -> Optional[CallContext]:
         layer = self.layer_of(extra_options)

@@ -10,12 +10,13 @@ from ..artifacts import InversionChainError
 from .controller import CallContext, Editor, apply_probs, attention_probs
 from .layers import AttentionLayer
 from .reference import ReferenceKV
+from .schedule import Schedule
 
 MODES = ("mutual", "union", "masked")
 
 
 class KVInjectEditor(Editor):
-    """From chain step ``start_step`` on, in the selected self-attention layers, every row's queries attend to
+    """From ``start_percent`` of the steps on (MasaCtrl's START_STEP 4 of 50 = 0.08), in the selected self-attention layers, every row's queries attend to
     the reference K/V (``mutual``), to reference and own K/V concatenated (``union``), or (``masked``) to the
     reference K/V of the same region: foreground queries to foreground keys, background to background, with the
     foreground given by the reference's cross-attention maps of chosen words (min-max normalised, > threshold)."""
@@ -23,12 +24,14 @@ class KVInjectEditor(Editor):
     order = 10
     kinds = ("self",)
 
-    def __init__(self, reference: ReferenceKV, layers: Sequence[AttentionLayer], start_step: int, mode: str,
-                 mask_threshold: float = 0.1):
+    def __init__(self, reference: ReferenceKV, layers: Sequence[AttentionLayer], start_percent: float, mode: str,
+                 mask_threshold: float = 0.1, what: str = "KV Inject"):
         self.reference = reference
         self._layers = list(layers)
         self.layer_ids = {l.index for l in layers}
-        self.start_step = int(start_step)
+        self.start_percent = float(start_percent)
+        self.sched = Schedule(reference.inversion.sigmas, reference.inversion.scheduler, what)
+        self.what = what
         self.mode = mode
         self.mask_threshold = mask_threshold
         self.kinds = ("self", "cross") if mode == "masked" else ("self",)
@@ -41,21 +44,21 @@ class KVInjectEditor(Editor):
         return [l for l in all_layers if l.index in ids]
 
     def schedule(self):
-        return self.reference.inversion.sigmas
+        return self.sched.sigmas
 
     def active(self, ctx: CallContext) -> bool:
         if ctx.kind != "self" or ctx.layer.index not in self.layer_ids:
             return False
-        return self.reference.chain_index(ctx.step.sigma) >= self.start_step
+        return self.sched.fraction(self.sched.step(ctx.step)) >= self.start_percent
 
     def edit_qkv(self, q, k, v, ctx):
-        step = self.reference.chain_index(ctx.step.sigma)
+        step = self.sched.step(ctx.step)
         expected = ctx.layer.grid(*self.reference.inversion.latent_shape[-2:])
         if tuple(ctx.grid) != tuple(expected):
             h, w = self.reference.inversion.latent_shape[-2:]
             shape = ctx.extra_options.get("original_shape")
             raise InversionChainError(
-                f"KV Inject: the latent being sampled is {tuple(shape[-2:]) if shape else ctx.grid} (HxW) but the "
+                f"{self.what}: the latent being sampled is {tuple(shape[-2:]) if shape else ctx.grid} (HxW) but the "
                 f"inversion was made at {(h, w)}. Sample at the inverted image's size.")
         k_ref, v_ref = self.reference.get(step, ctx.layer, k.device, k.dtype)
         rows = k.shape[0]
@@ -69,7 +72,7 @@ class KVInjectEditor(Editor):
     def foreground(self, step: int, grid) -> torch.Tensor:
         maps = self.reference.cross_maps.get(step)
         if maps is None:
-            raise RuntimeError(f"KV Inject (masked): no reference cross-attention maps for step {step}")
+            raise RuntimeError(f"{self.what} (masked): no reference cross-attention maps for step {step}")
         m = maps.mean(0, keepdim=True)[None]                                     # (1, 1, h, w)
         m = (m - m.amin()) / (m.amax() - m.amin()).clamp_min(1e-8)
         m = F.interpolate(m, size=grid, mode="nearest")[0, 0]

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ..artifacts import InversionChainError
 from .controller import CallContext, Editor, attention_probs
-from .schedule import locate
+from .schedule import Schedule, locate
 from .tokens import END, START, readable_tokens
 
 MODES = ("replace", "refine", "reweight")
@@ -231,38 +231,12 @@ def build_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight
                     reweight=weights)
 
 
-# -- schedule ---------------------------------------------------------------------------------------------------
-class StepSchedule:
-    """The sigma schedule the edit is defined on (the inversion's, or ``steps`` + ``scheduler``)."""
-
-    def __init__(self, sigmas: torch.Tensor, scheduler: str, what: str):
-        self.sigmas = sigmas.detach().float().cpu()
-        self.scheduler = scheduler
-        self.what = what
-
-    @property
-    def steps(self) -> int:
-        return int(self.sigmas.numel()) - 1
-
-    def index(self, sigma: float) -> int:
-        i = locate(float(sigma), self.sigmas)
-        if i is None or i >= self.steps:
-            raise InversionChainError(
-                f"{self.what}: sampling reached sigma {float(sigma):.5g}, which is not on the edit's schedule. "
-                f"Sample with {self.steps} steps and scheduler '{self.scheduler}' (sampler 'ddim', denoise 1.0), or "
-                f"feed this node's `sigmas` to SamplerCustom.")
-        return i
-
-    def fraction(self, i: int) -> float:
-        return i / self.steps
-
-
 # -- local blend ------------------------------------------------------------------------------------------------
 class LocalBlend:
     """Mask from chosen words' cross-attention; keeps the target row equal to the source row outside it."""
 
     def __init__(self, source_positions: Sequence[int], target_positions: Sequence[int], threshold: float,
-                 start: float, level: int, schedule: StepSchedule):
+                 start: float, level: int, schedule: Schedule):
         self.positions = (list(source_positions), list(target_positions))
         self.threshold = float(threshold)
         self.start = float(start)
@@ -336,7 +310,7 @@ class P2PlusEditor(Editor):
     order = 50
     kinds = ("self", "cross")
 
-    def __init__(self, plan: EditPlan, schedule: StepSchedule, cross_replace: float, self_replace: float,
+    def __init__(self, plan: EditPlan, schedule: Schedule, cross_replace: float, self_replace: float,
                  uncond_self_replace: float, self_max_res: int = DEFAULT_SELF_MAX_RES,
                  blend: Optional[LocalBlend] = None, what: str = "P2Plus Controller"):
         self.plan = plan
@@ -367,7 +341,7 @@ class P2PlusEditor(Editor):
         return rows
 
     def active(self, ctx: CallContext) -> bool:
-        step = self.sched.index(ctx.step.sigma)
+        step = self.sched.step(ctx.step)
         f = self.sched.fraction(step)
         cond, uncond = self._rows(ctx, 0), self._rows(ctx, 1)
         swap, explicit, record = [], False, False
@@ -437,7 +411,7 @@ class UncondContext:
     context (and value input) become the step's optimised null-text embedding. ComfyUI projects them to K/V after
     this patch, so every layer sees exactly what ``apply_model(c_crossattn=embedding)`` would."""
 
-    def __init__(self, embeddings: torch.Tensor, schedule: StepSchedule):
+    def __init__(self, embeddings: torch.Tensor, schedule: Schedule):
         self.embeddings = embeddings          # (steps, 1, tokens, dim)
         self.schedule = schedule
         self._cache: Dict[tuple, torch.Tensor] = {}

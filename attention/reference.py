@@ -21,6 +21,7 @@ from .. import compat
 from ..artifacts import Inversion, InversionChainError
 from .controller import CallContext, attention_probs
 from .layers import AttentionLayer
+from .schedule import locate
 from . import patching
 
 POLICIES = ("auto", "gpu", "cpu", "recompute")
@@ -49,15 +50,6 @@ class ReferenceKV:
         self.filled = False
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
-    def chain_index(self, sigma: float, what: str = "KV Inject") -> int:
-        i = self.inversion.step_index(sigma)
-        if i is None:
-            raise InversionChainError(
-                f"{what}: sampling reached sigma {sigma:.5g}, which is not on the inversion's schedule. Sample with "
-                f"{self.inversion.steps} steps and scheduler '{self.inversion.scheduler}' (sampler 'ddim'), or use "
-                f"DDIM Invert's `sigmas` with SamplerCustom.")
-        return i
-
     def estimate_bytes(self) -> int:
         h, w = self.inversion.latent_shape[-2:]
         per_step = 0
@@ -72,8 +64,8 @@ class ReferenceKV:
 
     # -- recording (called by the Controller during a reference pass) ----------------------------------------
     def record(self, ctx: CallContext, q, k, v):
-        i = self.inversion.step_index(ctx.step.sigma)
-        if i is None or i not in self.steps:
+        i = ctx.step.index
+        if i is None or ctx.step.total != self.inversion.steps or i not in self.steps:
             return
         if ctx.kind == "self" and ctx.layer.index in self.layer_ids:
             for chunk, branch in enumerate(ctx.cond_or_uncond):  # 0 = cond, 1 = uncond; row 0 of each chunk
@@ -129,7 +121,7 @@ class ReferenceKV:
 
         def observe(args):
             sigma = args["sigma"].flatten()[:1]
-            i = inv.step_index(float(sigma))
+            i = locate(float(sigma), inv.sigmas)
             if i is not None:
                 eps[i] = ((args["input"][:1] - args["cond_denoised"][:1]) / sigma.view(1, 1, 1, 1)).to(
                     self.storage_device)
@@ -158,7 +150,7 @@ class ReferenceKV:
         """UNet function wrapper for recompute mode: a reference forward before each sampling call."""
         def wrapper(apply_model, args):
             t = args["timestep"]
-            i = self.inversion.step_index(float(t.flatten()[0]))
+            i = locate(float(t.flatten()[0]), self.inversion.sigmas)
             if i is not None and i in self.steps and not any(key[0] == i for key in self.store):
                 self.store.clear()
                 x = args["input"]

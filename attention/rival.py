@@ -6,6 +6,7 @@ from typing import Callable, List, Tuple
 import torch
 
 from .controller import CallContext, Editor
+from .schedule import Schedule
 
 
 class RowPieces:
@@ -28,8 +29,9 @@ class RowPieces:
 
 
 class RivalAttentionEditor(Editor):
-    """In every self-attention layer and both CFG branches, for timestep t > t_align the generated rows use the
-    reference row's K and V instead of their own; for t <= t_align the concatenation [K_ref, K_gen], [V_ref, V_gen]
+    """In every self-attention layer and both CFG branches, while ``step / N < replace_end_percent`` (RIVAL's
+    t > t_align) the generated rows use the reference row's K and V instead of their own; afterwards the
+    concatenation [K_ref, K_gen], [V_ref, V_gen]
     (the residual is added after the full attention, as the paper's appendix corrects).
 
     The reference is row 0 of every chunk of the batch, or (cache mode) comes from a ReferenceKV recorded per
@@ -43,9 +45,13 @@ class RivalAttentionEditor(Editor):
     order = 10
     kinds = ("self",)
 
-    def __init__(self, t_align: float, reference=None):
-        self.t_align = float(t_align)
+    def __init__(self, replace_end_percent: float, schedule: Schedule, reference=None):
+        self.replace_end_percent = float(replace_end_percent)
+        self.sched = schedule
         self.reference = reference  # a filled ReferenceKV: the reference row is not in the batch (cache mode)
+
+    def schedule(self):
+        return self.sched.sigmas
 
     def active(self, ctx: CallContext) -> bool:
         return ctx.kind == "self" and (ctx.rows_per_chunk > 1 or self.reference is not None)
@@ -57,7 +63,7 @@ class RivalAttentionEditor(Editor):
         if self.reference is None:
             k4, v4 = k.view(chunks, rows, n, c), v.view(chunks, rows, n, c)
             return k4[:, :1].expand(chunks, rows, n, c), v4[:, :1].expand(chunks, rows, n, c)
-        step = self.reference.chain_index(ctx.step.sigma, "RIVAL Align Sampler")
+        step = self.sched.step(ctx.step)
         pairs = [self.reference.get(step, ctx.layer, k.device, k.dtype, int(b)) for b in ctx.cond_or_uncond]
         k_ref, v_ref = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # (chunks, 1, n, c)
         return k_ref.expand(chunks, rows, n, c), v_ref.expand(chunks, rows, n, c)
@@ -78,7 +84,7 @@ class RivalAttentionEditor(Editor):
         chunks, rows = len(ctx.cond_or_uncond), ctx.rows_per_chunk
         n, c = k.shape[1], k.shape[2]
         k_ref, v_ref = self.reference_kv(k, v, ctx)
-        if ctx.step.timestep > self.t_align:
+        if self.sched.fraction(self.sched.step(ctx.step)) < self.replace_end_percent:
             return q, k_ref.reshape(chunks * rows, n, c), v_ref.reshape(chunks * rows, n, c)
         k_cat = torch.cat([k_ref, k.view(chunks, rows, n, c)], dim=2).view(chunks * rows, 2 * n, c)
         v_cat = torch.cat([v_ref, v.view(chunks, rows, n, c)], dim=2).view(chunks * rows, 2 * n, c)

@@ -9,7 +9,8 @@ import torch
 from ..artifacts import InversionChainError
 from .controller import CallContext, Editor
 from .layers import AttentionLayer
-from .p2p import BLEND_LEVEL, StepSchedule
+from .p2p import BLEND_LEVEL
+from .schedule import Schedule
 
 RowMap = Optional[Tuple[torch.Tensor, torch.Tensor]]   # (source token per target token, 1 = aligned / 0 = own)
 
@@ -25,7 +26,7 @@ class ValueInjection:
     refine: a target token takes the source token it is aligned to, new tokens keep their own value input).
     ``override`` (training): a tensor used at every step instead of the stored embeddings."""
 
-    def __init__(self, values: Optional[torch.Tensor], schedule: StepSchedule, until: float = 1.0,
+    def __init__(self, values: Optional[torch.Tensor], schedule: Schedule, until: float = 1.0,
                  row_maps: Sequence[RowMap] = ()):
         self.values = values                  # (steps, 1, tokens, dim) or None (training only)
         self.schedule = schedule

@@ -8,6 +8,7 @@ from ..attention import patching
 from ..attention.kv_inject import MODES, KVInjectEditor
 from ..attention.layers import select_layers
 from ..attention.reference import POLICIES, ReferenceKV
+from ..attention.schedule import percent_of_step, steps_within
 from ..attention.tokens import locate_words, parse_words
 from ..samplers.model_info import require_inversion
 from .common import CATEGORY, tip
@@ -72,9 +73,10 @@ class ICKVInject:
             found = locate_words(clip, source_prompt, words, WHAT)
             cross_tokens = sorted({i for ids in found.values() for i in ids})
             cross_level = min(2, max(l.level for l in layers))
-        reference = ReferenceKV(inversion, selected, range(min(start_step, inversion.steps), inversion.steps),
+        start_percent = percent_of_step(start_step, inversion.steps)
+        reference = ReferenceKV(inversion, selected, steps_within(inversion.steps, start_percent),
                                 cross_tokens=cross_tokens, cross_level=cross_level)
-        editor = KVInjectEditor(reference, selected, start_step, mode)
+        editor = KVInjectEditor(reference, selected, start_percent, mode, what=WHAT)
         patched = patching.install(model, editor, WHAT)
         latent = torch.zeros(inversion.latent_shape)
         reference.mode = reference.choose_storage(cache, model)

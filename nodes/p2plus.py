@@ -9,7 +9,8 @@ from .. import compat
 from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, NullText, Style
 from ..attention import patching
 from ..attention.p2p import (BLEND_LEVEL, DEFAULT_SELF_MAX_RES, MODES, CfgCheck, LocalBlend, P2PlusEditor,
-                             StepSchedule, UncondContext, build_plan, word_positions)
+                             UncondContext, build_plan, word_positions)
+from ..attention.schedule import Schedule
 from ..attention.style import ValueInjection
 from ..attention.tokens import parse_words
 from ..samplers import null_text as null_text_lib
@@ -152,7 +153,7 @@ class ICP2PlusController:
             if inversion.latent_shape[0] != 1:
                 raise InversionChainError(f"{WHAT}: the INVERSION holds {inversion.latent_shape[0]} images; edit one "
                                           f"image at a time.")
-            schedule = StepSchedule(inversion.sigmas, inversion.scheduler, WHAT)
+            schedule = Schedule(inversion.sigmas, inversion.scheduler, WHAT)
             x_t = model.model.process_latent_out(inversion.chain[0].float().clone()).cpu()
         else:
             if null_text is not None:
@@ -162,7 +163,7 @@ class ICP2PlusController:
                 raise InversionChainError(f"{WHAT}: connect `inversion` (edit a real image) or `latent` (e.g. "
                                           f"EmptyLatentImage: the size of a generated image).")
             sigmas = compat.calculate_sigmas(model, scheduler, steps)
-            schedule = StepSchedule(sigmas, scheduler, WHAT)
+            schedule = Schedule(sigmas, scheduler, WHAT)
             shape = latent["samples"][:1]
             noise = comfy.sample.prepare_noise(shape, seed) * (1.0 + float(sigmas[0]) ** 2) ** 0.5
             x_t = model.model.process_latent_out(noise.float())

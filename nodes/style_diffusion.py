@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..artifacts import INVERSION, STYLE, InversionChainError, Style
 from ..attention import patching
-from ..attention.p2p import StepSchedule
+from ..attention.schedule import Schedule
 from ..attention.style import ValueInjection
 from ..plots import loss_curve
 from ..samplers import style_diffusion
@@ -101,7 +101,7 @@ class ICStyleDiffusionApply:
             raise InversionChainError(f"{WHAT_APPLY}: style_until is a fraction of the steps in [0, 1], got "
                                       f"{style_until}.")
         style.check(model_key(model), None, WHAT_APPLY)
-        schedule = StepSchedule(style.sigmas, style.scheduler, WHAT_APPLY)
+        schedule = Schedule(style.sigmas, style.scheduler, WHAT_APPLY)
         patched = patching.add_attn2_patch(model.clone(), ValueInjection(style.values, schedule, style_until))
         return (patched, style.sigmas.clone())
 

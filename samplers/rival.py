@@ -18,6 +18,7 @@ from ..artifacts import Inversion, InversionChainError
 from ..attention import patching
 from ..attention.reference import ReferenceKV
 from ..attention.rival import RivalAttentionEditor
+from ..attention.schedule import Schedule, percent_after_timestep
 from .model_info import require_inversion
 
 INITS = ("permute", "adain", "inverted")
@@ -99,7 +100,8 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
     store = ReferenceKV(inversion, layers, range(inversion.steps))
     if store.choose_storage(policy, model) != "cache":
         return None
-    recorder = patching.install(model, RivalAttentionEditor(0, reference=store), WHAT)
+    schedule = Schedule(inversion.sigmas, inversion.scheduler, WHAT)
+    recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=store), WHAT)
     store.fill(recorder, torch.zeros(inversion.latent_shape), negative=[[c[0][:1], c[1]] for c in negative])
     inversion.extras[key] = store
     log.info("[Inversion Chain] %s: cached reference K/V, %.1f MB on %s", WHAT, store.nbytes() / 2 ** 20,
@@ -118,14 +120,16 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
     if reference_mode not in REFERENCE_MODES:
         raise InversionChainError(f"{WHAT}: unknown reference mode '{reference_mode}'; use one of "
                                   f"{', '.join(REFERENCE_MODES)}.")
+    replace_end = percent_after_timestep(inversion.timesteps, t_align)
+    normalize_end = percent_after_timestep(inversion.timesteps, t_early)
     store = cached_reference(model, inversion, negative) if reference_mode == "cache" else None
     if store is not None:
-        return _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, t_align,
-                                  t_early, init, normalize, preview)
+        return _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end,
+                                  normalize_end, init, normalize, preview)
     steps = inversion.steps
     sigmas = inversion.sigmas
-    timesteps = inversion.timesteps
-    m = patching.install(model, RivalAttentionEditor(t_align), WHAT)
+    schedule = Schedule(sigmas, inversion.scheduler, WHAT)
+    m = patching.install(model, RivalAttentionEditor(replace_end, schedule), WHAT)
     ref_cond = {}
 
     def observe(args):  # the reference row's conditional prediction, for eps normalisation
@@ -150,7 +154,7 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
             x[:1] = chain(i)
             denoised = model_k(x, ones * s, **extra_args)
             eps = (x - denoised) / s
-            late = float(timesteps[i]) > t_early
+            late = schedule.fraction(i) < normalize_end
             if normalize == "eps" and late:
                 eps_ref = (x[:1] - ref_cond["denoised"].to(x)) / s
                 eps[1:] = adain(eps[1:], eps_ref)
@@ -177,11 +181,12 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
     return out[1:].cpu(), out[:1].cpu()
 
 
-def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, t_align, t_early, init,
-                       normalize, preview):
+def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end, normalize_end,
+                       init, normalize, preview):
     """The same algorithm with the reference row's K/V and conditional eps read from ``store``."""
-    steps, sigmas, timesteps = inversion.steps, inversion.sigmas, inversion.timesteps
-    m = patching.install(model, RivalAttentionEditor(t_align, reference=store), WHAT)
+    steps, sigmas = inversion.steps, inversion.sigmas
+    schedule = Schedule(sigmas, inversion.scheduler, WHAT)
+    m = patching.install(model, RivalAttentionEditor(replace_end, schedule, reference=store), WHAT)
     preview_cb = compat.preview_callback(m, steps) if preview else None
     pbar = None if preview else compat.progress_bar(steps)
     x_T = inversion.chain[0][:1]
@@ -196,7 +201,7 @@ def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
             denoised = model_k(x, ones * s, **extra_args)
             eps = (x - denoised) / s
-            late = float(timesteps[i]) > t_early
+            late = schedule.fraction(i) < normalize_end
             if normalize == "eps" and late:
                 eps = adain(eps, store.eps[i].to(x))
             x_next = x + (s_next - s) * eps

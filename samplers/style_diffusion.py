@@ -39,7 +39,7 @@ import comfy.model_management
 from .. import compat
 from ..artifacts import Inversion, InversionChainError, Style, inversion_fingerprint
 from ..attention import patching
-from ..attention.p2p import StepSchedule
+from ..attention.schedule import Schedule
 from ..attention.style import CrossAttentionRecorder, ValueInjection, recorder_level
 from . import ddim
 from .model_info import model_key, require_single_cfg1_inversion, unet_of
@@ -250,7 +250,7 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
     started = time.perf_counter()
     conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "StyleDiffusion")
     steps, sigmas = inversion.steps, inversion.sigmas
-    schedule = StepSchedule(sigmas, inversion.scheduler, what)
+    schedule = Schedule(sigmas, inversion.scheduler, what)
     recorder = CrossAttentionRecorder(recorder_level(), sigmas)
     injection = ValueInjection(None, schedule)
     patched = patching.add_attn2_patch(patching.install(model, recorder, what), injection)
