@@ -420,7 +420,7 @@ def _point_spec(part: str) -> Optional[int]:
     return None
 
 
-def select(maps: AttentionMaps, kind: str, tokens_text: str, start_at: float, end_at: float, layers_text: str,
+def select(maps: AttentionMaps, kind: str, tokens_text: str, start_percent: float, end_percent: float, layers_text: str,
            resolution: str, branch: str, row: int, what: str = "Attention Map Viewer") -> Selection:
     """Tiles (one per token / word / query point) of the chosen steps, units, branch and row; clear errors for
     anything outside what was captured."""
@@ -447,13 +447,14 @@ def select(maps: AttentionMaps, kind: str, tokens_text: str, start_at: float, en
     # steps
     fr = maps.fractions()
     n = len(maps.steps)
-    if not (0.0 <= start_at <= 1.0 and 0.0 <= end_at <= 1.0) or start_at >= end_at:
-        raise InversionChainError(f"{what}: the step range start_at {start_at} .. end_at {end_at} must satisfy "
-                                  f"0 <= start_at < end_at <= 1 (fractions of the run's {n} steps).")
-    chosen_steps = [i for i, f in enumerate(fr) if start_at <= f < end_at]
+    if not (0.0 <= start_percent <= 1.0 and 0.0 <= end_percent <= 1.0) or start_percent >= end_percent:
+        raise InversionChainError(f"{what}: the step range start_percent {start_percent} .. end_percent "
+                                  f"{end_percent} must satisfy 0 <= start_percent < end_percent <= 1 (fractions of "
+                                  f"the run's {n} steps).")
+    chosen_steps = [i for i, f in enumerate(fr) if start_percent <= f < end_percent]
     if not chosen_steps:
         listing = ", ".join(f"{f:.3g}" for f in fr)
-        raise InversionChainError(f"{what}: the step range {start_at}..{end_at} selects none of the run's {n} "
+        raise InversionChainError(f"{what}: the step range {start_percent}..{end_percent} selects none of the run's {n} "
                                   f"steps (they start at fractions {listing}).")
 
     # units

@@ -6,18 +6,18 @@ rows; within a chunk the first row is the source, the second the target.
 
 What is exchanged, and when (``i`` = sampling step, ``N`` = steps; a step is replaced while ``i / N < tau``, the
 pack's one schedule vocabulary, so tau = 1 replaces every step and tau = 0 none):
-- cross-attention, cond branch, every layer, while ``i / N < cross_replace`` (tau_c): the target's probability maps
+- cross-attention, cond branch, every layer, while ``i / N < cross_replace_end_percent`` (tau_c): the target's probability maps
   become the source's, column by column through an :class:`EditPlan` (replace: same token positions; refine: target
   tokens aligned to the source tokens, new tokens keep their own maps; reweight: chosen target tokens' maps scaled
   by c, on the replace mapping when the token counts match, else on the refine alignment; ``reweight`` words scale
   in the other modes too, as Prompt-to-Prompt composes its reweight controller with a replace/refine one).
   The values stay the target's own (``out_t = P_s V_t``).
-- self-attention, cond branch, while ``i / N < self_replace`` (tau_s), only in layers whose token grid is at most
+- self-attention, cond branch, while ``i / N < self_replace_end_percent`` (tau_s), only in layers whose token grid is at most
   ``self_max_res`` x ``self_max_res``. Default 32 (32x32 = 1024 tokens), as the P2Plus/StyleDiffusion code and the
   authors' later null-text notebook do; the first Prompt-to-Prompt notebook used 16 (only the 16x16 and 8x8
   layers of SD1.x at 512 px). The limit is in tokens, as in the papers' code, so it selects fewer layers at larger
   images.
-- P2Plus: self-attention in the **uncond** branch, same layers, while ``i / N < uncond_self_replace`` (tau_u).
+- P2Plus: self-attention in the **uncond** branch, same layers, while ``i / N < uncond_self_replace_end_percent`` (tau_u).
   With tau_u = 0 this is exactly Prompt-to-Prompt.
 
 Cheap where possible. A replaced map ``softmax(q_s k_s^T)`` is what the target gets when its queries and keys are
@@ -236,10 +236,10 @@ class LocalBlend:
     """Mask from chosen words' cross-attention; keeps the target row equal to the source row outside it."""
 
     def __init__(self, source_positions: Sequence[int], target_positions: Sequence[int], threshold: float,
-                 start: float, level: int, schedule: Schedule):
+                 start_percent: float, level: int, schedule: Schedule):
         self.positions = (list(source_positions), list(target_positions))
         self.threshold = float(threshold)
-        self.start = float(start)
+        self.start_percent = float(start_percent)
         self.level = int(level)
         self.schedule = schedule
         self.maps: Dict[Tuple[int, int], torch.Tensor] = {}   # (step, layer) -> (2, h, w) word maps
@@ -280,7 +280,7 @@ class LocalBlend:
             return denoised
         sigma = float(args["sigma"].flatten()[0])
         i = locate(sigma, self.schedule.sigmas)
-        if i is None or i >= self.schedule.steps or self.schedule.fraction(i) < self.start:
+        if i is None or i >= self.schedule.steps or self.schedule.fraction(i) < self.start_percent:
             return denoised
         m = self.mask(i, x.shape[-2:])
         if m is None:
@@ -310,14 +310,14 @@ class P2PlusEditor(Editor):
     order = 50
     kinds = ("self", "cross")
 
-    def __init__(self, plan: EditPlan, schedule: Schedule, cross_replace: float, self_replace: float,
-                 uncond_self_replace: float, self_max_res: int = DEFAULT_SELF_MAX_RES,
+    def __init__(self, plan: EditPlan, schedule: Schedule, cross_replace_end_percent: float,
+                 self_replace_end_percent: float, uncond_self_replace_end_percent: float, self_max_res: int = DEFAULT_SELF_MAX_RES,
                  blend: Optional[LocalBlend] = None, what: str = "P2Plus Controller"):
         self.plan = plan
         self.sched = schedule
-        self.cross_replace = float(cross_replace)
-        self.self_replace = float(self_replace)
-        self.uncond_self_replace = float(uncond_self_replace)
+        self.cross_end = float(cross_replace_end_percent)
+        self.self_end = float(self_replace_end_percent)
+        self.uncond_self_end = float(uncond_self_replace_end_percent)
         self.self_max_tokens = int(self_max_res) ** 2
         self.blend = blend
         self.what = what
@@ -346,7 +346,7 @@ class P2PlusEditor(Editor):
         cond, uncond = self._rows(ctx, 0), self._rows(ctx, 1)
         swap, explicit, record = [], False, False
         if ctx.kind == "cross":
-            if cond and f < self.cross_replace:
+            if cond and f < self.cross_end:
                 if self._word_swap:
                     swap.append((cond[0], cond[1]))
                 else:
@@ -354,9 +354,9 @@ class P2PlusEditor(Editor):
             record = bool(cond) and self.blend is not None and ctx.layer.level == self.blend.level
         else:
             small = ctx.grid[0] * ctx.grid[1] <= self.self_max_tokens
-            if small and cond and f < self.self_replace:
+            if small and cond and f < self.self_end:
                 swap.append((cond[0], cond[1]))
-            if small and uncond and f < self.uncond_self_replace:
+            if small and uncond and f < self.uncond_self_end:
                 swap.append((uncond[0], uncond[1]))
         if not (swap or explicit or record):
             return False

@@ -19,18 +19,18 @@ class ValueInjection:
     """attn2 pre-projection patch ``(n, context, value, extra_options) -> (n, context, value)``.
 
     In the conditional chunk's rows, the value input becomes the STYLE's embedding of the current step while the
-    step's fraction of the run is below ``until``; ``context`` (the keys' input) is never touched, so the
+    step's fraction of the run is below ``end_percent``; ``context`` (the keys' input) is never touched, so the
     attention probabilities stay the prompt's. ComfyUI projects ``value`` with ``to_v`` right after this patch.
 
     ``row_maps[r]`` (optional, per row of the cond chunk) aligns the style's tokens to another prompt's (P2Plus
     refine: a target token takes the source token it is aligned to, new tokens keep their own value input).
     ``override`` (training): a tensor used at every step instead of the stored embeddings."""
 
-    def __init__(self, values: Optional[torch.Tensor], schedule: Schedule, until: float = 1.0,
+    def __init__(self, values: Optional[torch.Tensor], schedule: Schedule, end_percent: float = 1.0,
                  row_maps: Sequence[RowMap] = ()):
         self.values = values                  # (steps, 1, tokens, dim) or None (training only)
         self.schedule = schedule
-        self.until = float(until)
+        self.end_percent = float(end_percent)
         self.row_maps = list(row_maps)
         self.override: Optional[torch.Tensor] = None
         self._cache: Dict[tuple, torch.Tensor] = {}
@@ -59,7 +59,7 @@ class ValueInjection:
             return n, context, value
         else:
             step = self.schedule.index(float(extra_options["sigmas"].flatten()[0]))
-            if self.schedule.fraction(step) >= self.until:
+            if self.schedule.fraction(step) >= self.end_percent:
                 return n, context, value
             emb = self.embedding(step, context.device, context.dtype)
         if tuple(context.shape[1:]) != tuple(emb.shape[1:]):

@@ -95,10 +95,12 @@ class ICAttentionMapViewer:
                 "tokens": tip("STRING", "cross: comma-separated words of the prompt (multi-token words are summed), "
                               "or positions like #5; empty = every token of the prompt. self: query points like "
                               "#0, #5; empty = all.", default=""),
-                "start_at": tip("FLOAT", "First step to average, as a fraction of the sampling steps (0 = first).",
-                                default=0.0, min=0.0, max=1.0, step=0.01),
-                "end_at": tip("FLOAT", "End of the steps to average, as a fraction (exclusive; 1 = through the last "
-                              "step).", default=1.0, min=0.0, max=1.0, step=0.01),
+                "start_percent": tip("FLOAT", "First step to average, as a fraction of the sampling steps (step i "
+                                     "of N is used when start_percent <= i/N < end_percent; 0 = from the first).",
+                                     default=0.0, min=0.0, max=1.0, step=0.01),
+                "end_percent": tip("FLOAT", "End of the steps to average, as a fraction of the sampling steps "
+                                   "(exclusive; 1 = through the last step).", default=1.0, min=0.0, max=1.0,
+                                   step=0.01),
                 "layers": tip("STRING", "Layers to average, in execution order (SD1.x: down 0-5, mid 6, up 7-15), "
                               "e.g. '4,5,7-9'; 'all' = every captured layer.", default="all"),
                 "resolution": tip(list(VIEW_RESOLUTIONS), "Only layers of this token grid (relative to the latent); "
@@ -116,7 +118,7 @@ class ICAttentionMapViewer:
             },
         }
 
-    def view(self, attn_maps, latent, kind, tokens, start_at, end_at, layers, resolution, branch, row, normalize,
+    def view(self, attn_maps, latent, kind, tokens, start_percent, end_percent, layers, resolution, branch, row, normalize,
              columns, image=None):
         if not hasattr(attn_maps, "steps"):
             raise InversionChainError(f"{VIEWER}: `attn_maps` must come from {CAPTURE}.")
@@ -126,7 +128,7 @@ class ICAttentionMapViewer:
             raise InversionChainError(f"{VIEWER}: normalize must be one of {', '.join(NORMALIZE)}.")
         if resolution not in VIEW_RESOLUTIONS:
             raise InversionChainError(f"{VIEWER}: resolution must be one of {', '.join(VIEW_RESOLUTIONS)}.")
-        sel = select(attn_maps, kind, tokens, float(start_at), float(end_at), layers, resolution, branch, int(row),
+        sel = select(attn_maps, kind, tokens, float(start_percent), float(end_percent), layers, resolution, branch, int(row),
                      VIEWER)
         samples = latent["samples"]
         if image is not None:

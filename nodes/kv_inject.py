@@ -8,7 +8,7 @@ from ..attention import patching
 from ..attention.kv_inject import MODES, KVInjectEditor
 from ..attention.layers import select_layers
 from ..attention.reference import POLICIES, ReferenceKV
-from ..attention.schedule import percent_of_step, steps_within
+from ..attention.schedule import check_percents, steps_within
 from ..attention.tokens import locate_words, parse_words
 from ..samplers.model_info import require_inversion
 from .common import CATEGORY, tip
@@ -17,7 +17,7 @@ WHAT = "KV Inject"
 
 
 class ICKVInject:
-    DESCRIPTION = ("MasaCtrl-style mutual self-attention from a real image: from `start_step` on, the self-attention "
+    DESCRIPTION = ("MasaCtrl-style mutual self-attention from a real image: from `start_percent` of the steps on, the self-attention "
                    "of layers >= `start_layer` uses the source image's keys/values taken from its inversion chain. "
                    "Sample with the stock KSampler (sampler ddim, scheduler and steps of the inversion) or "
                    "SamplerCustom with DDIM Invert's sigmas; start from the inversion's noise to keep the layout.")
@@ -32,8 +32,10 @@ class ICKVInject:
             "required": {
                 "model": tip("MODEL", "The model to patch (the one the inversion was made with)."),
                 "inversion": tip(INVERSION, "The source image's inversion (DDIM Invert)."),
-                "start_step": tip("INT", "Integer sampling step from which to inject (MasaCtrl: 4 of 50). Earlier "
-                                  "steps let the new prompt set the layout.", default=4, min=0, max=1000),
+                "start_percent": tip("FLOAT", "Fraction of the sampling steps from which to inject: step i of N "
+                                     "injects when i/N >= start_percent. MasaCtrl's START_STEP 4 of 50 = 0.08. "
+                                     "Earlier steps let the new prompt set the layout.",
+                                     default=0.08, min=0.0, max=1.0, step=0.01),
                 "start_layer": tip("INT", "First self-attention layer to inject, in execution order (SD1.x/2.x: "
                                    "16 layers, down 0-5, mid 6, up 7-15; SDXL: 70). MasaCtrl: 10.",
                                    default=10, min=0, max=200),
@@ -52,7 +54,7 @@ class ICKVInject:
             },
         }
 
-    def patch(self, model, inversion, start_step, start_layer, mode, mask_words="", clip=None, source_prompt="",
+    def patch(self, model, inversion, start_percent, start_layer, mode, mask_words="", clip=None, source_prompt="",
               cache="auto"):
         require_inversion(model, inversion, WHAT)
         if mode not in MODES:
@@ -61,8 +63,7 @@ class ICKVInject:
         if not 0 <= start_layer < len(layers):
             raise InversionChainError(f"{WHAT}: start_layer {start_layer} is beyond this model's {len(layers)} "
                                       f"self-attention layers (valid: 0..{len(layers) - 1}).")
-        if start_step < 0:
-            raise InversionChainError(f"{WHAT}: start_step must be 0 or more, got {start_step}.")
+        check_percents(WHAT, start_percent=start_percent)
         selected = select_layers(layers, start=start_layer)
         cross_tokens, cross_level = None, 2
         if mode == "masked":
@@ -73,7 +74,6 @@ class ICKVInject:
             found = locate_words(clip, source_prompt, words, WHAT)
             cross_tokens = sorted({i for ids in found.values() for i in ids})
             cross_level = min(2, max(l.level for l in layers))
-        start_percent = percent_of_step(start_step, inversion.steps)
         reference = ReferenceKV(inversion, selected, steps_within(inversion.steps, start_percent),
                                 cross_tokens=cross_tokens, cross_level=cross_level)
         editor = KVInjectEditor(reference, selected, start_percent, mode, what=WHAT)

@@ -10,7 +10,7 @@ from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, NullTe
 from ..attention import patching
 from ..attention.p2p import (BLEND_LEVEL, DEFAULT_SELF_MAX_RES, MODES, CfgCheck, LocalBlend, P2PlusEditor,
                              UncondContext, build_plan, word_positions)
-from ..attention.schedule import Schedule
+from ..attention.schedule import Schedule, check_percents
 from ..attention.style import ValueInjection
 from ..attention.tokens import parse_words
 from ..samplers import null_text as null_text_lib
@@ -86,16 +86,17 @@ class ICP2PlusController:
                             "target tokens aligned to the source's, new tokens keep their own maps; reweight: "
                             "scale chosen words' attention (see `reweight`), on top of replace when the token "
                             "counts match, else of refine.", default="replace"),
-                "cross_replace": tip("FLOAT", "tau_c: fraction of the steps (from the start) during which the "
-                                     "target's cross-attention maps are the source's. Larger keeps more layout.",
-                                     default=0.6, min=0.0, max=1.0, step=0.01),
-                "self_replace": tip("FLOAT", "tau_s: fraction of the steps during which the target's "
-                                    "self-attention maps (cond branch, small resolutions) are the source's.",
-                                    default=0.6, min=0.0, max=1.0, step=0.01),
-                "uncond_self_replace": tip("FLOAT", "tau_u (P2Plus): fraction of the steps during which the "
-                                           "unconditional branch's self-attention maps are the source's too. 0 = "
-                                           "plain Prompt-to-Prompt; 0.5 for large structural changes.",
-                                           default=0.0, min=0.0, max=1.0, step=0.01),
+                "cross_replace_end_percent": tip(
+                    "FLOAT", "Prompt-to-Prompt's tau_c: while step i of N has i/N < this, the target's "
+                    "cross-attention maps are the source's. Larger keeps more layout.",
+                    default=0.6, min=0.0, max=1.0, step=0.01),
+                "self_replace_end_percent": tip(
+                    "FLOAT", "Prompt-to-Prompt's tau_s: while i/N < this, the target's self-attention maps (cond "
+                    "branch, small resolutions) are the source's.", default=0.6, min=0.0, max=1.0, step=0.01),
+                "uncond_self_replace_end_percent": tip(
+                    "FLOAT", "P2Plus's tau_u: while i/N < this, the unconditional branch's self-attention maps are "
+                    "the source's too. 0 = plain Prompt-to-Prompt; 0.5 for large structural changes.",
+                    default=0.0, min=0.0, max=1.0, step=0.01),
             },
             "optional": {
                 "reweight": tip("STRING", "Scale target words' cross-attention, 'word:c' comma-separated, c in "
@@ -106,8 +107,9 @@ class ICP2PlusController:
                                    "latent. Empty = no local blend.", default=""),
                 "blend_threshold": tip("FLOAT", "Local blend: threshold on the words' normalised cross-attention "
                                        "(16x16-level maps at 512 px).", default=0.3, min=0.0, max=1.0, step=0.01),
-                "blend_start": tip("FLOAT", "Local blend acts from this fraction of the steps on (the authors' "
-                                   "null-text code: 0.2).", default=0.2, min=0.0, max=1.0, step=0.01),
+                "blend_start_percent": tip("FLOAT", "Local blend acts on step i of N when i/N >= this (the "
+                                           "authors' null-text code: 0.2).", default=0.2, min=0.0, max=1.0,
+                                           step=0.01),
                 "inversion": tip(INVERSION, "Real image: the source's DDIM inversion (one image, cfg 1). Its x_T "
                                  "starts both rows and its schedule defines the steps."),
                 "null_text": tip(NULL_TEXT, "From Null-Text Inversion on the same inversion: per-step "
@@ -125,26 +127,29 @@ class ICP2PlusController:
                                             "code; 16: the first Prompt-to-Prompt code).",
                                             default=DEFAULT_SELF_MAX_RES, min=1, max=256),
                 "style": tip(STYLE, "StyleDiffusion: from StyleDiffusion Mapper on the same inversion. While "
-                             "`style_until` lasts, the value input of both rows' cross-attention (cond branch) "
+                             "`style_end_percent` lasts, the value input of both rows' cross-attention (cond branch) "
                              "comes from the trained mappers: row 0 retraces the photo, row 1 keeps its "
                              "appearance (refine: aligned tokens only); keys keep each row's prompt."),
-                "style_until": tip("FLOAT", "tau_v (StyleDiffusion): fraction of the steps during which the value "
-                                   "input comes from the STYLE; afterwards each row uses its own prompt. 0 = no "
-                                   "style (plain P2Plus); paper default 0.5, 0.2-0.5 for large structural changes.",
-                                   default=0.5, min=0.0, max=1.0, step=0.01),
+                "style_end_percent": tip("FLOAT", "StyleDiffusion's tau_v: while step i of N has i/N < this, the "
+                                         "value input comes from the STYLE; afterwards each row uses its own "
+                                         "prompt. 0 = no style (plain P2Plus); paper default 0.5, 0.2-0.5 for "
+                                         "large structural changes.", default=0.5, min=0.0, max=1.0, step=0.01),
             },
         }
 
-    def build(self, model, clip, source_prompt, target_prompt, mode, cross_replace, self_replace, uncond_self_replace,
-              reweight="", blend_words="", blend_threshold=0.3, blend_start=0.2, inversion=None, null_text=None,
-              latent=None, seed=0, steps=50, scheduler="ddim_uniform", self_replace_max_res=DEFAULT_SELF_MAX_RES,
-              style=None, style_until=0.5):
+    def build(self, model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
+              self_replace_end_percent, uncond_self_replace_end_percent, reweight="", blend_words="",
+              blend_threshold=0.3, blend_start_percent=0.2, inversion=None, null_text=None, latent=None, seed=0,
+              steps=50, scheduler="ddim_uniform", self_replace_max_res=DEFAULT_SELF_MAX_RES, style=None,
+              style_end_percent=0.5):
         check_supported(model, WHAT)
-        for name, value in (("cross_replace", cross_replace), ("self_replace", self_replace),
-                            ("uncond_self_replace", uncond_self_replace), ("blend_start", blend_start),
-                            ("style_until", style_until)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise InversionChainError(f"{WHAT}: {name} is a fraction of the steps in [0, 1], got {value}.")
+        check_percents(WHAT, cross_replace_end_percent=cross_replace_end_percent,
+                       self_replace_end_percent=self_replace_end_percent,
+                       uncond_self_replace_end_percent=uncond_self_replace_end_percent,
+                       blend_start_percent=blend_start_percent, style_end_percent=style_end_percent)
+        cross_replace, self_replace = cross_replace_end_percent, self_replace_end_percent
+        uncond_self_replace, blend_start, style_until = (uncond_self_replace_end_percent, blend_start_percent,
+                                                         style_end_percent)
         plan = build_plan(clip, source_prompt, target_prompt, mode, reweight, WHAT)
 
         # schedule and starting noise

@@ -31,12 +31,15 @@ class ICRIVALAlignSampler:
                               default=4, min=1, max=64),
             "cfg": tip("FLOAT", "Classifier-free guidance scale (RIVAL: 5 for variations, 7 for text-driven).",
                        default=5.0, min=0.0, max=30.0, step=0.1, round=0.01),
-            "t_align": tip("INT", "Timestep (0..1000 scale). Above it variations use the photo's self-attention K/V "
-                           "instead of their own; below it both. Smaller -> closer to the photo's content.",
-                           default=600, min=0, max=1000),
-            "t_early": tip("INT", "Timestep (0..1000 scale) above which the variations' noise prediction is "
-                           "normalised to the photo's. Smaller -> closer colour statistics.",
-                           default=600, min=0, max=1000),
+            "replace_end_percent": tip("FLOAT", "RIVAL's t_align as a fraction of the sampling steps: while step "
+                                       "i of N has i/N < replace_end_percent the variations use the photo's "
+                                       "self-attention K/V instead of their own, afterwards both. The paper's "
+                                       "t_align 600 on 50 ddim_uniform steps = 0.4. Larger -> closer to the "
+                                       "photo's content.", default=0.4, min=0.0, max=1.0, step=0.01),
+            "normalize_end_percent": tip("FLOAT", "RIVAL's t_early as a fraction of the sampling steps: while i/N < "
+                                         "normalize_end_percent the variations' noise prediction is normalised to "
+                                         "the photo's. t_early 600 on 50 ddim_uniform steps = 0.4. Larger -> "
+                                         "closer colour statistics.", default=0.4, min=0.0, max=1.0, step=0.01),
             "init": tip(list(rival.INITS), "permute: a random spatial permutation of x_T per variation (keeps its "
                         "statistics); adain: fresh noise normalised to x_T; inverted: x_T itself (editing mode).",
                         default="permute"),
@@ -49,10 +52,11 @@ class ICRIVALAlignSampler:
                                 default="cache"),
         }}
 
-    def sample(self, model, positive, negative, inversion, seed, batch_size, cfg, t_align, t_early, init, normalize,
-               reference_kv="cache"):
+    def sample(self, model, positive, negative, inversion, seed, batch_size, cfg, replace_end_percent,
+               normalize_end_percent, init, normalize, reference_kv="cache"):
         variations, reference = rival.rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,
-                                                   t_align, t_early, init, normalize, reference_mode=reference_kv)
+                                                   replace_end_percent, normalize_end_percent, init, normalize,
+                                                   reference_mode=reference_kv)
         return ({"samples": variations}, {"samples": reference})
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..artifacts import INVERSION, STYLE, InversionChainError, Style
 from ..attention import patching
-from ..attention.schedule import Schedule
+from ..attention.schedule import Schedule, check_percents
 from ..attention.style import ValueInjection
 from ..plots import loss_curve
 from ..samplers import style_diffusion
@@ -72,7 +72,7 @@ class ICStyleDiffusionMapper:
 class ICStyleDiffusionApply:
     DESCRIPTION = (
         "Samples with a STYLE: in the conditional branch the value input of every cross-attention comes from the "
-        "trained mappers (keys keep the prompt) for the first `style_until` fraction of the steps. Sample with the "
+        "trained mappers (keys keep the prompt) while step i of N has i/N < `style_end_percent`. Sample with the "
         "STYLE's cfg, the inversion's noise (add_noise off) and schedule to reconstruct the image; combine with "
         "other edits on the MODEL. Returns a patched clone; the input MODEL is unchanged.")
     CATEGORY = CATEGORY + "/attention"
@@ -87,22 +87,20 @@ class ICStyleDiffusionApply:
             "required": {
                 "model": tip("MODEL", "The model the STYLE was trained on."),
                 "style": tip(STYLE, "From StyleDiffusion Mapper."),
-                "style_until": tip("FLOAT", "tau_v: fraction of the steps (from the start) during which the value "
-                                   "input comes from the mappers; afterwards from the prompt. 1 = the whole run "
-                                   "(reconstruction).", default=1.0, min=0.0, max=1.0, step=0.01),
+                "style_end_percent": tip("FLOAT", "StyleDiffusion's tau_v: while step i of N has i/N < this, the "
+                                         "value input comes from the mappers; afterwards from the prompt. 1 = the "
+                                         "whole run (reconstruction).", default=1.0, min=0.0, max=1.0, step=0.01),
             },
         }
 
-    def apply(self, model, style, style_until=1.0):
+    def apply(self, model, style, style_end_percent=1.0):
         check_supported(model, WHAT_APPLY)
         if not isinstance(style, Style):
             raise InversionChainError(f"{WHAT_APPLY}: `style` must come from StyleDiffusion Mapper.")
-        if not 0.0 <= float(style_until) <= 1.0:
-            raise InversionChainError(f"{WHAT_APPLY}: style_until is a fraction of the steps in [0, 1], got "
-                                      f"{style_until}.")
+        check_percents(WHAT_APPLY, style_end_percent=style_end_percent)
         style.check(model_key(model), None, WHAT_APPLY)
         schedule = Schedule(style.sigmas, style.scheduler, WHAT_APPLY)
-        patched = patching.add_attn2_patch(model.clone(), ValueInjection(style.values, schedule, style_until))
+        patched = patching.add_attn2_patch(model.clone(), ValueInjection(style.values, schedule, style_end_percent))
         return (patched, style.sigmas.clone())
 
 

@@ -2,9 +2,13 @@
 
 Batch rows: [reference, variation 1..N]. Every step the reference row is overwritten with the inversion chain's
 latent at that step, so it always equals the real image's chain; its attention keys/values feed the variations
-(attention/rival.py). For timesteps t > t_early the variations' noise prediction (after CFG) is AdaIN-normalised
+(attention/rival.py). For the first steps (t > t_early) the variations' noise prediction (after CFG) is AdaIN-normalised
 per channel over HxW to the reference's conditional noise prediction (``normalize='eps'``, the official code), or
 their latents to the chain latent's statistics (``'latent'``, the paper's prose).
+
+When: the paper's timesteps are fractions of the steps here (``schedule.percent_after_timestep``): attention
+replacement while ``i / N < replace_end_percent`` (t > t_align), normalisation while ``i / N <
+normalize_end_percent`` (t > t_early); t_align = t_early = 600 on 50 ddim_uniform steps is 0.4.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from ..artifacts import Inversion, InversionChainError
 from ..attention import patching
 from ..attention.reference import ReferenceKV
 from ..attention.rival import RivalAttentionEditor
-from ..attention.schedule import Schedule, percent_after_timestep
+from ..attention.schedule import Schedule, check_percents
 from .model_info import require_inversion
 
 INITS = ("permute", "adain", "inverted")
@@ -69,11 +73,9 @@ def stack_rows(reference_cond, generation_cond, variations: int, what: str = WHA
     return [[torch.cat([a] + [b] * variations), meta]]
 
 
-def check_inputs(model, inversion, batch_size, cfg, t_align, t_early, init, normalize):
+def check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize):
     require_inversion(model, inversion, WHAT)
-    for name, value in (("t_align", t_align), ("t_early", t_early)):
-        if not 0 <= value <= 1000:
-            raise InversionChainError(f"{WHAT}: {name} is a timestep on the 0..1000 scale, got {value}.")
+    check_percents(WHAT, replace_end_percent=replace_end_percent, normalize_end_percent=normalize_end_percent)
     if batch_size < 1:
         raise InversionChainError(f"{WHAT}: batch_size must be at least 1, got {batch_size}.")
     if init not in INITS:
@@ -110,18 +112,18 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
 
 
 def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,
-                 t_align: float = 600, t_early: float = 600, init: str = "permute", normalize: str = "eps",
+                 replace_end_percent: float = 0.4, normalize_end_percent: float = 0.4, init: str = "permute",
+                 normalize: str = "eps",
                  preview: bool = True, reference_mode: str = "cache"):
     """Returns (variations [N, C, H, W], reference [1, C, H, W]) in LATENT space.
 
     ``reference_mode='cache'`` records the reference row once per inversion (and negative prompt) and keeps it out
     of the batch; ``'batch'`` runs it as row 0 of every step (the official code's layout)."""
-    check_inputs(model, inversion, batch_size, cfg, t_align, t_early, init, normalize)
+    check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize)
     if reference_mode not in REFERENCE_MODES:
         raise InversionChainError(f"{WHAT}: unknown reference mode '{reference_mode}'; use one of "
                                   f"{', '.join(REFERENCE_MODES)}.")
-    replace_end = percent_after_timestep(inversion.timesteps, t_align)
-    normalize_end = percent_after_timestep(inversion.timesteps, t_early)
+    replace_end, normalize_end = float(replace_end_percent), float(normalize_end_percent)
     store = cached_reference(model, inversion, negative) if reference_mode == "cache" else None
     if store is not None:
         return _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end,

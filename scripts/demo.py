@@ -49,8 +49,9 @@ def report_reconstruction(entry: dict, graph: dict) -> list[str]:
 
 def report_variations(entry: dict, graph: dict) -> list[str]:
     rival = next(n for n in graph.values() if n["class_type"] == "ICRIVALAlignSampler")["inputs"]
-    return [f"{rival['batch_size']} RIVAL variations (cfg {rival['cfg']}, t_align {rival['t_align']}, "
-            f"t_early {rival['t_early']}, init {rival['init']}) sharing one reference chain"]
+    return [f"{rival['batch_size']} RIVAL variations (cfg {rival['cfg']}, replace_end_percent "
+            f"{rival['replace_end_percent']}, normalize_end_percent {rival['normalize_end_percent']}, init "
+            f"{rival['init']}) sharing one reference chain"]
 
 
 # The demo's job, in order: prove the inversion, then make variations of the photo (the headline feature).

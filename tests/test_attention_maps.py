@@ -58,9 +58,9 @@ def capture(s, model=None, kinds="cross + self", resolution="latent/1", detail="
     return ICAttentionCapture().capture(model or s["model"], kinds, resolution, detail, query_grid, **kw)
 
 
-def view(s, maps, kind="cross", tokens="", start_at=0.0, end_at=1.0, layers="all", resolution="all captured",
+def view(s, maps, kind="cross", tokens="", start_percent=0.0, end_percent=1.0, layers="all", resolution="all captured",
          branch="cond", row=0, normalize="per tile", columns=0, image=None):
-    return ICAttentionMapViewer().view(maps, s["latent"], kind, tokens, start_at, end_at, layers, resolution, branch,
+    return ICAttentionMapViewer().view(maps, s["latent"], kind, tokens, start_percent, end_percent, layers, resolution, branch,
                                        row, normalize, columns, image)
 
 
@@ -235,9 +235,9 @@ def test_bad_input_gets_clear_errors(s, captured):
         view(s, maps, row=1)
     with pytest.raises(InversionChainError, match=r"selects none of the run's 4 steps \(they start at fractions "
                                                   r"0, 0.25, 0.5, 0.75\)"):
-        view(s, maps, start_at=0.8, end_at=0.9)
-    with pytest.raises(InversionChainError, match="must satisfy 0 <= start_at < end_at <= 1"):
-        view(s, maps, start_at=0.6, end_at=0.4)
+        view(s, maps, start_percent=0.8, end_percent=0.9)
+    with pytest.raises(InversionChainError, match="must satisfy 0 <= start_percent < end_percent <= 1"):
+        view(s, maps, start_percent=0.6, end_percent=0.4)
     with pytest.raises(InversionChainError, match="query points as #0..#15"):
         view(s, maps, kind="self", tokens="#16")
     with pytest.raises(InversionChainError, match=r"token position #77 is outside 1..#76"):
@@ -294,7 +294,7 @@ def test_capture_and_kv_inject_in_one_run_both_take_effect(s, encode, inversion)
     tgt = encode(s["clip"], "a watercolor painting of a cat")
     run = lambda m: sample(m, tgt, s["neg"], torch.zeros_like(noise["samples"]), sigmas,
                            latent=noise["samples"])
-    kv = lambda m, **kw: ICKVInject().patch(m, inv, 0, 10, "mutual", **kw)[0]
+    kv = lambda m, **kw: ICKVInject().patch(m, inv, 0.0, 10, "mutual", **kw)[0]
     stock = run(s["model"])
     kv_only = run(kv(s["model"]))
     assert not torch.equal(kv_only, stock)

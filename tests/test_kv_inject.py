@@ -34,7 +34,7 @@ def setup(small_model, encode, astronaut_latent):
 
 def test_identity_same_prompt_all_layers_from_step_0_reproduces_the_source(setup):
     s = setup
-    patched = ICKVInject().patch(s["model"], s["inv"], 0, 0, "mutual")[0]
+    patched = ICKVInject().patch(s["model"], s["inv"], 0.0, 0, "mutual")[0]
     out = sample(patched, s["src"], s["src"], s["noise"], s["sigmas"])
     plain = sample(s["model"], s["src"], s["src"], s["noise"], s["sigmas"])
     err_kv = float((out - s["source"]).abs().max())
@@ -45,7 +45,7 @@ def test_identity_same_prompt_all_layers_from_step_0_reproduces_the_source(setup
     assert err_kv < 1e-3 and float((out - plain).abs().max()) < 1e-3
 
 
-def test_injection_acts_only_from_start_step(setup):
+def test_injection_acts_only_from_start_percent(setup):
     s = setup
     start = 3
     traj = {}
@@ -54,7 +54,7 @@ def test_injection_acts_only_from_start_step(setup):
         traj[name] = []
         return lambda step, x0, x, total: traj[name].append(x.clone())
 
-    patched = ICKVInject().patch(s["model"], s["inv"], start, 10, "mutual")[0]
+    patched = ICKVInject().patch(s["model"], s["inv"], start / STEPS, 10, "mutual")[0]
     sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0, recorder("stock"))
     sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0, recorder("kv"))
     # the sampler's callback at step i sees the latent entering step i: step `start` is the first to change
@@ -66,7 +66,7 @@ def test_injection_acts_only_from_start_step(setup):
 def test_injection_outside_layers_and_steps_is_bit_identical(setup):
     s = setup
     for start_step, start_layer in ((STEPS, 0), (0, 15)):
-        patched = ICKVInject().patch(s["model"], s["inv"], start_step, start_layer, "union")[0]
+        patched = ICKVInject().patch(s["model"], s["inv"], start_step / STEPS, start_layer, "union")[0]
         out = sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
         stock = sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
         if start_step == STEPS:
@@ -79,7 +79,7 @@ def test_cached_and_recomputed_reference_kv_agree(setup):
     s = setup
     outs = {}
     for policy in ("cpu", "recompute"):
-        patched = ICKVInject().patch(s["model"], s["inv"], 2, 10, "mutual", cache=policy)[0]
+        patched = ICKVInject().patch(s["model"], s["inv"], 2 / STEPS, 10, "mutual", cache=policy)[0]
         outs[policy] = sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     diff = float((outs["cpu"] - outs["recompute"]).abs().max())
     print(f"cached vs recomputed: max diff {diff:.2e}")
@@ -91,7 +91,7 @@ def test_no_leak_into_the_original_model(setup):
     s = setup
     before = sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     options_before = repr(sorted(s["model"].model_options.get("transformer_options", {}).keys()))
-    patched = ICKVInject().patch(s["model"], s["inv"], 1, 8, "union")[0]
+    patched = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 8, "union")[0]
     sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     after = sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     assert torch.equal(before, after)
@@ -125,22 +125,22 @@ def test_two_editors_on_one_model_both_take_effect(setup, small_model, encode):
     from tests.harness.photos import photo
     other_latent = nodes.VAEEncode().encode(small_model[2], photo("chelsea", 128))[0]
     inv_b = ICDDIMInvert().invert(s["model"], other_latent, s["src"], STEPS, 1.0, 1)[2]
-    m = ICKVInject().patch(s["model"], s["inv"], 0, 12, "union")[0]
-    m = ICKVInject().patch(m, inv_b, 0, 12, "union")[0]
+    m = ICKVInject().patch(s["model"], s["inv"], 0.0, 12, "union")[0]
+    m = ICKVInject().patch(m, inv_b, 0.0, 12, "union")[0]
     probe = KeyLengthProbe(13)
     m = patching.install(m, probe, "probe")
     out = sample(m, s["tgt"], s["empty"], s["noise"], s["sigmas"], 1.0)
     assert probe.seen and all(nk == 3 * nq for nq, nk in probe.seen)  # reference A + reference B + own
-    only_a = sample(ICKVInject().patch(s["model"], s["inv"], 0, 12, "union")[0], s["tgt"], s["empty"], s["noise"],
+    only_a = sample(ICKVInject().patch(s["model"], s["inv"], 0.0, 12, "union")[0], s["tgt"], s["empty"], s["noise"],
                     s["sigmas"], 1.0)
     assert not torch.equal(out, only_a)
 
 
 def test_masked_mode_uses_source_cross_attention(setup):
     s = setup
-    masked = ICKVInject().patch(s["model"], s["inv"], 1, 10, "masked", mask_words="astronaut", clip=s["clip"],
+    masked = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 10, "masked", mask_words="astronaut", clip=s["clip"],
                                 source_prompt="a photo of an astronaut")[0]
-    mutual = ICKVInject().patch(s["model"], s["inv"], 1, 10, "mutual")[0]
+    mutual = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 10, "mutual")[0]
     a = sample(masked, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     b = sample(mutual, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
@@ -149,15 +149,15 @@ def test_masked_mode_uses_source_cross_attention(setup):
 def test_bad_input_gets_clear_errors(setup, small_model, astronaut_latent):
     s = setup
     with pytest.raises(InversionChainError, match="beyond this model's 16 self-attention layers"):
-        ICKVInject().patch(s["model"], s["inv"], 4, 16, "mutual")
+        ICKVInject().patch(s["model"], s["inv"], 4 / STEPS, 16, "mutual")
     with pytest.raises(InversionChainError, match="is not in the prompt.*Its tokens are: a, photo, of, an, astronaut"):
-        ICKVInject().patch(s["model"], s["inv"], 4, 10, "masked", mask_words="dog", clip=s["clip"],
+        ICKVInject().patch(s["model"], s["inv"], 4 / STEPS, 10, "masked", mask_words="dog", clip=s["clip"],
                            source_prompt="a photo of an astronaut")
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     other_model = ModelSamplingDiscrete().patch(s["model"], "v_prediction", False)[0]
     with pytest.raises(InversionChainError, match="made with a different model"):
-        ICKVInject().patch(other_model, s["inv"], 4, 10, "mutual")
-    patched = ICKVInject().patch(s["model"], s["inv"], 0, 10, "mutual")[0]
+        ICKVInject().patch(other_model, s["inv"], 4 / STEPS, 10, "mutual")
+    patched = ICKVInject().patch(s["model"], s["inv"], 0.0, 10, "mutual")[0]
     small = torch.zeros(1, 4, 8, 8)
     with pytest.raises(InversionChainError, match="inversion was made at"):
         sample(patched, s["tgt"], s["empty"], small, s["sigmas"], 1.0)

@@ -191,7 +191,7 @@ def test_refine_runs_with_different_token_counts(setup):
 def test_local_blend_keeps_the_target_equal_to_the_source_outside_the_mask(setup):
     s = setup
     # the random model's word maps are nearly flat (0.6-1.0 of their maximum at 4x4), so a high threshold
-    out, m = run(s, blend_words="astronaut, robot", blend_threshold=0.98, blend_start=0.2, tau_c=0.3, tau_s=0.3)
+    out, m = run(s, blend_words="astronaut, robot", blend_threshold=0.98, blend_start_percent=0.2, tau_c=0.3, tau_s=0.3)
     editor = next(e for e in patching.controller_of(m).editors if isinstance(e, P2PlusEditor))
     mask = editor.blend.last_mask[0, 0]                               # the mask of the last step, latent size
     coverage = float(mask.float().mean())

@@ -20,15 +20,20 @@ def setup(small_model, encode, astronaut_latent):
                 inv=inv, source=astronaut_latent["samples"])
 
 
-def run(s, positive=None, seed=0, batch_size=1, cfg=5.0, t_align=600, t_early=600, init="permute", normalize="eps",
-        reference_kv="cache"):
+def run(s, positive=None, seed=0, batch_size=1, cfg=5.0, replace_end=0.4, normalize_end=0.4, init="permute",
+        normalize="eps", reference_kv="cache"):
     return ICRIVALAlignSampler().sample(s["model"], positive or s["src"], s["neg"], s["inv"], seed, batch_size, cfg,
-                                        t_align, t_early, init, normalize, reference_kv)
+                                        replace_end, normalize_end, init, normalize, reference_kv)
+
+
+def after_timestep(s, t):
+    """RIVAL's timestep threshold as the fraction of the inversion's steps whose timestep is above it."""
+    return float((s["inv"].timesteps[:STEPS] > t).sum()) / STEPS
 
 
 def test_degenerate_identity_reproduces_the_reference(setup):
     s = setup
-    variations, reference = run(s, cfg=1.0, t_align=0, t_early=1000, init="inverted")
+    variations, reference = run(s, cfg=1.0, replace_end=1.0, normalize_end=0.0, init="inverted")
     err = float((variations["samples"] - s["source"]).abs().max())
     print(f"identity: max |variation - source latent| = {err:.2e}")
     # the variation row follows the chain up to the inversion's round-trip residual (DDIM Invert: < 1e-3)
@@ -118,8 +123,8 @@ def test_second_independent_implementation_agrees(setup, reference_kv):
     s = setup
     t_align, t_early = 500, 700   # both regimes of attention and of normalisation occur
     init = rival.initial_latent(s["inv"].chain[0][:1], 3, "permute")
-    ours = run(s, positive=s["tgt"], seed=3, cfg=5.0, t_align=t_align, t_early=t_early,
-               reference_kv=reference_kv)[0]["samples"]
+    ours = run(s, positive=s["tgt"], seed=3, cfg=5.0, replace_end=after_timestep(s, t_align),
+               normalize_end=after_timestep(s, t_early), reference_kv=reference_kv)[0]["samples"]
     theirs = reference_rival(s, s["tgt"], 5.0, t_align, t_early, init, STEPS)
     diff = float((ours - theirs).abs().max())
     print(f"RIVAL ({reference_kv}) vs independent reference loop: max diff {diff:.2e} "
@@ -141,20 +146,20 @@ def test_cached_and_in_batch_reference_agree(setup):
 @pytest.mark.parametrize("normalize", ["latent", "off"])
 def test_normalization_modes_differ(setup, normalize):
     s = setup
-    eps_mode = run(s, seed=1, t_early=900)[0]["samples"]
-    assert not torch.allclose(eps_mode, run(s, seed=1, t_early=900, normalize=normalize)[0]["samples"])
+    eps_mode = run(s, seed=1, normalize_end=0.1)[0]["samples"]
+    assert not torch.allclose(eps_mode, run(s, seed=1, normalize_end=0.1, normalize=normalize)[0]["samples"])
 
 
 def test_bad_input_gets_clear_errors(setup, astronaut_latent):
     s = setup
-    with pytest.raises(InversionChainError, match="t_align is a timestep on the 0..1000 scale"):
-        run(s, t_align=1200)
-    with pytest.raises(InversionChainError, match="t_early is a timestep"):
-        run(s, t_early=-1)
+    with pytest.raises(InversionChainError, match="replace_end_percent is a fraction of the sampling steps"):
+        run(s, replace_end=1.2)
+    with pytest.raises(InversionChainError, match="normalize_end_percent is a fraction"):
+        run(s, normalize_end=-1)
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     other = ModelSamplingDiscrete().patch(s["model"], "v_prediction", False)[0]
     with pytest.raises(InversionChainError, match="different model"):
-        ICRIVALAlignSampler().sample(other, s["src"], s["neg"], s["inv"], 0, 1, 5.0, 600, 600, "permute", "eps")
+        ICRIVALAlignSampler().sample(other, s["src"], s["neg"], s["inv"], 0, 1, 5.0, 0.4, 0.4, "permute", "eps")
     with pytest.raises(InversionChainError, match="batch_size must be at least 1"):
         run(s, batch_size=0)
 

@@ -201,18 +201,18 @@ def test_cache_hit_does_no_optimisation_and_gives_identical_output(setup, clip_v
     assert plot.shape[0] == 1 and plot.shape[-1] == 3 and float(plot.std()) > 0
 
 
-def test_style_until_zero_equals_p2plus_without_style(setup):
+def test_style_end_percent_zero_equals_p2plus_without_style(setup):
     s = setup
     with torch.inference_mode():
         outs = []
         for style in (None, s["style"]):
             m, pos, neg, latent, sigmas = ICP2PlusController().build(
                 s["model"], s["clip"], SOURCE, TARGET, "replace", 0.6, 0.6, 0.0, inversion=s["inv"], style=style,
-                style_until=0.0)
+                style_end_percent=0.0)
             outs.append(sample(m, pos, neg, latent["samples"], sigmas))
         m, pos, neg, latent, sigmas = ICP2PlusController().build(
             s["model"], s["clip"], SOURCE, TARGET, "replace", 0.6, 0.6, 0.0, inversion=s["inv"], style=s["style"],
-            style_until=0.5)
+            style_end_percent=0.5)
         half = sample(m, pos, neg, latent["samples"], sigmas)
     assert torch.equal(outs[0], outs[1])
     assert (half - outs[0]).abs().max() > 1e-3
@@ -223,7 +223,7 @@ def test_p2plus_with_full_style_reconstructs_row_0(setup, reconstruction):
     with torch.inference_mode():
         m, pos, neg, latent, sigmas = ICP2PlusController().build(
             s["model"], s["clip"], SOURCE, TARGET, "replace", 0.6, 0.6, 0.0, inversion=s["inv"], style=s["style"],
-            style_until=1.0)
+            style_end_percent=1.0)
         out = sample(m, pos, neg, latent["samples"], sigmas)
     row0 = float((out[:1] - s["source"]).abs().max())
     assert abs(row0 - reconstruction["style"]) < 1e-3 + 0.05 * row0
