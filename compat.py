@@ -109,3 +109,94 @@ def temp_directory() -> str:
     """ComfyUI's temp folder (both trees: folder_paths.get_temp_directory; emptied when the server starts)."""
     import folder_paths
     return folder_paths.get_temp_directory()
+
+
+# -- patch objects -------------------------------------------------------------------------------------------------
+class PatchObject:
+    """Base of every object the pack puts into ``model_options`` (attention patches, post-CFG functions, the
+    Controller): 2024-03's ``ModelPatcher.clone`` deep-copies model_options and 0.3x moves patch objects with the
+    model (``.to(device)``); both must hand back the same object, which holds no device state of its own."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, device):
+        return self
+
+
+# -- models --------------------------------------------------------------------------------------------------------
+def unet_of(model_patcher):
+    """The UNetModel of a MODEL, or None for other architectures (DiT, MMDiT, ...). Same class in both trees."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    base = getattr(model_patcher, "model", None)
+    unet = getattr(base, "diffusion_model", None)
+    return unet if isinstance(unet, UNetModel) else None
+
+
+def unet_block_classes():
+    """(SpatialTransformer, Downsample, Upsample): what the UNet walk in attention/layers.py recognises."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+    return SpatialTransformer, Downsample, Upsample
+
+
+def is_eps_family(sampling) -> bool:
+    """True for eps and v prediction (ComfyUI's V_PREDICTION subclasses EPS in both trees)."""
+    import comfy.model_sampling
+    return isinstance(sampling, comfy.model_sampling.EPS)
+
+
+def prediction_name(sampling) -> str:
+    """The name of a model_sampling's prediction type (EPS, V_PREDICTION, CONST, ...)."""
+    import comfy.model_sampling
+    for cls in type(sampling).__mro__:
+        if cls.__module__ == comfy.model_sampling.__name__ and not issubclass(cls, torch.nn.Module):
+            return cls.__name__
+    return type(sampling).__name__
+
+
+def load_models(models: list):
+    """Load MODELs onto their device the way samplers do (same call in both trees)."""
+    comfy.model_management.load_models_gpu(list(models))
+
+
+def offload_device(model_patcher):
+    """Where a MODEL's weights rest between runs (its patcher's, else ComfyUI's UNet offload device)."""
+    return getattr(model_patcher, "offload_device", None) or comfy.model_management.unet_offload_device()
+
+
+def free_memory(device) -> int:
+    return int(comfy.model_management.get_free_memory(device))
+
+
+def prepare_noise(latent: torch.Tensor, seed: int) -> torch.Tensor:
+    """ComfyUI's seeded noise for a LATENT (what KSampler adds), same in both trees."""
+    return comfy.sample.prepare_noise(latent, seed)
+
+
+def latent_out(model_patcher, x: torch.Tensor) -> torch.Tensor:
+    """Sampler space -> LATENT space (undo the model's latent scaling)."""
+    return model_patcher.model.process_latent_out(x)
+
+
+def latent_in(model_patcher, x: torch.Tensor) -> torch.Tensor:
+    """LATENT space -> sampler space."""
+    return model_patcher.model.process_latent_in(x)
+
+
+def unet_caller(patcher):
+    """``call(x, sigma, conds, cond_or_uncond, **override)``: one UNet forward of one CFG branch as ComfyUI's sampler
+    makes it (``apply_model`` on the loaded model with the patcher's transformer_options, so latent scaling, dtype
+    casting and attention patches apply); ``override`` replaces model conds (e.g. ``c_crossattn``)."""
+    base, device = patcher.model, patcher.load_device
+    to_base = dict(patcher.model_options.get("transformer_options", {}))
+
+    def call(x, sigma, conds, cond_or_uncond, **override):
+        to = dict(to_base)
+        to["cond_or_uncond"] = [cond_or_uncond]
+        to["sigmas"] = sigma
+        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in conds.items()}
+        kwargs.update(override)
+        return base.apply_model(x, sigma, transformer_options=to, **kwargs)
+
+    return call

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from .. import compat
+
 PARTS = ("down", "mid", "up")
 _PART_OF_BLOCK = {"input": "down", "middle": "mid", "output": "up"}
 
@@ -28,8 +30,7 @@ class AttentionLayer:
 
 def enumerate_layers(unet) -> List[AttentionLayer]:
     """Walk ``input_blocks``, ``middle_block``, ``output_blocks`` in execution order."""
-    from comfy.ldm.modules.attention import SpatialTransformer
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+    SpatialTransformer, Downsample, Upsample = compat.unet_block_classes()
 
     layers: List[AttentionLayer] = []
     level = 0

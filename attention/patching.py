@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import compat
-from ..samplers.model_info import check_supported, unet_of
+from ..model_info import check_supported, unet_of
 from .controller import CONTROLLER_KEY, REFERENCE_PASS_KEY, Controller, Editor
 from .layers import enumerate_layers
 

@@ -15,8 +15,6 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import psutil
 import torch
 
-import comfy.model_management
-
 from .. import compat
 from ..artifacts import Inversion, InversionChainError
 from .controller import CallContext, attention_probs
@@ -97,7 +95,7 @@ class ReferenceKV:
         if policy == "recompute":
             return "recompute"
         gpu = model.load_device
-        gpu_ok = gpu.type != "cpu" and comfy.model_management.get_free_memory(gpu) > need * 2 + 2 ** 30
+        gpu_ok = gpu.type != "cpu" and compat.free_memory(gpu) > need * 2 + 2 ** 30
         cpu_ok = psutil.virtual_memory().available > need * 2 + 2 ** 30
         if policy in ("auto", "gpu") and gpu_ok:
             self.storage_device = gpu

@@ -23,7 +23,7 @@ TARGET = 1.2
 def run() -> dict:
     common.setup()
     from inversion_chain.nodes.invert import ICDDIMInvert
-    from inversion_chain.samplers import null_text, style_diffusion
+    from inversion_chain.optimize import null_text, style_diffusion
     from tests.harness import models, photos
 
     model, clip, vae = common.load_models(SIZE)

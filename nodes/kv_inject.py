@@ -10,7 +10,7 @@ from ..attention.layers import select_layers
 from ..attention.reference import POLICIES, ReferenceKV
 from ..attention.schedule import check_percents, steps_within
 from ..attention.tokens import locate_words, parse_words
-from ..samplers.model_info import require_inversion
+from ..model_info import require_inversion
 from .common import CATEGORY, tip
 
 WHAT = "KV Inject"

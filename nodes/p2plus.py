@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import torch
 
-import comfy.sample
-
 from .. import compat
 from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, NullText, Style
 from ..attention import patching
@@ -13,8 +11,8 @@ from ..attention.p2p import (BLEND_LEVEL, DEFAULT_SELF_MAX_RES, MODES, CfgCheck,
 from ..attention.schedule import Schedule, check_percents
 from ..attention.style import ValueInjection
 from ..attention.tokens import parse_words
-from ..samplers import null_text as null_text_lib
-from ..samplers.model_info import check_supported, model_key, require_inversion
+from ..optimize import null_text as null_text_lib
+from ..model_info import check_supported, model_key, require_inversion
 from .common import CATEGORY, tip
 
 WHAT = "P2Plus Controller"
@@ -159,7 +157,7 @@ class ICP2PlusController:
                 raise InversionChainError(f"{WHAT}: the INVERSION holds {inversion.latent_shape[0]} images; edit one "
                                           f"image at a time.")
             schedule = Schedule(inversion.sigmas, inversion.scheduler, WHAT)
-            x_t = model.model.process_latent_out(inversion.chain[0].float().clone()).cpu()
+            x_t = compat.latent_out(model, inversion.chain[0].float().clone()).cpu()
         else:
             if null_text is not None:
                 raise InversionChainError(f"{WHAT}: a NULL_TEXT needs the INVERSION it was made from; connect it to "
@@ -170,8 +168,8 @@ class ICP2PlusController:
             sigmas = compat.calculate_sigmas(model, scheduler, steps)
             schedule = Schedule(sigmas, scheduler, WHAT)
             shape = latent["samples"][:1]
-            noise = comfy.sample.prepare_noise(shape, seed) * (1.0 + float(sigmas[0]) ** 2) ** 0.5
-            x_t = model.model.process_latent_out(noise.float())
+            noise = compat.prepare_noise(shape, seed) * (1.0 + float(sigmas[0]) ** 2) ** 0.5
+            x_t = compat.latent_out(model, noise.float())
         latent_out = {"samples": x_t.repeat(2, 1, 1, 1).contiguous()}
 
         # conditioning (row 0 source, row 1 target)

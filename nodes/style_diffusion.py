@@ -6,8 +6,8 @@ from ..attention import patching
 from ..attention.schedule import Schedule, check_percents
 from ..attention.style import ValueInjection
 from ..plots import loss_curve
-from ..samplers import style_diffusion
-from ..samplers.model_info import check_supported, model_key
+from ..optimize import style_diffusion
+from ..model_info import check_supported, model_key
 from .common import CATEGORY, tip
 
 WHAT = style_diffusion.WHAT

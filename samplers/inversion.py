@@ -5,12 +5,10 @@ import math
 
 import torch
 
-import comfy.model_management
-
 from .. import compat
 from ..artifacts import Inversion, InversionChainError
+from ..model_info import check_supported, model_key
 from . import ddim
-from .model_info import check_supported, model_key
 
 
 def timesteps_for(model_patcher, sigmas: torch.Tensor) -> torch.Tensor:
@@ -18,7 +16,8 @@ def timesteps_for(model_patcher, sigmas: torch.Tensor) -> torch.Tensor:
     ts = torch.zeros_like(sigmas)
     nz = sigmas > 0
     if nz.any():
-        ts[nz] = sampling.timestep(sigmas[nz].to(sampling.sigmas.device if hasattr(sampling, "sigmas") else "cpu")).float().cpu()
+        device = sampling.sigmas.device if hasattr(sampling, "sigmas") else "cpu"
+        ts[nz] = sampling.timestep(sigmas[nz].to(device)).float().cpu()
     return ts
 
 
@@ -51,7 +50,7 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
     if float(sigmas[-1]) != 0.0:
         raise InversionChainError(f"{what}: scheduler '{scheduler}' does not end at sigma 0; pick one that does.")
     ascending = sigmas.flip(0)
-    offload = getattr(model_patcher, "offload_device", None) or comfy.model_management.unet_offload_device()
+    offload = compat.offload_device(model_patcher)
     pbar = compat.progress_bar(steps)
     state = {}
 
@@ -86,4 +85,4 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
 
 def chain_latent_out(model_patcher, inversion: Inversion, index: int) -> torch.Tensor:
     """The chain latent at ``index`` converted back to LATENT space (undoing the model's latent scaling)."""
-    return model_patcher.model.process_latent_out(inversion.chain[index].clone()).cpu()
+    return compat.latent_out(model_patcher, inversion.chain[index].clone()).cpu()

@@ -23,7 +23,7 @@ from ..attention import patching
 from ..attention.reference import ReferenceKV
 from ..attention.rival import RivalAttentionEditor
 from ..attention.schedule import Schedule, check_percents
-from .model_info import require_inversion
+from ..model_info import require_inversion
 
 INITS = ("permute", "adain", "inverted")
 REFERENCE_MODES = ("cache", "batch")
@@ -224,7 +224,7 @@ def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_
     except compat.out_of_memory_errors() as e:
         raise InversionChainError(f"{WHAT}: out of memory with batch_size {batch_size}; lower batch_size or the "
                                   f"image size. ({e})") from e
-    reference = model.model.process_latent_out(inversion.chain[-1][:1].clone()).cpu()
+    reference = compat.latent_out(model, inversion.chain[-1][:1].clone()).cpu()
     return out.cpu(), reference
 
 

@@ -9,7 +9,7 @@ import comfy.samplers
 
 from inversion_chain.artifacts import Inversion, InversionChainError
 from inversion_chain.nodes.invert import DEFAULT_REFINE_ITERS, ICDDIMInvert
-from inversion_chain.samplers.model_info import model_key
+from inversion_chain.model_info import model_key
 
 STEPS = 10
 

@@ -18,7 +18,7 @@ import comfy.utils
 from inversion_chain.artifacts import InversionChainError, NullText
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
-from inversion_chain.samplers.model_info import unet_of
+from inversion_chain.model_info import unet_of
 
 STEPS = 8
 CFG = 7.5

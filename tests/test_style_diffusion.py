@@ -13,8 +13,8 @@ from inversion_chain.attention.controller import Editor
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 from inversion_chain.nodes.style_diffusion import ICStyleDiffusionApply, ICStyleDiffusionMapper
-from inversion_chain.samplers import style_diffusion
-from inversion_chain.samplers.model_info import unet_of
+from inversion_chain.optimize import style_diffusion
+from inversion_chain.model_info import unet_of
 from tests.harness import models, photos
 
 STEPS = 8

@@ -34,16 +34,14 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-import comfy.model_management
-
 from .. import compat
 from ..artifacts import Inversion, InversionChainError, Style, inversion_fingerprint
 from ..attention import patching
 from ..attention.schedule import Schedule
 from ..attention.style import CrossAttentionRecorder, ValueInjection, recorder_level
-from . import ddim
-from .model_info import model_key, require_single_cfg1_inversion, unet_of
-from .training import forward_hooks, normal, text_conds, trainable_weights, unet_caller
+from ..model_info import model_key, require_single_cfg1_inversion, unet_of
+from ..samplers import ddim
+from .training import forward_hooks, normal, text_conds, trainable_weights
 
 log = logging.getLogger("inversion_chain")
 
@@ -254,8 +252,8 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
     recorder = CrossAttentionRecorder(recorder_level(), sigmas)
     injection = ValueInjection(None, schedule)
     patched = patching.add_attn2_patch(patching.install(model, recorder, what), injection)
-    comfy.model_management.load_models_gpu([patched])
-    base, device = patched.model, patched.load_device
+    compat.load_models([patched])
+    device = patched.load_device
     plan = [inner_iterations(inner_steps, i, decay) for i in range(steps)]
     pbar = compat.progress_bar(sum(plan))
     values: List[torch.Tensor] = []
@@ -263,7 +261,7 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
     latent_losses: List[float] = []
     iters = [0] * steps
 
-    call = unet_caller(patched)
+    call = compat.unet_caller(patched)
 
     def guided_step(x, s, s_next, d_cond, d_uncond):
         return ddim.guided_ddim_step(x, s, s_next, d_cond, d_uncond, cfg)
@@ -324,8 +322,8 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
                 losses.append(step_losses)
                 latent_losses.append(latent_loss)
             source = inversion.latent_at(steps, device, torch.float32)
-            final_error = float((base.process_latent_out(x.detach().clone())
-                                 - base.process_latent_out(source.clone())).abs().max())
+            final_error = float((compat.latent_out(patched, x.detach().clone())
+                                 - compat.latent_out(patched, source.clone())).abs().max())
     finally:
         injection.override = None
         recorder.enabled = False

@@ -30,13 +30,11 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-import comfy.model_management
-
 from .. import compat
 from ..artifacts import Inversion, InversionChainError, NullText, inversion_fingerprint
-from . import ddim
-from .model_info import require_single_cfg1_inversion, unet_of
-from .training import forward_hooks, normal as _normal, text_conds, trainable_weights, unet_caller
+from ..model_info import require_single_cfg1_inversion, unet_of
+from ..samplers import ddim
+from .training import forward_hooks, normal as _normal, text_conds, trainable_weights
 
 METHODS = ("null-text", "negative-prompt")
 EARLY_STOP_EPS = 1e-5
@@ -71,8 +69,7 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
                                   f"from, usually empty).")
     started = time.perf_counter()
     conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "null-text inversion")
-    comfy.model_management.load_models_gpu([model])
-    base = model.model
+    compat.load_models([model])
     device = model.load_device
     sigmas = inversion.sigmas
     steps = inversion.steps
@@ -80,7 +77,7 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
     embeddings: List[torch.Tensor] = []
     losses, iters = [0.0] * steps, [0] * steps
 
-    call = unet_caller(model)
+    call = compat.unet_caller(model)
 
     def guided_step(x, s, s_next, d_cond, d_uncond):
         return ddim.guided_ddim_step(x, s, s_next, d_cond, d_uncond, cfg)
@@ -120,8 +117,8 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
             with torch.no_grad():
                 x = guided_step(x, s, s_next, d_cond, call(x, sigma, conds_u, 1, c_crossattn=uncond))
         source = inversion.latent_at(steps, device, torch.float32)
-        final_error = float((base.process_latent_out(x.detach().clone()) - base.process_latent_out(source.clone()))
-                            .abs().max())
+        final_error = float((compat.latent_out(model, x.detach().clone())
+                             - compat.latent_out(model, source.clone())).abs().max())
     return NullText(method="null-text", embeddings=torch.stack(embeddings), positive=positive, negative=negative,
                     cfg=float(cfg), sigmas=sigmas.clone(), scheduler=inversion.scheduler,
                     inversion_fingerprint=inversion_fingerprint(inversion), losses=torch.tensor(losses),

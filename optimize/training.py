@@ -12,6 +12,9 @@ import contextlib
 
 import torch
 
+from ..artifacts import InversionChainError
+from ..attention import patching
+
 
 @contextlib.contextmanager
 def trainable_weights(module: torch.nn.Module):
@@ -51,29 +54,9 @@ def forward_hooks():
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
 
 
-def unet_caller(patcher):
-    """``call(x, sigma, conds, cond_or_uncond, **override)``: one UNet forward of one CFG branch as ComfyUI's sampler
-    makes it (``apply_model`` on the loaded model with the patcher's transformer_options, so latent scaling, dtype
-    casting and attention patches apply); ``override`` replaces model conds (e.g. ``c_crossattn``)."""
-    base, device = patcher.model, patcher.load_device
-    to_base = dict(patcher.model_options.get("transformer_options", {}))
-
-    def call(x, sigma, conds, cond_or_uncond, **override):
-        to = dict(to_base)
-        to["cond_or_uncond"] = [cond_or_uncond]
-        to["sigmas"] = sigma
-        kwargs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in conds.items()}
-        kwargs.update(override)
-        return base.apply_model(x, sigma, transformer_options=to, **kwargs)
-
-    return call
-
-
 def text_conds(model, positive, negative, latent_shape, what: str, method: str):
     """The model-ready conds of both prompts (captured from ComfyUI's own sampling path); an error for models
     without a text context, which these optimisers act on."""
-    from ..artifacts import InversionChainError
-    from ..attention import patching
     latent = torch.zeros(latent_shape)
     conds_c = patching.capture_conds(model, positive, latent)
     conds_u = patching.capture_conds(model, negative, latent)

@@ -1,43 +1,36 @@
 """What kind of model a MODEL is, and whether sigma-space DDIM applies to it."""
 from __future__ import annotations
 
-import comfy.model_sampling
-
-from ..artifacts import InversionChainError, ModelKey
-from .. import compat
+from . import compat
+from .artifacts import InversionChainError, ModelKey
 
 SUPPORTED = "UNet diffusion models with eps or v prediction (SD1.x, SD2.x, SDXL and their fine-tunes)"
 
 
 def unet_of(model_patcher):
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    base = getattr(model_patcher, "model", None)
-    unet = getattr(base, "diffusion_model", None)
-    return unet if isinstance(unet, UNetModel) else None
+    return compat.unet_of(model_patcher)
 
 
 def check_supported(model_patcher, what: str):
     """Raise a clear error for model families this pack cannot invert or edit."""
     base = getattr(model_patcher, "model", None)
     if base is None or not hasattr(model_patcher, "clone"):
-        raise InversionChainError(f"{what}: expected a MODEL (from a checkpoint loader), got {type(model_patcher).__name__}.")
+        raise InversionChainError(f"{what}: expected a MODEL (from a checkpoint loader), got "
+                                  f"{type(model_patcher).__name__}.")
     family = type(getattr(base, "model_config", base)).__name__
     if unet_of(model_patcher) is None:
         raise InversionChainError(
-            f"{what}: the model '{family}' ({type(getattr(base, 'diffusion_model', None)).__name__}) is not supported. "
-            f"Supported: {SUPPORTED}.")
+            f"{what}: the model '{family}' ({type(getattr(base, 'diffusion_model', None)).__name__}) is not "
+            f"supported. Supported: {SUPPORTED}.")
     sampling = compat.model_sampling(model_patcher)
-    if not isinstance(sampling, comfy.model_sampling.EPS):
+    if not compat.is_eps_family(sampling):
         raise InversionChainError(
             f"{what}: the model '{family}' uses {prediction_name(sampling)} sampling, where DDIM in sigma space does "
             f"not apply. Supported: {SUPPORTED}.")
 
 
 def prediction_name(sampling) -> str:
-    for cls in type(sampling).__mro__:
-        if cls.__module__ == comfy.model_sampling.__name__ and not issubclass(cls, __import__("torch").nn.Module):
-            return cls.__name__
-    return type(sampling).__name__
+    return compat.prediction_name(sampling)
 
 
 def model_key(model_patcher) -> ModelKey:
@@ -46,7 +39,8 @@ def model_key(model_patcher) -> ModelKey:
     fingerprint = tuple(round(float(p.detach().float().sum()), 3) for p in (params[0], params[-1]))
     return ModelKey(model_class=type(model_patcher.model.model_config).__name__,
                     prediction=prediction_name(compat.model_sampling(model_patcher)),
-                    channels=int(unet.model_channels), context_dim=int(getattr(unet, "context_dim", 0) or _context_dim(unet)),
+                    channels=int(unet.model_channels),
+                    context_dim=int(getattr(unet, "context_dim", 0) or _context_dim(unet)),
                     weight_fingerprint=fingerprint)
 
 
@@ -59,7 +53,7 @@ def _context_dim(unet) -> int:
 
 def require_inversion(model_patcher, inversion, what: str):
     """The one check every consumer of an INVERSION makes: it came from DDIM Invert, with this model."""
-    from ..artifacts import Inversion
+    from .artifacts import Inversion
     check_supported(model_patcher, what)
     if not isinstance(inversion, Inversion):
         raise InversionChainError(f"{what}: `inversion` must come from DDIM Invert.")
