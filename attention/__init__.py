@@ -14,6 +14,7 @@ How an editor plugs in (RIVAL, P2Plus, StyleDiffusion, map capture all follow th
    never changed; other packs' replace patches in the same slots are wrapped, not overwritten.
 3. Real-image K/V: ``reference.ReferenceKV`` records a reference latent's K/V (and cross-attention maps) during a
    reference pass, cached per INVERSION (GPU / CPU, fp16) or recomputed per step by a UNet wrapper.
-4. Schedules: editors use ``StepInfo`` only; ``start_at``/``end_at`` fractions, timesteps (0..1000) or integer
-   steps as the paper does, named so in each node's tooltip.
+4. Schedules (schedule.py): the Controller places every UNet call on the editors' schedule once (``ctx.step``);
+   editors read only that. Every "when" is a fraction of the steps: step i of N acts when start <= i/N < end.
+   A new run (sigma rises, or another MODEL clone samples) calls ``Editor.begin_run``.
 """

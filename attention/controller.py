@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..compat import PatchObject
 from .layers import AttentionLayer
 from .schedule import RunTracker, StepInfo, locate
 
@@ -116,11 +117,11 @@ def apply_probs(probs, v, heads) -> torch.Tensor:
     return merge_heads(torch.matmul(probs, split_heads(v, heads).float()).to(v.dtype))
 
 
-class Controller:
+class Controller(PatchObject):
     """Immutable list of editors for one MODEL clone; adding an editor makes a new Controller.
 
-    Stored in ``model_options["transformer_options"]``; ComfyUI hands it to every patch call. ``__deepcopy__``
-    returns self because the 2024-03 ``ModelPatcher.clone`` deep-copies model_options.
+    Stored in ``model_options["transformer_options"]``; ComfyUI hands it to every patch call. As every object the
+    pack puts there it is a ``compat.PatchObject`` (deep copies and ``.to`` return the object itself).
     """
 
     def __init__(self, layers: Sequence[AttentionLayer], model_sampling, editors: Sequence[Editor] = ()):
@@ -133,9 +134,6 @@ class Controller:
         # the schedule the editors are defined on (the first that has one); else the sampler's (0.3x only)
         own = next((s for s in (e.schedule() for e in self.editors) if s is not None), None)
         self._schedule = None if own is None else own.detach().float().cpu()
-
-    def __deepcopy__(self, memo):
-        return self
 
     def with_editor(self, editor: Editor) -> "Controller":
         return Controller(self.layers, self.model_sampling, list(self.editors) + [editor])

@@ -16,16 +16,17 @@ MODES = ("mutual", "union", "masked")
 
 
 class KVInjectEditor(Editor):
-    """From ``start_percent`` of the steps on (MasaCtrl's START_STEP 4 of 50 = 0.08), in the selected self-attention layers, every row's queries attend to
-    the reference K/V (``mutual``), to reference and own K/V concatenated (``union``), or (``masked``) to the
-    reference K/V of the same region: foreground queries to foreground keys, background to background, with the
-    foreground given by the reference's cross-attention maps of chosen words (min-max normalised, > threshold)."""
+    """From ``start_percent`` of the steps on (MasaCtrl's START_STEP 4 of 50 = 0.08), in the selected self-attention
+    layers, every row's queries attend to the reference K/V (``mutual``), to reference and own K/V concatenated
+    (``union``), or (``masked``) to the reference K/V of the same region: foreground queries to foreground keys,
+    background to background, with the foreground given by the reference's cross-attention maps of chosen words
+    (min-max normalised, > threshold)."""
 
     order = 10
     kinds = ("self",)
 
     def __init__(self, reference: ReferenceKV, layers: Sequence[AttentionLayer], start_percent: float, mode: str,
-                 mask_threshold: float = 0.1, what: str = "KV Inject"):
+                 mask_threshold: float = 0.1, what: str = "KV injection"):
         self.reference = reference
         self._layers = list(layers)
         self.layer_ids = {l.index for l in layers}

@@ -19,18 +19,12 @@ from .layers import enumerate_layers
 _KIND_SLOT = {"self": "attn1", "cross": "attn2"}
 
 
-class AttentionPatch:
+class AttentionPatch(compat.PatchObject):
     """attn1/attn2 replace patch: hands the call to the Controller found in extra_options."""
 
     def __init__(self, kind: str, previous: Optional[Callable] = None):
         self.kind = kind
         self.previous = previous
-
-    def __deepcopy__(self, memo):  # 2024-03 clone() deep-copies model_options
-        return self
-
-    def to(self, device):  # 0.3x moves patch objects with the model
-        return self
 
     def __call__(self, q, k, v, extra_options):
         def fallback(q_, k_, v_):

@@ -9,7 +9,6 @@ UNet with the inversion's own conditioning. Two ways to have them:
 """
 from __future__ import annotations
 
-import logging
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import psutil
@@ -21,9 +20,9 @@ from .controller import CallContext, attention_probs
 from .layers import AttentionLayer
 from .schedule import locate
 from . import patching
+from ..logs import log
 
 POLICIES = ("auto", "gpu", "cpu", "recompute")
-log = logging.getLogger("inversion_chain")
 
 
 class ReferenceKV:
@@ -78,7 +77,8 @@ class ReferenceKV:
             self.cross_maps[i] = maps if n == 0 else self.cross_maps[i] * (n / (n + 1)) + maps / (n + 1)
             self._cross_count[i] = n + 1
 
-    def get(self, step: int, layer: AttentionLayer, device, dtype, branch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, layer: AttentionLayer, device, dtype,
+            branch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         kv = self.store.get((step, layer.index, branch))
         if kv is None:
             raise InversionChainError(

@@ -61,9 +61,6 @@ class Schedule:
         self.scheduler = scheduler
         self.what = what
 
-    def __deepcopy__(self, memo):  # shared by patch objects; immutable
-        return self
-
     @property
     def steps(self) -> int:
         return int(self.sigmas.numel()) - 1

@@ -2,86 +2,25 @@
 and a differentiable recorder of cross-attention maps for the mapper's attention loss."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..artifacts import InversionChainError
+from .context import COND, ContextPatch, RowMap
 from .controller import CallContext, Editor
 from .layers import AttentionLayer
-from .p2p import BLEND_LEVEL
+from .local_blend import BLEND_LEVEL
 from .schedule import Schedule
 
-RowMap = Optional[Tuple[torch.Tensor, torch.Tensor]]   # (source token per target token, 1 = aligned / 0 = own)
 
-
-class ValueInjection:
-    """attn2 pre-projection patch ``(n, context, value, extra_options) -> (n, context, value)``.
-
-    In the conditional chunk's rows, the value input becomes the STYLE's embedding of the current step while the
-    step's fraction of the run is below ``end_percent``; ``context`` (the keys' input) is never touched, so the
-    attention probabilities stay the prompt's. ComfyUI projects ``value`` with ``to_v`` right after this patch.
-
-    ``row_maps[r]`` (optional, per row of the cond chunk) aligns the style's tokens to another prompt's (P2Plus
-    refine: a target token takes the source token it is aligned to, new tokens keep their own value input).
-    ``override`` (training): a tensor used at every step instead of the stored embeddings."""
-
-    def __init__(self, values: Optional[torch.Tensor], schedule: Schedule, end_percent: float = 1.0,
-                 row_maps: Sequence[RowMap] = ()):
-        self.values = values                  # (steps, 1, tokens, dim) or None (training only)
-        self.schedule = schedule
-        self.end_percent = float(end_percent)
-        self.row_maps = list(row_maps)
-        self.override: Optional[torch.Tensor] = None
-        self._cache: Dict[tuple, torch.Tensor] = {}
-
-    def __deepcopy__(self, memo):  # 2024-03 clone() deep-copies model_options
-        return self
-
-    def to(self, device):  # 0.3x moves patch objects with the model
-        return self
-
-    def embedding(self, step: int, device, dtype) -> torch.Tensor:
-        key = (step, device, dtype)
-        if key not in self._cache:
-            if len(self._cache) > 4 * len(self.values):
-                self._cache.clear()
-            self._cache[key] = self.values[step].to(device=device, dtype=dtype)
-        return self._cache[key]
-
-    def __call__(self, n, context, value, extra_options):
-        order = extra_options.get("cond_or_uncond") or []
-        if 0 not in order or context is None:
-            return n, context, value
-        if self.override is not None:
-            emb = self.override.to(context.dtype)
-        elif self.values is None:
-            return n, context, value
-        else:
-            step = self.schedule.index(float(extra_options["sigmas"].flatten()[0]))
-            if self.schedule.fraction(step) >= self.end_percent:
-                return n, context, value
-            emb = self.embedding(step, context.device, context.dtype)
-        if tuple(context.shape[1:]) != tuple(emb.shape[1:]):
-            raise InversionChainError(
-                f"{self.schedule.what}: the prompt's context is {tuple(context.shape[1:])} (tokens, dim) but the STYLE "
-                f"holds {tuple(emb.shape[1:])}. Use a source prompt of the same length (and the same model) as the "
-                f"StyleDiffusion Mapper's.")
-        per = context.shape[0] // len(order)
-        out = (context if value is None else value).clone()
-        for c, kind in enumerate(order):
-            if kind != 0:
-                continue
-            for r in range(per):
-                row = c * per + r
-                row_map = self.row_maps[r] if r < len(self.row_maps) else None
-                if row_map is None:
-                    out[row] = emb[0]
-                else:
-                    source_token, aligned = (t.to(out.device) for t in row_map)
-                    a = aligned.to(out.dtype)[:, None]
-                    out[row] = a * emb[0][source_token] + (1 - a) * out[row]
-        return n, context, out
+def value_injection(values: Optional[torch.Tensor], schedule: Schedule, end_percent: float = 1.0,
+                    row_maps: Sequence[RowMap] = ()) -> ContextPatch:
+    """StyleDiffusion's value input: in the conditional rows, the STYLE's embedding of the step becomes the value
+    input of every cross-attention while ``step / N < end_percent``; keys keep the prompt. ``values`` None: only
+    the training ``override`` acts."""
+    return ContextPatch(values, schedule, COND, keys=False, end_percent=end_percent, row_maps=row_maps,
+                        mismatch="Use a source prompt of the same length (and the same model) as the STYLE's.")
 
 
 class CrossAttentionRecorder(Editor):
@@ -92,8 +31,9 @@ class CrossAttentionRecorder(Editor):
     order = 90
     kinds = ("cross",)
 
-    def __init__(self, level: int, schedule: torch.Tensor):
+    def __init__(self, level: int, schedule: torch.Tensor, what: str = "StyleDiffusion"):
         self.level = int(level)
+        self.what = what
         self._schedule = schedule
         self.enabled = False
         self.maps: List[torch.Tensor] = []
@@ -118,8 +58,8 @@ class CrossAttentionRecorder(Editor):
     def take(self) -> torch.Tensor:
         """The maps recorded since the last take, stacked: (layers, rows, Nq, Nk)."""
         if not self.maps:
-            raise InversionChainError("StyleDiffusion Mapper: no cross-attention maps were recorded (the model has "
-                                      "no cross-attention layers at latent/4).")
+            raise InversionChainError(f"{self.what}: no cross-attention maps were recorded (the model has no "
+                                      f"cross-attention layers at latent/4).")
         out = torch.stack(self.maps)
         self.maps = []
         return out

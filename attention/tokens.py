@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
+import torch
+
 from ..artifacts import InversionChainError
 
 START, END = 49406, 49407
+MAX_TOKENS = 77
 
 
 def token_ids(clip, text: str) -> List[int]:
@@ -54,3 +57,84 @@ def locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str
 
 def parse_words(text: str) -> List[str]:
     return [w.strip() for w in (text or "").replace(";", ",").split(",") if w.strip()]
+
+
+# -- token sequences for Prompt-to-Prompt (one CLIP window, alignment, word positions) ---------------------------
+def _first_encoder_chunks(clip, text: str) -> list:
+    tokens = clip.tokenize(text)
+    if isinstance(tokens, dict):  # SDXL: {"g": ..., "l": ...}; token positions agree between the encoders
+        tokens = tokens[sorted(tokens.keys())[0]]
+    return tokens
+
+
+def _id_of(token, position: int) -> int:
+    t = token[0] if isinstance(token, (tuple, list)) else token
+    if isinstance(t, torch.Tensor):  # a textual-inversion embedding vector: a token id that matches nothing
+        return -1000 - position
+    return int(t)
+
+
+def prompt_tokens(clip, text: str, what: str, role: str) -> List[int]:
+    """The 77 token ids of ``text`` (start token at 0); a clear error when the prompt needs more than one window."""
+    chunks = _first_encoder_chunks(clip, text)
+    if len(chunks) > 1:
+        used = 0
+        for chunk in chunks:
+            ids = [_id_of(t, i) for i, t in enumerate(chunk)]
+            used += sum(1 for t in ids if t not in (START, END, 0))
+        raise InversionChainError(
+            f"{what}: the {role} '{text[:60]}{'...' if len(text) > 60 else ''}' is {used} tokens long; "
+            f"Prompt-to-Prompt edits one CLIP window of {MAX_TOKENS} tokens ({MAX_TOKENS - 2} plus start/end). "
+            f"Shorten the prompt.")
+    return [_id_of(t, i) for i, t in enumerate(chunks[0])]
+
+
+def token_count(ids: Sequence[int]) -> int:
+    """Tokens up to and including the end token."""
+    return (list(ids).index(END) + 1) if END in ids else len(ids)
+
+
+def align_tokens(source: Sequence[int], target: Sequence[int]) -> List[int]:
+    """Global alignment of two token sequences keeping the largest number of identical tokens in order (a longest
+    common subsequence; substitutions never pay). Returns, for every target position, the source position it is
+    aligned with, or -1 for a token that is new in the target."""
+    n, m = len(source), len(target)
+    # score[i][j]: best number of matches aligning source[i:] with target[j:]
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        row, below = score[i], score[i + 1]
+        for j in range(m - 1, -1, -1):
+            if source[i] == target[j]:
+                row[j] = below[j + 1] + 1
+            else:
+                row[j] = below[j] if below[j] >= row[j + 1] else row[j + 1]
+    mapper = [-1] * m
+    i = j = 0
+    while i < n and j < m:
+        if source[i] == target[j] and score[i][j] == score[i + 1][j + 1] + 1:
+            mapper[j] = i
+            i += 1
+            j += 1
+        elif score[i + 1][j] >= score[i][j + 1]:
+            i += 1          # a source token the target dropped
+        else:
+            j += 1          # a token that is new in the target
+    return mapper
+
+
+def word_positions(clip, ids: Sequence[int], word: str) -> List[int]:
+    """Every position of ``word``'s tokens in ``ids`` (all occurrences), [] if absent."""
+    pieces = [t for t in prompt_tokens(clip, word, "word lookup", "word") if t not in (START, END, 0)]
+    end = token_count(ids) - 1
+    found = []
+    if not pieces:
+        return found
+    for start in range(1, end - len(pieces) + 1):
+        if list(ids[start:start + len(pieces)]) == pieces:
+            found.extend(range(start, start + len(pieces)))
+    return found
+
+
+def describe_tokens(clip, ids: Sequence[int]) -> str:
+    """The readable tokens of a 77-token sequence up to its end token, for error messages."""
+    return ", ".join(readable_tokens(clip, list(ids[:token_count(ids)])))

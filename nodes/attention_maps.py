@@ -4,7 +4,8 @@ from __future__ import annotations
 from ..artifacts import InversionChainError
 from ..attention import patching
 from ..attention.capture import (ATTN_MAPS, BRANCHES, DETAILS, KIND_CHOICES, RESOLUTIONS, AttentionCaptureEditor,
-                                 AttentionMaps, capture_layers, prompt_tokens, select)
+                                 AttentionMaps, capture_layers, prompt_tokens)
+from ..attention.map_query import select
 from ..attention.map_view import NORMALIZE, render
 from .common import CATEGORY, tip
 
@@ -118,8 +119,8 @@ class ICAttentionMapViewer:
             },
         }
 
-    def view(self, attn_maps, latent, kind, tokens, start_percent, end_percent, layers, resolution, branch, row, normalize,
-             columns, image=None):
+    def view(self, attn_maps, latent, kind, tokens, start_percent, end_percent, layers, resolution, branch, row,
+             normalize,              columns, image=None):
         if not hasattr(attn_maps, "steps"):
             raise InversionChainError(f"{VIEWER}: `attn_maps` must come from {CAPTURE}.")
         if kind not in ("cross", "self"):
@@ -128,8 +129,8 @@ class ICAttentionMapViewer:
             raise InversionChainError(f"{VIEWER}: normalize must be one of {', '.join(NORMALIZE)}.")
         if resolution not in VIEW_RESOLUTIONS:
             raise InversionChainError(f"{VIEWER}: resolution must be one of {', '.join(VIEW_RESOLUTIONS)}.")
-        sel = select(attn_maps, kind, tokens, float(start_percent), float(end_percent), layers, resolution, branch, int(row),
-                     VIEWER)
+        sel = select(attn_maps, kind, tokens, float(start_percent), float(end_percent), layers, resolution, branch,
+                     int(row),                      VIEWER)
         samples = latent["samples"]
         if image is not None:
             background = image[min(int(row), image.shape[0] - 1)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .. import compat
 from ..artifacts import INVERSION, InversionChainError
 from ..samplers import inversion as inversion_lib
+from ..logs import log
 from .common import CATEGORY, tip
 
 DEFAULT_REFINE_ITERS = 3  # measured: see README "DDIM Invert" (round-trip error vs cost per step)
@@ -27,7 +28,8 @@ class ICDDIMInvert:
         return {
             "required": {
                 "model": tip("MODEL", "The model to invert with; sample with the same model afterwards."),
-                "latent": tip("LATENT", "The image's latent (VAEEncode of the real photo). A batch inverts row by row."),
+                "latent": tip("LATENT", "The image's latent (VAEEncode of the real photo). A batch inverts row by "
+                              "row."),
                 "positive": tip("CONDITIONING", "The source prompt describing the photo. An empty prompt is valid."),
                 "steps": tip("INT", "DDIM steps; sample with the same number of steps.", default=50, min=1, max=1000),
                 "inversion_cfg": tip("FLOAT", "Guidance while inverting. 1.0 (default) inverts the conditional model "
@@ -50,8 +52,8 @@ class ICDDIMInvert:
         if not isinstance(latent, dict) or "samples" not in latent:
             raise InversionChainError("DDIM Invert: `latent` must be a LATENT (e.g. from VAEEncode).")
         inv = inversion_lib.invert(model, latent["samples"], positive, negative, inversion_cfg, steps, scheduler,
-                                   refine_iters)
-        print(f"[Inversion Chain] {inv.summary()}")
+                                   refine_iters, what="DDIM Invert")
+        log.info("[Inversion Chain] %s", inv.summary())
         noise = inversion_lib.chain_latent_out(model, inv, 0)
         return ({"samples": noise}, inv.sigmas.clone(), inv)
 

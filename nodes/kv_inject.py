@@ -11,14 +11,16 @@ from ..attention.reference import POLICIES, ReferenceKV
 from ..attention.schedule import check_percents, steps_within
 from ..attention.tokens import locate_words, parse_words
 from ..model_info import require_inversion
+from ..logs import log
 from .common import CATEGORY, tip
 
 WHAT = "KV Inject"
 
 
 class ICKVInject:
-    DESCRIPTION = ("MasaCtrl-style mutual self-attention from a real image: from `start_percent` of the steps on, the self-attention "
-                   "of layers >= `start_layer` uses the source image's keys/values taken from its inversion chain. "
+    DESCRIPTION = ("MasaCtrl-style mutual self-attention from a real image: from `start_percent` of the steps on, "
+                   "the self-attention of layers >= `start_layer` uses the source image's keys/values taken from "
+                   "its inversion chain. "
                    "Sample with the stock KSampler (sampler ddim, scheduler and steps of the inversion) or "
                    "SamplerCustom with DDIM Invert's sigmas; start from the inversion's noise to keep the layout.")
     CATEGORY = CATEGORY + "/attention"
@@ -82,14 +84,14 @@ class ICKVInject:
         reference.mode = reference.choose_storage(cache, model)
         if reference.mode == "cache":
             reference.fill(patched, latent)
-            print(f"[Inversion Chain] {WHAT}: cached reference K/V for {len(reference.steps)} steps x "
-                  f"{len(selected)} layers: {reference.nbytes() / 2 ** 20:.1f} MB on {reference.storage_device}")
+            log.info(f"[Inversion Chain] {WHAT}: cached reference K/V for {len(reference.steps)} steps x "
+                     f"{len(selected)} layers: {reference.nbytes() / 2 ** 20:.1f} MB on {reference.storage_device}")
         else:
             reference.storage_device = model.load_device
             positive = [[c[0][:1], c[1]] for c in inversion.positive]
             reference.conds = patching.capture_conds(model, positive, latent[:1])
             patching.add_unet_wrapper(patched, reference.recompute_wrapper)
-            print(f"[Inversion Chain] {WHAT}: recomputing reference K/V at every step")
+            log.info(f"[Inversion Chain] {WHAT}: recomputing reference K/V at every step")
         return (patched,)
 
 

@@ -1,52 +1,17 @@
 """P2Plus Controller (Prompt-to-Prompt / P2Plus editing, real or generated images) and Null-Text Inversion."""
 from __future__ import annotations
 
-import torch
-
 from .. import compat
-from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, NullText, Style
-from ..attention import patching
-from ..attention.p2p import (BLEND_LEVEL, DEFAULT_SELF_MAX_RES, MODES, CfgCheck, LocalBlend, P2PlusEditor,
-                             UncondContext, build_plan, word_positions)
-from ..attention.schedule import Schedule, check_percents
-from ..attention.style import ValueInjection
-from ..attention.tokens import parse_words
+from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError
+from ..attention.edit import build_edit
+from ..attention.edit_plan import MODES
+from ..attention.p2p import DEFAULT_SELF_MAX_RES
+from ..logs import log
 from ..optimize import null_text as null_text_lib
-from ..model_info import check_supported, model_key, require_inversion
 from .common import CATEGORY, tip
 
 WHAT = "P2Plus Controller"
 WHAT_NT = "Null-Text Inversion"
-
-
-def _encode(clip, text: str):
-    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-    return cond, pooled
-
-
-def _conditioning(rows):
-    """One CONDITIONING entry whose batch rows are ``rows`` [(cond, pooled), ...] (one prompt per latent row)."""
-    cond = torch.cat([c for c, _ in rows])
-    extra = {}
-    if all(p is not None for _, p in rows):
-        extra["pooled_output"] = torch.cat([p for _, p in rows])
-    return [[cond, extra]]
-
-
-def _rows_of(conditioning, what: str, name: str):
-    """(cond, pooled) of a one-entry, one-row CONDITIONING."""
-    if not conditioning or len(conditioning) != 1 or conditioning[0][0].shape[0] != 1:
-        raise InversionChainError(f"{what}: the {name} conditioning it was made with must be one prompt (one entry, "
-                                  f"batch 1).")
-    return conditioning[0][0], conditioning[0][1].get("pooled_output")
-
-
-def _require_source_prompt(made_with, source, source_prompt: str, artefact: str, maker: str):
-    """The NULL_TEXT / STYLE was made with the same source prompt embedding as this node encodes."""
-    cond = _rows_of(made_with, WHAT, "positive")[0]
-    if cond.shape != source[0].shape or not torch.allclose(cond.float().cpu(), source[0].float().cpu(), atol=1e-4):
-        raise InversionChainError(f"{WHAT}: the {artefact} was made with another source prompt (or CLIP) than "
-                                  f"'{source_prompt}'. Encode the same source prompt for {maker} and this node.")
 
 
 class ICP2PlusController:
@@ -140,96 +105,12 @@ class ICP2PlusController:
               blend_threshold=0.3, blend_start_percent=0.2, inversion=None, null_text=None, latent=None, seed=0,
               steps=50, scheduler="ddim_uniform", self_replace_max_res=DEFAULT_SELF_MAX_RES, style=None,
               style_end_percent=0.5):
-        check_supported(model, WHAT)
-        check_percents(WHAT, cross_replace_end_percent=cross_replace_end_percent,
-                       self_replace_end_percent=self_replace_end_percent,
-                       uncond_self_replace_end_percent=uncond_self_replace_end_percent,
-                       blend_start_percent=blend_start_percent, style_end_percent=style_end_percent)
-        cross_replace, self_replace = cross_replace_end_percent, self_replace_end_percent
-        uncond_self_replace, blend_start, style_until = (uncond_self_replace_end_percent, blend_start_percent,
-                                                         style_end_percent)
-        plan = build_plan(clip, source_prompt, target_prompt, mode, reweight, WHAT)
-
-        # schedule and starting noise
-        if inversion is not None:
-            require_inversion(model, inversion, WHAT)
-            if inversion.latent_shape[0] != 1:
-                raise InversionChainError(f"{WHAT}: the INVERSION holds {inversion.latent_shape[0]} images; edit one "
-                                          f"image at a time.")
-            schedule = Schedule(inversion.sigmas, inversion.scheduler, WHAT)
-            x_t = compat.latent_out(model, inversion.chain[0].float().clone()).cpu()
-        else:
-            if null_text is not None:
-                raise InversionChainError(f"{WHAT}: a NULL_TEXT needs the INVERSION it was made from; connect it to "
-                                          f"`inversion` as well.")
-            if latent is None or "samples" not in latent:
-                raise InversionChainError(f"{WHAT}: connect `inversion` (edit a real image) or `latent` (e.g. "
-                                          f"EmptyLatentImage: the size of a generated image).")
-            sigmas = compat.calculate_sigmas(model, scheduler, steps)
-            schedule = Schedule(sigmas, scheduler, WHAT)
-            shape = latent["samples"][:1]
-            noise = compat.prepare_noise(shape, seed) * (1.0 + float(sigmas[0]) ** 2) ** 0.5
-            x_t = compat.latent_out(model, noise.float())
-        latent_out = {"samples": x_t.repeat(2, 1, 1, 1).contiguous()}
-
-        # conditioning (row 0 source, row 1 target)
-        source = _encode(clip, source_prompt)
-        target = _encode(clip, target_prompt)
-        if null_text is not None:
-            if not isinstance(null_text, NullText):
-                raise InversionChainError(f"{WHAT}: `null_text` must come from Null-Text Inversion.")
-            null_text.check_inversion(inversion, WHAT)
-            _require_source_prompt(null_text.positive, source, source_prompt, "NULL_TEXT", "Null-Text Inversion")
-            uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, WHAT,
-                                                                                  "negative")
-        else:
-            uncond = _encode(clip, "")
-        positive = _conditioning([source, target])
-        negative = _conditioning([uncond, uncond])
-
-        # local blend
-        blend = None
-        words = parse_words(blend_words)
-        if words:
-            src_pos, tgt_pos = [], []
-            for word in words:
-                in_src = word_positions(clip, plan.source_ids, word)
-                in_tgt = word_positions(clip, plan.target_ids, word)
-                if not in_src and not in_tgt:
-                    raise InversionChainError(f"{WHAT}: the blend word '{word}' is in neither the source prompt "
-                                              f"'{source_prompt}' nor the target prompt '{target_prompt}'.")
-                src_pos += in_src
-                tgt_pos += in_tgt
-            layers = patching.layers_of(model)
-            level = min(BLEND_LEVEL, max(l.level for l in layers))
-            blend = LocalBlend(sorted(set(src_pos)), sorted(set(tgt_pos)), blend_threshold, blend_start, level,
-                               schedule)
-
-        editor = P2PlusEditor(plan, schedule, cross_replace, self_replace, uncond_self_replace, self_replace_max_res,
-                              blend, WHAT)
-        patched = patching.install(model, editor, WHAT)
-        if blend is not None:
-            patching.add_post_cfg_function(patched, blend)
-        if null_text is not None and null_text.method == "null-text":
-            patching.add_attn2_patch(patched, UncondContext(null_text.embeddings, schedule))
-            patching.add_post_cfg_function(patched, CfgCheck(null_text.cfg, WHAT))
-        if style is not None:
-            if not isinstance(style, Style):
-                raise InversionChainError(f"{WHAT}: `style` must come from StyleDiffusion Mapper.")
-            if inversion is None:
-                raise InversionChainError(f"{WHAT}: a STYLE needs the INVERSION it was trained on; connect it to "
-                                          f"`inversion` as well.")
-            style.check(model_key(model), inversion, WHAT)
-            _require_source_prompt(style.positive, source, source_prompt, "STYLE", "StyleDiffusion Mapper")
-            # row 0 takes the style token for token; row 1 through the edit's token alignment
-            row_maps = [None, (plan.mapper.long(), plan.aligned.float())]
-            patching.add_attn2_patch(patched, ValueInjection(style.values, schedule, style_until, row_maps))
-        print(f"[Inversion Chain] {WHAT}: {plan.describe()}; {schedule.steps} steps ({schedule.scheduler}); "
-              f"tau_c {cross_replace}, tau_s {self_replace}, tau_u {uncond_self_replace}"
-              f"{'; local blend ' + ', '.join(words) if words else ''}"
-              f"{'; ' + null_text.method + ' uncond' if null_text is not None else ''}"
-              f"{'; StyleDiffusion values until ' + str(style_until) if style is not None else ''}")
-        return (patched, positive, negative, latent_out, schedule.sigmas.clone())
+        edit = build_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
+                          self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words,
+                          blend_threshold, blend_start_percent, inversion, null_text, latent, seed, steps, scheduler,
+                          self_replace_max_res, style, style_end_percent, what=WHAT)
+        log.info("[Inversion Chain] %s", edit.description)
+        return (edit.model, edit.positive, edit.negative, edit.latent, edit.sigmas)
 
 
 class ICNullTextInversion:
@@ -279,7 +160,7 @@ class ICNullTextInversion:
         else:
             result = null_text_lib.optimize(model, inversion, positive, negative, cfg, inner_steps, learning_rate,
                                             WHAT_NT)
-        print(f"[Inversion Chain] {result.summary()}")
+        log.info("[Inversion Chain] %s", result.summary())
         return (result,)
 
 

@@ -5,6 +5,8 @@ from ..artifacts import INVERSION
 from ..samplers import rival
 from .common import CATEGORY, tip
 
+WHAT = "RIVAL Align Sampler"
+
 
 class ICRIVALAlignSampler:
     DESCRIPTION = ("Variations of a real photo (optionally steered by a new prompt) by aligning every generated row "
@@ -56,7 +58,7 @@ class ICRIVALAlignSampler:
                normalize_end_percent, init, normalize, reference_kv="cache"):
         variations, reference = rival.rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,
                                                    replace_end_percent, normalize_end_percent, init, normalize,
-                                                   reference_mode=reference_kv)
+                                                   reference_mode=reference_kv, what=WHAT)
         return ({"samples": variations}, {"samples": reference})
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 from ..artifacts import INVERSION, STYLE, InversionChainError, Style
 from ..attention import patching
 from ..attention.schedule import Schedule, check_percents
-from ..attention.style import ValueInjection
+from ..attention.style import value_injection
 from ..plots import loss_curve
 from ..optimize import style_diffusion
 from ..model_info import check_supported, model_key
+from ..logs import log
 from .common import CATEGORY, tip
 
-WHAT = style_diffusion.WHAT
+WHAT = "StyleDiffusion Mapper"
 WHAT_APPLY = "StyleDiffusion Apply"
 
 
@@ -62,8 +63,8 @@ class ICStyleDiffusionMapper:
               learning_rate=1e-2, attention_loss_weight=1.0):
         check_supported(model, WHAT)
         style = style_diffusion.train(model, clip_vision, image, inversion, positive, negative, cfg, inner_steps,
-                                      learning_rate, attention_loss_weight)
-        print(f"[Inversion Chain] {style.summary()}")
+                                      learning_rate, attention_loss_weight, what=WHAT)
+        log.info("[Inversion Chain] %s", style.summary())
         title = (f"StyleDiffusion loss: {style.steps} steps, {int(style.inner_iters.sum())} iterations"
                  f"{' (cached)' if style.from_cache else ''}")
         return (style, loss_curve(style.losses, title))
@@ -100,7 +101,7 @@ class ICStyleDiffusionApply:
         check_percents(WHAT_APPLY, style_end_percent=style_end_percent)
         style.check(model_key(model), None, WHAT_APPLY)
         schedule = Schedule(style.sigmas, style.scheduler, WHAT_APPLY)
-        patched = patching.add_attn2_patch(model.clone(), ValueInjection(style.values, schedule, style_end_percent))
+        patched = patching.add_attn2_patch(model.clone(), value_injection(style.values, schedule, style_end_percent))
         return (patched, style.sigmas.clone())
 
 

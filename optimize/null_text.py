@@ -51,7 +51,7 @@ def check_inputs(model, inversion: Inversion, cfg: float, inner_steps: int, what
 
 
 def negative_prompt_inversion(model, inversion: Inversion, positive, cfg: float,
-                              what: str = "Null-Text Inversion") -> NullText:
+                              what: str = "null-text inversion") -> NullText:
     """Zero-cost: the source prompt is the unconditional prompt at every step."""
     check_inputs(model, inversion, cfg, 1, what)
     return NullText(method="negative-prompt", embeddings=None, positive=positive, negative=positive, cfg=float(cfg),
@@ -60,7 +60,7 @@ def negative_prompt_inversion(model, inversion: Inversion, positive, cfg: float,
 
 
 def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, inner_steps: int = 10,
-             learning_rate: float = LEARNING_RATE, what: str = "Null-Text Inversion") -> NullText:
+             learning_rate: float = LEARNING_RATE, what: str = "null-text inversion") -> NullText:
     check_inputs(model, inversion, cfg, inner_steps, what)
     if not math.isfinite(learning_rate) or learning_rate <= 0:
         raise InversionChainError(f"{what}: learning_rate must be a positive number, got {learning_rate}.")

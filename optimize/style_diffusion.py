@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import logging
 import math
 import os
 import time
@@ -38,14 +37,14 @@ from .. import compat
 from ..artifacts import Inversion, InversionChainError, Style, inversion_fingerprint
 from ..attention import patching
 from ..attention.schedule import Schedule
-from ..attention.style import CrossAttentionRecorder, ValueInjection, recorder_level
+from ..attention.style import CrossAttentionRecorder, recorder_level, value_injection
 from ..model_info import model_key, require_single_cfg1_inversion, unet_of
 from ..samplers import ddim
 from .training import forward_hooks, normal, text_conds, trainable_weights
+from ..logs import log
 
-log = logging.getLogger("inversion_chain")
 
-WHAT = "StyleDiffusion Mapper"
+TECHNIQUE = "StyleDiffusion"   # default name in messages; the node passes its own
 EARLY_STOP_EPS = 1e-5
 EARLY_STOP_SLOPE = 2e-5
 INIT_STD = 0.01
@@ -95,7 +94,7 @@ def inner_iterations(inner_steps: int, i: int, decay: bool = True) -> int:
     return max(1, math.ceil(inner_steps * math.exp(-0.1 * i))) if decay else inner_steps
 
 
-def image_tokens(clip_vision, image, what: str = WHAT) -> torch.Tensor:
+def image_tokens(clip_vision, image, what: str = TECHNIQUE) -> torch.Tensor:
     if not hasattr(clip_vision, "encode_image"):
         raise InversionChainError(f"{what}: `clip_vision` must be a CLIP_VISION from Load CLIP Vision, got "
                                   f"{type(clip_vision).__name__}.")
@@ -112,7 +111,7 @@ def image_tokens(clip_vision, image, what: str = WHAT) -> torch.Tensor:
 
 
 def check_inputs(model, inversion: Inversion, image, cfg: float, inner_steps: int, learning_rate: float,
-                 attention_loss_weight: float, what: str = WHAT):
+                 attention_loss_weight: float, what: str = TECHNIQUE):
     require_single_cfg1_inversion(model, inversion, what, "StyleDiffusion")
     if not torch.is_tensor(image) or image.ndim != 4 or image.shape[-1] not in (3, 4):
         raise InversionChainError(f"{what}: `image` must be an IMAGE (batch, height, width, channels).")
@@ -197,7 +196,7 @@ def load_cached(key: str, context: dict) -> Optional[Style]:
         data = torch.load(path, map_location="cpu", weights_only=True)
         style = Style(**{k: data[k] for k in TRAINED_FIELDS}, **context, cache_key=key)
     except Exception as e:  # a damaged or older file is retrained, not fatal
-        log.warning("[Inversion Chain] %s: ignoring unreadable cache file %s (%s)", WHAT, path, e)
+        log.warning("[Inversion Chain] %s: ignoring unreadable cache file %s (%s)", TECHNIQUE, path, e)
         return None
     _remember(style)
     style = copy.copy(style)
@@ -214,7 +213,7 @@ def store(style: Style):
         torch.save({k: getattr(style, k) for k in TRAINED_FIELDS}, tmp)
         os.replace(tmp, path)
     except OSError as e:  # the memory cache still works; a read-only temp folder is not an error
-        log.warning("[Inversion Chain] %s: could not write the disk cache (%s)", WHAT, e)
+        log.warning("[Inversion Chain] %s: could not write the disk cache (%s)", TECHNIQUE, e)
 
 
 def clear_memory_cache():
@@ -224,7 +223,7 @@ def clear_memory_cache():
 # -- training -----------------------------------------------------------------------------------------------------
 def train(model, clip_vision, image, inversion: Inversion, positive, negative, cfg: float = 7.5,
           inner_steps: int = 100, learning_rate: float = 1e-2, attention_loss_weight: float = 1.0,
-          use_cache: bool = True, decay: bool = True, what: str = WHAT) -> Style:
+          use_cache: bool = True, decay: bool = True, what: str = TECHNIQUE) -> Style:
     check_inputs(model, inversion, image, cfg, inner_steps, learning_rate, attention_loss_weight, what)
     if negative is None:
         raise InversionChainError(f"{what}: connect `negative` (the unconditional prompt, usually empty).")
@@ -240,17 +239,16 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
     if use_cache:
         cached = load_cached(key, context)
         if cached is not None:
-            log.info("[Inversion Chain] %s: cache hit (%s, key %s): no training", what, cached.from_cache, key)
-            print(f"[Inversion Chain] {what}: loaded the trained mappers' values from the {cached.from_cache} cache "
-                  f"(key {key}); no training.")
+            log.info("[Inversion Chain] %s: loaded the trained mappers' values from the %s cache (key %s); no "
+                     "training.", what, cached.from_cache, key)
             return cached
 
     started = time.perf_counter()
     conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "StyleDiffusion")
     steps, sigmas = inversion.steps, inversion.sigmas
     schedule = Schedule(sigmas, inversion.scheduler, what)
-    recorder = CrossAttentionRecorder(recorder_level(), sigmas)
-    injection = ValueInjection(None, schedule)
+    recorder = CrossAttentionRecorder(recorder_level(), sigmas, what)
+    injection = value_injection(None, schedule)
     patched = patching.add_attn2_patch(patching.install(model, recorder, what), injection)
     compat.load_models([patched])
     device = patched.load_device
@@ -334,6 +332,6 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
                   final_error=final_error, seconds=time.perf_counter() - started, cache_key=key)
     if use_cache:
         store(style)
-        print(f"[Inversion Chain] {what}: trained in {style.seconds:.1f}s, cached (key {key}) in memory and "
-              f"{cache_dir()}")
+        log.info("[Inversion Chain] %s: trained in %.1fs, cached (key %s) in memory and %s", what, style.seconds, key,
+                 cache_dir())
     return style

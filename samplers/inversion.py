@@ -33,7 +33,7 @@ def check_latent(samples: torch.Tensor, what: str):
 
 
 def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg: float, steps: int,
-           scheduler: str = "ddim_uniform", refine_iters: int = 3, what: str = "DDIM Invert") -> Inversion:
+           scheduler: str = "ddim_uniform", refine_iters: int = 3, what: str = "DDIM inversion") -> Inversion:
     """Invert ``latent_samples`` (LATENT space) along ``scheduler``'s sigmas; returns the whole chain."""
     check_supported(model_patcher, what)
     check_latent(latent_samples, what)

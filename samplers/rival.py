@@ -12,7 +12,6 @@ normalize_end_percent`` (t > t_early); t_align = t_early = 600 on 50 ddim_unifor
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -24,12 +23,12 @@ from ..attention.reference import ReferenceKV
 from ..attention.rival import RivalAttentionEditor
 from ..attention.schedule import Schedule, check_percents
 from ..model_info import require_inversion
+from ..logs import log
 
 INITS = ("permute", "adain", "inverted")
 REFERENCE_MODES = ("cache", "batch")
 NORMALIZE = ("eps", "latent", "off")
-WHAT = "RIVAL Align Sampler"
-log = logging.getLogger("inversion_chain")
+TECHNIQUE = "RIVAL"   # default name in messages; the node passes its own
 
 
 def adain(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -39,7 +38,7 @@ def adain(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Ten
     return (x - mean_x) / (var_x + eps).sqrt() * (var_t + eps).sqrt() + mean_t
 
 
-def initial_latent(x_T: torch.Tensor, seed: int, init: str) -> torch.Tensor:
+def initial_latent(x_T: torch.Tensor, seed: int, init: str, what: str = TECHNIQUE) -> torch.Tensor:
     """One variation's starting latent from the inversion's x_T ([1, C, H, W], sampler space)."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     _, c, h, w = x_T.shape
@@ -51,10 +50,10 @@ def initial_latent(x_T: torch.Tensor, seed: int, init: str) -> torch.Tensor:
     if init == "adain":
         noise = torch.randn(x_T.shape, generator=gen).to(x_T.device, x_T.dtype)
         return adain(noise, x_T)
-    raise InversionChainError(f"{WHAT}: unknown init '{init}'; use one of {', '.join(INITS)}.")
+    raise InversionChainError(f"{what}: unknown init '{init}'; use one of {', '.join(INITS)}.")
 
 
-def stack_rows(reference_cond, generation_cond, variations: int, what: str = WHAT):
+def stack_rows(reference_cond, generation_cond, variations: int, what: str = TECHNIQUE):
     """A CONDITIONING with one row per batch row: the reference's prompt, then the generation prompt N times.
     Token counts that differ are repeated to a common multiple (attention over repeated keys is unchanged)."""
     ref, gen = reference_cond[0], generation_cond[0]
@@ -73,17 +72,18 @@ def stack_rows(reference_cond, generation_cond, variations: int, what: str = WHA
     return [[torch.cat([a] + [b] * variations), meta]]
 
 
-def check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize):
-    require_inversion(model, inversion, WHAT)
-    check_percents(WHAT, replace_end_percent=replace_end_percent, normalize_end_percent=normalize_end_percent)
+def check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
+                 what: str = TECHNIQUE):
+    require_inversion(model, inversion, what)
+    check_percents(what, replace_end_percent=replace_end_percent, normalize_end_percent=normalize_end_percent)
     if batch_size < 1:
-        raise InversionChainError(f"{WHAT}: batch_size must be at least 1, got {batch_size}.")
+        raise InversionChainError(f"{what}: batch_size must be at least 1, got {batch_size}.")
     if init not in INITS:
-        raise InversionChainError(f"{WHAT}: unknown init '{init}'; use one of {', '.join(INITS)}.")
+        raise InversionChainError(f"{what}: unknown init '{init}'; use one of {', '.join(INITS)}.")
     if normalize not in NORMALIZE:
-        raise InversionChainError(f"{WHAT}: unknown normalize '{normalize}'; use one of {', '.join(NORMALIZE)}.")
+        raise InversionChainError(f"{what}: unknown normalize '{normalize}'; use one of {', '.join(NORMALIZE)}.")
     if cfg <= 0:
-        raise InversionChainError(f"{WHAT}: cfg must be positive, got {cfg}.")
+        raise InversionChainError(f"{what}: cfg must be positive, got {cfg}.")
 
 
 def conditioning_key(cond) -> tuple:
@@ -91,7 +91,8 @@ def conditioning_key(cond) -> tuple:
     return (tuple(t.shape), round(float(t.float().sum()), 4), round(float(t.float().abs().sum()), 4))
 
 
-def cached_reference(model, inversion: Inversion, negative, policy: str = "auto") -> Optional[ReferenceKV]:
+def cached_reference(model, inversion: Inversion, negative, policy: str = "auto",
+                     what: str = TECHNIQUE) -> Optional[ReferenceKV]:
     """The inversion's reference K/V for both CFG branches (and its conditional eps), recorded once and kept on
     the INVERSION for later runs; None when it would not fit (then the reference row runs in the batch)."""
     key = ("rival", conditioning_key(negative))
@@ -102,11 +103,11 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
     store = ReferenceKV(inversion, layers, range(inversion.steps))
     if store.choose_storage(policy, model) != "cache":
         return None
-    schedule = Schedule(inversion.sigmas, inversion.scheduler, WHAT)
-    recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=store), WHAT)
+    schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
+    recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=store), what)
     store.fill(recorder, torch.zeros(inversion.latent_shape), negative=[[c[0][:1], c[1]] for c in negative])
     inversion.extras[key] = store
-    log.info("[Inversion Chain] %s: cached reference K/V, %.1f MB on %s", WHAT, store.nbytes() / 2 ** 20,
+    log.info("[Inversion Chain] %s: cached reference K/V, %.1f MB on %s", what, store.nbytes() / 2 ** 20,
              store.storage_device)
     return store
 
@@ -114,24 +115,25 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
 def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,
                  replace_end_percent: float = 0.4, normalize_end_percent: float = 0.4, init: str = "permute",
                  normalize: str = "eps",
-                 preview: bool = True, reference_mode: str = "cache"):
+                 preview: bool = True, reference_mode: str = "cache", what: str = TECHNIQUE):
     """Returns (variations [N, C, H, W], reference [1, C, H, W]) in LATENT space.
 
     ``reference_mode='cache'`` records the reference row once per inversion (and negative prompt) and keeps it out
     of the batch; ``'batch'`` runs it as row 0 of every step (the official code's layout)."""
-    check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize)
+    check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
+                 what)
     if reference_mode not in REFERENCE_MODES:
-        raise InversionChainError(f"{WHAT}: unknown reference mode '{reference_mode}'; use one of "
+        raise InversionChainError(f"{what}: unknown reference mode '{reference_mode}'; use one of "
                                   f"{', '.join(REFERENCE_MODES)}.")
     replace_end, normalize_end = float(replace_end_percent), float(normalize_end_percent)
-    store = cached_reference(model, inversion, negative) if reference_mode == "cache" else None
+    store = cached_reference(model, inversion, negative, what=what) if reference_mode == "cache" else None
     if store is not None:
         return _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end,
-                                  normalize_end, init, normalize, preview)
+                                  normalize_end, init, normalize, preview, what)
     steps = inversion.steps
     sigmas = inversion.sigmas
-    schedule = Schedule(sigmas, inversion.scheduler, WHAT)
-    m = patching.install(model, RivalAttentionEditor(replace_end, schedule), WHAT)
+    schedule = Schedule(sigmas, inversion.scheduler, what)
+    m = patching.install(model, RivalAttentionEditor(replace_end, schedule), what)
     ref_cond = {}
 
     def observe(args):  # the reference row's conditional prediction, for eps normalisation
@@ -142,7 +144,7 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
     preview_cb = compat.preview_callback(m, steps) if preview else None
     pbar = None if preview else compat.progress_bar(steps)
     x_T = inversion.chain[0][:1]
-    inits = torch.cat([initial_latent(x_T, seed + j, init) for j in range(batch_size)])
+    inits = torch.cat([initial_latent(x_T, seed + j, init, what) for j in range(batch_size)])
     state = {}
 
     def rival_loop(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
@@ -172,27 +174,27 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
         state["x"] = x
         return x
 
-    pos = stack_rows(inversion.positive, positive, batch_size)
-    neg = stack_rows(negative, negative, batch_size)
+    pos = stack_rows(inversion.positive, positive, batch_size, what)
+    neg = stack_rows(negative, negative, batch_size, what)
     latent_image = torch.zeros((batch_size + 1,) + tuple(inversion.latent_shape[1:]))
     try:
         out = compat.sample_with_function(m, rival_loop, sigmas, pos, neg, cfg, latent_image, seed=seed)
     except compat.out_of_memory_errors() as e:
-        raise InversionChainError(f"{WHAT}: out of memory with batch_size {batch_size} (+1 reference row); lower "
+        raise InversionChainError(f"{what}: out of memory with batch_size {batch_size} (+1 reference row); lower "
                                   f"batch_size or the image size. ({e})") from e
     return out[1:].cpu(), out[:1].cpu()
 
 
 def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end, normalize_end,
-                       init, normalize, preview):
+                       init, normalize, preview, what):
     """The same algorithm with the reference row's K/V and conditional eps read from ``store``."""
     steps, sigmas = inversion.steps, inversion.sigmas
-    schedule = Schedule(sigmas, inversion.scheduler, WHAT)
-    m = patching.install(model, RivalAttentionEditor(replace_end, schedule, reference=store), WHAT)
+    schedule = Schedule(sigmas, inversion.scheduler, what)
+    m = patching.install(model, RivalAttentionEditor(replace_end, schedule, reference=store), what)
     preview_cb = compat.preview_callback(m, steps) if preview else None
     pbar = None if preview else compat.progress_bar(steps)
     x_T = inversion.chain[0][:1]
-    inits = torch.cat([initial_latent(x_T, seed + j, init) for j in range(batch_size)])
+    inits = torch.cat([initial_latent(x_T, seed + j, init, what) for j in range(batch_size)])
 
     def rival_loop(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
@@ -222,7 +224,7 @@ def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_
     try:
         out = compat.sample_with_function(m, rival_loop, sigmas, pos, neg, cfg, latent_image, seed=seed)
     except compat.out_of_memory_errors() as e:
-        raise InversionChainError(f"{WHAT}: out of memory with batch_size {batch_size}; lower batch_size or the "
+        raise InversionChainError(f"{what}: out of memory with batch_size {batch_size}; lower batch_size or the "
                                   f"image size. ({e})") from e
     reference = compat.latent_out(model, inversion.chain[-1][:1].clone()).cpu()
     return out.cpu(), reference

@@ -1,6 +1,5 @@
 """Attention Capture and Attention Map Viewer on the small model (SD1.5 block layout, 16 attention layers,
 16x16 latents), in-process; plus the shipped workflow through a headless server."""
-import math
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ import comfy.samplers
 from inversion_chain import compat
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention import map_view, patching
-from inversion_chain.attention.capture import (AttentionCaptureEditor, AttentionMaps, capture_layers, select,
-                                               storage_bytes)
+from inversion_chain.attention.capture import AttentionCaptureEditor, AttentionMaps, capture_layers, storage_bytes
+from inversion_chain.attention.map_query import select
 from inversion_chain.attention.controller import CONTROLLER_KEY, Controller, Editor, apply_probs, attention_probs
 from inversion_chain.attention.layers import enumerate_layers
 from inversion_chain.nodes.attention_maps import ICAttentionCapture, ICAttentionMapViewer
@@ -60,8 +59,8 @@ def capture(s, model=None, kinds="cross + self", resolution="latent/1", detail="
 
 def view(s, maps, kind="cross", tokens="", start_percent=0.0, end_percent=1.0, layers="all", resolution="all captured",
          branch="cond", row=0, normalize="per tile", columns=0, image=None):
-    return ICAttentionMapViewer().view(maps, s["latent"], kind, tokens, start_percent, end_percent, layers, resolution, branch,
-                                       row, normalize, columns, image)
+    return ICAttentionMapViewer().view(maps, s["latent"], kind, tokens, start_percent, end_percent, layers, resolution,
+                                       branch,                                        row, normalize, columns, image)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +267,8 @@ def test_bad_input_gets_clear_errors(s, captured):
         capture_layers(no_level, "latent/8", "Attention Capture")
     m, no_prompt = capture(s, kinds="cross", resolution="latent/2", clip=None, prompt="")
     sample(m, s["pos"], s["neg"], s["noise"], s["sigmas"])
-    with pytest.raises(InversionChainError, match="give Attention Capture `clip` and `prompt`; or list token positions"):
+    with pytest.raises(InversionChainError,
+                       match="give Attention Capture `clip` and `prompt`; or list token positions"):
         view(s, no_prompt)
     assert view(s, no_prompt, tokens="#1")[1].shape[0] == 1
 
@@ -369,10 +369,11 @@ def test_capture_memory_for_sd15_at_512px_and_50_steps_stays_within_the_layout_b
     assert storage_bytes(chosen, (64, 64), 50, 2, 1, ("cross", "self")) == \
         {"stored": stored, "pending": pending, "total": stored + pending}
     assert stored + pending < 25 * 2 ** 20
+    per_res = storage_bytes(layers, (64, 64), 50, 2, 1, ('cross', 'self'), detail='per resolution')['total']
     print(f"SD1.5 512px 50 steps, latent/4 cross+self per layer: {(stored + pending) / 2 ** 20:.1f} MB; "
           f"all layers per layer: {storage_bytes(layers, (64, 64), 50, 2, 1, ('cross', 'self'))['total'] / 2**20:.0f}"
           f" MB, per resolution: "
-          f"{storage_bytes(layers, (64, 64), 50, 2, 1, ('cross', 'self'), detail='per resolution')['total'] / 2**20:.0f} MB")
+          f"{per_res / 2**20:.0f} MB")
 
     maps = AttentionMaps(("cross", "self"), (2,), "per layer", 4)
     editor = AttentionCaptureEditor(maps, chosen)

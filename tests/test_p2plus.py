@@ -9,7 +9,9 @@ import comfy.samplers
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention import patching
 from inversion_chain.attention.controller import CONTROLLER_KEY, Editor
-from inversion_chain.attention.p2p import P2PlusEditor, align_tokens, build_plan, prompt_tokens
+from inversion_chain.attention.edit_plan import build_plan
+from inversion_chain.attention.p2p import P2PlusEditor
+from inversion_chain.attention.tokens import align_tokens, prompt_tokens
 from inversion_chain.attention.tokens import END, START
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController

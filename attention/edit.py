@@ -1,0 +1,157 @@
+"""``build_edit``: the whole Prompt-to-Prompt / P2Plus assembly (plan, schedule, starting noise, two-row
+conditioning, local blend, null-text and StyleDiffusion context patches) on a patched ``model.clone()``.
+The P2Plus Controller node validates its widgets and calls this; the result is sampled by a stock sampler."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import compat
+from ..artifacts import InversionChainError, NullText, Style
+from ..model_info import check_supported, model_key, require_inversion
+from . import patching
+from .context import UNCOND, CfgCheck, ContextPatch
+from .edit_plan import build_plan
+from .local_blend import BLEND_LEVEL, LocalBlend
+from .p2p import DEFAULT_SELF_MAX_RES, P2PlusEditor
+from .schedule import Schedule, check_percents
+from .style import value_injection
+from .tokens import parse_words, word_positions
+
+
+
+@dataclass
+class Edit:
+    model: object            # the patched MODEL clone
+    positive: list           # CONDITIONING, row 0 source, row 1 target
+    negative: list           # CONDITIONING, both rows
+    latent: dict             # LATENT: two rows of the same x_T
+    sigmas: torch.Tensor     # the schedule the edit is defined on
+    description: str
+
+
+def _encode(clip, text: str):
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return cond, pooled
+
+
+def _conditioning(rows):
+    """One CONDITIONING entry whose batch rows are ``rows`` [(cond, pooled), ...] (one prompt per latent row)."""
+    cond = torch.cat([c for c, _ in rows])
+    extra = {}
+    if all(p is not None for _, p in rows):
+        extra["pooled_output"] = torch.cat([p for _, p in rows])
+    return [[cond, extra]]
+
+
+def _rows_of(conditioning, what: str, name: str):
+    """(cond, pooled) of a one-entry, one-row CONDITIONING."""
+    if not conditioning or len(conditioning) != 1 or conditioning[0][0].shape[0] != 1:
+        raise InversionChainError(f"{what}: the {name} conditioning it was made with must be one prompt (one entry, "
+                                  f"batch 1).")
+    return conditioning[0][0], conditioning[0][1].get("pooled_output")
+
+
+def _require_source_prompt(made_with, source, source_prompt: str, artefact: str, maker: str, what: str):
+    """The NULL_TEXT / STYLE was made with the same source prompt embedding as this edit encodes."""
+    cond = _rows_of(made_with, what, "positive")[0]
+    if cond.shape != source[0].shape or not torch.allclose(cond.float().cpu(), source[0].float().cpu(), atol=1e-4):
+        raise InversionChainError(f"{what}: the {artefact} was made with another source prompt (or CLIP) than "
+                                  f"'{source_prompt}'. Encode the same source prompt for {maker} and this node.")
+
+
+def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, cross_replace_end_percent: float,
+               self_replace_end_percent: float, uncond_self_replace_end_percent: float, reweight: str = "",
+               blend_words: str = "", blend_threshold: float = 0.3, blend_start_percent: float = 0.2,
+               inversion=None, null_text: Optional[NullText] = None, latent: Optional[dict] = None, seed: int = 0,
+               steps: int = 50, scheduler: str = "ddim_uniform", self_replace_max_res: int = DEFAULT_SELF_MAX_RES,
+               style: Optional[Style] = None, style_end_percent: float = 0.5, what: str = "Prompt-to-Prompt") -> Edit:
+    check_supported(model, what)
+    check_percents(what, cross_replace_end_percent=cross_replace_end_percent,
+                   self_replace_end_percent=self_replace_end_percent,
+                   uncond_self_replace_end_percent=uncond_self_replace_end_percent,
+                   blend_start_percent=blend_start_percent, style_end_percent=style_end_percent)
+    plan = build_plan(clip, source_prompt, target_prompt, mode, reweight, what)
+
+    # schedule and starting noise
+    if inversion is not None:
+        require_inversion(model, inversion, what)
+        if inversion.latent_shape[0] != 1:
+            raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; edit one "
+                                      f"image at a time.")
+        schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
+        x_t = compat.latent_out(model, inversion.chain[0].float().clone()).cpu()
+    else:
+        if null_text is not None:
+            raise InversionChainError(f"{what}: a NULL_TEXT needs the INVERSION it was made from; connect it to "
+                                      f"`inversion` as well.")
+        if latent is None or "samples" not in latent:
+            raise InversionChainError(f"{what}: connect `inversion` (edit a real image) or `latent` (e.g. "
+                                      f"EmptyLatentImage: the size of a generated image).")
+        sigmas = compat.calculate_sigmas(model, scheduler, steps)
+        schedule = Schedule(sigmas, scheduler, what)
+        noise = compat.prepare_noise(latent["samples"][:1], seed) * (1.0 + float(sigmas[0]) ** 2) ** 0.5
+        x_t = compat.latent_out(model, noise.float())
+    latent_out = {"samples": x_t.repeat(2, 1, 1, 1).contiguous()}
+
+    # conditioning (row 0 source, row 1 target)
+    source = _encode(clip, source_prompt)
+    target = _encode(clip, target_prompt)
+    if null_text is not None:
+        if not isinstance(null_text, NullText):
+            raise InversionChainError(f"{what}: `null_text` must come from Null-Text Inversion.")
+        null_text.check_inversion(inversion, what)
+        _require_source_prompt(null_text.positive, source, source_prompt, "NULL_TEXT", "Null-Text Inversion", what)
+        uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, what, "negative")
+    else:
+        uncond = _encode(clip, "")
+    positive = _conditioning([source, target])
+    negative = _conditioning([uncond, uncond])
+
+    # local blend
+    blend = None
+    words = parse_words(blend_words)
+    if words:
+        src_pos, tgt_pos = [], []
+        for word in words:
+            in_src = word_positions(clip, plan.source_ids, word)
+            in_tgt = word_positions(clip, plan.target_ids, word)
+            if not in_src and not in_tgt:
+                raise InversionChainError(f"{what}: the blend word '{word}' is in neither the source prompt "
+                                          f"'{source_prompt}' nor the target prompt '{target_prompt}'.")
+            src_pos += in_src
+            tgt_pos += in_tgt
+        level = min(BLEND_LEVEL, max(l.level for l in patching.layers_of(model)))
+        blend = LocalBlend(sorted(set(src_pos)), sorted(set(tgt_pos)), blend_threshold, blend_start_percent, level,
+                           schedule)
+
+    editor = P2PlusEditor(plan, schedule, cross_replace_end_percent, self_replace_end_percent,
+                          uncond_self_replace_end_percent, self_replace_max_res, blend, what)
+    patched = patching.install(model, editor, what)
+    if blend is not None:
+        patching.add_post_cfg_function(patched, blend)
+    if null_text is not None and null_text.method == "null-text":
+        patching.add_attn2_patch(patched, ContextPatch(
+            null_text.embeddings, schedule, UNCOND, keys=True,
+            mismatch="Use the negative output of P2Plus Controller with the NULL_TEXT's model."))
+        patching.add_post_cfg_function(patched, CfgCheck(null_text.cfg, what))
+    if style is not None:
+        if not isinstance(style, Style):
+            raise InversionChainError(f"{what}: `style` must come from StyleDiffusion Mapper.")
+        if inversion is None:
+            raise InversionChainError(f"{what}: a STYLE needs the INVERSION it was trained on; connect it to "
+                                      f"`inversion` as well.")
+        style.check(model_key(model), inversion, what)
+        _require_source_prompt(style.positive, source, source_prompt, "STYLE", "StyleDiffusion Mapper", what)
+        # row 0 takes the style token for token; row 1 through the edit's token alignment
+        row_maps = [None, (plan.mapper.long(), plan.aligned.float())]
+        patching.add_attn2_patch(patched, value_injection(style.values, schedule, style_end_percent, row_maps))
+    description = (f"{what}: {plan.describe()}; {schedule.steps} steps ({schedule.scheduler}); "
+                   f"cross/self/uncond-self replace until {cross_replace_end_percent}/{self_replace_end_percent}/"
+                   f"{uncond_self_replace_end_percent} of the steps"
+                   f"{'; local blend ' + ', '.join(words) if words else ''}"
+                   f"{'; ' + null_text.method + ' uncond' if null_text is not None else ''}"
+                   f"{'; StyleDiffusion values until ' + str(style_end_percent) if style is not None else ''}")
+    return Edit(patched, positive, negative, latent_out, schedule.sigmas.clone(), description)

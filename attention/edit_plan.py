@@ -1,0 +1,104 @@
+"""Prompt-to-Prompt's edit plan: how the target prompt's cross-attention columns are taken from the source's
+(replace: same token positions; refine: target tokens aligned to the source's, new tokens keep their own maps;
+reweight: chosen target tokens' maps scaled by c)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..artifacts import InversionChainError
+from .tokens import align_tokens, describe_tokens, prompt_tokens, token_count, word_positions
+
+MODES = ("replace", "refine", "reweight")
+REWEIGHT_RANGE = (-2.0, 2.0)
+
+
+def parse_reweight(text: str, what: str) -> List[Tuple[str, float]]:
+    """``"flowers:2.0, red car:-1"`` -> [("flowers", 2.0), ("red car", -1.0)]."""
+    out = []
+    for item in (text or "").replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        word, sep, value = item.rpartition(":")
+        if not sep or not word.strip():
+            raise InversionChainError(f"{what}: reweight entry '{item}' must look like 'word:value', e.g. "
+                                      f"'flowers:2.0' (values in [{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}]).")
+        try:
+            c = float(value)
+        except ValueError:
+            raise InversionChainError(f"{what}: reweight value '{value.strip()}' of '{word.strip()}' is not a number.")
+        if not REWEIGHT_RANGE[0] <= c <= REWEIGHT_RANGE[1]:
+            raise InversionChainError(f"{what}: reweight value {c:g} for '{word.strip()}' is outside "
+                                      f"[{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}].")
+        out.append((word.strip(), c))
+    return out
+
+
+@dataclass
+class EditPlan:
+    """How the target's cross-attention columns are taken from the source's (all tensors have 77 entries)."""
+
+    mode: str
+    source_ids: List[int]
+    target_ids: List[int]
+    mapper: torch.Tensor                 # long: source column for each target column
+    aligned: torch.Tensor                # float: 1 = take the source's column, 0 = keep the target's own
+    equalizer: Optional[torch.Tensor]    # float scale per target column (reweight), None = no scaling
+    reweight: List[Tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def word_swap(self) -> bool:
+        """True when the target's maps are the source's unchanged (the q/k copy does it, no explicit maps)."""
+        n = self.mapper.numel()
+        return (self.equalizer is None and bool(self.aligned.eq(1).all())
+                and torch.equal(self.mapper, torch.arange(n, dtype=self.mapper.dtype)))
+
+    def describe(self) -> str:
+        new = int((self.aligned == 0).sum())
+        out = f"{self.mode}: {token_count(self.target_ids) - 2} target tokens, {new} new"
+        if self.reweight:
+            out += ", reweight " + ", ".join(f"{w}:{c:g}" for w, c in self.reweight)
+        return out
+
+
+def build_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight: str = "",
+               what: str = "Prompt-to-Prompt") -> EditPlan:
+    if mode not in MODES:
+        raise InversionChainError(f"{what}: unknown mode '{mode}'; use one of {', '.join(MODES)}.")
+    src = prompt_tokens(clip, source_prompt, what, "source prompt")
+    tgt = prompt_tokens(clip, target_prompt, what, "target prompt")
+    if len(src) != len(tgt):
+        raise InversionChainError(f"{what}: the source and target prompts tokenize to different window sizes "
+                                  f"({len(src)} vs {len(tgt)}).")
+    n = len(tgt)
+    weights = parse_reweight(reweight, what)
+    if mode == "reweight" and not weights:
+        raise InversionChainError(f"{what}: mode 'reweight' needs `reweight`, e.g. 'flowers:2.0' (a word of the "
+                                  f"target prompt and a scale in [{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}]).")
+    if mode == "replace" or (mode == "reweight" and token_count(src) == token_count(tgt)):
+        if token_count(src) != token_count(tgt):
+            raise InversionChainError(
+                f"{what}: mode 'replace' swaps words token for token, but the source prompt has "
+                f"{token_count(src) - 2} tokens ({describe_tokens(clip, src)}) and the target prompt "
+                f"{token_count(tgt) - 2} ({describe_tokens(clip, tgt)}). Use mode 'refine' for prompts of different "
+                f"lengths, or choose replacement words with the same number of tokens.")
+        mapper = torch.arange(n, dtype=torch.long)
+        aligned = torch.ones(n)
+    else:
+        pairs = align_tokens(src, tgt)
+        mapper = torch.tensor([p if p >= 0 else j for j, p in enumerate(pairs)], dtype=torch.long)
+        aligned = torch.tensor([1.0 if p >= 0 else 0.0 for p in pairs])
+    equalizer = None
+    if weights:
+        equalizer = torch.ones(n)
+        for word, c in weights:
+            pos = word_positions(clip, tgt, word)
+            if not pos:
+                raise InversionChainError(f"{what}: the reweight word '{word}' is not in the target prompt "
+                                          f"'{target_prompt}'. Its tokens are: {describe_tokens(clip, tgt)}.")
+            equalizer[pos] = c
+    return EditPlan(mode=mode, source_ids=src, target_ids=tgt, mapper=mapper, aligned=aligned, equalizer=equalizer,
+                    reweight=weights)

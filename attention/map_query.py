@@ -1,0 +1,194 @@
+"""The Attention Map Viewer's queries over an ATTN_MAPS: which steps, units, branch and row, averaged into tiles
+(one per token, word or query point), with clear errors for anything outside what was captured. Drawing the
+tiles is map_view.py's job."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..artifacts import InversionChainError
+from . import tokens as tokens_mod
+from .capture import (BRANCH_NAMES, BRANCHES, AttentionMaps, describe_layers, point_fractions, resolution_levels,
+                      resolution_name)
+
+
+@dataclass
+class Tile:
+    label: str                  # token / word / query point
+    map: torch.Tensor           # (h, w) float32, the mean over the selected steps and units
+    point: Optional[Tuple[float, float]] = None   # self: the query point (y, x) as fractions
+
+
+@dataclass
+class Selection:
+    tiles: List[Tile]
+    steps: List[int]            # indices of the recorded steps used
+    step_label: str
+    layer_label: str
+    grid: Tuple[int, int]
+
+
+def _parse_layers(text: str, what: str) -> Optional[set]:
+    text = (text or "").strip().lower()
+    if text in ("", "all"):
+        return None
+    out = set()
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise InversionChainError(f"{what}: `layers` must be 'all' or layer numbers and ranges like '4,5,7-9'; "
+                                      f"got '{text}'.") from None
+    return out
+
+
+def _point_spec(part: str) -> Optional[int]:
+    part = part.strip()
+    if part.startswith("#") and part[1:].strip().isdigit():
+        return int(part[1:])
+    return None
+
+
+def select(maps: AttentionMaps, kind: str, tokens_text: str, start_percent: float, end_percent: float, layers_text: str,
+           resolution: str, branch: str, row: int, what: str = "attention maps") -> Selection:
+    """Tiles (one per token / word / query point) of the chosen steps, units, branch and row; clear errors for
+    anything outside what was captured."""
+    maps.flush()
+    if kind not in maps.kinds:
+        raise InversionChainError(f"{what}: {kind}-attention was not captured (the capture recorded "
+                                  f"{' and '.join(maps.kinds)}); set the capture's `kinds` to include it.")
+    if not maps.steps:
+        raise InversionChainError(f"{what}: no attention was captured. Connect Attention Capture's MODEL to the "
+                                  f"sampler that made `latent`, and run that sampler before this node.")
+    if branch not in BRANCHES:
+        raise InversionChainError(f"{what}: branch must be one of {', '.join(BRANCHES)}, got '{branch}'.")
+    b = BRANCHES[branch]
+    have = maps.branches(kind)
+    if b not in have:
+        raise InversionChainError(f"{what}: the {branch} branch was not captured (captured: "
+                                  f"{', '.join(BRANCH_NAMES[x] for x in have)}). The uncond branch exists only when "
+                                  f"cfg > 1.")
+    n_rows = maps.rows(kind, b)
+    if not 0 <= row < n_rows:
+        raise InversionChainError(f"{what}: row {row} is outside the run's batch of {n_rows} row(s) "
+                                  f"(valid: 0..{n_rows - 1}).")
+
+    # steps
+    fr = maps.fractions()
+    n = len(maps.steps)
+    if not (0.0 <= start_percent <= 1.0 and 0.0 <= end_percent <= 1.0) or start_percent >= end_percent:
+        raise InversionChainError(f"{what}: the step range start_percent {start_percent} .. end_percent "
+                                  f"{end_percent} must satisfy 0 <= start_percent < end_percent <= 1 (fractions of "
+                                  f"the run's {n} steps).")
+    chosen_steps = [i for i, f in enumerate(fr) if start_percent <= f < end_percent]
+    if not chosen_steps:
+        listing = ", ".join(f"{f:.3g}" for f in fr)
+        raise InversionChainError(f"{what}: the step range {start_percent}..{end_percent} selects none of the run's "
+                                  f"{n} "
+                                  f"steps (they start at fractions {listing}).")
+
+    # units
+    units = list(maps.units.values())
+    if resolution != "all captured":
+        levels = resolution_levels(resolution) if resolution != "all" else None
+        units = [u for u in units if levels is None or u.level in levels]
+        if not units:
+            have_res = sorted({resolution_name(u.level) for u in maps.units.values()})
+            raise InversionChainError(f"{what}: {resolution} was not captured; captured: {', '.join(have_res)}.")
+    wanted = _parse_layers(layers_text, what)
+    if wanted is not None:
+        picked = [u for u in units if set(u.layers) <= wanted]
+        if not picked:
+            listing = "; ".join(f"{u.name}: layers {describe_layers(u.layers)}" for u in units)
+            raise InversionChainError(
+                f"{what}: no captured unit lies within layers '{layers_text}'. Captured ({maps.detail}): {listing}.")
+        units = picked
+    units = [u for u in units if any((kind, u.name, b) in maps.steps[i].maps for i in chosen_steps)]
+    if not units:
+        raise InversionChainError(f"{what}: nothing was captured for these layers, steps and branch.")
+    grid = max((maps.grids[u.name] for u in units), key=lambda g: g[0] * g[1])
+
+    # average over steps and units (units upsampled to the largest grid)
+    total, count = None, 0
+    for i in chosen_steps:
+        for u in units:
+            t = maps.steps[i].maps.get((kind, u.name, b))
+            if t is None:
+                continue
+            m = t[row].float()                                                  # (T, h, w)
+            if kind == "cross":
+                m = m[1:] / m[1:].sum(0, keepdim=True).clamp_min(1e-12)         # drop the start token, renormalise
+                m = torch.cat([torch.zeros_like(m[:1]), m], 0)
+            if tuple(m.shape[-2:]) != tuple(grid):
+                m = torch.nn.functional.interpolate(m[None], size=grid, mode="bilinear", align_corners=False)[0]
+            total = m if total is None else total + m
+            count += 1
+    mean = total / count
+
+    tiles = _tiles(maps, kind, tokens_text, mean, b, what)
+    lo, hi = chosen_steps[0], chosen_steps[-1]
+    step_label = (f"steps {fr[lo]:.2f}-{(fr[hi + 1] if hi + 1 < n else 1.0):.2f}"
+                  f" ({lo}-{hi} of {n})" if lo != hi else f"step {lo} of {n} ({fr[lo]:.2f})")
+    layer_ids = sorted({i for u in units for i in u.layers})
+    layer_label = f"L{describe_layers(layer_ids)} @{grid[0]}x{grid[1]}"
+    return Selection(tiles=tiles, steps=chosen_steps, step_label=step_label, layer_label=layer_label, grid=grid)
+
+
+def _tiles(maps: AttentionMaps, kind: str, tokens_text: str, mean: torch.Tensor, branch: int, what: str):
+    parts = [p.strip() for p in (tokens_text or "").replace(";", ",").split(",") if p.strip()]
+    if kind == "self":
+        fr = point_fractions(maps.query_grid)
+        n = len(fr)
+        if not parts:
+            chosen = list(range(n))
+        else:
+            chosen = []
+            for p in parts:
+                i = _point_spec(p)
+                if i is None or not 0 <= i < n:
+                    raise InversionChainError(f"{what}: for self-attention, `tokens` picks query points as #0..#{n - 1}"
+                                              f" (row by row on a {maps.query_grid}x{maps.query_grid} grid); got "
+                                              f"'{p}'. Leave it empty for all points.")
+                chosen.append(i)
+        return [Tile(label=f"point #{i} (y {fr[i][0]:.2f}, x {fr[i][1]:.2f})", map=mean[i], point=fr[i])
+                for i in chosen]
+
+    n_tok = mean.shape[0]
+    prompt = maps.prompts.get(branch)
+    where = "prompt" if branch == 0 else "negative_prompt"
+    if not parts:
+        if prompt is None:
+            raise InversionChainError(f"{what}: to show every token of the prompt, give Attention Capture `clip` and "
+                                      f"`{where}`; or list token positions as #1..#{n_tok - 1}.")
+        labels = prompt.labels()
+        positions = [p for p in prompt.meaningful() if p < n_tok]
+        if not positions:
+            raise InversionChainError(f"{what}: the {BRANCH_NAMES[branch]} prompt '{prompt.text}' has no tokens; "
+                                      f"list token positions as #1..#{n_tok - 1} instead.")
+        return [Tile(label=f"{labels.get(p, p)} (#{p})", map=mean[p]) for p in positions]
+    tiles = []
+    for p in parts:
+        i = _point_spec(p)
+        if i is not None:
+            if not 1 <= i < n_tok:
+                raise InversionChainError(f"{what}: token position #{i} is outside 1..#{n_tok - 1} (#0, the start "
+                                          f"token, is excluded).")
+            label = prompt.labels().get(i, f"#{i}") if prompt is not None else f"#{i}"
+            tiles.append(Tile(label=f"{label} (#{i})", map=mean[i]))
+            continue
+        if prompt is None:
+            raise InversionChainError(f"{what}: to name tokens by words, give Attention Capture `clip` and "
+                                      f"`{where}`; or list token positions as #1..#{n_tok - 1}.")
+        found = tokens_mod.locate_words(prompt.clip, prompt.text, [p], what)[p]
+        found = [i for i in found if i < n_tok]
+        tiles.append(Tile(label=p, map=mean[found].sum(0)))
+    return tiles
