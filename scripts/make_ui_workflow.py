@@ -133,7 +133,6 @@ def api_to_ui(graph: dict, object_info: dict) -> dict:
     topo = sorted(order_ids, key=lambda n: (depth[n], int(n)))
 
     nodes, links = {}, []
-    out_links: dict[tuple[str, int], list[int]] = {}
     for nid in order_ids:
         api = graph[nid]
         defn = object_info[api["class_type"]]

@@ -1,7 +1,10 @@
 """The pure step math, against closed-form answers (no ComfyUI model involved)."""
+import pytest
 import torch
 
 from inversion_chain.samplers import ddim
+
+pytestmark = pytest.mark.fast
 
 
 def linear_eps(matrix):

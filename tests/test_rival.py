@@ -110,7 +110,8 @@ def reference_rival(s, positive, cfg, t_align, t_early, init_latent, steps):
         eps = (x - denoised) / sigma
         if state["t"] > t_early:
             ref = (x[:1] - cond[:1]) / sigma
-            m, sd = eps[1:].mean((2, 3), keepdim=True), (eps[1:].var((2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
+            m = eps[1:].mean((2, 3), keepdim=True)
+            sd = (eps[1:].var((2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
             rm, rsd = ref.mean((2, 3), keepdim=True), (ref.var((2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
             eps[1:] = (eps[1:] - m) / sd * rsd + rm
         x = x + (float(inv.sigmas[i + 1]) - sigma) * eps

@@ -2,7 +2,6 @@
 
 A NaN latent cannot be built through the API with stock nodes; that case is covered in-process
 (tests/test_ddim_invert.py)."""
-import copy
 import json
 import math
 

@@ -1,5 +1,6 @@
 """Test-only custom node: registers the small/bench test model configs so that the stock
-CheckpointLoaderSimple recognises the test checkpoints, and Load CLIP Vision the small test encoder. Never installed for users."""
+CheckpointLoaderSimple recognises the test checkpoints, and Load CLIP Vision the small test encoder. Never installed for
+users."""
 import importlib.util
 import os
 import sys

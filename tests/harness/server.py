@@ -313,7 +313,8 @@ def copy_outputs(server: ComfyServer, entry: dict, dest: Path) -> list[Path]:
 # photo and a few steps; the small model runs the workflow as committed.
 TEST_MODELS = {
     "small": {"ckpt": models.CHECKPOINT_NAMES["small"], "image_size": None, "caps": {}},
-    "sd15": {"ckpt": models.CHECKPOINT_NAMES["sd15"], "image_size": 64, "caps": {"steps": 3, "refine_iters": 2, "inner_steps": 1, "batch_size": 2}},
+    "sd15": {"ckpt": models.CHECKPOINT_NAMES["sd15"], "image_size": 64,
+             "caps": {"steps": 3, "refine_iters": 2, "inner_steps": 1, "batch_size": 2}},
 }
 
 
