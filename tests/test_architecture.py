@@ -1,0 +1,124 @@
+"""The pack's import graph, read with ``ast`` (no import runs): imports point down the layers, never up, with no
+cycle; ComfyUI's modules are imported only where the layout allows; no attention module outgrows ~400 lines."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+import pytest
+
+pytestmark = pytest.mark.fast
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_THE_PACK = {"tests", "bench", "scripts", "workflows", "web", "out"}
+# lower rank = lower layer; a module may import its own layer (no cycle) or any lower one
+LAYERS = {"compat": 0, "base": 1, "attention": 2, "samplers": 3, "optimize": 4, "nodes": 5, "root": 6}
+BASE = {"artifacts", "model_info", "plots", "logs"}
+COMFY = {"comfy", "comfy_extras", "comfy_execution", "nodes", "folder_paths", "latent_preview", "server",
+         "execution", "node_helpers", "comfy_api"}
+COMFY_ALLOWED = {"compat", "attention.patching"}          # and the node layer (nodes.*)
+MAX_ATTENTION_LINES = 400
+
+
+def pack_modules() -> Dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in NOT_THE_PACK or rel.parts[0].startswith("."):
+            continue
+        parts = list(rel.with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts) or "__init__"] = path
+    return out
+
+
+MODULES = pack_modules()
+
+
+def layer_of(module: str) -> str:
+    top = module.split(".")[0]
+    if module == "__init__":
+        return "root"
+    if top == "compat":
+        return "compat"
+    if top in BASE:
+        return "base"
+    if top in LAYERS:
+        return top
+    raise AssertionError(f"{module}: not in any layer of the layout (add it to LAYERS or BASE)")
+
+
+def imports_of(module: str, path: Path) -> Tuple[Set[str], Set[str]]:
+    """(pack modules imported, external top-level names imported), lazy imports included."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    if module == "__init__":
+        package = []
+    inside, outside = set(), set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            outside.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                outside.add(node.module.split(".")[0])
+                continue
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else list(package)
+            target = base + (node.module.split(".") if node.module else [])
+            for alias in node.names:
+                sub = ".".join(target + [alias.name])
+                name = sub if sub in MODULES else ".".join(target)
+                inside.add(name or "__init__")
+    inside.discard(module)
+    return inside, outside
+
+
+GRAPH = {m: imports_of(m, p) for m, p in MODULES.items()}
+
+
+def test_every_import_points_down_the_layers():
+    upward = [f"{m} ({layer_of(m)}) -> {t} ({layer_of(t)})" for m, (inside, _) in GRAPH.items() for t in inside
+              if LAYERS[layer_of(t)] > LAYERS[layer_of(m)]]
+    assert not upward, "imports pointing up the layers:\n" + "\n".join(sorted(upward))
+    assert "samplers.model_info" not in MODULES and "model_info" in MODULES
+
+
+def test_the_import_graph_has_no_cycle():
+    state: Dict[str, int] = {}
+    cycles: List[str] = []
+
+    def visit(m, trail):
+        state[m] = 1
+        for t in sorted(GRAPH[m][0]):
+            if t not in GRAPH:
+                continue
+            if state.get(t) == 1:
+                cycles.append(" -> ".join(trail[trail.index(t):] + [t]))
+            elif t not in state:
+                visit(t, trail + [t])
+        state[m] = 2
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_comfyui_is_imported_only_by_compat_patching_and_the_node_layer():
+    found = [f"{m}: {', '.join(sorted(outside & COMFY))}" for m, (_, outside) in GRAPH.items()
+             if outside & COMFY and m not in COMFY_ALLOWED and layer_of(m) != "nodes"]
+    assert not found, "ComfyUI imported outside compat.py, attention/patching.py and nodes/:\n" + "\n".join(found)
+
+
+def test_no_attention_module_over_400_lines():
+    long = {m: n for m, p in MODULES.items() if m.startswith("attention.")
+            for n in [len(p.read_text().splitlines())] if n > MAX_ATTENTION_LINES}
+    assert not long, f"attention modules over {MAX_ATTENTION_LINES} lines: {long}"
+
+
+def test_the_graph_is_read_from_the_real_files():
+    """The walk sees the layout it checks (a renamed folder must not make the other tests vacuous)."""
+    assert {"compat", "attention.controller", "attention.patching", "attention.schedule", "samplers.ddim",
+            "nodes.p2plus"} <= set(MODULES)
+    assert "attention.controller" in GRAPH["attention.patching"][0]
+    assert "comfy" in GRAPH["compat"][1]
