@@ -5,7 +5,7 @@ import torch
 
 import comfy.sample
 
-from .. import compat
+from .. import compat, conditioning
 from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, NullText, Style
 from ..attention import patching
 from ..attention.p2p import (BLEND_LEVEL, DEFAULT_SELF_MAX_RES, MODES, CfgCheck, LocalBlend, P2PlusEditor,
@@ -25,10 +25,11 @@ def _encode(clip, text: str):
     return cond, pooled
 
 
-def _conditioning(rows):
-    """One CONDITIONING entry whose batch rows are ``rows`` [(cond, pooled), ...] (one prompt per latent row)."""
+def _conditioning(rows, sizes):
+    """One CONDITIONING entry whose batch rows are ``rows`` [(cond, pooled), ...] (one prompt per latent row),
+    with the SDXL size entries ``sizes`` (those of the inversion's conditioning, or of the generated latent)."""
     cond = torch.cat([c for c, _ in rows])
-    extra = {}
+    extra = dict(sizes)
     if all(p is not None for _, p in rows):
         extra["pooled_output"] = torch.cat([p for _, p in rows])
     return [[cond, extra]]
@@ -42,12 +43,15 @@ def _rows_of(conditioning, what: str, name: str):
     return conditioning[0][0], conditioning[0][1].get("pooled_output")
 
 
-def _require_source_prompt(made_with, source, source_prompt: str, artefact: str, maker: str):
-    """The NULL_TEXT / STYLE was made with the same source prompt embedding as this node encodes."""
-    cond = _rows_of(made_with, WHAT, "positive")[0]
-    if cond.shape != source[0].shape or not torch.allclose(cond.float().cpu(), source[0].float().cpu(), atol=1e-4):
-        raise InversionChainError(f"{WHAT}: the {artefact} was made with another source prompt (or CLIP) than "
-                                  f"'{source_prompt}'. Encode the same source prompt for {maker} and this node.")
+def _require_source_prompt(made_with, source, sizes, source_prompt: str, artefact: str, maker: str):
+    """The NULL_TEXT / STYLE was made with the same source conditioning as this node builds: prompt embedding,
+    pooled output and (SDXL) size entries."""
+    _rows_of(made_with, WHAT, "positive")
+    differs = conditioning.mismatch(made_with, _conditioning([source], sizes))
+    if differs:
+        raise InversionChainError(f"{WHAT}: the {artefact} was made with another source conditioning than "
+                                  f"'{source_prompt}' encoded by this CLIP ({differs}). Encode the same source prompt "
+                                  f"(and, on SDXL, the same sizes) for {maker} and this node.")
 
 
 class ICP2PlusController:
@@ -168,20 +172,24 @@ class ICP2PlusController:
             x_t = model.model.process_latent_out(noise.float())
         latent_out = {"samples": x_t.repeat(2, 1, 1, 1).contiguous()}
 
-        # conditioning (row 0 source, row 1 target)
+        # conditioning (row 0 source, row 1 target); SDXL's size entries as the inversion was made with (a
+        # re-encoded prompt without them conditions on 768 px and row 0 would stop reconstructing), or as
+        # CLIPTextEncodeSDXL would give for the generated latent's size
+        sizes = (conditioning.size_entries(inversion.positive) if inversion is not None
+                 else conditioning.size_entries_for_latent(latent["samples"].shape))
         source = _encode(clip, source_prompt)
         target = _encode(clip, target_prompt)
         if null_text is not None:
             if not isinstance(null_text, NullText):
                 raise InversionChainError(f"{WHAT}: `null_text` must come from Null-Text Inversion.")
             null_text.check_inversion(inversion, WHAT)
-            _require_source_prompt(null_text.positive, source, source_prompt, "NULL_TEXT", "Null-Text Inversion")
+            _require_source_prompt(null_text.positive, source, sizes, source_prompt, "NULL_TEXT", "Null-Text Inversion")
             uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, WHAT,
                                                                                   "negative")
         else:
             uncond = _encode(clip, "")
-        positive = _conditioning([source, target])
-        negative = _conditioning([uncond, uncond])
+        positive = _conditioning([source, target], sizes)
+        negative = _conditioning([uncond, uncond], sizes)
 
         # local blend
         blend = None
@@ -216,7 +224,7 @@ class ICP2PlusController:
                 raise InversionChainError(f"{WHAT}: a STYLE needs the INVERSION it was trained on; connect it to "
                                           f"`inversion` as well.")
             style.check(model_key(model), inversion, WHAT)
-            _require_source_prompt(style.positive, source, source_prompt, "STYLE", "StyleDiffusion Mapper")
+            _require_source_prompt(style.positive, source, sizes, source_prompt, "STYLE", "StyleDiffusion Mapper")
             # row 0 takes the style token for token; row 1 through the edit's token alignment
             row_maps = [None, (plan.mapper.long(), plan.aligned.float())]
             patching.add_attn2_patch(patched, ValueInjection(style.values, schedule, style_until, row_maps))
