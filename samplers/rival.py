@@ -16,7 +16,9 @@ import torch
 from .. import compat
 from ..artifacts import Inversion, InversionChainError
 from ..attention import patching
+from ..attention import reference as reference_store
 from ..attention.reference import ReferenceKV
+from ..conditioning import first_row, fingerprint
 from ..attention.rival import RivalAttentionEditor
 from .model_info import require_inversion
 
@@ -83,28 +85,27 @@ def check_inputs(model, inversion, batch_size, cfg, t_align, t_early, init, norm
         raise InversionChainError(f"{WHAT}: cfg must be positive, got {cfg}.")
 
 
-def conditioning_key(cond) -> tuple:
-    t = cond[0][0]
-    return (tuple(t.shape), round(float(t.float().sum()), 4), round(float(t.float().abs().sum()), 4))
-
-
 def cached_reference(model, inversion: Inversion, negative, policy: str = "auto") -> Optional[ReferenceKV]:
-    """The inversion's reference K/V for both CFG branches (and its conditional eps), recorded once and kept on
-    the INVERSION for later runs; None when it would not fit (then the reference row runs in the batch)."""
-    key = ("rival", conditioning_key(negative))
-    store = inversion.extras.get(key)
-    if store is not None:
-        return store
+    """The inversion's reference K/V for both CFG branches (and its conditional eps), recorded once per
+    (inversion, negative prompt) into the shared reference store; None when it would not fit the store's budget
+    (then the reference row runs in the batch)."""
     layers = patching.layers_of(model)
-    store = ReferenceKV(inversion, layers, range(inversion.steps))
-    if store.choose_storage(policy, model) != "cache":
+    reference = ReferenceKV(inversion, layers, range(inversion.steps), branches=2, what=WHAT)
+    recorder = patching.install(model, RivalAttentionEditor(0, reference=reference), WHAT)
+    negative_row = first_row(negative)
+
+    def fill(ref):
+        # the recorder's editor must write into ``ref`` (the entry being filled)
+        ref.fill(recorder, torch.zeros(inversion.latent_shape), negative=negative_row)
+
+    reference, mode = reference_store.cached("rival", model, reference,
+                                             fingerprint(first_row(inversion.positive)) + fingerprint(negative_row),
+                                             policy, fill)
+    if mode != "cache":
         return None
-    recorder = patching.install(model, RivalAttentionEditor(0, reference=store), WHAT)
-    store.fill(recorder, torch.zeros(inversion.latent_shape), negative=[[c[0][:1], c[1]] for c in negative])
-    inversion.extras[key] = store
-    log.info("[Inversion Chain] %s: cached reference K/V, %.1f MB on %s", WHAT, store.nbytes() / 2 ** 20,
-             store.storage_device)
-    return store
+    log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", WHAT, reference.nbytes() / 2 ** 20,
+             reference.storage_device)
+    return reference
 
 
 def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,
