@@ -143,9 +143,11 @@ class ReferenceKV:
                 self.storage_device = device
                 return "cache"
         said = ", ".join(f"{budget / 2 ** 20:.1f} MB on {device}" for device, budget in budgets)
-        log.warning("[Inversion Chain] %s: reference K/V would need %.1f MB, over the cache budget (%s: %d%% of "
-                    "free memory, less what the cache already holds being reusable); recomputing them at every step "
-                    "instead (slower, same result)", self.what, need / 2 ** 20, said, int(BUDGET_FRACTION * 100))
+        rule = ("a fixed budget" if STORE.max_bytes is not None else
+                f"{int(BUDGET_FRACTION * 100)}% of free memory, counting what the cache holds as free")
+        log.warning("[Inversion Chain] %s: reference K/V would need %.1f MB, over the cache budget (%s: %s); "
+                    "recomputing them at every step instead (slower, same result)", self.what, need / 2 ** 20, said,
+                    rule)
         self.budget_message = f"needs {need / 2 ** 20:.1f} MB, budget {said}"
         return "recompute"
 
