@@ -50,6 +50,8 @@ class Inversion:
     latent_shape: Tuple[int, ...]   # LATENT-space shape of the source batch [B, C, H, W]
     model_key: ModelKey
     unet_calls: int = 0
+    step_calls: Optional[torch.Tensor] = None   # [steps] evaluations each step spent (forward order, like residuals)
+    tolerance: float = 0.0                      # per-step residual bound the inversion stopped at (0: the cap only)
     extras: dict = field(default_factory=dict)  # room for later artefacts (e.g. attention maps of the inversion)
 
     @property
@@ -82,9 +84,10 @@ class Inversion:
     def summary(self) -> str:
         res = self.residuals[torch.isfinite(self.residuals)]
         worst = f"{float(res.max()):.3g}" if res.numel() else "not measured (refine_iters=0)"
-        return (f"INVERSION: {self.steps} steps ({self.scheduler}), cfg {self.cfg}, refine_iters {self.refine_iters}, "
-                f"batch {self.latent_shape[0]}, latent {tuple(self.latent_shape[1:])}, {self.unet_calls} model calls, "
-                f"worst step residual {worst}")
+        return (f"INVERSION: {self.steps} steps ({self.scheduler}), cfg {self.cfg}, at most {self.refine_iters} "
+                f"refinements, tolerance {self.tolerance:g}, batch {self.latent_shape[0]}, latent "
+                f"{tuple(self.latent_shape[1:])}, {self.unet_calls} model calls ({self.unet_calls / self.steps:.2f} per "
+                f"step), worst step residual {worst}")
 
 
 def _fmt(t: torch.Tensor, n: int = 6) -> str:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .. import compat
+from .. import compat, conditioning
 from ..artifacts import InversionChainError, NullText, Style
 from ..model_info import check_supported, model_key, require_inversion
 from . import patching
@@ -37,10 +37,11 @@ def _encode(clip, text: str):
     return cond, pooled
 
 
-def _conditioning(rows):
-    """One CONDITIONING entry whose batch rows are ``rows`` [(cond, pooled), ...] (one prompt per latent row)."""
+def _conditioning(rows, sizes):
+    """One CONDITIONING entry whose batch rows are ``rows`` [(cond, pooled), ...] (one prompt per latent row),
+    with the SDXL size entries ``sizes`` (those of the inversion's conditioning, or of the generated latent)."""
     cond = torch.cat([c for c, _ in rows])
-    extra = {}
+    extra = dict(sizes)
     if all(p is not None for _, p in rows):
         extra["pooled_output"] = torch.cat([p for _, p in rows])
     return [[cond, extra]]
@@ -54,12 +55,15 @@ def _rows_of(conditioning, what: str, name: str):
     return conditioning[0][0], conditioning[0][1].get("pooled_output")
 
 
-def _require_source_prompt(made_with, source, source_prompt: str, artefact: str, maker: str, what: str):
-    """The NULL_TEXT / STYLE was made with the same source prompt embedding as this edit encodes."""
-    cond = _rows_of(made_with, what, "positive")[0]
-    if cond.shape != source[0].shape or not torch.allclose(cond.float().cpu(), source[0].float().cpu(), atol=1e-4):
-        raise InversionChainError(f"{what}: the {artefact} was made with another source prompt (or CLIP) than "
-                                  f"'{source_prompt}'. Encode the same source prompt for {maker} and this node.")
+def _require_source_prompt(made_with, source, sizes, source_prompt: str, artefact: str, maker: str, what: str):
+    """The NULL_TEXT / STYLE was made with the same source conditioning as this edit builds: prompt embedding,
+    pooled output and (SDXL) size entries."""
+    _rows_of(made_with, what, "positive")
+    differs = conditioning.mismatch(made_with, _conditioning([source], sizes))
+    if differs:
+        raise InversionChainError(f"{what}: the {artefact} was made with another source conditioning than "
+                                  f"'{source_prompt}' encoded by this CLIP ({differs}). Encode the same source prompt "
+                                  f"(and, on SDXL, the same sizes) for {maker} and this node.")
 
 
 def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, cross_replace_end_percent: float,
@@ -96,19 +100,23 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
         x_t = compat.latent_out(model, noise.float())
     latent_out = {"samples": x_t.repeat(2, 1, 1, 1).contiguous()}
 
-    # conditioning (row 0 source, row 1 target)
+    # conditioning (row 0 source, row 1 target); SDXL's size entries as the inversion was made with (a
+    # re-encoded prompt without them conditions on 768 px and row 0 would stop reconstructing), or as
+    # CLIPTextEncodeSDXL would give for the generated latent's size
+    sizes = (conditioning.size_entries(inversion.positive) if inversion is not None
+             else conditioning.size_entries_for_latent(latent["samples"].shape))
     source = _encode(clip, source_prompt)
     target = _encode(clip, target_prompt)
     if null_text is not None:
         if not isinstance(null_text, NullText):
             raise InversionChainError(f"{what}: `null_text` must come from Null-Text Inversion.")
         null_text.check_inversion(inversion, what)
-        _require_source_prompt(null_text.positive, source, source_prompt, "NULL_TEXT", "Null-Text Inversion", what)
+        _require_source_prompt(null_text.positive, source, sizes, source_prompt, "NULL_TEXT", "Null-Text Inversion", what)
         uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, what, "negative")
     else:
         uncond = _encode(clip, "")
-    positive = _conditioning([source, target])
-    negative = _conditioning([uncond, uncond])
+    positive = _conditioning([source, target], sizes)
+    negative = _conditioning([uncond, uncond], sizes)
 
     # local blend
     blend = None
@@ -144,7 +152,7 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
             raise InversionChainError(f"{what}: a STYLE needs the INVERSION it was trained on; connect it to "
                                       f"`inversion` as well.")
         style.check(model_key(model), inversion, what)
-        _require_source_prompt(style.positive, source, source_prompt, "STYLE", "StyleDiffusion Mapper", what)
+        _require_source_prompt(style.positive, source, sizes, source_prompt, "STYLE", "StyleDiffusion Mapper", what)
         # row 0 takes the style token for token; row 1 through the edit's token alignment
         row_maps = [None, (plan.mapper.long(), plan.aligned.float())]
         patching.add_attn2_patch(patched, value_injection(style.values, schedule, style_end_percent, row_maps))

@@ -6,16 +6,24 @@ UNet with the inversion's own conditioning. Two ways to have them:
   GPU or offloaded to CPU; every later run (new seeds!) reuses them at no UNet cost.
 - ``recompute``: a UNet function wrapper runs the reference forward next to every sampling call (no storage).
 ``auto`` caches where it fits and falls back to recompute with a warning where it would not.
+
+Ownership: every cache lives in the one process-wide ``STORE`` (KV Inject and RIVAL alike), keyed by what the
+K/V depend on (the inversion's fingerprint, the conditioning's fingerprint, the layers and steps recorded). Its
+lifetime is explicit: an entry stays until the store needs its bytes for a newer one (least recently used first),
+or until ``STORE.clear()``. The store never holds more than its budget: a fraction of the memory free on the
+storage device (headroom for sampling and decoding), counting the bytes it already holds as free.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import psutil
 import torch
 
 from .. import compat
-from ..artifacts import Inversion, InversionChainError
+from ..artifacts import Inversion, InversionChainError, inversion_fingerprint
+from ..conditioning import first_row
 from .controller import CallContext, attention_probs
 from .layers import AttentionLayer
 from .schedule import locate
@@ -23,13 +31,15 @@ from . import patching
 from ..logs import log
 
 POLICIES = ("auto", "gpu", "cpu", "recompute")
+BUDGET_FRACTION = 0.4   # of the free memory of the storage device; the rest is headroom for sampling/decoding
 
 
 class ReferenceKV:
     """Recorder and store of one inversion's reference K/V for chosen (chain step, layer) pairs."""
 
     def __init__(self, inversion: Inversion, layers: Sequence[AttentionLayer], steps: Iterable[int],
-                 storage_dtype=torch.float16, cross_tokens: Optional[Sequence[int]] = None, cross_level: int = 2):
+                 storage_dtype=torch.float16, cross_tokens: Optional[Sequence[int]] = None, cross_level: int = 2,
+                 branches: int = 1, what: str = "KV Inject"):
         self.inversion = inversion
         self.layer_ids = {l.index for l in layers}
         self.layers = list(layers)
@@ -44,20 +54,31 @@ class ReferenceKV:
         self.storage_device = torch.device("cpu")
         self.mode = "cache"
         self.conds = None           # model-ready conditioning of the inversion (recompute mode)
-        self.filled = False
+        self.branches = int(branches)   # CFG branches recorded: 1 (conditional) or 2 (with a negative prompt)
+        self.what = what
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def estimate_bytes(self) -> int:
-        h, w = self.inversion.latent_shape[-2:]
+        """What ``fill`` stores: K and V of every recorded branch, layer and step (storage dtype), the reference's
+        conditional eps per step (float32) and, in masked mode, the word maps per step (float32)."""
+        c, h, w = self.inversion.latent_shape[-3:]
         per_step = 0
         for layer in self.layers:
             gh, gw = layer.grid(h, w)
             per_step += 2 * gh * gw * layer.channels
         itemsize = torch.tensor([], dtype=self.storage_dtype).element_size()
-        return per_step * len(self.steps) * itemsize
+        total = per_step * self.branches * len(self.steps) * itemsize
+        total += len(self.steps) * c * h * w * 4
+        if self.cross_tokens:
+            gh, gw = ((h + 2 ** self.cross_level - 1) // 2 ** self.cross_level,
+                      (w + 2 ** self.cross_level - 1) // 2 ** self.cross_level)
+            total += len(self.steps) * len(self.cross_tokens) * gh * gw * 4
+        return total
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.store.values())
+        """Bytes really held: K/V, eps and word maps."""
+        tensors = [t for kv in self.store.values() for t in kv] + list(self.eps.values()) + list(self.cross_maps.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- recording (called by the Controller during a reference pass) ----------------------------------------
     def record(self, ctx: CallContext, q, k, v):
@@ -77,37 +98,45 @@ class ReferenceKV:
             self.cross_maps[i] = maps if n == 0 else self.cross_maps[i] * (n / (n + 1)) + maps / (n + 1)
             self._cross_count[i] = n + 1
 
-    def get(self, step: int, layer: AttentionLayer, device, dtype,
-            branch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, layer: AttentionLayer, device, dtype, branch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         kv = self.store.get((step, layer.index, branch))
         if kv is None:
             raise InversionChainError(
-                f"KV Inject: no reference keys/values for step {step}, layer {layer.index}. If another node set a "
-                f"UNet function wrapper after KV Inject, put KV Inject after it or use cache mode.")
+                f"{self.what}: no reference keys/values for step {step}, layer {layer.index}. If another node set a "
+                f"UNet function wrapper after {self.what}, put {self.what} after it or use cache mode.")
         return kv[0].to(device, dtype), kv[1].to(device, dtype)
 
     # -- filling ---------------------------------------------------------------------------------------------
     def choose_storage(self, policy: str, model) -> str:
-        """Pick cache device or recompute; never risk an out-of-memory crash for the cache."""
+        """Pick the cache device within the store's budget, or recompute (never risk running out of memory)."""
         if policy not in POLICIES:
-            raise InversionChainError(f"unknown cache policy '{policy}'; use one of {', '.join(POLICIES)}.")
-        need = self.estimate_bytes()
+            raise InversionChainError(f"{self.what}: unknown cache policy '{policy}'; use one of "
+                                      f"{', '.join(POLICIES)}.")
         if policy == "recompute":
             return "recompute"
+        need = self.estimate_bytes()
         gpu = model.load_device
-        gpu_ok = gpu.type != "cpu" and compat.free_memory(gpu) > need * 2 + 2 ** 30
-        cpu_ok = psutil.virtual_memory().available > need * 2 + 2 ** 30
-        if policy in ("auto", "gpu") and gpu_ok:
-            self.storage_device = gpu
-            return "cache"
-        if policy in ("auto", "cpu", "gpu") and cpu_ok:
-            self.storage_device = torch.device("cpu")
-            if policy == "gpu":
-                log.warning("[Inversion Chain] reference K/V (%.1f MB) do not fit on %s; keeping them in CPU memory",
-                            need / 2 ** 20, gpu)
-            return "cache"
-        log.warning("[Inversion Chain] reference K/V would need %.1f MB, more than is free; recomputing them at "
-                    "every step instead (slower, same result)", need / 2 ** 20)
+        candidates = {"auto": [gpu, torch.device("cpu")], "gpu": [gpu, torch.device("cpu")],
+                      "cpu": [torch.device("cpu")]}[policy]
+        budgets = []
+        for device in candidates:
+            if device.type == "cpu" and budgets and budgets[-1][0].type == "cpu":
+                continue
+            budget = STORE.budget(device)
+            budgets.append((device, budget))
+            if need <= budget:
+                if policy == "gpu" and device.type == "cpu":
+                    log.warning("[Inversion Chain] %s: reference K/V (%.1f MB) do not fit the budget on %s; keeping "
+                                "them in CPU memory", self.what, need / 2 ** 20, gpu)
+                self.storage_device = device
+                return "cache"
+        said = ", ".join(f"{budget / 2 ** 20:.1f} MB on {device}" for device, budget in budgets)
+        rule = ("a fixed budget" if STORE.max_bytes is not None else
+                f"{int(BUDGET_FRACTION * 100)}% of free memory, counting what the cache holds as free")
+        log.warning("[Inversion Chain] %s: reference K/V would need %.1f MB, over the cache budget (%s: %s); "
+                    "recomputing them at every step instead (slower, same result)", self.what, need / 2 ** 20, said,
+                    rule)
+        self.budget_message = f"needs {need / 2 ** 20:.1f} MB, budget {said}"
         return "recompute"
 
     def fill(self, model, latent_image, negative=None):
@@ -122,7 +151,7 @@ class ReferenceKV:
             i = locate(float(sigma), inv.sigmas)
             if i is not None:
                 eps[i] = ((args["input"][:1] - args["cond_denoised"][:1]) / sigma.view(1, 1, 1, 1)).to(
-                    self.storage_device)
+                    self.storage_device, torch.float32)
             return args["denoised"]
 
         patching.add_post_cfg_function(recorder_model, observe)
@@ -137,12 +166,11 @@ class ReferenceKV:
                 pbar.update(1)
             return x
 
-        positive = [[c[0][:1], c[1]] for c in inv.positive]
+        positive = first_row(inv.positive)
         # any cfg != 1 makes ComfyUI evaluate the uncond branch; the guided result itself is not used
         compat.sample_with_function(recorder_model, reference_pass, inv.sigmas, positive,
                                     negative if negative is not None else positive,
                                     1.0 if negative is None else 2.0, latent_image[:1])
-        self.filled = True
 
     def recompute_wrapper(self, previous):
         """UNet function wrapper for recompute mode: a reference forward before each sampling call."""
@@ -158,3 +186,79 @@ class ReferenceKV:
                                         args["c"].get("transformer_options", {}), self)
             return patching.call_unet(apply_model, args, previous)
         return wrapper
+
+
+class ReferenceStore:
+    """The one owner of cached reference K/V: entries keyed by what they depend on, least recently used evicted
+    first so that the bytes held never exceed the budget."""
+
+    def __init__(self):
+        self.entries: "OrderedDict[tuple, ReferenceKV]" = OrderedDict()
+        self.max_bytes: Optional[int] = None   # fixed budget (tests, users with known headroom); None = fraction
+
+    def held_bytes(self, device=None) -> int:
+        return sum(r.nbytes() for r in self.entries.values()
+                   if device is None or r.storage_device.type == torch.device(device).type)
+
+    def budget(self, device) -> int:
+        """Bytes the store may hold on ``device``: ``max_bytes`` if set, else BUDGET_FRACTION of what is free
+        there, counting the store's own entries as free (they can be evicted)."""
+        if self.max_bytes is not None:
+            return int(self.max_bytes)
+        device = torch.device(device)
+        if device.type == "cpu":
+            free = psutil.virtual_memory().available
+        else:
+            free = compat.free_memory(device)
+        return int(BUDGET_FRACTION * (free + self.held_bytes(device)))
+
+    @staticmethod
+    def key(kind: str, inversion: Inversion, conditioning_fingerprint: str, layers: Sequence[AttentionLayer],
+            steps: Iterable[int], extra: tuple = ()) -> tuple:
+        return (kind, inversion_fingerprint(inversion), conditioning_fingerprint,
+                tuple(l.index for l in layers), tuple(sorted(set(int(s) for s in steps))), extra)
+
+    def get(self, key) -> Optional[ReferenceKV]:
+        ref = self.entries.get(key)
+        if ref is not None:
+            self.entries.move_to_end(key)
+        return ref
+
+    def make_room(self, need: int, device):
+        """Evict least recently used entries on ``device`` until ``need`` more bytes fit the budget."""
+        device = torch.device(device)
+        budget = self.budget(device)
+        for key in list(self.entries):
+            if self.held_bytes(device) + need <= budget:
+                break
+            if self.entries[key].storage_device.type == device.type:
+                evicted = self.entries.pop(key)
+                log.info("[Inversion Chain] reference K/V cache: evicted %.1f MB (%s) for a newer entry",
+                         evicted.nbytes() / 2 ** 20, key[0])
+
+    def put(self, key, ref: ReferenceKV):
+        self.entries[key] = ref
+        self.entries.move_to_end(key)
+
+    def clear(self):
+        self.entries.clear()
+
+
+STORE = ReferenceStore()
+
+
+def cached(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: str, policy: str, fill,
+           extra: tuple = ()) -> Tuple[ReferenceKV, str]:
+    """The store's entry for ``reference``'s key, filled once by ``fill(reference)`` when the policy and budget
+    allow; returns (the entry to use, "cache" | "recompute")."""
+    key = ReferenceStore.key(kind, reference.inversion, conditioning_fingerprint, reference.layers,
+                             reference.steps, extra)
+    found = STORE.get(key) if policy != "recompute" else None
+    if found is not None:
+        return found, "cache"
+    mode = reference.choose_storage(policy, model)
+    if mode == "cache":
+        STORE.make_room(reference.estimate_bytes(), reference.storage_device)
+        fill(reference)
+        STORE.put(key, reference)
+    return reference, mode

@@ -12,10 +12,20 @@ MAX_TOKENS = 77
 
 
 def token_ids(clip, text: str) -> List[int]:
-    """Token ids of the first 77-token chunk of the first text encoder, start token at 0."""
+    """Token ids of the first 77-token chunk of the first text encoder, start token at 0. SDXL tokenizes for two
+    encoders (a dict); both use CLIP's vocabulary, so positions agree and either gives them."""
     tokens = clip.tokenize(text)
     first = tokens[sorted(tokens.keys())[0]] if isinstance(tokens, dict) else tokens
     return [int(t[0]) if isinstance(t, (tuple, list)) else int(t) for t in first[0]]
+
+
+def body(ids: Sequence[int]) -> List[int]:
+    """The tokens between the start token and the first end token. Padding differs per family (SD1's tokenizer
+    pads with the end token, SD2's and SDXL's CLIP-G with id 0), so nothing after the end token is a word."""
+    ids = list(ids)
+    start = 1 if ids and ids[0] == START else 0
+    end = ids.index(END, start) if END in ids[start:] else len(ids)
+    return ids[start:end]
 
 
 def readable_tokens(clip, ids: Sequence[int]) -> List[str]:
@@ -41,7 +51,7 @@ def locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str
     end = ids.index(END) if END in ids else len(ids)
     found: Dict[str, List[int]] = {}
     for word in words:
-        pieces = [t for t in token_ids(clip, word) if t not in (START, END)]
+        pieces = body(token_ids(clip, word))
         hit = None
         for start in range(1, end - len(pieces) + 1):
             if ids[start:start + len(pieces)] == pieces:

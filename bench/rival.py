@@ -61,7 +61,7 @@ def run() -> dict:
                                             "note": "official: batch [ref, gen] x 2 CFG halves, 50 steps, one "
                                                     "variation per run; ours: 4 variations x 2 halves per step"},
         "ours_rows_x_steps": {"cached": N * 2 * STEPS, "batch_reference": (N + 1) * 2 * STEPS},
-        "cache_bytes": inv.extras[("rival", rival.conditioning_key(neg))].nbytes(),
+        "cache_bytes": rival.cached_reference(model, inv, neg).nbytes(),  # the store's entry (no refill)
         "timing": timing,
         "unet_calls": calls,
     }

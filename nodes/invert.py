@@ -8,7 +8,7 @@ from ..samplers import inversion as inversion_lib
 from ..logs import log
 from .common import CATEGORY, tip
 
-DEFAULT_REFINE_ITERS = 3  # measured: see README "DDIM Invert" (round-trip error vs cost per step)
+DEFAULT_REFINE_ITERS = inversion_lib.DEFAULT_MAX_ITERS  # a cap: steps stop at `tolerance` (samplers/inversion.py)
 
 
 class ICDDIMInvert:
@@ -35,8 +35,9 @@ class ICDDIMInvert:
                 "inversion_cfg": tip("FLOAT", "Guidance while inverting. 1.0 (default) inverts the conditional model "
                                      "exactly; > 1 needs `negative` and reconstructs worse.",
                                      default=1.0, min=0.1, max=30.0, step=0.1, round=0.01),
-                "refine_iters": tip("INT", "Fixed-point iterations per step that make each step the exact inverse "
-                                    "of a DDIM sampling step (one extra model call each). 0 = naive inversion.",
+                "refine_iters": tip("INT", "At most this many fixed-point iterations per step (one model call each) "
+                                    "making each step the exact inverse of a DDIM sampling step; a step stops "
+                                    "earlier once its residual is below `tolerance`. 0 = naive inversion.",
                                     default=DEFAULT_REFINE_ITERS, min=0, max=20),
                 "scheduler": tip(compat.scheduler_names(), "Sigma schedule. ddim_uniform is SD's DDIM schedule; "
                                  "sample back with the same scheduler (or this node's `sigmas`).",
@@ -44,15 +45,18 @@ class ICDDIMInvert:
             },
             "optional": {
                 "negative": tip("CONDITIONING", "Unconditional prompt, used only when inversion_cfg != 1."),
+                "tolerance": tip("FLOAT", "A step stops iterating once its round-trip error (max abs, in the model's "
+                                 "sampling space) is at most this. 0 = always run `refine_iters` iterations.",
+                                 default=inversion_lib.DEFAULT_TOLERANCE, min=0.0, max=1.0, step=1e-6, round=1e-7),
             },
         }
 
     def invert(self, model, latent, positive, steps, inversion_cfg, refine_iters, scheduler="ddim_uniform",
-               negative=None):
+               negative=None, tolerance=inversion_lib.DEFAULT_TOLERANCE):
         if not isinstance(latent, dict) or "samples" not in latent:
             raise InversionChainError("DDIM Invert: `latent` must be a LATENT (e.g. from VAEEncode).")
         inv = inversion_lib.invert(model, latent["samples"], positive, negative, inversion_cfg, steps, scheduler,
-                                   refine_iters, what="DDIM Invert")
+                                   refine_iters, what="DDIM Invert", tolerance=tolerance)
         log.info("[Inversion Chain] %s", inv.summary())
         noise = inversion_lib.chain_latent_out(model, inv, 0)
         return ({"samples": noise}, inv.sigmas.clone(), inv)

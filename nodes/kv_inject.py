@@ -7,8 +7,10 @@ from ..artifacts import INVERSION, InversionChainError
 from ..attention import patching
 from ..attention.kv_inject import MODES, KVInjectEditor
 from ..attention.layers import select_layers
+from ..attention import reference as reference_store
 from ..attention.reference import POLICIES, ReferenceKV
 from ..attention.schedule import check_percents, steps_within
+from .. import conditioning
 from ..attention.tokens import locate_words, parse_words
 from ..model_info import require_inversion
 from ..logs import log
@@ -77,21 +79,28 @@ class ICKVInject:
             cross_tokens = sorted({i for ids in found.values() for i in ids})
             cross_level = min(2, max(l.level for l in layers))
         reference = ReferenceKV(inversion, selected, steps_within(inversion.steps, start_percent),
-                                cross_tokens=cross_tokens, cross_level=cross_level)
+                                cross_tokens=cross_tokens, cross_level=cross_level, what=WHAT)
+        latent = torch.zeros(inversion.latent_shape)
+        # the store owns the cache (keyed by inversion, its conditioning, layers, steps and mask words): a second
+        # node or run with the same inputs reuses it; it is filled through a model patched with a recorder only
+        # (start_percent 2: never active, it only records)
+        recorder = patching.install(model, KVInjectEditor(reference, selected, 2.0, mode, what=WHAT), WHAT)
+        reference, reference.mode = reference_store.cached(
+            "kv_inject", model, reference, conditioning.fingerprint(inversion.positive), cache,
+            lambda ref: ref.fill(recorder, latent), extra=(tuple(cross_tokens or ()), cross_level))
         editor = KVInjectEditor(reference, selected, start_percent, mode, what=WHAT)
         patched = patching.install(model, editor, WHAT)
-        latent = torch.zeros(inversion.latent_shape)
-        reference.mode = reference.choose_storage(cache, model)
         if reference.mode == "cache":
-            reference.fill(patched, latent)
-            log.info(f"[Inversion Chain] {WHAT}: cached reference K/V for {len(reference.steps)} steps x "
-                     f"{len(selected)} layers: {reference.nbytes() / 2 ** 20:.1f} MB on {reference.storage_device}")
+            log.info(f"[Inversion Chain] {WHAT}: reference K/V for {len(reference.steps)} steps x {len(selected)} "
+                     f"layers: {reference.nbytes() / 2 ** 20:.1f} MB on {reference.storage_device} (cache holds "
+                     f"{reference_store.STORE.held_bytes() / 2 ** 20:.1f} MB in {len(reference_store.STORE.entries)} "
+                     f"entries)")
         else:
             reference.storage_device = model.load_device
-            positive = [[c[0][:1], c[1]] for c in inversion.positive]
-            reference.conds = patching.capture_conds(model, positive, latent[:1])
+            reference.conds = patching.capture_conds(model, conditioning.first_row(inversion.positive), latent[:1])
             patching.add_unet_wrapper(patched, reference.recompute_wrapper)
-            log.info(f"[Inversion Chain] {WHAT}: recomputing reference K/V at every step")
+            log.info(f"[Inversion Chain] {WHAT}: recomputing reference K/V at every step"
+                     f"{' (' + reference.budget_message + ')' if getattr(reference, 'budget_message', '') else ''}")
         return (patched,)
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .. import compat
 from ..artifacts import Inversion, InversionChainError, Style, inversion_fingerprint
+from ..conditioning import SIZE_KEYS
 from ..attention import patching
 from ..attention.schedule import Schedule
 from ..attention.style import CrossAttentionRecorder, recorder_level, value_injection
@@ -157,7 +158,9 @@ def _vision_fingerprint(clip_vision) -> tuple:
 
 
 def _conditioning_tensors(conditioning) -> list:
-    return [[c[0]] + [v for _, v in sorted(c[1].items()) if torch.is_tensor(v)] for c in conditioning]
+    # tensors and the SDXL size entries (a different width/height conditions the model differently)
+    return [[c[0]] + [v for _, v in sorted(c[1].items()) if torch.is_tensor(v)]
+            + [repr(sorted((k, c[1][k]) for k in SIZE_KEYS if k in c[1]))] for c in conditioning]
 
 
 def cache_key(image, inversion, positive, negative, clip_vision, settings: dict) -> str:

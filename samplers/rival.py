@@ -19,7 +19,9 @@ import torch
 from .. import compat
 from ..artifacts import Inversion, InversionChainError
 from ..attention import patching
+from ..attention import reference as reference_store
 from ..attention.reference import ReferenceKV
+from ..conditioning import first_row, fingerprint
 from ..attention.rival import RivalAttentionEditor
 from ..attention.schedule import Schedule, check_percents
 from ..model_info import require_inversion
@@ -86,30 +88,29 @@ def check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normali
         raise InversionChainError(f"{what}: cfg must be positive, got {cfg}.")
 
 
-def conditioning_key(cond) -> tuple:
-    t = cond[0][0]
-    return (tuple(t.shape), round(float(t.float().sum()), 4), round(float(t.float().abs().sum()), 4))
-
-
 def cached_reference(model, inversion: Inversion, negative, policy: str = "auto",
                      what: str = TECHNIQUE) -> Optional[ReferenceKV]:
-    """The inversion's reference K/V for both CFG branches (and its conditional eps), recorded once and kept on
-    the INVERSION for later runs; None when it would not fit (then the reference row runs in the batch)."""
-    key = ("rival", conditioning_key(negative))
-    store = inversion.extras.get(key)
-    if store is not None:
-        return store
+    """The inversion's reference K/V for both CFG branches (and its conditional eps), recorded once per
+    (inversion, negative prompt) into the shared reference store; None when it would not fit the store's budget
+    (then the reference row runs in the batch)."""
     layers = patching.layers_of(model)
-    store = ReferenceKV(inversion, layers, range(inversion.steps))
-    if store.choose_storage(policy, model) != "cache":
-        return None
+    reference = ReferenceKV(inversion, layers, range(inversion.steps), branches=2, what=what)
     schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
-    recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=store), what)
-    store.fill(recorder, torch.zeros(inversion.latent_shape), negative=[[c[0][:1], c[1]] for c in negative])
-    inversion.extras[key] = store
-    log.info("[Inversion Chain] %s: cached reference K/V, %.1f MB on %s", what, store.nbytes() / 2 ** 20,
-             store.storage_device)
-    return store
+    recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=reference), what)
+    negative_row = first_row(negative)
+
+    def fill(ref):
+        # the recorder's editor must write into ``ref`` (the entry being filled)
+        ref.fill(recorder, torch.zeros(inversion.latent_shape), negative=negative_row)
+
+    reference, mode = reference_store.cached("rival", model, reference,
+                                             fingerprint(first_row(inversion.positive)) + fingerprint(negative_row),
+                                             policy, fill)
+    if mode != "cache":
+        return None
+    log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", what, reference.nbytes() / 2 ** 20,
+             reference.storage_device)
+    return reference
 
 
 def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,

@@ -51,3 +51,54 @@ def comfy_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+# -- model families: every node's tests that apply run on SD1.5, SD2-v and SDXL layouts ---------------------------
+FAMILIES = tuple(models.FAMILIES)
+
+
+def encode_as_stock(clip, text, family, size=1024):
+    """CONDITIONING the way the stock nodes make it: CLIPTextEncode on SD1.x/SD2, CLIPTextEncodeSDXL on SDXL
+    (pooled output plus the width/height/crop/target size entries, here the node's defaults)."""
+    with torch.inference_mode():
+        if family == "sdxl":
+            from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL
+            node = CLIPTextEncodeSDXL()
+            return getattr(node, CLIPTextEncodeSDXL.FUNCTION)(clip, size, size, 0, 0, size, size, text, text)[0]
+        import nodes
+        return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+_family_cache = {}
+
+
+def family_models(family):
+    if family not in _family_cache:
+        with torch.inference_mode():
+            _family_cache[family] = models.load_family(family)
+    return _family_cache[family]
+
+
+@pytest.fixture(scope="session")
+def family_model(family):
+    """(MODEL, CLIP, VAE) of the current family, via the stock loader (sd15 is the `small` model)."""
+    return family_models(family)
+
+
+@pytest.fixture(scope="session")
+def family_encode(family):
+    """encode(clip, text) -> CONDITIONING as the stock text-encode node of the current family makes it."""
+    return lambda clip, text: encode_as_stock(clip, text, family)
+
+
+@pytest.fixture(scope="session")
+def family_latent(family_model):
+    """VAEEncode of the astronaut at 128 px (16x16 latent) with the family's VAE."""
+    import nodes
+    with torch.inference_mode():
+        return nodes.VAEEncode().encode(family_model[2], photos.photo("astronaut", 128))[0]

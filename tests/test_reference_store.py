@@ -1,0 +1,75 @@
+"""The one reference K/V store shared by KV Inject and RIVAL: exact byte accounting, budget and LRU eviction."""
+import pytest
+import torch
+
+from inversion_chain.attention import reference
+from inversion_chain.nodes.invert import ICDDIMInvert
+from inversion_chain.nodes.kv_inject import ICKVInject
+from inversion_chain.samplers import rival
+
+STEPS = 4
+
+
+@pytest.fixture
+def store():
+    reference.STORE.clear()
+    saved = reference.STORE.max_bytes
+    yield reference.STORE
+    reference.STORE.max_bytes = saved
+    reference.STORE.clear()
+
+
+@pytest.fixture(scope="module")
+def inverted(family, family_model, family_encode, family_latent):
+    model, clip, _ = family_model
+    with torch.inference_mode():
+        src = family_encode(clip, "a cat sitting on a wooden table")
+        inv = ICDDIMInvert().invert(model, family_latent, src, STEPS, 1.0, 1)[2]
+    return model, clip, src, inv
+
+
+def test_estimate_equals_stored_bytes_for_both_users(store, inverted, family, family_encode):
+    model, clip, src, inv = inverted
+    ICKVInject().patch(model, inv, 1, 0, "masked", mask_words="cat", clip=clip,
+                       source_prompt="a cat sitting on a wooden table", cache="cpu")
+    ref_kv = rival.cached_reference(model, inv, family_encode(clip, ""), "cpu")
+    entries = list(store.entries.values())
+    assert len(entries) == 2 and ref_kv is entries[1]
+    for entry in entries:
+        assert entry.nbytes() == entry.estimate_bytes() > 0
+    # RIVAL keeps both CFG branches of every layer and step; KV Inject one branch, its layers, steps >= start
+    kv, rv = entries
+    assert rv.branches == 2 and len(rv.steps) == STEPS and kv.branches == 1 and kv.steps == list(range(1, STEPS))
+    assert len({key for key in rv.store if key[2] == 1}) == len(rv.layers) * STEPS
+    print(f"{family}: KV Inject entry {kv.nbytes()} B, RIVAL entry {rv.nbytes()} B")
+
+
+def test_ten_negative_prompts_stay_within_the_budget(store, inverted, family_encode):
+    model, clip, src, inv = inverted
+    first = rival.cached_reference(model, inv, family_encode(clip, "blurry 0"), "cpu")
+    one = first.nbytes()
+    store.max_bytes = int(2.5 * one)
+    for i in range(10):
+        got = rival.cached_reference(model, inv, family_encode(clip, f"blurry {i}"), "cpu")
+        assert got is not None and got.nbytes() == got.estimate_bytes() == one
+        assert store.held_bytes() <= store.max_bytes
+    assert len(store.entries) == 2   # the two most recent; older ones evicted least recently used first
+    # the most recent is found again without a new fill
+    assert rival.cached_reference(model, inv, family_encode(clip, "blurry 9"), "cpu") is got
+
+
+def test_over_budget_falls_back_to_recompute_and_says_how_much(store, inverted, family_encode, caplog):
+    model, clip, src, inv = inverted
+    store.max_bytes = 1000
+    with caplog.at_level("WARNING", logger="inversion_chain"):
+        assert rival.cached_reference(model, inv, family_encode(clip, ""), "auto") is None
+    assert not store.entries
+    assert "would need" in caplog.text and "MB" in caplog.text and "budget" in caplog.text
+
+
+def test_kv_inject_reuses_the_store_entry_across_nodes(store, inverted):
+    model, clip, src, inv = inverted
+    ICKVInject().patch(model, inv, 1, 0, "mutual")
+    entry = next(iter(store.entries.values()))
+    ICKVInject().patch(model, inv, 1, 0, "mutual")
+    assert len(store.entries) == 1 and next(iter(store.entries.values())) is entry
