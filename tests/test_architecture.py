@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_THE_PACK = {"tests", "bench", "scripts", "workflows", "web", "out"}
 # lower rank = lower layer; a module may import its own layer (no cycle) or any lower one
 LAYERS = {"compat": 0, "base": 1, "attention": 2, "samplers": 3, "optimize": 4, "nodes": 5, "root": 6}
-BASE = {"artifacts", "model_info", "plots", "logs"}
+BASE = {"artifacts", "conditioning", "model_info", "plots", "logs"}
 COMFY = {"comfy", "comfy_extras", "comfy_execution", "nodes", "folder_paths", "latent_preview", "server",
          "execution", "node_helpers", "comfy_api"}
 COMFY_ALLOWED = {"compat", "attention.patching"}          # and the node layer (nodes.*)

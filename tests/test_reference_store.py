@@ -30,7 +30,7 @@ def inverted(family, family_model, family_encode, family_latent):
 
 def test_estimate_equals_stored_bytes_for_both_users(store, inverted, family, family_encode):
     model, clip, src, inv = inverted
-    ICKVInject().patch(model, inv, 1, 0, "masked", mask_words="cat", clip=clip,
+    ICKVInject().patch(model, inv, 0.25, 0, "masked", mask_words="cat", clip=clip,
                        source_prompt="a cat sitting on a wooden table", cache="cpu")
     ref_kv = rival.cached_reference(model, inv, family_encode(clip, ""), "cpu")
     entries = list(store.entries.values())
@@ -69,7 +69,7 @@ def test_over_budget_falls_back_to_recompute_and_says_how_much(store, inverted, 
 
 def test_kv_inject_reuses_the_store_entry_across_nodes(store, inverted):
     model, clip, src, inv = inverted
-    ICKVInject().patch(model, inv, 1, 0, "mutual")
+    ICKVInject().patch(model, inv, 0.25, 0, "mutual")
     entry = next(iter(store.entries.values()))
-    ICKVInject().patch(model, inv, 1, 0, "mutual")
+    ICKVInject().patch(model, inv, 0.25, 0, "mutual")
     assert len(store.entries) == 1 and next(iter(store.entries.values())) is entry
