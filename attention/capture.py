@@ -272,14 +272,11 @@ class AttentionCaptureEditor(Editor):
         self._layers = list(layers)
         self.layer_ids = {l.index for l in layers}
         self._key = f"capture_{id(self)}"
-        self._points: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
         maps.set_units(self._layers)
 
     def points(self, grid, device) -> torch.Tensor:
-        key = (int(grid[0]), int(grid[1]), device)
-        if key not in self._points:
-            self._points[key] = query_points(grid, self.maps.query_grid).to(device)
-        return self._points[key]
+        # made per call (n*n indices): a cache would be state the store's memory accounting does not see
+        return query_points(grid, self.maps.query_grid).to(device)
 
     def layers(self, all_layers):
         return [l for l in all_layers if l.index in self.layer_ids]
