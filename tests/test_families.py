@@ -8,6 +8,8 @@ import torch
 import comfy.sample
 import comfy.samplers
 
+from inversion_chain.attention import patching
+from inversion_chain.attention.layers import decoder_start
 from inversion_chain.nodes.attention_maps import ICAttentionCapture, ICAttentionMapViewer
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
@@ -106,3 +108,15 @@ def test_capture_and_viewer_find_the_words(s):
                                          "cond", 0, "per tile", 0, None)
     image = result["result"][0] if isinstance(result, dict) else result[0]
     assert image.ndim == 4 and torch.isfinite(image).all()
+
+
+def test_default_start_layer_means_the_same_on_every_family(s):
+    """MasaCtrl's SD1.5 default (10) is the first decoder layer at the second-finest attention level; the default
+    picks that layer on every layout (SDXL has attention at two levels only, so its whole decoder qualifies)."""
+    layers = patching.layers_of(s["model"])
+    start = decoder_start(layers)
+    levels = sorted({l.level for l in layers})
+    assert layers[start].part == "up" and layers[start].level == levels[1]
+    assert all(l.level > levels[1] for l in layers if l.part == "up" and l.index < start)
+    if s["family"] in ("sd15", "sd2v"):
+        assert start == 10
