@@ -64,3 +64,17 @@ def select_layers(layers: Sequence[AttentionLayer], start: int = 0, end: Optiona
     parts = set(parts)
     levels = None if levels is None else set(levels)
     return [l for l in layers if start <= l.index <= end and l.part in parts and (levels is None or l.level in levels)]
+
+
+def decoder_start(layers: Sequence[AttentionLayer]) -> int:
+    """MasaCtrl's default start layer, defined so that it means the same on every family: the first decoder (up)
+    layer at the second-finest resolution level that has attention. SD1.x/SD2.x (attention at levels 0, 1, 2):
+    layer 10, MasaCtrl's SD1.5 default (skips the three coarsest decoder layers). SDXL (attention at levels 1 and 2
+    only, 70 layers): layer 34, the first decoder layer (its coarsest decoder level is its second-finest)."""
+    levels = sorted({l.level for l in layers})
+    target = levels[1] if len(levels) > 1 else levels[0]
+    ups = [l for l in layers if l.part == "up"]
+    for layer in ups:
+        if layer.level <= target:
+            return layer.index
+    return ups[0].index if ups else 0

@@ -6,7 +6,7 @@ import torch
 from ..artifacts import INVERSION, InversionChainError
 from ..attention import patching
 from ..attention.kv_inject import MODES, KVInjectEditor
-from ..attention.layers import select_layers
+from ..attention.layers import decoder_start, select_layers
 from ..attention import reference as reference_store
 from ..attention.reference import POLICIES, ReferenceKV
 from ..attention.schedule import check_percents, steps_within
@@ -41,8 +41,10 @@ class ICKVInject:
                                      "Earlier steps let the new prompt set the layout.",
                                      default=0.08, min=0.0, max=1.0, step=0.01),
                 "start_layer": tip("INT", "First self-attention layer to inject, in execution order (SD1.x/2.x: "
-                                   "16 layers, down 0-5, mid 6, up 7-15; SDXL: 70). MasaCtrl: 10.",
-                                   default=10, min=0, max=200),
+                                   "16 layers, down 0-5, mid 6, up 7-15; SDXL: 70, down 0-23, mid 24-33, up 34-69). "
+                                   "-1 (default) = the first decoder layer at the second-finest attention "
+                                   "resolution, which means the same on every family: 10 on SD1.x/2.x (MasaCtrl's "
+                                   "default), 34 on SDXL.", default=-1, min=-1, max=200),
                 "mode": tip(list(MODES), "mutual: queries attend to the source's K/V; union: to source and own "
                             "K/V concatenated; masked: foreground/background attend within their own region, "
                             "regions from the source's cross-attention of `mask_words`.", default="mutual"),
@@ -64,9 +66,12 @@ class ICKVInject:
         if mode not in MODES:
             raise InversionChainError(f"{WHAT}: unknown mode '{mode}'; use one of {', '.join(MODES)}.")
         layers = patching.layers_of(model)
+        if start_layer == -1:
+            start_layer = decoder_start(layers)
         if not 0 <= start_layer < len(layers):
             raise InversionChainError(f"{WHAT}: start_layer {start_layer} is beyond this model's {len(layers)} "
-                                      f"self-attention layers (valid: 0..{len(layers) - 1}).")
+                                      f"self-attention layers (valid: 0..{len(layers) - 1}, or -1 for the family "
+                                      f"default).")
         check_percents(WHAT, start_percent=start_percent)
         selected = select_layers(layers, start=start_layer)
         cross_tokens, cross_level = None, 2
