@@ -7,9 +7,11 @@ from ..attention.capture import (ATTN_MAPS, BRANCHES, DETAILS, KIND_CHOICES, RES
                                  AttentionMaps, capture_layers, prompt_tokens, select)
 from ..attention.map_view import NORMALIZE, render
 from .common import CATEGORY, tip
+from .contract import checked
 
 CAPTURE = "Attention Capture"
 VIEWER = "Attention Map Viewer"
+MAX_GRID_PIXELS = 64 * 2 ** 20  # ~0.8 GB of float RGB: bounds the grid an image size and token list can ask for
 VIEW_RESOLUTIONS = ("all captured",) + tuple(r for r in RESOLUTIONS if r != "all")
 
 
@@ -52,13 +54,8 @@ class ICAttentionCapture:
             },
         }
 
+    @checked
     def capture(self, model, kinds, resolution, detail, query_grid, clip=None, prompt="", negative_prompt=""):
-        if kinds not in KIND_CHOICES:
-            raise InversionChainError(f"{CAPTURE}: unknown kinds '{kinds}'; use one of {', '.join(KIND_CHOICES)}.")
-        if detail not in DETAILS:
-            raise InversionChainError(f"{CAPTURE}: unknown detail '{detail}'; use one of {', '.join(DETAILS)}.")
-        if not 1 <= int(query_grid) <= 16:
-            raise InversionChainError(f"{CAPTURE}: query_grid must be 1..16, got {query_grid}.")
         if clip is None and ((prompt or "").strip() or (negative_prompt or "").strip()):
             raise InversionChainError(f"{CAPTURE}: the prompts name tokens only with the `clip` that encoded them; "
                                       f"connect `clip`.")
@@ -116,16 +113,9 @@ class ICAttentionMapViewer:
             },
         }
 
+    @checked
     def view(self, attn_maps, latent, kind, tokens, start_at, end_at, layers, resolution, branch, row, normalize,
              columns, image=None):
-        if not hasattr(attn_maps, "steps"):
-            raise InversionChainError(f"{VIEWER}: `attn_maps` must come from {CAPTURE}.")
-        if kind not in ("cross", "self"):
-            raise InversionChainError(f"{VIEWER}: kind must be cross or self, got '{kind}'.")
-        if normalize not in NORMALIZE:
-            raise InversionChainError(f"{VIEWER}: normalize must be one of {', '.join(NORMALIZE)}.")
-        if resolution not in VIEW_RESOLUTIONS:
-            raise InversionChainError(f"{VIEWER}: resolution must be one of {', '.join(VIEW_RESOLUTIONS)}.")
         sel = select(attn_maps, kind, tokens, float(start_at), float(end_at), layers, resolution, branch, int(row),
                      VIEWER)
         samples = latent["samples"]
@@ -135,6 +125,10 @@ class ICAttentionMapViewer:
         else:
             background = None
             tile_hw = (int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8)
+        if len(sel.tiles) * tile_hw[0] * tile_hw[1] > MAX_GRID_PIXELS:
+            raise InversionChainError(f"{VIEWER}: {len(sel.tiles)} tiles of {tile_hw[0]}x{tile_hw[1]} px exceed the "
+                                      f"grid budget of {MAX_GRID_PIXELS // 2 ** 20} megapixels; pick fewer `tokens` "
+                                      f"or connect a smaller `image`.")
         labels = [[t.label, sel.step_label, sel.layer_label] for t in sel.tiles]
         grid, masks = render([t.map for t in sel.tiles], labels, tile_hw, background, normalize, int(columns),
                              [t.point for t in sel.tiles])

@@ -6,6 +6,7 @@ from .. import compat
 from ..artifacts import INVERSION, InversionChainError
 from ..samplers import inversion as inversion_lib
 from .common import CATEGORY, tip
+from .contract import checked
 
 DEFAULT_REFINE_ITERS = 3  # measured: see README "DDIM Invert" (round-trip error vs cost per step)
 
@@ -45,10 +46,9 @@ class ICDDIMInvert:
             },
         }
 
+    @checked
     def invert(self, model, latent, positive, steps, inversion_cfg, refine_iters, scheduler="ddim_uniform",
                negative=None):
-        if not isinstance(latent, dict) or "samples" not in latent:
-            raise InversionChainError("DDIM Invert: `latent` must be a LATENT (e.g. from VAEEncode).")
         inv = inversion_lib.invert(model, latent["samples"], positive, negative, inversion_cfg, steps, scheduler,
                                    refine_iters)
         print(f"[Inversion Chain] {inv.summary()}")
@@ -71,6 +71,7 @@ class ICLatentDifference:
             "latent_b": tip("LATENT", "Second latent (e.g. VAEEncode of the source photo)."),
         }}
 
+    @checked
     def compare(self, latent_a, latent_b):
         a, b = latent_a["samples"].float().cpu(), latent_b["samples"].float().cpu()
         if a.shape != b.shape:

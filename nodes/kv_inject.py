@@ -11,6 +11,7 @@ from ..attention.reference import POLICIES, ReferenceKV
 from ..attention.tokens import locate_words, parse_words
 from ..samplers.model_info import require_inversion
 from .common import CATEGORY, tip
+from .contract import checked
 
 WHAT = "KV Inject"
 
@@ -51,17 +52,18 @@ class ICKVInject:
             },
         }
 
+    @checked
     def patch(self, model, inversion, start_step, start_layer, mode, mask_words="", clip=None, source_prompt="",
               cache="auto"):
         require_inversion(model, inversion, WHAT)
-        if mode not in MODES:
-            raise InversionChainError(f"{WHAT}: unknown mode '{mode}'; use one of {', '.join(MODES)}.")
         layers = patching.layers_of(model)
         if not 0 <= start_layer < len(layers):
             raise InversionChainError(f"{WHAT}: start_layer {start_layer} is beyond this model's {len(layers)} "
                                       f"self-attention layers (valid: 0..{len(layers) - 1}).")
-        if start_step < 0:
-            raise InversionChainError(f"{WHAT}: start_step must be 0 or more, got {start_step}.")
+        if start_step >= inversion.steps:  # no step would inject: say so rather than return an unpatched model
+            raise InversionChainError(f"{WHAT}: start_step {start_step} is at or beyond the inversion's "
+                                      f"{inversion.steps} steps, so nothing would be injected; use 0.."
+                                      f"{inversion.steps - 1} (MasaCtrl: 4 of 50).")
         selected = select_layers(layers, start=start_layer)
         cross_tokens, cross_level = None, 2
         if mode == "masked":

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import torch
 
-import comfy.sample
-
 from .. import compat
-from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, NullText, Style
+from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError
 from ..attention import patching
 from ..attention.p2p import (BLEND_LEVEL, DEFAULT_SELF_MAX_RES, MODES, CfgCheck, LocalBlend, P2PlusEditor,
                              StepSchedule, UncondContext, build_plan, word_positions)
@@ -15,6 +13,7 @@ from ..attention.tokens import parse_words
 from ..samplers import null_text as null_text_lib
 from ..samplers.model_info import check_supported, model_key, require_inversion
 from .common import CATEGORY, tip
+from .contract import checked
 
 WHAT = "P2Plus Controller"
 WHAT_NT = "Null-Text Inversion"
@@ -134,16 +133,12 @@ class ICP2PlusController:
             },
         }
 
+    @checked
     def build(self, model, clip, source_prompt, target_prompt, mode, cross_replace, self_replace, uncond_self_replace,
               reweight="", blend_words="", blend_threshold=0.3, blend_start=0.2, inversion=None, null_text=None,
               latent=None, seed=0, steps=50, scheduler="ddim_uniform", self_replace_max_res=DEFAULT_SELF_MAX_RES,
               style=None, style_until=0.5):
         check_supported(model, WHAT)
-        for name, value in (("cross_replace", cross_replace), ("self_replace", self_replace),
-                            ("uncond_self_replace", uncond_self_replace), ("blend_start", blend_start),
-                            ("style_until", style_until)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise InversionChainError(f"{WHAT}: {name} is a fraction of the steps in [0, 1], got {value}.")
         plan = build_plan(clip, source_prompt, target_prompt, mode, reweight, WHAT)
 
         # schedule and starting noise
@@ -164,16 +159,13 @@ class ICP2PlusController:
             sigmas = compat.calculate_sigmas(model, scheduler, steps)
             schedule = StepSchedule(sigmas, scheduler, WHAT)
             shape = latent["samples"][:1]
-            noise = comfy.sample.prepare_noise(shape, seed) * (1.0 + float(sigmas[0]) ** 2) ** 0.5
-            x_t = model.model.process_latent_out(noise.float())
+            x_t = model.model.process_latent_out(compat.seed_noise(model, shape, seed, sigmas).float())
         latent_out = {"samples": x_t.repeat(2, 1, 1, 1).contiguous()}
 
         # conditioning (row 0 source, row 1 target)
         source = _encode(clip, source_prompt)
         target = _encode(clip, target_prompt)
         if null_text is not None:
-            if not isinstance(null_text, NullText):
-                raise InversionChainError(f"{WHAT}: `null_text` must come from Null-Text Inversion.")
             null_text.check_inversion(inversion, WHAT)
             _require_source_prompt(null_text.positive, source, source_prompt, "NULL_TEXT", "Null-Text Inversion")
             uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, WHAT,
@@ -210,8 +202,6 @@ class ICP2PlusController:
             patching.add_attn2_patch(patched, UncondContext(null_text.embeddings, schedule))
             patching.add_post_cfg_function(patched, CfgCheck(null_text.cfg, WHAT))
         if style is not None:
-            if not isinstance(style, Style):
-                raise InversionChainError(f"{WHAT}: `style` must come from StyleDiffusion Mapper.")
             if inversion is None:
                 raise InversionChainError(f"{WHAT}: a STYLE needs the INVERSION it was trained on; connect it to "
                                           f"`inversion` as well.")
@@ -265,11 +255,9 @@ class ICNullTextInversion:
             },
         }
 
+    @checked
     def run(self, model, inversion, positive, negative, cfg=7.5, inner_steps=10, method="null-text",
             learning_rate=null_text_lib.LEARNING_RATE):
-        if method not in null_text_lib.METHODS:
-            raise InversionChainError(f"{WHAT_NT}: unknown method '{method}'; use one of "
-                                      f"{', '.join(null_text_lib.METHODS)}.")
         if method == "negative-prompt":
             result = null_text_lib.negative_prompt_inversion(model, inversion, positive, cfg, WHAT_NT)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..artifacts import INVERSION
 from ..samplers import rival
 from .common import CATEGORY, tip
+from .contract import checked
 
 
 class ICRIVALAlignSampler:
@@ -49,6 +50,7 @@ class ICRIVALAlignSampler:
                                 default="cache"),
         }}
 
+    @checked
     def sample(self, model, positive, negative, inversion, seed, batch_size, cfg, t_align, t_early, init, normalize,
                reference_kv="cache"):
         variations, reference = rival.rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,

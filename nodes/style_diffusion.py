@@ -1,7 +1,7 @@
 """StyleDiffusion Mapper (train per-step value mappers on one real image) and StyleDiffusion Apply."""
 from __future__ import annotations
 
-from ..artifacts import INVERSION, STYLE, InversionChainError, Style
+from ..artifacts import INVERSION, STYLE
 from ..attention import patching
 from ..attention.p2p import StepSchedule
 from ..attention.style import ValueInjection
@@ -9,6 +9,7 @@ from ..plots import loss_curve
 from ..samplers import style_diffusion
 from ..samplers.model_info import check_supported, model_key
 from .common import CATEGORY, tip
+from .contract import checked
 
 WHAT = style_diffusion.WHAT
 WHAT_APPLY = "StyleDiffusion Apply"
@@ -20,7 +21,8 @@ class ICStyleDiffusionMapper:
         "vision tokens to the value input of cross-attention (keys keep the source prompt, so the layout stays "
         "editable). Sampling with the STYLE (StyleDiffusion Apply, or P2Plus Controller's `style`) at this cfg "
         "retraces the image's inversion. Trained once per image, model, prompt and settings; later runs load it "
-        "from the cache (memory, and ComfyUI's temp folder).")
+        "from the cache: memory, and files in ComfyUI's user folder, user/__inversion_chain/style_cache (kept across "
+        "restarts, named by a hash of the inputs, oldest evicted beyond 2 GB; delete the folder to clear it).")
     CATEGORY = CATEGORY
     FUNCTION = "train"
     RETURN_TYPES = (STYLE, "IMAGE")
@@ -58,6 +60,7 @@ class ICStyleDiffusionMapper:
             },
         }
 
+    @checked
     def train(self, model, clip_vision, image, inversion, positive, negative, cfg=7.5, inner_steps=100,
               learning_rate=1e-2, attention_loss_weight=1.0):
         check_supported(model, WHAT)
@@ -93,13 +96,9 @@ class ICStyleDiffusionApply:
             },
         }
 
+    @checked
     def apply(self, model, style, style_until=1.0):
         check_supported(model, WHAT_APPLY)
-        if not isinstance(style, Style):
-            raise InversionChainError(f"{WHAT_APPLY}: `style` must come from StyleDiffusion Mapper.")
-        if not 0.0 <= float(style_until) <= 1.0:
-            raise InversionChainError(f"{WHAT_APPLY}: style_until is a fraction of the steps in [0, 1], got "
-                                      f"{style_until}.")
         style.check(model_key(model), None, WHAT_APPLY)
         schedule = StepSchedule(style.sigmas, style.scheduler, WHAT_APPLY)
         patched = patching.add_attn2_patch(model.clone(), ValueInjection(style.values, schedule, style_until))
