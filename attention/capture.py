@@ -569,7 +569,7 @@ def _tiles(maps: AttentionMaps, kind: str, tokens_text: str, mean: torch.Tensor,
         if prompt is None:
             raise InversionChainError(f"{what}: to name tokens by words, give Attention Capture `clip` and "
                                       f"`{where}`; or list token positions as #1..#{n_tok - 1}.")
-        found = tokens_mod.locate_words(prompt.clip, prompt.text, [p], what)[p]
+        found = tokens_mod.locate_words(prompt.clip, prompt.text, [p], f"{what} `tokens`")[p]
         found = [i for i in found if i < n_tok]
         tiles.append(Tile(label=p, map=mean[found].sum(0)))
     return tiles

@@ -71,7 +71,7 @@ class ICKVInject:
             if not words or clip is None or not source_prompt.strip():
                 raise InversionChainError(f"{WHAT}: masked mode needs `mask_words`, `clip` and `source_prompt` "
                                           f"(the prompt the inversion was made with).")
-            found = locate_words(clip, source_prompt, words, WHAT)
+            found = locate_words(clip, source_prompt, words, f"{WHAT} `mask_words`")
             cross_tokens = sorted({i for ids in found.values() for i in ids})
             cross_level = min(2, max(l.level for l in layers))
         reference = ReferenceKV(inversion, selected, range(min(start_step, inversion.steps), inversion.steps),
