@@ -69,7 +69,7 @@ WIRED = {
     "MODEL": (lambda v: hasattr(v, "model") and hasattr(v, "model_options") and hasattr(v, "clone"),
               "a MODEL (e.g. from Load Checkpoint)"),
     "CLIP": (lambda v: hasattr(v, "tokenize") and hasattr(v, "encode_from_tokens"), "a CLIP (e.g. from Load Checkpoint)"),
-    "CLIP_VISION": (lambda v: hasattr(v, "encode_image"), "a CLIP_VISION (from Load CLIP Vision)"),
+    "CLIP_VISION": (lambda v: hasattr(v, "encode_image"), "a CLIP_VISION from Load CLIP Vision"),
     "CONDITIONING": (_is_conditioning, "a CONDITIONING (e.g. from CLIP Text Encode)"),
     "LATENT": (lambda v: isinstance(v, dict) and torch.is_tensor(v.get("samples")) and v["samples"].ndim == 4,
                "a LATENT: a dict whose 'samples' is a [B, C, H, W] tensor (e.g. from VAE Encode or Empty Latent "
@@ -78,10 +78,10 @@ WIRED = {
               "an IMAGE: a [B, H, W, 3] tensor (e.g. from Load Image or VAE Decode)"),
     "MASK": (_is_tensor((2, 3)), "a MASK: a [H, W] or [B, H, W] tensor"),
     "SIGMAS": (_is_tensor((1,)), "SIGMAS: a 1-D tensor (e.g. from BasicScheduler)"),
-    "INVERSION": (lambda v: isinstance(v, Inversion), "an INVERSION (from DDIM Invert)"),
-    "NULL_TEXT": (lambda v: isinstance(v, NullText), "a NULL_TEXT (from Null-Text Inversion)"),
-    "STYLE": (lambda v: isinstance(v, Style), "a STYLE (from StyleDiffusion Mapper)"),
-    "ATTN_MAPS": (_is_attn_maps, "ATTN_MAPS (from Attention Capture)"),
+    "INVERSION": (lambda v: isinstance(v, Inversion), "an INVERSION from DDIM Invert"),
+    "NULL_TEXT": (lambda v: isinstance(v, NullText), "a NULL_TEXT from Null-Text Inversion"),
+    "STYLE": (lambda v: isinstance(v, Style), "a STYLE from StyleDiffusion Mapper"),
+    "ATTN_MAPS": (_is_attn_maps, "ATTN_MAPS from Attention Capture"),
 }
 
 

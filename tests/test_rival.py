@@ -147,15 +147,15 @@ def test_normalization_modes_differ(setup, normalize):
 
 def test_bad_input_gets_clear_errors(setup, astronaut_latent):
     s = setup
-    with pytest.raises(InversionChainError, match="t_align is a timestep on the 0..1000 scale"):
+    with pytest.raises(InversionChainError, match="input `t_align` got 1200; accepted: a whole number from 0 to 1000"):
         run(s, t_align=1200)
-    with pytest.raises(InversionChainError, match="t_early is a timestep"):
+    with pytest.raises(InversionChainError, match="input `t_early` got -1"):
         run(s, t_early=-1)
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     other = ModelSamplingDiscrete().patch(s["model"], "v_prediction", False)[0]
     with pytest.raises(InversionChainError, match="different model"):
         ICRIVALAlignSampler().sample(other, s["src"], s["neg"], s["inv"], 0, 1, 5.0, 600, 600, "permute", "eps")
-    with pytest.raises(InversionChainError, match="batch_size must be at least 1"):
+    with pytest.raises(InversionChainError, match="input `batch_size` got 0; accepted: a whole number from 1"):
         run(s, batch_size=0)
 
 
