@@ -105,10 +105,18 @@ def clip_vision_tokens(clip_vision, image: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def temp_directory() -> str:
-    """ComfyUI's temp folder (both trees: folder_paths.get_temp_directory; emptied when the server starts)."""
+def persistent_directory(name: str) -> str:
+    """A folder of the pack's own that survives restarts (unlike the temp folder, which ComfyUI empties at every
+    start): ``<user directory>/__inversion_chain/<name>``. 0.3x: under folder_paths.get_system_user_directory
+    (``__`` folders are not served over HTTP); 2024-03 has only ``folder_paths.user_directory``, same layout."""
+    import os
     import folder_paths
-    return folder_paths.get_temp_directory()
+    if hasattr(folder_paths, "get_system_user_directory"):
+        base = folder_paths.get_system_user_directory("inversion_chain")
+    else:
+        base = os.path.join(folder_paths.user_directory, "__inversion_chain")
+    return os.path.join(base, name)
+
 
 
 # -- patch objects -------------------------------------------------------------------------------------------------
@@ -200,3 +208,23 @@ def unet_caller(patcher):
         return base.apply_model(x, sigma, transformer_options=to, **kwargs)
 
     return call
+
+SEED_RANGE = 1 << 64  # ComfyUI's seed widgets: 0 .. 2^64 - 1
+
+
+def wrap_seed(seed: int) -> int:
+    """seed + offset kept in ComfyUI's seed range (modulo 2^64, as torch.manual_seed accepts)."""
+    return int(seed) % SEED_RANGE
+
+
+def seed_noise(model_patcher, latent: torch.Tensor, seed: int, sigmas: torch.Tensor) -> torch.Tensor:
+    """The starting latent a stock sampler makes for an empty latent: comfy.sample.prepare_noise(latent, seed), scaled
+    by the model_sampling's noise_scaling for sigmas[0] with ComfyUI's own max_denoise test (sqrt(1 + sigma0^2) only
+    when sigma0 is at sigma_max, else sigma0). Same code path in both trees; returned in sampler space."""
+    import types
+    noise = comfy.sample.prepare_noise(latent, wrap_seed(seed))
+    ms = model_sampling(model_patcher)
+    wrap = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=ms))
+    max_denoise = comfy.samplers.Sampler.max_denoise(None, wrap, sigmas)
+    sigma0 = sigmas[0].reshape(()).to(noise.dtype)
+    return ms.noise_scaling(sigma0, noise, torch.zeros_like(noise), max_denoise)

@@ -96,7 +96,7 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
                                       f"EmptyLatentImage: the size of a generated image).")
         sigmas = compat.calculate_sigmas(model, scheduler, steps)
         schedule = Schedule(sigmas, scheduler, what)
-        noise = compat.prepare_noise(latent["samples"][:1], seed) * (1.0 + float(sigmas[0]) ** 2) ** 0.5
+        noise = compat.seed_noise(model, latent["samples"][:1], seed, sigmas)  # as a stock sampler scales it
         x_t = compat.latent_out(model, noise.float())
     latent_out = {"samples": x_t.repeat(2, 1, 1, 1).contiguous()}
 

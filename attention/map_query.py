@@ -30,7 +30,11 @@ class Selection:
     grid: Tuple[int, int]
 
 
-def _parse_layers(text: str, what: str) -> Optional[set]:
+MAX_TILES = 256  # viewer tiles per grid: query_grid 16 gives 256 points; more text entries are refused
+
+
+def _parse_layers(text: str, what: str, limit: int) -> Optional[set]:
+    """Layer indices named by ``text``, clamped to the model's ``limit`` layers (so '0-5000000' costs nothing)."""
     text = (text or "").strip().lower()
     if text in ("", "all"):
         return None
@@ -41,13 +45,17 @@ def _parse_layers(text: str, what: str) -> Optional[set]:
             continue
         try:
             if "-" in part:
-                a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in part.split("-", 1))
+                if a < 0 or b < a:
+                    raise ValueError
+                out.update(range(a, min(b, limit - 1) + 1))
             else:
+                if int(part) < 0:
+                    raise ValueError
                 out.add(int(part))
         except ValueError:
             raise InversionChainError(f"{what}: `layers` must be 'all' or layer numbers and ranges like '4,5,7-9'; "
-                                      f"got '{text}'.") from None
+                                      f"got '{text[:80]}'.") from None
     return out
 
 
@@ -104,13 +112,13 @@ def select(maps: AttentionMaps, kind: str, tokens_text: str, start_percent: floa
         if not units:
             have_res = sorted({resolution_name(u.level) for u in maps.units.values()})
             raise InversionChainError(f"{what}: {resolution} was not captured; captured: {', '.join(have_res)}.")
-    wanted = _parse_layers(layers_text, what)
+    wanted = _parse_layers(layers_text, what, 1 + max(i for u in maps.units.values() for i in u.layers))
     if wanted is not None:
         picked = [u for u in units if set(u.layers) <= wanted]
         if not picked:
             listing = "; ".join(f"{u.name}: layers {describe_layers(u.layers)}" for u in units)
             raise InversionChainError(
-                f"{what}: no captured unit lies within layers '{layers_text}'. Captured ({maps.detail}): {listing}.")
+                f"{what}: no captured unit lies within layers '{layers_text[:80]}'. Captured ({maps.detail}): {listing}.")
         units = picked
     units = [u for u in units if any((kind, u.name, b) in maps.steps[i].maps for i in chosen_steps)]
     if not units:
@@ -145,6 +153,9 @@ def select(maps: AttentionMaps, kind: str, tokens_text: str, start_percent: floa
 
 def _tiles(maps: AttentionMaps, kind: str, tokens_text: str, mean: torch.Tensor, branch: int, what: str):
     parts = [p.strip() for p in (tokens_text or "").replace(";", ",").split(",") if p.strip()]
+    if len(parts) > MAX_TILES:
+        raise InversionChainError(f"{what}: `tokens` lists {len(parts)} entries; at most {MAX_TILES} tiles are drawn "
+                                  f"in one grid. List fewer words or positions (empty = every token).")
     if kind == "self":
         fr = point_fractions(maps.query_grid)
         n = len(fr)
@@ -188,7 +199,7 @@ def _tiles(maps: AttentionMaps, kind: str, tokens_text: str, mean: torch.Tensor,
         if prompt is None:
             raise InversionChainError(f"{what}: to name tokens by words, give Attention Capture `clip` and "
                                       f"`{where}`; or list token positions as #1..#{n_tok - 1}.")
-        found = tokens_mod.locate_words(prompt.clip, prompt.text, [p], what)[p]
+        found = tokens_mod.locate_words(prompt.clip, prompt.text, [p], f"{what} `tokens`")[p]
         found = [i for i in found if i < n_tok]
         tiles.append(Tile(label=p, map=mean[found].sum(0)))
     return tiles

@@ -58,11 +58,31 @@ def locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str
                 hit = list(range(start, start + len(pieces)))
                 break
         if hit is None or not pieces:
+            if pieces and _in_later_window(clip, prompt, pieces):
+                raise InversionChainError(
+                    f"{what}: the word '{word}' is in the prompt, but after its first {len(ids) - 2} tokens (CLIP's "
+                    f"first 77-token window), and only that window's attention maps are used. Move the word earlier "
+                    f"or shorten the prompt '{_cut(prompt)}'.")
             valid = ", ".join(readable_tokens(clip, ids[:end + 1]))
-            raise InversionChainError(f"{what}: the word '{word}' is not in the prompt '{prompt}'. Its tokens are: "
-                                      f"{valid}.")
+            raise InversionChainError(f"{what}: the word '{word}' is not in the prompt '{_cut(prompt)}'. Its tokens "
+                                      f"are: {valid}.")
         found[word] = hit
     return found
+
+
+def _in_later_window(clip, prompt: str, pieces: List[int]) -> bool:
+    """Whether ``pieces`` occur in the prompt's 77-token chunks after the first (long prompts)."""
+    tokens = clip.tokenize(prompt)
+    chunks = tokens[sorted(tokens.keys())[0]] if isinstance(tokens, dict) else tokens
+    for chunk in chunks[1:]:
+        ids = [int(t[0]) if isinstance(t, (tuple, list)) else int(t) for t in chunk]
+        if any(ids[i:i + len(pieces)] == pieces for i in range(len(ids) - len(pieces) + 1)):
+            return True
+    return False
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def parse_words(text: str) -> List[str]:

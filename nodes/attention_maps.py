@@ -8,9 +8,11 @@ from ..attention.capture import (ATTN_MAPS, BRANCHES, DETAILS, KIND_CHOICES, RES
 from ..attention.map_query import select
 from ..attention.map_view import NORMALIZE, render
 from .common import CATEGORY, tip
+from .contract import checked
 
 CAPTURE = "Attention Capture"
 VIEWER = "Attention Map Viewer"
+MAX_GRID_PIXELS = 64 * 2 ** 20  # ~0.8 GB of float RGB: bounds the grid an image size and token list can ask for
 VIEW_RESOLUTIONS = ("all captured",) + tuple(r for r in RESOLUTIONS if r != "all")
 
 
@@ -53,6 +55,7 @@ class ICAttentionCapture:
             },
         }
 
+    @checked
     def capture(self, model, kinds, resolution, detail, query_grid, clip=None, prompt="", negative_prompt=""):
         if kinds not in KIND_CHOICES:
             raise InversionChainError(f"{CAPTURE}: unknown kinds '{kinds}'; use one of {', '.join(KIND_CHOICES)}.")
@@ -119,6 +122,7 @@ class ICAttentionMapViewer:
             },
         }
 
+    @checked
     def view(self, attn_maps, latent, kind, tokens, start_percent, end_percent, layers, resolution, branch, row,
              normalize,              columns, image=None):
         if not hasattr(attn_maps, "steps"):
@@ -138,6 +142,10 @@ class ICAttentionMapViewer:
         else:
             background = None
             tile_hw = (int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8)
+        if len(sel.tiles) * tile_hw[0] * tile_hw[1] > MAX_GRID_PIXELS:
+            raise InversionChainError(f"{VIEWER}: {len(sel.tiles)} tiles of {tile_hw[0]}x{tile_hw[1]} px exceed the "
+                                      f"grid budget of {MAX_GRID_PIXELS // 2 ** 20} megapixels; pick fewer `tokens` "
+                                      f"or connect a smaller `image`.")
         labels = [[t.label, sel.step_label, sel.layer_label] for t in sel.tiles]
         grid, masks = render([t.map for t in sel.tiles], labels, tile_hw, background, normalize, int(columns),
                              [t.point for t in sel.tiles])

@@ -7,6 +7,7 @@ from ..artifacts import INVERSION, InversionChainError
 from ..samplers import inversion as inversion_lib
 from ..logs import log
 from .common import CATEGORY, tip
+from .contract import checked
 
 DEFAULT_REFINE_ITERS = inversion_lib.DEFAULT_MAX_ITERS  # a cap: steps stop at `tolerance` (samplers/inversion.py)
 
@@ -51,6 +52,7 @@ class ICDDIMInvert:
             },
         }
 
+    @checked
     def invert(self, model, latent, positive, steps, inversion_cfg, refine_iters, scheduler="ddim_uniform",
                negative=None, tolerance=inversion_lib.DEFAULT_TOLERANCE):
         if not isinstance(latent, dict) or "samples" not in latent:
@@ -77,6 +79,7 @@ class ICLatentDifference:
             "latent_b": tip("LATENT", "Second latent (e.g. VAEEncode of the source photo)."),
         }}
 
+    @checked
     def compare(self, latent_a, latent_b):
         a, b = latent_a["samples"].float().cpu(), latent_b["samples"].float().cpu()
         if a.shape != b.shape:

@@ -15,6 +15,7 @@ from ..attention.tokens import locate_words, parse_words
 from ..model_info import require_inversion
 from ..logs import log
 from .common import CATEGORY, tip
+from .contract import checked
 
 WHAT = "KV Inject"
 
@@ -60,6 +61,7 @@ class ICKVInject:
             },
         }
 
+    @checked
     def patch(self, model, inversion, start_percent, start_layer, mode, mask_words="", clip=None, source_prompt="",
               cache="auto"):
         require_inversion(model, inversion, WHAT)
@@ -73,6 +75,10 @@ class ICKVInject:
                                       f"self-attention layers (valid: 0..{len(layers) - 1}, or -1 for the family "
                                       f"default).")
         check_percents(WHAT, start_percent=start_percent)
+        if not steps_within(inversion.steps, start_percent):  # no step would inject: say so, not a silent no-op
+            raise InversionChainError(f"{WHAT}: start_percent {start_percent:g} leaves none of the inversion's "
+                                      f"{inversion.steps} steps, so nothing would be injected; use a value below "
+                                      f"{(inversion.steps - 1) / inversion.steps:g} (MasaCtrl: 0.08 = step 4 of 50).")
         selected = select_layers(layers, start=start_layer)
         cross_tokens, cross_level = None, 2
         if mode == "masked":
@@ -80,7 +86,7 @@ class ICKVInject:
             if not words or clip is None or not source_prompt.strip():
                 raise InversionChainError(f"{WHAT}: masked mode needs `mask_words`, `clip` and `source_prompt` "
                                           f"(the prompt the inversion was made with).")
-            found = locate_words(clip, source_prompt, words, WHAT)
+            found = locate_words(clip, source_prompt, words, f"{WHAT} `mask_words`")
             cross_tokens = sorted({i for ids in found.values() for i in ids})
             cross_level = min(2, max(l.level for l in layers))
         reference = ReferenceKV(inversion, selected, steps_within(inversion.steps, start_percent),

@@ -9,6 +9,7 @@ from ..attention.p2p import DEFAULT_SELF_MAX_RES
 from ..logs import log
 from ..optimize import null_text as null_text_lib
 from .common import CATEGORY, tip
+from .contract import checked
 
 WHAT = "P2Plus Controller"
 WHAT_NT = "Null-Text Inversion"
@@ -100,6 +101,7 @@ class ICP2PlusController:
             },
         }
 
+    @checked
     def build(self, model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
               self_replace_end_percent, uncond_self_replace_end_percent, reweight="", blend_words="",
               blend_threshold=0.3, blend_start_percent=0.2, inversion=None, null_text=None, latent=None, seed=0,
@@ -150,6 +152,7 @@ class ICNullTextInversion:
             },
         }
 
+    @checked
     def run(self, model, inversion, positive, negative, cfg=7.5, inner_steps=10, method="null-text",
             learning_rate=null_text_lib.LEARNING_RATE):
         if method not in null_text_lib.METHODS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..artifacts import INVERSION
 from ..samplers import rival
 from .common import CATEGORY, tip
+from .contract import checked
 
 WHAT = "RIVAL Align Sampler"
 
@@ -54,6 +55,7 @@ class ICRIVALAlignSampler:
                                 default="cache"),
         }}
 
+    @checked
     def sample(self, model, positive, negative, inversion, seed, batch_size, cfg, replace_end_percent,
                normalize_end_percent, init, normalize, reference_kv="cache"):
         variations, reference = rival.rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,

@@ -10,6 +10,7 @@ from ..optimize import style_diffusion
 from ..model_info import check_supported, model_key
 from ..logs import log
 from .common import CATEGORY, tip
+from .contract import checked
 
 WHAT = "StyleDiffusion Mapper"
 WHAT_APPLY = "StyleDiffusion Apply"
@@ -21,7 +22,8 @@ class ICStyleDiffusionMapper:
         "vision tokens to the value input of cross-attention (keys keep the source prompt, so the layout stays "
         "editable). Sampling with the STYLE (StyleDiffusion Apply, or P2Plus Controller's `style`) at this cfg "
         "retraces the image's inversion. Trained once per image, model, prompt and settings; later runs load it "
-        "from the cache (memory, and ComfyUI's temp folder).")
+        "from the cache: memory, and files in ComfyUI's user folder, user/__inversion_chain/style_cache (kept across "
+        "restarts, named by a hash of the inputs, oldest evicted beyond 2 GB; delete the folder to clear it).")
     CATEGORY = CATEGORY
     FUNCTION = "train"
     RETURN_TYPES = (STYLE, "IMAGE")
@@ -59,6 +61,7 @@ class ICStyleDiffusionMapper:
             },
         }
 
+    @checked
     def train(self, model, clip_vision, image, inversion, positive, negative, cfg=7.5, inner_steps=100,
               learning_rate=1e-2, attention_loss_weight=1.0):
         check_supported(model, WHAT)
@@ -94,6 +97,7 @@ class ICStyleDiffusionApply:
             },
         }
 
+    @checked
     def apply(self, model, style, style_end_percent=1.0):
         check_supported(model, WHAT_APPLY)
         if not isinstance(style, Style):

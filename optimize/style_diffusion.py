@@ -170,8 +170,36 @@ def cache_key(image, inversion, positive, negative, clip_vision, settings: dict)
     return h.hexdigest()[:32]
 
 
+DISK_CACHE_BYTES = 2 * 2 ** 30  # oldest-used files are evicted beyond this (an SD1.5 50-step STYLE is ~12 MB)
+
+
 def cache_dir() -> str:
-    return os.path.join(compat.temp_directory(), "inversion_chain", "style")
+    """Survives restarts (ComfyUI empties its temp folder at every start); delete the folder to clear it."""
+    return compat.persistent_directory("style_cache")
+
+
+def _evict(keep: str, budget: Optional[int] = None):
+    """Delete the least recently used cache files until the folder fits ``budget`` bytes (``keep`` stays)."""
+    budget = DISK_CACHE_BYTES if budget is None else budget
+    folder = cache_dir()
+    files = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".pt") and os.path.isfile(path):
+            st = os.stat(path)
+            files.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= budget:
+            break
+        if os.path.basename(path) == f"{keep}.pt":
+            continue
+        try:
+            os.remove(path)
+            total -= size
+            log.info("[Inversion Chain] %s: evicted %s from the disk cache", TECHNIQUE, path)
+        except OSError:
+            pass
 
 
 def _remember(style: Style):
@@ -201,6 +229,10 @@ def load_cached(key: str, context: dict) -> Optional[Style]:
     except Exception as e:  # a damaged or older file is retrained, not fatal
         log.warning("[Inversion Chain] %s: ignoring unreadable cache file %s (%s)", TECHNIQUE, path, e)
         return None
+    try:
+        os.utime(path)  # most recently used: evicted last
+    except OSError:
+        pass
     _remember(style)
     style = copy.copy(style)
     style.from_cache = "disk"
@@ -215,7 +247,8 @@ def store(style: Style):
         tmp = path + ".tmp"
         torch.save({k: getattr(style, k) for k in TRAINED_FIELDS}, tmp)
         os.replace(tmp, path)
-    except OSError as e:  # the memory cache still works; a read-only temp folder is not an error
+        _evict(style.cache_key)
+    except OSError as e:  # the memory cache still works; a read-only folder is not an error
         log.warning("[Inversion Chain] %s: could not write the disk cache (%s)", TECHNIQUE, e)
 
 

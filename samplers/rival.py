@@ -42,7 +42,7 @@ def adain(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Ten
 
 def initial_latent(x_T: torch.Tensor, seed: int, init: str, what: str = TECHNIQUE) -> torch.Tensor:
     """One variation's starting latent from the inversion's x_T ([1, C, H, W], sampler space)."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(compat.wrap_seed(seed))  # seed + j wraps as ComfyUI seeds
     _, c, h, w = x_T.shape
     if init == "inverted":
         return x_T.clone()

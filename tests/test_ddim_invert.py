@@ -113,14 +113,14 @@ def test_bad_input_gets_a_clear_error(small_model, positive, astronaut_latent, b
     model = small_model[0]
     latent, steps = astronaut_latent, STEPS
     if bad == "steps":
-        steps, expected = 0, "steps must be at least 1"
+        steps, expected = 0, "input `steps` got 0; accepted: a whole number from 1"
     elif bad == "nan":
         samples = astronaut_latent["samples"].clone()
         samples[0, 0, 0, 0] = math.nan
         latent, expected = {"samples": samples}, "NaN/Inf"
     elif bad == "not_latent":
-        latent, expected = astronaut_latent["samples"], "must be a LATENT"
+        latent, expected = astronaut_latent["samples"], r"input `latent` got tensor.*accepted: a LATENT"
     else:
-        model, expected = small_model[1], "expected a MODEL"
+        model, expected = small_model[1], "input `model` got .*accepted: a MODEL"
     with pytest.raises(InversionChainError, match=expected):
         ICDDIMInvert().invert(model, latent, positive, steps, 1.0, 1)

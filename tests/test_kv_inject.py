@@ -65,14 +65,12 @@ def test_injection_acts_only_from_start_percent(setup):
 
 def test_injection_outside_layers_and_steps_is_bit_identical(setup):
     s = setup
-    for start_step, start_layer in ((STEPS, 0), (0, 15)):
-        patched = ICKVInject().patch(s["model"], s["inv"], start_step / STEPS, start_layer, "union")[0]
-        out = sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
-        stock = sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
-        if start_step == STEPS:
-            assert torch.equal(out, stock)
-        else:
-            assert not torch.equal(out, stock)  # layer 15 alone still acts
+    with pytest.raises(InversionChainError, match="nothing would be injected"):
+        ICKVInject().patch(s["model"], s["inv"], 1.0, 0, "union")  # a silent no-op before
+    patched = ICKVInject().patch(s["model"], s["inv"], 0.0, 15, "union")[0]
+    out = sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
+    stock = sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
+    assert not torch.equal(out, stock)  # layer 15 alone still acts
 
 
 def test_cached_and_recomputed_reference_kv_agree(setup):

@@ -137,15 +137,15 @@ def test_bad_input_gets_clear_errors(setup, small_model, encode, astronaut_laten
     batch_inv = ICDDIMInvert().invert(model, two, s["src"], 4, 1.0, 0)[2]
     with pytest.raises(InversionChainError, match="holds 2 images"):
         ICNullTextInversion().run(model, batch_inv, s["src"], s["empty"], CFG, INNER)
-    with pytest.raises(InversionChainError, match="cfg must be 1 or more"):
+    with pytest.raises(InversionChainError, match="input `cfg` got 0.5; accepted: a finite number from 1 to 30"):
         ICNullTextInversion().run(model, s["inv"], s["src"], s["empty"], 0.5, INNER)
-    with pytest.raises(InversionChainError, match="inner_steps must be at least 1"):
+    with pytest.raises(InversionChainError, match="input `inner_steps` got 0; accepted: a whole number from 1"):
         ICNullTextInversion().run(model, s["inv"], s["src"], s["empty"], CFG, 0)
-    with pytest.raises(InversionChainError, match="unknown method"):
+    with pytest.raises(InversionChainError, match="input `method` got 'textual'; accepted: one of"):
         ICNullTextInversion().run(model, s["inv"], s["src"], s["empty"], CFG, INNER, "textual")
     other_prompt = ICNullTextInversion().run(model, s["inv"], encode(s["clip"], "a photo"), s["empty"], CFG, INNER,
                                              "negative-prompt")[0]
     with pytest.raises(InversionChainError, match="made with another source prompt"):
         edit_row0(s, other_prompt)
-    with pytest.raises(InversionChainError, match="must come from Null-Text Inversion"):
+    with pytest.raises(InversionChainError, match="input `null_text` got 'not a null text'; accepted: a NULL_TEXT from Null-Text Inversion"):
         edit_row0(s, "not a null text")

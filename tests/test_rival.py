@@ -153,15 +153,15 @@ def test_normalization_modes_differ(setup, normalize):
 
 def test_bad_input_gets_clear_errors(setup, astronaut_latent):
     s = setup
-    with pytest.raises(InversionChainError, match="replace_end_percent is a fraction of the sampling steps"):
+    with pytest.raises(InversionChainError, match="input `replace_end_percent` got 1.2; accepted: a finite number"):
         run(s, replace_end=1.2)
-    with pytest.raises(InversionChainError, match="normalize_end_percent is a fraction"):
+    with pytest.raises(InversionChainError, match="input `normalize_end_percent` got -1"):
         run(s, normalize_end=-1)
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     other = ModelSamplingDiscrete().patch(s["model"], "v_prediction", False)[0]
     with pytest.raises(InversionChainError, match="different model"):
         ICRIVALAlignSampler().sample(other, s["src"], s["neg"], s["inv"], 0, 1, 5.0, 0.4, 0.4, "permute", "eps")
-    with pytest.raises(InversionChainError, match="batch_size must be at least 1"):
+    with pytest.raises(InversionChainError, match="input `batch_size` got 0; accepted: a whole number from 1"):
         run(s, batch_size=0)
 
 
