@@ -111,7 +111,8 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
         if not isinstance(null_text, NullText):
             raise InversionChainError(f"{what}: `null_text` must come from Null-Text Inversion.")
         null_text.check_inversion(inversion, what)
-        _require_source_prompt(null_text.positive, source, sizes, source_prompt, "NULL_TEXT", "Null-Text Inversion", what)
+        _require_source_prompt(null_text.positive, source, sizes, source_prompt, "NULL_TEXT", "Null-Text Inversion",
+                               what)
         uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, what, "negative")
     else:
         uncond = _encode(clip, "")

@@ -118,7 +118,8 @@ def select(maps: AttentionMaps, kind: str, tokens_text: str, start_percent: floa
         if not picked:
             listing = "; ".join(f"{u.name}: layers {describe_layers(u.layers)}" for u in units)
             raise InversionChainError(
-                f"{what}: no captured unit lies within layers '{layers_text[:80]}'. Captured ({maps.detail}): {listing}.")
+                f"{what}: no captured unit lies within layers '{layers_text[:80]}'. Captured ({maps.detail}): "
+                f"{listing}.")
         units = picked
     units = [u for u in units if any((kind, u.name, b) in maps.steps[i].maps for i in chosen_steps)]
     if not units:

@@ -68,7 +68,8 @@ def _is_attn_maps(v):
 WIRED = {
     "MODEL": (lambda v: hasattr(v, "model") and hasattr(v, "model_options") and hasattr(v, "clone"),
               "a MODEL (e.g. from Load Checkpoint)"),
-    "CLIP": (lambda v: hasattr(v, "tokenize") and hasattr(v, "encode_from_tokens"), "a CLIP (e.g. from Load Checkpoint)"),
+    "CLIP": (lambda v: hasattr(v, "tokenize") and hasattr(v, "encode_from_tokens"),
+             "a CLIP (e.g. from Load Checkpoint)"),
     "CLIP_VISION": (lambda v: hasattr(v, "encode_image"), "a CLIP_VISION from Load CLIP Vision"),
     "CONDITIONING": (_is_conditioning, "a CONDITIONING (e.g. from CLIP Text Encode)"),
     "LATENT": (lambda v: isinstance(v, dict) and torch.is_tensor(v.get("samples")) and v["samples"].ndim == 4,

@@ -147,5 +147,6 @@ def test_bad_input_gets_clear_errors(setup, small_model, encode, astronaut_laten
                                              "negative-prompt")[0]
     with pytest.raises(InversionChainError, match="made with another source prompt"):
         edit_row0(s, other_prompt)
-    with pytest.raises(InversionChainError, match="input `null_text` got 'not a null text'; accepted: a NULL_TEXT from Null-Text Inversion"):
+    with pytest.raises(InversionChainError,
+                       match="input `null_text` got 'not a null text'; accepted: a NULL_TEXT from Null-Text Inversion"):
         edit_row0(s, "not a null text")
