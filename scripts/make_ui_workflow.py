@@ -4,6 +4,7 @@ frontend loads by drag-and-drop or "Load": workflows/<name>.json.
     .venv/bin/python scripts/make_ui_workflow.py                   # starts a headless ComfyUI for /object_info
     .venv/bin/python scripts/make_ui_workflow.py --url http://127.0.0.1:8188   # ask a running ComfyUI
     .venv/bin/python scripts/make_ui_workflow.py --check           # exit 1 if a UI copy is missing or stale
+    .venv/bin/python scripts/make_ui_workflow.py --migrate         # rewrite renamed widgets in workflows/api first
 
 The API copy is the source of truth (tests run it); the UI copy is generated from it. Widget conventions follow
 the ComfyUI frontend (checked against the 2024-03 web/ code, unchanged in later frontends):
@@ -252,30 +253,31 @@ TECHNIQUE_NOTES = {
     "rival_variation": (
         "RIVAL: variations of a real photo.\n"
         "DDIM Invert records the photo's inversion chain; RIVAL Align Sampler generates a batch whose "
-        "self-attention reads the chain's keys/values (until t_align) and whose noise statistics follow it "
-        "(until t_early), so the variations keep the photo's style and content. Paper: cfg ~5-7, "
-        "t_align = t_early = 600."),
+        "self-attention reads the chain's keys/values and whose noise statistics follow it for the first "
+        "40% of the steps (the paper's t = 1000..600), so the variations keep the photo's style and content. "
+        "Paper: cfg ~5-7."),
     "rival_text_variation": (
         "RIVAL: text-driven variations.\n"
         "As the plain variation graph, but the batch is generated with a NEW prompt: the photo's look, the "
         "new prompt's content. Paper: cfg 7."),
     "kv_inject_edit": (
         "KV Inject (MasaCtrl mutual self-attention).\n"
-        "Sampling from the photo's inverted noise with a target prompt; from start_step on, layers from "
-        "start_layer on attend to the source's keys/values, so the edit keeps the photo's identity and "
-        "texture. MasaCtrl: step 4 of 50, layer 10 (SD1.5) / 44 of 70 (SDXL), cfg 7.5."),
+        "Sampling from the photo's inverted noise with a target prompt; from step 4 of 50 on, the "
+        "self-attention layers from start_layer on attend to the source's keys/values, so the edit keeps the "
+        "photo's identity and texture. MasaCtrl: layer 10 of 16 (SD1.5) / 44 of 70 (SDXL), cfg 7.5."),
     "p2plus_edit_real": (
         "Prompt-to-Prompt on a real photo with null-text inversion.\n"
         "DDIM Invert (cfg 1) gives the pivot; Null-Text Inversion (10 inner steps per step, the paper's N) "
         "learns the unconditional embedding so cfg 7.5 retraces the photo; P2Plus Controller returns a "
-        "two-row batch: row 0 reconstructs the photo, row 1 is the edit (cross-attention replaced for "
-        "cross_replace of the steps, self-attention for self_replace). Edit source_prompt/target_prompt "
-        "on the controller; blend_words keeps the rest of the photo unchanged."),
+        "two-row batch: row 0 reconstructs the photo, row 1 is the edit (the source's cross-attention maps "
+        "for the first 80% of the steps, its self-attention maps for the first 50%). Edit "
+        "source_prompt/target_prompt on the controller; blend_words keeps the rest of the photo unchanged."),
     "stylediffusion_edit": (
         "StyleDiffusion: edit a real photo through the value input of cross-attention.\n"
         "The Mapper learns, per step, how the photo's CLIP vision tokens shift the prompt's values (100 "
         "inner steps, as the paper; the loss is previewed). P2Plus Controller then edits with those values "
-        "until style_until; StyleDiffusion Apply + Reconstruct shows how well the photo is retraced."),
+        "for the first half of the steps; StyleDiffusion Apply + Reconstruct shows how well the photo is "
+        "retraced."),
     "attention_maps": (
         "Attention maps.\n"
         "Attention Capture records cross- and self-attention while the KSampler runs (img2img from your "
@@ -439,6 +441,57 @@ def dumps(workflow: dict) -> str:
     return text
 
 
+# -- widget renames (the step-fraction vocabulary): carried into the API copies by --migrate -------------------
+# old name -> (new name, value conversion). Applied to a node only when this ComfyUI's definition has the new name
+# and lacks the old, so it is a no-op before the rename lands and idempotent after.
+def _t_to_percent(t):          # RIVAL's t_align / t_early: a timestep of 1000 -> the fraction of steps before it
+    return round((1000 - t) / 1000, 4)
+
+
+WIDGET_RENAMES = {
+    "ICAttentionCapture": {"start_at": ("start_percent", None), "end_at": ("end_percent", None)},
+    "ICKVInject": {"start_step": ("start_percent", "steps")},   # steps: divided by the graph's sampling steps
+    "ICRIVALAlignSampler": {"t_align": ("replace_end_percent", _t_to_percent),
+                            "t_early": ("normalize_end_percent", _t_to_percent)},
+    "ICP2PlusController": {"cross_replace": ("cross_replace_end_percent", None),
+                           "self_replace": ("self_replace_end_percent", None),
+                           "uncond_self_replace": ("uncond_self_replace_end_percent", None),
+                           "blend_start": ("blend_start_percent", None), "style_until": ("style_end_percent", None)},
+    "ICStyleDiffusionApply": {"style_until": ("style_end_percent", None)},
+}
+
+
+def migrate(graph: dict, object_info: dict) -> list[str]:
+    """Rename old time widgets in place where this ComfyUI has the new names; returns what changed."""
+    changed = []
+    steps = [n["inputs"]["steps"] for n in graph.values() if isinstance(n["inputs"].get("steps"), int)]
+    for nid, node in graph.items():
+        known = {name for name, _, _ in node_inputs(object_info.get(node["class_type"], {}))}
+        for old, (new, convert) in WIDGET_RENAMES.get(node["class_type"], {}).items():
+            if old not in node["inputs"] or old in known or new not in known:
+                continue
+            value = node["inputs"].pop(old)
+            if convert == "steps":
+                value = round(value / max(steps), 4)
+            elif convert is not None:
+                value = convert(value)
+            node["inputs"][new] = value
+            changed.append(f"node {nid} {node['class_type']}: {old} -> {new} = {value}")
+    return changed
+
+
+def write_api(path: Path, graph: dict) -> None:
+    """The API copy's layout: one node per block, its inputs on one line."""
+    blocks = []
+    for nid, node in graph.items():
+        parts = [f'    "class_type": {json.dumps(node["class_type"])}']
+        if "_meta" in node:
+            parts.append(f'    "_meta": {json.dumps(node["_meta"])}')
+        parts.append(f'    "inputs": {json.dumps(node["inputs"])}')
+        blocks.append(f"  {json.dumps(nid)}: {{\n" + ",\n".join(parts) + "\n  }")
+    path.write_text("{\n" + ",\n".join(blocks) + "\n}\n")
+
+
 # -- object_info -----------------------------------------------------------------------------------------------
 def fetch_object_info(url: str) -> dict:
     with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as r:
@@ -474,6 +527,8 @@ def main(argv=None) -> int:
     ap.add_argument("--url", help="a running ComfyUI to read /object_info from (default: start a headless one)")
     ap.add_argument("--object-info", type=Path, help="a saved /object_info JSON file")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a UI copy is missing or stale")
+    ap.add_argument("--migrate", action="store_true", help="first rename old time widgets in workflows/api/*.json "
+                                                            "to the names this ComfyUI's nodes have")
     args = ap.parse_args(argv)
     if args.object_info:
         info = json.loads(args.object_info.read_text())
@@ -481,6 +536,12 @@ def main(argv=None) -> int:
         info = fetch_object_info(args.url)
     else:
         info = object_info_from_headless_server()
+    if args.migrate:
+        for path in sorted(API_DIR.glob("*.json")):
+            graph = json.loads(path.read_text())
+            for line in migrate(graph, info):
+                print(f"{path.relative_to(REPO_ROOT)}: {line}")
+            write_api(path, graph)
     stale = []
     for name, text in convert_all(info, args.names).items():
         target = UI_DIR / f"{name}.json"
