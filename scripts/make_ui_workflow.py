@@ -102,7 +102,7 @@ ROW_GAP = 50             # between one node's bottom and the next node's title b
 STAGE_GAP = 40           # between groups
 COLUMN_HEIGHTS = range(700, 1700, 50)  # tried as a stage's column height; the one giving the largest view wins
 VIEWPORT = (1920, 1080)  # the window the saved view is made for
-VIEW_MARGINS = (70, 70, 250, 40)  # left, top (new frontend's menu bar), right (old frontend's floating menu), bottom
+VIEW_MARGINS = (70, 90, 250, 40)  # left (0.3x sidebar), top (0.3x tabs + toolbar), right (2024-03 menu), bottom
 STAGES = ("inputs", "invert", "edit", "decode")
 STAGE_OF = {
     "CheckpointLoaderSimple": "inputs", "LoadImage": "inputs", "ImageScale": "inputs", "CLIPTextEncode": "inputs",

@@ -77,22 +77,24 @@ def drop_workflow(page, name: str) -> None:
         const dt = new DataTransfer();
         dt.items.add(new File([text], name, {type: "application/json"}));
         document.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+        document.dispatchEvent(new DragEvent("dragleave", {bubbles: true, cancelable: true}));
     }""", [f"{name}.json", text])
-    page.wait_for_function("ids => JSON.stringify(app.graph._nodes.map(n => n.id).sort((a, b) => a - b)) === ids",
+    page.wait_for_function("ids => JSON.stringify(app.graph._nodes.map(n => Number(n.id)).sort((a, b) => a - b)) === ids",
                            arg=json.dumps(expected, separators=(",", ":")), timeout=30_000)
     page.wait_for_timeout(300)   # image previews and DOM widgets settle
 
 
 def live_state(page) -> dict:
     return page.evaluate("""() => {
-        const nodes = app.graph._nodes.map(n => ({id: n.id, type: n.type, pos: [...n.pos], size: [...n.size],
+        const nodes = app.graph._nodes.map(n => ({id: Number(n.id), type: n.type, pos: [...n.pos], size: [...n.size],
             widgets: (n.widgets || []).filter(w => w.type !== "converted-widget").map(w => {
                 let values = w.options?.values;
                 if (typeof values === "function") values = values();
                 return {name: w.name, type: w.type, value: w.value, values: Array.isArray(values) ? values : null,
                         min: w.options?.min ?? null, max: w.options?.max ?? null};
             })}));
-        const dialogs = [...document.querySelectorAll(".comfy-modal")]
+        // 2024-03 frontend: .comfy-modal; 0.3x frontend: PrimeVue .p-dialog
+        const dialogs = [...document.querySelectorAll(".comfy-modal, .p-dialog")]
             .filter(d => d.offsetParent !== null || getComputedStyle(d).display !== "none")
             .map(d => d.textContent.slice(0, 300));
         return {nodes, dialogs};
@@ -167,7 +169,7 @@ def test_queue_ddim_reconstruction_from_the_ui_and_read_latent_difference(page, 
     assert not missing, f"widgets not found in the UI: {missing}"
     assert not invalid_widgets(live_state(page)["nodes"])
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as resp_info:
-        page.click("#queue-button")
+        page.locator("#queue-button, [data-testid='queue-button']").first.click()
     response = resp_info.value
     assert response.status == 200, response.text()
     sent = json.loads(response.request.post_data)["prompt"]
