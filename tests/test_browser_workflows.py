@@ -169,7 +169,7 @@ def test_queue_ddim_reconstruction_from_the_ui_and_read_latent_difference(page, 
     assert not missing, f"widgets not found in the UI: {missing}"
     assert not invalid_widgets(live_state(page)["nodes"])
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as resp_info:
-        page.locator("#queue-button, [data-testid='queue-button']").first.click()
+        page.locator("#queue-button:visible, [data-testid='queue-button']:visible").first.click()
     response = resp_info.value
     assert response.status == 200, response.text()
     sent = json.loads(response.request.post_data)["prompt"]
