@@ -195,5 +195,8 @@ def test_queue_ddim_reconstruction_from_the_ui_and_read_latent_difference(page, 
     print(f"\nUI-queued {name} on the small test model: {time.time() - t0:.1f} s, {shown}")
     state = live_state(page)
     assert not overlaps(state["nodes"]), "the numbers made Latent Difference cover a neighbour"
+    saved = {n["id"]: n["size"] for n in json.loads((REPO_ROOT / "workflows" / f"{name}.json").read_text())["nodes"]}
+    live = next(n for n in state["nodes"] if n["id"] == int(diff_id))
+    assert live["size"][0] >= saved[int(diff_id)][0], "showing the numbers shrank the node"
     screenshot(page, name, f"{name}__after_run")
     assert not page.page_errors, page.page_errors

@@ -6,6 +6,7 @@ const NODE = "ICLatentDifference";
 const WIDGET = "result";
 
 function show(node, text) {
+    const before = [node.size[0], node.size[1]];   // LiteGraph's addWidget shrinks the node to its minimum
     let widget = node.widgets?.find((w) => w.name === WIDGET);
     if (!widget) {
         // A read-only text line drawn by LiteGraph itself (no DOM element); never sent to the server.
@@ -15,7 +16,7 @@ function show(node, text) {
     }
     widget.value = text;
     const min = node.computeSize();
-    node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
+    node.setSize([Math.max(before[0], min[0]), Math.max(before[1], min[1])]);
     node.setDirtyCanvas(true, true);
 }
 
