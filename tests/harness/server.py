@@ -329,8 +329,8 @@ SHIPPED_CHECKPOINTS = {
 }
 SHIPPED_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 SHIPPED_IMAGE = "example.png"  # ComfyUI's own input/example.png; the user puts a photo in its place
-# Test models that run each family's workflows. The SDXL-layout test model is built on the sdxl branch; once it
-# is in tests/harness/models.py, "sdxl": ("sdxl",) plus a TEST_MODELS entry makes the SDXL workflows run too.
+# Test models that run each family's workflows. The SDXL-layout test model is built on the sdxl branch; once
+# models.CHECKPOINT_NAMES has "sdxl", setting "sdxl": ("sdxl",) here makes the SDXL workflows run too.
 FAMILY_TEST_MODELS = {"sd15": ("small", "sd15"), "sdxl": ()}
 # Per test model: the checkpoint file, the photo size, and caps on step-like inputs (the full-size SD1.5 UNet
 # costs seconds per call on 2 CPU cores). "small" keeps the step counts the test suite measured its numbers at.
@@ -340,6 +340,9 @@ TEST_MODELS = {
     "sd15": {"ckpt": models.CHECKPOINT_NAMES["sd15"], "image_size": 64,
              "caps": {"steps": 3, "refine_iters": 2, "inner_steps": 1, "batch_size": 2}},
 }
+if "sdxl" in models.CHECKPOINT_NAMES:   # the small SDXL-layout test model (sdxl branch)
+    TEST_MODELS["sdxl"] = {"ckpt": models.CHECKPOINT_NAMES["sdxl"], "image_size": 128,
+                           "caps": {"steps": 10, "inner_steps": 20}}
 
 
 def workflow_family(graph: dict) -> str:
