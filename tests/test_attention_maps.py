@@ -403,8 +403,8 @@ def test_capture_memory_for_sd15_at_512px_and_50_steps_stays_within_the_layout_b
 @pytest.mark.server
 def test_attention_maps_workflow_runs_headless_and_saves_the_grid(comfy_server):
     from PIL import Image
-    from tests.harness.server import load_api_workflow, nodes_of
-    graph = load_api_workflow("attention_maps")
+    from tests.harness.server import for_test_model, load_api_workflow, nodes_of
+    graph = for_test_model(load_api_workflow("attention_maps"), "small")
     entry = comfy_server.run_once(graph)
     assert entry["status"]["status_str"] == "success"
     viewers = nodes_of(graph, "ICAttentionMapViewer")

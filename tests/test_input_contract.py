@@ -14,7 +14,7 @@ from inversion_chain.artifacts import InversionChainError
 from inversion_chain.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from inversion_chain.nodes.contract import validate
 from inversion_chain.nodes.p2plus import ICP2PlusController
-from inversion_chain.samplers import style_diffusion
+from inversion_chain.optimize import style_diffusion
 
 SOURCE, TARGET = "a photo of an astronaut", "a photo of a robot"
 

@@ -131,7 +131,8 @@ def test_execution_error_reports_the_pack_message(comfy_server, base):
 def test_latent_shape_mismatch_is_an_execution_error(comfy_server, base):
     """Latent Difference on latents of different sizes (no sampling needed: VAEEncode vs an empty latent)."""
     full = for_test_model(base, "small")
-    keep = {node_id(full, c) for c in ("CheckpointLoaderSimple", "LoadImage", "VAEEncode", "ICLatentDifference")}
+    keep = {node_id(full, c) for c in ("CheckpointLoaderSimple", "LoadImage", "ImageScale", "VAEEncode",
+                                       "ICLatentDifference")}
     graph = {nid: node for nid, node in full.items() if nid in keep}
     diff = node_id(graph, "ICLatentDifference")
     graph["900"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}

@@ -1,5 +1,6 @@
 """The shipped workflows: every UI copy (workflows/*.json) describes exactly its API copy (workflows/api/*.json),
-and every API copy validates and runs on a headless ComfyUI with both test checkpoints."""
+names only real model files with the papers' settings, is laid out readably, and runs on a headless ComfyUI with
+the test checkpoints of its family (names, steps and size substituted in tests/harness/server.py only)."""
 import importlib.util
 import json
 import math
@@ -7,13 +8,17 @@ import math
 import pytest
 
 from tests.harness.comfy_env import REPO_ROOT
-from tests.harness.server import TEST_MODELS, api_workflow_names, for_test_model, load_api_workflow
+from tests.harness.server import (FAMILY_TEST_MODELS, SHIPPED_CHECKPOINTS, SHIPPED_CLIP_VISION, SHIPPED_IMAGE,
+                                  api_workflow_names, for_test_model, load_api_workflow, nodes_of, workflow_family)
 
 pytestmark = pytest.mark.server
 
 UI_DIR = REPO_ROOT / "workflows"
 NAMES = api_workflow_names()
 SEED_NAMES = ("seed", "noise_seed")
+VIRTUAL = ("Note",)  # frontend-only nodes: never sent to the server
+VIEWPORT = (1920, 1080)
+TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT, drawn above a node's pos
 
 
 def load_ui_workflow(name):
@@ -27,7 +32,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in ui["links"]}
     graph = {}
     for node in ui["nodes"]:
-        if node.get("mode", 0) in (2, 4):  # muted / bypassed nodes are not sent
+        if node.get("mode", 0) in (2, 4) or node["type"] in VIRTUAL:  # muted / bypassed / virtual: not sent
             continue
         defn = object_info[node["type"]]
         specs = [(name, spec) for section in ("required", "optional")
@@ -84,10 +89,12 @@ def check_ui_consistency(ui: dict, object_info: dict):
         out_def = object_info[nodes[src]["type"]]["output"][src_slot]
         assert kind == ("COMBO" if isinstance(out_def, list) else out_def)
     for node in ui["nodes"]:
-        assert node["type"] in object_info
-        assert node["properties"]["Node name for S&R"] == node["type"]
         for name in ("pos", "size", "flags", "order", "mode"):
             assert name in node, (node["id"], name)
+        if node["type"] in VIRTUAL:
+            continue
+        assert node["type"] in object_info
+        assert node["properties"]["Node name for S&R"] == node["type"]
         for i, out in enumerate(node.get("outputs", [])):
             assert out.get("slot_index", i) == i
             for link_id in out["links"] or []:
@@ -129,13 +136,15 @@ def test_ui_copy_is_up_to_date_with_the_converter(comfy_server, name):
     spec = importlib.util.spec_from_file_location("make_ui_workflow", REPO_ROOT / "scripts" / "make_ui_workflow.py")
     converter = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(converter)
-    expected = converter.dumps(converter.api_to_ui(load_api_workflow(name), comfy_server.object_info))
+    expected = converter.dumps(converter.api_to_ui(load_api_workflow(name), comfy_server.object_info, name))
     assert (UI_DIR / f"{name}.json").read_text() == expected, \
         f"workflows/{name}.json is stale: run .venv/bin/python scripts/make_ui_workflow.py"
 
 
-@pytest.mark.parametrize("size", list(TEST_MODELS))
-@pytest.mark.parametrize("name", NAMES)
+RUNS = [(name, size) for name in NAMES for size in FAMILY_TEST_MODELS[workflow_family(load_api_workflow(name))]]
+
+
+@pytest.mark.parametrize("name,size", RUNS)
 def test_api_workflow_validates_and_runs(comfy_server, name, size):
     graph = for_test_model(load_api_workflow(name), size)
     entry = comfy_server.run_once(graph)  # raises unless POST /prompt answered 200 and the run succeeded
@@ -146,3 +155,88 @@ def test_api_workflow_validates_and_runs(comfy_server, name, size):
         for key in ("max_abs", "mean_abs"):
             for value in out.get(key, []):
                 assert math.isfinite(value)
+
+
+# -- what a user gets ------------------------------------------------------------------------------------------
+FAMILY_SETTINGS = {"sd15": 512, "sdxl": 1024}
+
+
+def test_every_technique_ships_for_sd15_and_sdxl_with_the_same_graph():
+    sd15 = [n for n in NAMES if workflow_family(load_api_workflow(n)) == "sd15"]
+    assert len(sd15) >= 7
+    for name in sd15:
+        twin = f"{name}_sdxl"
+        assert twin in NAMES, f"no SDXL version of {name}"
+        a, b = load_api_workflow(name), load_api_workflow(twin)
+        assert workflow_family(b) == "sdxl"
+        shape = lambda g: {nid: (n["class_type"], sorted((k, v) for k, v in n["inputs"].items() if isinstance(v, list)))
+                           for nid, n in g.items()}
+        assert shape(a) == shape(b), f"{twin} is not wired as {name}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_workflow_names_real_files_and_the_papers_settings(name):
+    graph = load_api_workflow(name)
+    text = json.dumps(graph) + (UI_DIR / f"{name}.json").read_text()
+    for test_name in ("ic_test", "astronaut_", "_128.png"):
+        assert test_name not in text, f"{name} names a test file ({test_name}...)"
+    family = workflow_family(graph)
+    for nid in nodes_of(graph, "CheckpointLoaderSimple"):
+        assert SHIPPED_CHECKPOINTS[graph[nid]["inputs"]["ckpt_name"]] == family
+    for nid in nodes_of(graph, "CLIPVisionLoader"):
+        assert graph[nid]["inputs"]["clip_name"] == SHIPPED_CLIP_VISION
+    loads = nodes_of(graph, "LoadImage")
+    assert loads and all(graph[n]["inputs"]["image"] == SHIPPED_IMAGE for n in loads)
+    # every photo goes through one resize to the family's size before anything reads it
+    scales = nodes_of(graph, "ImageScale")
+    assert len(scales) == 1 and graph[scales[0]]["inputs"]["image"] == [loads[0], 0]
+    assert (graph[scales[0]]["inputs"]["width"], graph[scales[0]]["inputs"]["height"]) == (FAMILY_SETTINGS[family],) * 2
+    for nid, node in graph.items():
+        if node["inputs"].get("image") == [loads[0], 0]:
+            assert nid == scales[0], f"node {nid} reads the photo before it is resized"
+        if isinstance(node["inputs"].get("steps"), int) and node["class_type"] != "ICAttentionCapture":
+            assert node["inputs"]["steps"] == 50, (nid, node["class_type"])
+        title = (node.get("_meta") or {}).get("title", "")
+        assert len(title) <= 24, f"node {nid}: title {title!r} is long; explanations go in a Note"
+
+
+def node_box(node):
+    x, y = node["pos"]
+    w, h = node["size"]
+    return (x, y - TITLE_H, x + w, y + h)
+
+
+def overlap(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layout_is_readable(name):
+    """No two nodes overlap (title bar included), every node sits in one stage group, the groups do not overlap,
+    a Note explains the graph, and the saved view shows the whole graph in a 1920x1080 window at scale >= 0.6."""
+    ui = load_ui_workflow(name)
+    boxes = {n["id"]: node_box(n) for n in ui["nodes"]}
+    ids = sorted(boxes)
+    clashes = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if overlap(boxes[a], boxes[b])]
+    assert not clashes, f"overlapping nodes: {clashes}"
+    groups = [tuple(g["bounding"][:2]) + (g["bounding"][0] + g["bounding"][2], g["bounding"][1] + g["bounding"][3])
+              for g in ui["groups"]]
+    titles = [g["title"] for g in ui["groups"]]
+    assert "Invert" in titles or name.startswith("attention_maps"), titles
+    assert "Decode" in titles and len(titles) >= 3, titles
+    for i, a in enumerate(groups):
+        assert not any(overlap(a, b) for b in groups[i + 1:]), f"groups overlap: {titles}"
+    for nid, box in boxes.items():
+        inside = [t for t, g in zip(titles, groups) if g[0] <= box[0] and g[1] <= box[1] and box[2] <= g[2]
+                  and box[3] <= g[3]]
+        assert len(inside) == 1, f"node {nid} is in groups {inside}"
+    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+    assert notes and all(len(n["widgets_values"][0]) > 100 for n in notes)
+    ds = ui["extra"]["ds"]
+    assert ds["scale"] >= 0.6
+    everything = list(boxes.values()) + groups
+    x0, y0 = min(b[0] for b in everything), min(b[1] for b in everything)
+    x1, y1 = max(b[2] for b in everything), max(b[3] for b in everything)
+    screen = lambda x, y: ((x + ds["offset"][0]) * ds["scale"], (y + ds["offset"][1]) * ds["scale"])
+    (sx0, sy0), (sx1, sy1) = screen(x0, y0), screen(x1, y1)
+    assert 0 <= sx0 and 0 <= sy0 and sx1 <= VIEWPORT[0] and sy1 <= VIEWPORT[1], (sx0, sy0, sx1, sy1)

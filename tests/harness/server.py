@@ -40,10 +40,14 @@ class ComfyServer:
 
     ``checkpoints``: test model sizes to put in the checkpoints folder (built and cached on first use).
     ``extra_checkpoints``: {file name: path} of user checkpoints to link in as well.
-    ``photo_sizes``: sizes at which astronaut/chelsea/coffee are written into the input folder."""
+    ``photo_sizes``: sizes at which astronaut/chelsea/coffee are written into the input folder.
+    ``shipped_names``: also offer the model and photo names the shipped workflows use (SHIPPED_CHECKPOINTS,
+    SHIPPED_CLIP_VISION, SHIPPED_IMAGE), each standing in for a test file, so that a shipped workflow loads in the
+    frontend with every file it names present (the SDXL name stands in with the small SD1.5-layout model until an
+    SDXL test model exists: enough to load the graph, not to run it)."""
 
     def __init__(self, workdir: Path, checkpoints=("small", "sd15"), extra_checkpoints=None, python=sys.executable,
-                 photo_sizes=PHOTO_SIZES):
+                 photo_sizes=PHOTO_SIZES, shipped_names=False):
         self.workdir = Path(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,6 +55,7 @@ class ComfyServer:
         self.checkpoints = tuple(checkpoints)
         self.extra_checkpoints = dict(extra_checkpoints or {})
         self.photo_sizes = tuple(sorted(set(photo_sizes)))
+        self.shipped_names = shipped_names
         self.proc = None
         self._log = None
         self.object_info = None
@@ -79,6 +84,13 @@ class ComfyServer:
             self._link(ckpt_dir / name, path)
         self._link(nodes_dir / "ic_test_models", REPO_ROOT / "tests" / "comfy_test_node")
         self._link(vision_dir / models.CLIP_VISION_NAME, models.clip_vision_path())
+        if self.shipped_names:
+            for name, family in SHIPPED_CHECKPOINTS.items():
+                stand_in = (FAMILY_TEST_MODELS[family] or ("small",))[0]
+                self._link(ckpt_dir / name, models.checkpoint_path(stand_in))
+            self._link(vision_dir / SHIPPED_CLIP_VISION, models.clip_vision_path())
+            if not (self.input_dir / SHIPPED_IMAGE).exists():
+                photos.save_png("astronaut", self.input_dir / SHIPPED_IMAGE, 512)
         for name in PHOTOS:
             for size in self.photo_sizes:
                 target = self.input_dir / photo_name(name, size)
@@ -271,15 +283,16 @@ def set_inputs(graph: dict, class_type: str, **values) -> dict:
     return graph
 
 
-def with_checkpoint(graph: dict, ckpt_name: str, image_size: int | None = None) -> dict:
+def with_checkpoint(graph: dict, ckpt_name: str, image_size: int | None = None, photo: str = "astronaut") -> dict:
     """A copy of ``graph`` using ``ckpt_name`` in every checkpoint loader and, if ``image_size`` is given, the
-    same photos at that size in every LoadImage (``astronaut_128.png`` -> ``astronaut_<size>.png``)."""
+    scikit-image ``photo`` at that size in every LoadImage (``photo_name(photo, size)``, written by the server) and
+    that size in every ImageScale."""
     graph = set_inputs(graph, "CheckpointLoaderSimple", ckpt_name=ckpt_name)
     if image_size is not None:
         for nid in nodes_of(graph, "LoadImage"):
-            stem = graph[nid]["inputs"]["image"].rsplit(".", 1)[0]
-            name = stem.rsplit("_", 1)[0] if stem.rsplit("_", 1)[-1].isdigit() else stem
-            graph[nid]["inputs"]["image"] = photo_name(name, image_size)
+            graph[nid]["inputs"]["image"] = photo_name(photo, image_size)
+        for nid in nodes_of(graph, "ImageScale"):
+            graph[nid]["inputs"].update(width=image_size, height=image_size)
     return graph
 
 
@@ -307,21 +320,47 @@ def copy_outputs(server: ComfyServer, entry: dict, dest: Path) -> list[Path]:
     return written
 
 
-# -- the test checkpoints on CPU ---------------------------------------------------------------------------------
-# Per test model: the checkpoint file, the photo size its runs use (None = the workflow's own), and caps on
-# step-like inputs. The full-size SD1.5 UNet costs seconds per call on 2 CPU cores, so its runs use the 64 px
-# photo and a few steps; the small model runs the workflow as committed.
+# -- the shipped workflows on the test models --------------------------------------------------------------------
+# The ONE place where the shipped workflows (real model names, the papers' 50 steps, 512/1024 px) become test
+# runs. Shipped names, each with the test files that stand in for it:
+SHIPPED_CHECKPOINTS = {
+    "v1-5-pruned-emaonly-fp16.safetensors": "sd15",   # SD1.5 layout: test models "small" and "sd15"
+    "sd_xl_base_1.0.safetensors": "sdxl",             # SDXL layout: test model pending (see FAMILY_TEST_MODELS)
+}
+SHIPPED_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+SHIPPED_IMAGE = "example.png"  # ComfyUI's own input/example.png; the user puts a photo in its place
+# Test models that run each family's workflows. The SDXL-layout test model is built on the sdxl branch; once
+# models.CHECKPOINT_NAMES has "sdxl", setting "sdxl": ("sdxl",) here makes the SDXL workflows run too.
+FAMILY_TEST_MODELS = {"sd15": ("small", "sd15"), "sdxl": ("sdxl",)}
+# Per test model: the checkpoint file, the photo size, and caps on step-like inputs (the full-size SD1.5 UNet
+# costs seconds per call on 2 CPU cores). "small" keeps the step counts the test suite measured its numbers at.
 TEST_MODELS = {
-    "small": {"ckpt": models.CHECKPOINT_NAMES["small"], "image_size": None, "caps": {}},
+    "small": {"ckpt": models.CHECKPOINT_NAMES["small"], "image_size": 128,
+              "caps": {"steps": 10, "inner_steps": 20}},
     "sd15": {"ckpt": models.CHECKPOINT_NAMES["sd15"], "image_size": 64,
              "caps": {"steps": 3, "refine_iters": 2, "inner_steps": 1, "batch_size": 2}},
 }
+if "sdxl" in models.CHECKPOINT_NAMES:   # the small SDXL-layout test model (sdxl branch)
+    TEST_MODELS["sdxl"] = {"ckpt": models.CHECKPOINT_NAMES["sdxl"], "image_size": 128,
+                           "caps": {"steps": 10, "inner_steps": 20}}
+
+
+def workflow_family(graph: dict) -> str:
+    """"sd15" or "sdxl": the family of the checkpoint the (shipped) graph loads."""
+    names = {graph[nid]["inputs"]["ckpt_name"] for nid in nodes_of(graph, "CheckpointLoaderSimple")}
+    families = {SHIPPED_CHECKPOINTS.get(n) for n in names}
+    if len(families) != 1 or None in families:
+        raise ValueError(f"the graph loads {sorted(names)}; a shipped workflow loads one of {sorted(SHIPPED_CHECKPOINTS)}")
+    return families.pop()
 
 
 def for_test_model(graph: dict, size: str) -> dict:
-    """A copy of ``graph`` set up to run on test model ``size`` ("small" or "sd15") within CPU budgets."""
+    """A copy of the shipped ``graph`` set up to run on test model ``size`` within CPU budgets: test checkpoint,
+    test CLIP vision, the astronaut photo at the model's size, capped step counts."""
     spec = TEST_MODELS[size]
     graph = with_checkpoint(graph, spec["ckpt"], spec["image_size"])
+    for nid in nodes_of(graph, "CLIPVisionLoader"):
+        graph[nid]["inputs"]["clip_name"] = models.CLIP_VISION_NAME
     for node in graph.values():
         for name, cap in spec["caps"].items():
             value = node["inputs"].get(name)
