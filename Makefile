@@ -14,7 +14,8 @@ setup:
 lint: setup
 	$(PY) -m ruff check .
 
-# The whole suite (what CI runs), after the linter.
+# The whole suite (what CI runs), after the linter. The browser test needs Debian's chromium: setup installs it.
+test: export IC_BROWSER := 1
 test: lint
 	$(PY) -m pytest tests
 

@@ -62,7 +62,8 @@ else
   fi
 fi
 # The browser test drives Debian's chromium (Playwright's own browser download cannot work on these machines).
-if [ ! -x /usr/bin/chromium ]; then
+# Only `make test` needs it (IC_BROWSER=1); `make demo` does not.
+if [ -n "${IC_BROWSER:-}" ] && [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] installing Debian's chromium for tests/test_browser_workflows.py"
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
