@@ -61,8 +61,8 @@ def _require_source_prompt(made_with, source, sizes, source_prompt: str, artefac
     _rows_of(made_with, what, "positive")
     differs = conditioning.mismatch(made_with, _conditioning([source], sizes))
     if differs:
-        raise InversionChainError(f"{what}: the {artefact} was made with another source conditioning than "
-                                  f"'{source_prompt}' encoded by this CLIP ({differs}). Encode the same source prompt "
+        raise InversionChainError(f"{what}: the {artefact} was made with another source prompt (or CLIP, or SDXL "
+                                  f"size entries) than '{source_prompt}' ({differs}). Encode the same source prompt "
                                   f"(and, on SDXL, the same sizes) for {maker} and this node.")
 
 
