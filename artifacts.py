@@ -86,7 +86,8 @@ class Inversion:
         worst = f"{float(res.max()):.3g}" if res.numel() else "not measured (refine_iters=0)"
         return (f"INVERSION: {self.steps} steps ({self.scheduler}), cfg {self.cfg}, at most {self.refine_iters} "
                 f"refinements, tolerance {self.tolerance:g}, batch {self.latent_shape[0]}, latent "
-                f"{tuple(self.latent_shape[1:])}, {self.unet_calls} model calls ({self.unet_calls / self.steps:.2f} per "
+                f"{tuple(self.latent_shape[1:])}, {self.unet_calls} model calls "
+                f"({self.unet_calls / self.steps:.2f} per "
                 f"step), worst step residual {worst}")
 
 

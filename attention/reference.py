@@ -77,7 +77,8 @@ class ReferenceKV:
 
     def nbytes(self) -> int:
         """Bytes really held: K/V, eps and word maps."""
-        tensors = [t for kv in self.store.values() for t in kv] + list(self.eps.values()) + list(self.cross_maps.values())
+        tensors = ([t for kv in self.store.values() for t in kv] + list(self.eps.values())
+                   + list(self.cross_maps.values()))
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- recording (called by the Controller during a reference pass) ----------------------------------------
@@ -98,7 +99,8 @@ class ReferenceKV:
             self.cross_maps[i] = maps if n == 0 else self.cross_maps[i] * (n / (n + 1)) + maps / (n + 1)
             self._cross_count[i] = n + 1
 
-    def get(self, step: int, layer: AttentionLayer, device, dtype, branch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def get(self, step: int, layer: AttentionLayer, device, dtype,
+            branch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         kv = self.store.get((step, layer.index, branch))
         if kv is None:
             raise InversionChainError(

@@ -79,7 +79,8 @@ def drop_workflow(page, name: str) -> None:
         document.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
         document.dispatchEvent(new DragEvent("dragleave", {bubbles: true, cancelable: true}));
     }""", [f"{name}.json", text])
-    page.wait_for_function("ids => JSON.stringify(app.graph._nodes.map(n => Number(n.id)).sort((a, b) => a - b)) === ids",
+    page.wait_for_function("ids => JSON.stringify(app.graph._nodes.map(n => Number(n.id))"
+                           ".sort((a, b) => a - b)) === ids",
                            arg=json.dumps(expected, separators=(",", ":")), timeout=30_000)
     page.wait_for_timeout(300)   # image previews and DOM widgets settle
 

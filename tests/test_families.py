@@ -44,9 +44,9 @@ def err(a, b):
 
 def test_kv_inject_identity_and_masked_words(s):
     plain = sample(s["model"], s["src"], s["src"], s["noise"], s["sigmas"])
-    kv = ICKVInject().patch(s["model"], s["inv"], 0, 0, "mutual")[0]
+    kv = ICKVInject().patch(s["model"], s["inv"], 0.0, 0, "mutual")[0]
     identity = err(sample(kv, s["src"], s["src"], s["noise"], s["sigmas"]), plain)
-    masked = ICKVInject().patch(s["model"], s["inv"], 0, 0, "masked", mask_words="cat", clip=s["clip"],
+    masked = ICKVInject().patch(s["model"], s["inv"], 0.0, 0, "masked", mask_words="cat", clip=s["clip"],
                                 source_prompt=SOURCE)[0]
     out = sample(masked, s["src"], s["src"], s["noise"], s["sigmas"])
     print(f"{s['family']}: KV Inject identity {identity:.2e}, masked vs plain {err(out, plain):.2e}")
@@ -54,7 +54,7 @@ def test_kv_inject_identity_and_masked_words(s):
 
 
 def test_rival_cached_reference_equals_the_in_batch_reference(s):
-    runs = {mode: ICRIVALAlignSampler().sample(s["model"], s["src"], s["empty"], s["inv"], 3, 2, 5.0, 600, 600,
+    runs = {mode: ICRIVALAlignSampler().sample(s["model"], s["src"], s["empty"], s["inv"], 3, 2, 5.0, 0.4, 0.4,
                                                "permute", "eps", mode)[0]["samples"] for mode in ("cache", "batch")}
     diff = err(runs["cache"], runs["batch"])
     print(f"{s['family']}: RIVAL cache vs batch {diff:.2e}")
@@ -76,7 +76,8 @@ def test_p2plus_same_prompt_rows_equal_and_negative_prompt_inversion_is_cfg_1(s)
     row0 = sample(m, pos, neg, latent["samples"], sigmas, CFG)[:1]
     cfg1 = sample(s["model"], s["src"], s["empty"], s["noise"], s["sigmas"], 1.0)
     print(f"{s['family']}: P2Plus NPI row 0 vs cfg-1 reconstruction {err(row0, cfg1):.2e}, vs source "
-          f"{err(row0, s['source']):.2e}; edit row 1 moved {err(sample(m, pos, neg, latent['samples'], sigmas, CFG)[1:], row0):.2e}")
+          f"{err(row0, s['source']):.2e}; edit row 1 moved "
+          f"{err(sample(m, pos, neg, latent['samples'], sigmas, CFG)[1:], row0):.2e}")
     assert err(row0, cfg1) < 1e-4 and err(row0, s["source"]) < 1e-3
 
 

@@ -287,7 +287,7 @@ def load_clip_vision():
         return comfy.clip_vision.load(str(clip_vision_path()))
 
 
-# -- SD2-v and SDXL layouts (3-layer text encoders: they read the penultimate layer) ----------------------------------------------------------------------------------------
+# -- SD2-v and SDXL layouts (3-layer text encoders: they read the penultimate layer) -------------------------------
 def _shrunk_clip_config(base_name: str, overrides: dict, tag: str) -> str:
     """A shrunk copy of one of ComfyUI's CLIP text configs (found in either tree's layout)."""
     import comfy.sd1_clip

@@ -350,7 +350,8 @@ def workflow_family(graph: dict) -> str:
     names = {graph[nid]["inputs"]["ckpt_name"] for nid in nodes_of(graph, "CheckpointLoaderSimple")}
     families = {SHIPPED_CHECKPOINTS.get(n) for n in names}
     if len(families) != 1 or None in families:
-        raise ValueError(f"the graph loads {sorted(names)}; a shipped workflow loads one of {sorted(SHIPPED_CHECKPOINTS)}")
+        raise ValueError(f"the graph loads {sorted(names)}; a shipped workflow loads one of "
+                         f"{sorted(SHIPPED_CHECKPOINTS)}")
     return families.pop()
 
 
