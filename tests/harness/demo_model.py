@@ -7,6 +7,7 @@ channel_mult [1, 2] at width 32 and context 64 matches no stock config.
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -83,11 +84,16 @@ def register_demo_model_config():
     return ICDemoPhotosSD15
 
 
+def checkpoint_path() -> Path:
+    """The committed checkpoint, or $IC_DEMO_CKPT (e.g. a retrained one, to run the behaviour tests on it)."""
+    return Path(os.environ.get("IC_DEMO_CKPT") or CHECKPOINT_PATH)
+
+
 def load_demo_model(path=None):
     """(MODEL, CLIP, VAE) through ComfyUI's own loader, as CheckpointLoaderSimple does."""
     import torch
     import comfy.sd
     register_demo_model_config()
     with torch.inference_mode():
-        out = comfy.sd.load_checkpoint_guess_config(str(path or CHECKPOINT_PATH), output_vae=True, output_clip=True)
+        out = comfy.sd.load_checkpoint_guess_config(str(path or checkpoint_path()), output_vae=True, output_clip=True)
     return out[0], out[1], out[2]
