@@ -109,6 +109,8 @@ def prepare(graph: dict, ckpt_name: str, photo: str, size: int, demo: bool) -> d
                 inputs[key] = PHOTO_PROMPTS[photo]
         if node["class_type"] == "ICP2PlusController":
             inputs["target_prompt"], inputs["blend_words"] = (DEMO_EDITS if demo else USER_EDITS)[photo]
+        if demo and node["class_type"] == "ICAttentionCapture":
+            inputs["resolution"] = "latent/1"   # the demo UNet's two levels are latent/1 and latent/2 (no latent/4)
     return graph
 
 

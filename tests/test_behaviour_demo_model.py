@@ -1,10 +1,14 @@
-"""Behaviour that needs a trained model, on the committed demo model (models/ic_demo_photos.safetensors: a 1 M-param
-v-prediction UNet trained here on four 128 px photos, scripts/train_demo_model.py), in-process through ComfyUI's
-stock loader and samplers.
+"""Behaviour on the committed demo model (models/ic_demo_photos.safetensors: a 1 M-param v-prediction UNet trained
+here on four 128 px photos for 1200 steps, scripts/train_demo_model.py), in-process through ComfyUI's stock loader
+and samplers. Thresholds were measured on the committed checkpoint (figures in comments; `pytest -s` prints them).
 
-Every threshold below was measured on the committed checkpoint (figures in the comments; `pytest -s` prints them)
-and set with a margin. Time widgets (start/end fractions, t_align, ...) are never passed: each node runs at its own
-defaults, read from INPUT_TYPES (see `call`), so these tests do not depend on the widgets' names.
+What this model does NOT show (measured on the committed checkpoint, so there are no tests for it): its UNet output
+does not depend on the text. Text-to-image from every caption lands nearest to the cat photo for all 4 seeds
+(16/16); plain DDIM at cfg 7.5 reconstructs as well as cfg 1 (88.9 dB both: cond and uncond predictions agree), so
+there is no guidance drift for null-text / negative-prompt inversion to restore; the subject word's cross-attention
+mass in its box equals the uniform share (ratio 0.99-1.03 for astronaut, coffee, rocket; peak/mean 1.06-1.25); a
+P2Plus word swap leaves the edit equal to the reconstruction everywhere, so the local-blend test would be vacuous.
+Time widgets are never passed: each node runs at its INPUT_TYPES defaults (see `call`).
 """
 from __future__ import annotations
 
@@ -19,10 +23,6 @@ from tests.harness import demo_model, photos
 PHOTOS = list(demo_model.CAPTIONS)
 STEPS = 20
 SEEDS = [0, 1, 2, 3]
-# Subject boxes (x0, y0, x1, y1) in the 128 px centre crops, marked once by eye: the person in her suit, the cup
-# (with its rim, without the saucer), the rocket body (without the towers). The cat fills its whole photo: no box.
-BOXES = {"astronaut": (16, 8, 88, 128), "coffee": (32, 0, 100, 72), "rocket": (56, 16, 76, 124)}
-SUBJECT = {"astronaut": "astronaut", "coffee": "coffee", "rocket": "rocket"}
 
 
 def call(cls, **given):
@@ -75,41 +75,23 @@ def generate(m, name, seed, batch=len(SEEDS), cfg=5.0):
     return m["vae"].decode(out)
 
 
-def test_text_to_image_draws_the_captioned_photo(m):
-    wins = {}
-    for name in PHOTOS:
-        images = generate(m, name, seed=0)
-        nearest = []
-        for img in images:
-            scores = [psnr(img, ref) for ref in m["recon"]]
-            nearest.append(PHOTOS[max(range(len(PHOTOS)), key=scores.__getitem__)])
-        wins[name] = sum(n == name for n in nearest)
-        print(f"'{demo_model.CAPTIONS[name]}': nearest training photo per seed {nearest}")
-    # measured: see the module docstring / report; most seeds must land on the captioned photo
-    assert all(w >= 3 for w in wins.values()), wins
+def test_vae_reconstructs_each_training_photo(m):
+    scores = [psnr(m["recon"][i], m["images"][i]) for i in range(len(PHOTOS))]
+    print("VAE round trip PSNR at 128 px: " + ", ".join(f"{n} {v:.1f} dB" for n, v in zip(PHOTOS, scores)))
+    # measured 15.5 / 21.6 / 18.6 / 23.5 dB (a 16x16x4 colour code decoded: blurry but recognisable); the hand-set
+    # decoder before fine-tuning gave 14.3 / 19.4 / 16.9 / 22.6, random TAESD weights give noise (< 10 dB)
+    assert min(scores) > 14.5 and sum(scores) / len(scores) > 19
 
 
-def test_cfg1_inversion_round_trip_is_close_and_guidance_drift_is_restored(m):
-    from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
+def test_cfg1_inversion_round_trip_reproduces_the_photo(m):
     src, empty, ref = m["conds"]["astronaut"], m["empty"], m["recon"][:1]
-    decode = m["vae"].decode
-    cfg1 = psnr(decode(sample_custom(m["model"], src, empty, m["noise"], m["sigmas"], 1.0)), ref)
-    plain = psnr(decode(sample_custom(m["model"], src, empty, m["noise"], m["sigmas"], 7.5)), ref)
-    restored = {}
-    for method in ("null-text", "negative-prompt"):
-        nt = call(ICNullTextInversion, model=m["model"], inversion=m["inv"], positive=src, negative=empty, cfg=7.5,
-                  method=method)[0]
-        prompt = demo_model.CAPTIONS["astronaut"]
-        model, pos, neg, latent, sigmas = call(ICP2PlusController, model=m["model"], clip=m["clip"],
-                                               source_prompt=prompt, target_prompt=prompt, inversion=m["inv"],
-                                               null_text=nt)
-        restored[method] = psnr(decode(sample_custom(model, pos, neg, latent["samples"], sigmas, 7.5)[:1]), ref)
-    print(f"round trip PSNR vs the VAE reconstruction: cfg 1 {cfg1:.1f} dB, plain DDIM at cfg 7.5 {plain:.1f} dB, "
-          f"null-text {restored['null-text']:.1f} dB, negative-prompt {restored['negative-prompt']:.1f} dB")
-    assert cfg1 > 35
-    assert plain < cfg1 - 10
-    assert restored["null-text"] > plain + 5
-    assert restored["negative-prompt"] > plain + 2
+    out = sample_custom(m["model"], src, empty, m["noise"], m["sigmas"], 1.0)
+    score = psnr(m["vae"].decode(out), ref)
+    err = float((out - m["latents"][:1]).abs().max())
+    print(f"cfg-1 DDIM Invert (20 steps, 3 refinement iterations) + stock ddim: {score:.1f} dB vs the VAE "
+          f"reconstruction, max latent error {err:.2e}")
+    # measured 88.9 dB (max latent error 1.7e-3); 60 dB leaves a wide margin for other CPUs and trees
+    assert score > 60
 
 
 def colour_stats(images: torch.Tensor) -> torch.Tensor:
@@ -134,48 +116,7 @@ def test_rival_variations_keep_the_photos_palette_and_differ(m):
     print(f"colour-statistics distance to the photo: RIVAL {d_rival.tolist()} (mean {d_rival.mean():.4f}), plain "
           f"{d_plain.tolist()} (mean {d_plain.mean():.4f}); variations' pairwise mean |diff| {min(pair):.4f}.."
           f"{max(pair):.4f}; PSNR to the photo {min(to_photo):.1f}..{max(to_photo):.1f} dB")
-    assert d_rival.mean() < d_plain.mean()
-    assert min(pair) > 0.01
-    assert max(to_photo) < 30
-
-
-@pytest.mark.parametrize("name", list(BOXES))
-def test_subject_words_cross_attention_sits_in_its_box(m, encode, name):
-    from inversion_chain.nodes.attention_maps import ICAttentionCapture, ICAttentionMapViewer
-    from inversion_chain.nodes.invert import ICDDIMInvert
-    prompt = demo_model.CAPTIONS[name]
-    i = PHOTOS.index(name)
-    with torch.inference_mode():
-        noise, sigmas, _ = ICDDIMInvert().invert(m["model"], {"samples": m["latents"][i:i + 1]}, m["conds"][name],
-                                                 10, 1.0, 0)
-    model, maps = call(ICAttentionCapture, model=m["model"], clip=m["clip"], prompt=prompt, kinds="cross")
-    out = sample_custom(model, m["conds"][name], m["empty"], noise["samples"], sigmas, 1.0)
-    _, masks = call(ICAttentionMapViewer, attn_maps=maps, latent={"samples": out}, kind="cross",
-                    tokens=SUBJECT[name])
-    mass = masks[0].float()
-    x0, y0, x1, y1 = BOXES[name]
-    share = float(mass[y0:y1, x0:x1].sum() / mass.sum())
-    uniform = (x1 - x0) * (y1 - y0) / (mass.shape[0] * mass.shape[1])
-    print(f"'{SUBJECT[name]}' cross-attention mass in its box: {share:.3f} (uniform {uniform:.3f}, "
-          f"ratio {share / uniform:.2f})")
-    assert share > 1.2 * uniform
-
-
-def test_p2plus_local_blend_leaves_the_reconstruction_outside_the_mask(m):
-    from inversion_chain.attention import patching
-    from inversion_chain.attention.p2p import P2PlusEditor
-    from inversion_chain.nodes.p2plus import ICP2PlusController
-    model, pos, neg, latent, sigmas = call(ICP2PlusController, model=m["model"], clip=m["clip"],
-                                           source_prompt=demo_model.CAPTIONS["astronaut"],
-                                           target_prompt="a photo of a cat", inversion=m["inv"],
-                                           blend_words="astronaut, cat")
-    out = sample_custom(model, pos, neg, latent["samples"], sigmas, 5.0)
-    editor = next(e for e in patching.controller_of(model).editors if isinstance(e, P2PlusEditor))
-    mask = editor.blend.last_mask[0, 0]
-    coverage = float(mask.float().mean())
-    outside = float((out[1] - out[0]).abs()[:, ~mask].max())
-    inside = float((out[1] - out[0]).abs()[:, mask].mean())
-    print(f"local blend on 'astronaut, cat': mask covers {coverage:.0%}; |edit - reconstruction| outside max "
-          f"{outside:.2e}, inside mean {inside:.3f}")
-    assert 0.05 < coverage < 0.95
-    assert outside < 1e-4 and inside > 0.05
+    # measured: RIVAL 0.198-0.218 (mean 0.208) vs plain 0.247-0.276 (mean 0.266); pairwise 0.195-0.224; 10.4-10.8 dB
+    assert d_rival.mean() < 0.9 * d_plain.mean()
+    assert min(pair) > 0.05
+    assert max(to_photo) < 20
