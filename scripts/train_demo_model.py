@@ -24,6 +24,7 @@ Usage (the committed checkpoint came from the two stages run in parallel, one th
     OMP_NUM_THREADS=1 .venv/bin/python scripts/train_demo_model.py vae  --work /tmp/ic_train
     OMP_NUM_THREADS=1 .venv/bin/python scripts/train_demo_model.py unet --work /tmp/ic_train --steps N
     .venv/bin/python scripts/train_demo_model.py pack --work /tmp/ic_train --out models/ic_demo_photos.safetensors
+(the committed checkpoint: `vae --vae-steps 100`, `unet --steps 1000`; models/README.md)
 `all` runs the three in sequence. Runs on CPU; uses CUDA when present (--device). Same thread count and device
 give the same bytes (CPU kernels are deterministic for a fixed thread count).
 """
@@ -61,11 +62,16 @@ def init_module_(module: torch.nn.Module, seed: int, zero_suffixes=()):
     """PyTorch-style uniform fan-in init from a seeded generator (ComfyUI leaves weights uninitialised); norms at 1/0;
     output projections named in zero_suffixes start at zero (as LDM's zero_module does)."""
     gen = torch.Generator().manual_seed(seed)
+    # norm layers by type, not by name: SD's UNet names its GroupNorms in_layers.0 / out_layers.0 / out.0
+    norm_params = {f"{mname}.{pname}" if mname else pname
+                   for mname, mod in module.named_modules()
+                   if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+                   for pname, _ in mod.named_parameters(recurse=False)}
     with torch.no_grad():
         for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
             if any(name.endswith(s) for s in zero_suffixes):
                 p.zero_()
-            elif "norm" in name or ".ln_" in name or "layer_norm" in name:
+            elif name in norm_params:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             elif "embedding" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
