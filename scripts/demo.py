@@ -1,11 +1,16 @@
 """Run the pack's main job headless on a real photo and write the results to out/.
 
-    .venv/bin/python scripts/demo.py                          # random-weight test model, 128 px (images are noise)
+    .venv/bin/python scripts/demo.py                          # the committed demo model, 128 px
     .venv/bin/python scripts/demo.py --ckpt ~/models/v1-5-pruned-emaonly.safetensors   # your SD1.x model, 512 px
+
+The default model (models/ic_demo_photos.safetensors, scripts/train_demo_model.py) is a 1 M-parameter UNet trained
+here on four photos (astronaut, cat, coffee, rocket): its pictures are small and blurry, but real.
 
 Starts a headless ComfyUI (tests/harness/server.py: main.py --cpu on 127.0.0.1, this pack, the checkpoint),
 submits each workflow of DEMO_STEPS (API format, from workflows/api/) on scikit-image's astronaut photo, copies
-the images it saved into out/ and prints what it wrote and what each step measured.
+the images it saved into out/, prints what it wrote and what each step measured, and writes one labelled
+contact sheet (out/contact_sheet.png) of the photo, its reconstruction, the RIVAL variations, the P2Plus edit and
+the cross-attention grid.
 """
 from __future__ import annotations
 
@@ -22,12 +27,20 @@ from typing import Callable
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.harness import models  # noqa: E402
+from tests.harness import demo_model  # noqa: E402
 from tests.harness.server import ComfyServer, load_api_workflow, photo_name, ui_output, with_checkpoint  # noqa: E402
 
-TEST_CKPT = models.CHECKPOINT_NAMES["small"]
+DEMO_CKPT = demo_model.CHECKPOINT_NAME
 WORKFLOW_PROMPT = "a photo of an astronaut"  # the source prompt the committed workflows describe the photo with
 PHOTO_PROMPTS = {"astronaut": WORKFLOW_PROMPT, "chelsea": "a photo of a cat", "coffee": "a photo of a cup of coffee"}
+# P2Plus edit per photo: (target prompt, blend words). Word-for-word swaps (mode "replace" needs equal token
+# counts); the demo model knows only its four subjects, so it swaps in another of them.
+DEMO_EDITS = {"astronaut": ("a photo of a cat", "astronaut, cat"),
+              "chelsea": ("a photo of an astronaut", "cat, astronaut"),
+              "coffee": ("a photo of a cup of cat", "coffee, cat")}
+USER_EDITS = {"astronaut": ("a photo of a robot", "astronaut, robot"),
+              "chelsea": ("a photo of a dog", "cat, dog"),
+              "coffee": ("a photo of a cup of tea", "coffee, tea")}
 
 
 @dataclass
@@ -49,9 +62,21 @@ def report_reconstruction(entry: dict, graph: dict) -> list[str]:
 
 def report_variations(entry: dict, graph: dict) -> list[str]:
     rival = next(n for n in graph.values() if n["class_type"] == "ICRIVALAlignSampler")["inputs"]
-    return [f"{rival['batch_size']} RIVAL variations (cfg {rival['cfg']}, replace_end_percent "
-            f"{rival['replace_end_percent']}, normalize_end_percent {rival['normalize_end_percent']}, init "
-            f"{rival['init']}) sharing one reference chain"]
+    # the time widgets' names are read from the workflow, not assumed
+    timing = ", ".join(f"{k} {v}" for k, v in rival.items() if k.endswith("_percent"))
+    return [f"{rival['batch_size']} RIVAL variations (cfg {rival['cfg']}, {timing}, init {rival['init']}) "
+            f"sharing one reference chain"]
+
+
+def report_edit(entry: dict, graph: dict) -> list[str]:
+    p2p = next(n for n in graph.values() if n["class_type"] == "ICP2PlusController")["inputs"]
+    ui = ui_output(entry, "ICLatentDifference", graph)
+    return [f"P2Plus edit '{p2p['source_prompt']}' -> '{p2p['target_prompt']}', local blend on "
+            f"'{p2p['blend_words']}', null-text inversion; edit vs photo latent: {ui['text'][0]}"]
+
+
+def report_attention(entry: dict, graph: dict) -> list[str]:
+    return ["cross-attention maps per token (and self-attention maps) over the photo, one tile per token"]
 
 
 # The demo's job, in order: prove the inversion, then make variations of the photo (the headline feature).
@@ -62,19 +87,63 @@ DEMO_STEPS = [
     Step("rival_variation",
          "RIVAL Align Sampler: variations of the photo aligned with its inversion chain",
          report_variations),
+    Step("p2plus_edit_real",
+         "P2Plus edit of the photo: null-text inversion, word swap, local blend on the subject",
+         report_edit),
+    Step("attention_maps",
+         "Attention Capture while re-sampling the photo, viewed as per-token maps",
+         report_attention),
 ]
 
 
-def prepare(graph: dict, ckpt_name: str, photo: str, size: int) -> dict:
+def prepare(graph: dict, ckpt_name: str, photo: str, size: int, demo: bool) -> dict:
     """The committed workflow with this run's checkpoint, its photos at ``size`` px, and --photo in place of the
-    astronaut (with a source prompt describing it)."""
+    astronaut (every prompt widget that described the astronaut now describes it); P2Plus gets the photo's edit."""
     graph = with_checkpoint(graph, ckpt_name, image_size=size)
     for node in graph.values():
-        if node["class_type"] == "LoadImage" and node["inputs"]["image"] == photo_name("astronaut", size):
-            node["inputs"]["image"] = photo_name(photo, size)
-        if node["class_type"] == "CLIPTextEncode" and node["inputs"].get("text") == WORKFLOW_PROMPT:
-            node["inputs"]["text"] = PHOTO_PROMPTS[photo]
+        inputs = node["inputs"]
+        if node["class_type"] == "LoadImage" and inputs["image"] == photo_name("astronaut", size):
+            inputs["image"] = photo_name(photo, size)
+        for key, value in inputs.items():
+            if value == WORKFLOW_PROMPT:
+                inputs[key] = PHOTO_PROMPTS[photo]
+        if node["class_type"] == "ICP2PlusController":
+            inputs["target_prompt"], inputs["blend_words"] = (DEMO_EDITS if demo else USER_EDITS)[photo]
+        if demo and node["class_type"] == "ICAttentionCapture":
+            inputs["resolution"] = "latent/1"   # the demo UNet's two levels are latent/1 and latent/2 (no latent/4)
     return graph
+
+
+SHEET_ITEMS = [("photo", "source__"), ("reconstruction", "ddim_invert_reconstruct__"),
+               ("RIVAL variation", "rival_variation__"), ("P2Plus edit", "p2plus_edit_real__"),
+               ("cross-attention", "attention_maps__ic_attention_cross")]
+
+
+def contact_sheet(paths: list[Path], out_path: Path, title: str, tile: int = 128) -> Path:
+    """One PNG with every picture side by side at ``tile`` px height, each labelled underneath."""
+    from PIL import Image, ImageDraw
+    items = []
+    for label, prefix in SHEET_ITEMS:
+        found = sorted(p for p in paths if p.name.startswith(prefix))
+        for n, path in enumerate(found, 1):
+            items.append((f"{label} {n}" if len(found) > 1 else label, path))
+    images = []
+    for label, path in items:
+        img = Image.open(path).convert("RGB")
+        width = max(1, round(img.width * tile / img.height))
+        images.append((label, img.resize((width, tile), Image.LANCZOS)))
+    pad, band, head = 6, 16, 18
+    sheet = Image.new("RGB", (sum(i.width for _, i in images) + pad * (len(images) + 1), head + tile + band + pad),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 3), title, fill="black")
+    x = pad
+    for label, img in images:
+        sheet.paste(img, (x, head))
+        draw.text((x + 2, head + tile + 2), label, fill="black")
+        x += img.width + pad
+    sheet.save(out_path)
+    return out_path
 
 
 def copy_images(server: ComfyServer, entry: dict, out_dir: Path, workflow: str) -> list[Path]:
@@ -93,8 +162,8 @@ def copy_images(server: ComfyServer, entry: dict, out_dir: Path, workflow: str) 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", type=Path, help="your SD1.x checkpoint (.safetensors / .ckpt); default: a small "
-                                              "random-weight test model (its images are noise)")
+    ap.add_argument("--ckpt", type=Path, help="your SD1.x checkpoint (.safetensors / .ckpt); default: the "
+                                              "committed demo model (trained here on four photos, 128 px)")
     ap.add_argument("--size", type=int, help="photo size in px (default 512 with --ckpt, 128 without)")
     ap.add_argument("--photo", default="astronaut", choices=["astronaut", "chelsea", "coffee"],
                     help="scikit-image photo (default astronaut)")
@@ -106,23 +175,24 @@ def main(argv=None) -> int:
         ckpt = args.ckpt.expanduser().resolve()
         if not ckpt.is_file():
             ap.error(f"--ckpt {ckpt}: no such file")
-        ckpt_name, test_model = ckpt.name, False
+        ckpt_name, demo = ckpt.name, False
         size = args.size or 512
     else:
-        ckpt_name, test_model = TEST_CKPT, True
-        size = args.size or 128
+        ckpt, ckpt_name, demo = demo_model.CHECKPOINT_PATH, DEMO_CKPT, True
+        if not ckpt.is_file():
+            ap.error(f"the demo model {ckpt} is missing: restore it (git checkout models/) or train it "
+                     f"(scripts/train_demo_model.py)")
+        size = args.size or demo_model.SIZE
     if size % 8 or size < 64:
         ap.error("--size must be a multiple of 8, at least 64")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if test_model:
-        print(f"No --ckpt given: using the random-weight test checkpoint {TEST_CKPT}.\n"
-              f"  Its weights are random, so every image it decodes is NOISE, not a picture. The numbers still\n"
-              f"  show the pipeline works (e.g. the inversion round-trip error). For real images run\n"
+    if demo:
+        print(f"No --ckpt given: using the demo model {DEMO_CKPT}, a 1 M-parameter UNet trained here on four\n"
+              f"  photos (astronaut, cat, coffee, rocket) at 128 px: small, blurry pictures. For your own model run\n"
               f"  scripts/demo.py --ckpt /path/to/an-SD1.5-checkpoint.safetensors")
     workdir = Path(tempfile.mkdtemp(prefix="ic_demo_"))
-    server = ComfyServer(workdir, checkpoints=("small",) if test_model else (),
-                         extra_checkpoints={} if test_model else {ckpt_name: ckpt}, photo_sizes=(size,))
+    server = ComfyServer(workdir, checkpoints=(), extra_checkpoints={ckpt_name: ckpt}, photo_sizes=(size,))
     print(f"Starting a headless ComfyUI (CPU) in {workdir} ...", flush=True)
     failed = False
     try:
@@ -130,17 +200,22 @@ def main(argv=None) -> int:
         source = args.out / f"source__{photo_name(args.photo, size)}"
         shutil.copyfile(server.input_dir / photo_name(args.photo, size), source)
         print(f"wrote {source}  (the input photo: scikit-image {args.photo}, {size} px)")
+        written = [source]
         for step in DEMO_STEPS:
-            graph = prepare(load_api_workflow(step.workflow), ckpt_name, args.photo, size)
+            graph = prepare(load_api_workflow(step.workflow), ckpt_name, args.photo, size, demo)
             print(f"\n[{step.workflow}] {step.describe}\n  checkpoint {ckpt_name}, photo {args.photo} {size} px",
                   flush=True)
             t0 = time.time()
             entry = server.run(graph, timeout=args.timeout)
             print(f"  done in {time.time() - t0:.1f} s")
             for path in copy_images(server, entry, args.out, step.workflow):
-                print(f"wrote {path}" + ("  (random test model: noise)" if test_model else ""))
+                print(f"wrote {path}")
+                written.append(path)
             for line in step.report(entry, graph):
                 print(line)
+        sheet = contact_sheet(written, args.out / "contact_sheet.png",
+                              f"{ckpt_name}, scikit-image {args.photo} {size} px")
+        print(f"\nwrote {sheet}  (contact sheet: every picture above side by side, labelled)")
     except Exception as exc:  # noqa: BLE001 - print the server's log with the error
         failed = True
         print(f"\nDemo failed: {exc}\n--- ComfyUI log ({server.log_path}) ---\n{server.log_tail(40)}", file=sys.stderr)
@@ -148,8 +223,6 @@ def main(argv=None) -> int:
         server.stop()
         if not failed:
             shutil.rmtree(workdir, ignore_errors=True)
-    if test_model and not failed:
-        print(f"\nReminder: {TEST_CKPT} has random weights; the images in {args.out} are noise by design.")
     return 1 if failed else 0
 
 
