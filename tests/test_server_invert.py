@@ -60,7 +60,7 @@ def test_reconstruct_workflow_round_trips(comfy_server, base, size):
     assert math.isfinite(max_abs) and math.isfinite(mean_abs)
     assert 0 <= mean_abs <= max_abs < MAX_ABS_BOUND[size]
     if size == "small":
-        assert (inv["steps"], inv["refine_iters"]) == (10, 3)  # the committed workflow, unchanged
+        assert (inv["steps"], inv["refine_iters"]) == (10, 6)  # the committed workflow (steps capped at 10)
     # the reconstruction was decoded and saved at the photo's size
     recon = comfy_server.output_images(entry, node_id(graph, "SaveImage"))
     assert len(recon) == 1

@@ -46,8 +46,8 @@ class ComfyServer:
     frontend with every file it names present (the SDXL name stands in with the small SD1.5-layout model until an
     SDXL test model exists: enough to load the graph, not to run it)."""
 
-    def __init__(self, workdir: Path, checkpoints=("small", "sd15"), extra_checkpoints=None, python=sys.executable,
-                 photo_sizes=PHOTO_SIZES, shipped_names=False):
+    def __init__(self, workdir: Path, checkpoints=("small", "sd15", "sdxl"), extra_checkpoints=None,
+                 python=sys.executable, photo_sizes=PHOTO_SIZES, shipped_names=False):
         self.workdir = Path(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
