@@ -74,14 +74,15 @@ def fingerprint(conditioning) -> str:
     return h.hexdigest()[:24]
 
 
-def mismatch(a, b, atol: float = 1e-4) -> Optional[str]:
-    """None if the first entries of two CONDITIONINGs condition a model the same way, else what differs."""
+def mismatch(a, b, atol: float = 1e-4, pooled_matters: bool = True) -> Optional[str]:
+    """None if the first entries of two CONDITIONINGs condition a model the same way, else what differs.
+    ``pooled_matters``: the model reads the pooled output (a vector/ADM input, e.g. SDXL); SD1.x/SD2.x ignore it."""
     ca, cb = a[0][0], b[0][0]
     if ca.shape != cb.shape or not torch.allclose(ca.float().cpu(), cb.float().cpu(), atol=atol):
         return "the prompt embeddings differ"
     pa, pb = a[0][1].get("pooled_output"), b[0][1].get("pooled_output")
-    if (pa is None) != (pb is None) or (pa is not None and (
-            pa.shape != pb.shape or not torch.allclose(pa.float().cpu(), pb.float().cpu(), atol=atol))):
+    if pooled_matters and ((pa is None) != (pb is None) or (pa is not None and (
+            pa.shape != pb.shape or not torch.allclose(pa.float().cpu(), pb.float().cpu(), atol=atol)))):
         return "the pooled outputs differ"
     sa, sb = size_entries(a), size_entries(b)
     if sa != sb:

@@ -33,6 +33,12 @@ def prediction_name(sampling) -> str:
     return compat.prediction_name(sampling)
 
 
+def reads_pooled_output(model_patcher) -> bool:
+    """Whether the model has a vector (ADM) input, through which the pooled text output conditions it (SDXL,
+    unCLIP); SD1.x/SD2.x UNets ignore the pooled output. Same attribute in both trees."""
+    return int(getattr(getattr(model_patcher, "model", None), "adm_channels", 0) or 0) > 0
+
+
 def model_key(model_patcher) -> ModelKey:
     unet = unet_of(model_patcher)
     params = list(unet.parameters())

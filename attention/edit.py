@@ -10,7 +10,7 @@ import torch
 
 from .. import compat, conditioning
 from ..artifacts import InversionChainError, NullText, Style
-from ..model_info import check_supported, model_key, require_inversion
+from ..model_info import check_supported, model_key, reads_pooled_output, require_inversion
 from . import patching
 from .context import UNCOND, CfgCheck, ContextPatch
 from .edit_plan import build_plan
@@ -55,11 +55,12 @@ def _rows_of(conditioning, what: str, name: str):
     return conditioning[0][0], conditioning[0][1].get("pooled_output")
 
 
-def _require_source_prompt(made_with, source, sizes, source_prompt: str, artefact: str, maker: str, what: str):
+def _require_source_prompt(made_with, source, sizes, source_prompt: str, artefact: str, maker: str, what: str,
+                           pooled_matters: bool = True):
     """The NULL_TEXT / STYLE was made with the same source conditioning as this edit builds: prompt embedding,
-    pooled output and (SDXL) size entries."""
+    pooled output (where the model reads it) and (SDXL) size entries."""
     _rows_of(made_with, what, "positive")
-    differs = conditioning.mismatch(made_with, _conditioning([source], sizes))
+    differs = conditioning.mismatch(made_with, _conditioning([source], sizes), pooled_matters=pooled_matters)
     if differs:
         raise InversionChainError(f"{what}: the {artefact} was made with another source prompt (or CLIP, or SDXL "
                                   f"size entries) than '{source_prompt}' ({differs}). Encode the same source prompt "
@@ -112,7 +113,7 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
             raise InversionChainError(f"{what}: `null_text` must come from Null-Text Inversion.")
         null_text.check_inversion(inversion, what)
         _require_source_prompt(null_text.positive, source, sizes, source_prompt, "NULL_TEXT", "Null-Text Inversion",
-                               what)
+                               what, reads_pooled_output(model))
         uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, what, "negative")
     else:
         uncond = _encode(clip, "")
@@ -153,7 +154,8 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
             raise InversionChainError(f"{what}: a STYLE needs the INVERSION it was trained on; connect it to "
                                       f"`inversion` as well.")
         style.check(model_key(model), inversion, what)
-        _require_source_prompt(style.positive, source, sizes, source_prompt, "STYLE", "StyleDiffusion Mapper", what)
+        _require_source_prompt(style.positive, source, sizes, source_prompt, "STYLE", "StyleDiffusion Mapper", what,
+                               reads_pooled_output(model))
         # row 0 takes the style token for token; row 1 through the edit's token alignment
         row_maps = [None, (plan.mapper.long(), plan.aligned.float())]
         patching.add_attn2_patch(patched, value_injection(style.values, schedule, style_end_percent, row_maps))
