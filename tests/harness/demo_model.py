@@ -6,12 +6,12 @@ channel_mult [1, 2] at width 32 and context 64 matches no stock config.
 """
 from __future__ import annotations
 
-import json
 import os
 from functools import partial
 from pathlib import Path
 
-from .comfy_env import CACHE_DIR, REPO_ROOT, setup_comfy
+from .comfy_env import REPO_ROOT, setup_comfy
+from .models import shrunk_config
 
 CHECKPOINT_NAME = "ic_demo_photos.safetensors"
 CHECKPOINT_PATH = REPO_ROOT / "models" / CHECKPOINT_NAME
@@ -40,14 +40,8 @@ VAE_SCALE = 0.18215
 def clip_config_path() -> str:
     """ComfyUI's SD1 CLIP config shrunk to width 64 and 2 layers (real vocabulary, tokenizer and 77 positions)."""
     import comfy.sd1_clip
-    config = json.loads(Path(comfy.sd1_clip.__file__).with_name("sd1_clip_config.json").read_text())
-    config.update(CLIP)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    path = CACHE_DIR / "clip_config_demo_photos.json"
-    text = json.dumps(config, indent=1)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return str(path)
+    return shrunk_config(Path(comfy.sd1_clip.__file__).with_name("sd1_clip_config.json"), CLIP,
+                         "clip_config_demo_photos")
 
 
 _registered = []

@@ -82,21 +82,27 @@ def unet_config(size: str) -> dict:
     return cfg
 
 
+def shrunk_config(base: Path, overrides: dict, name: str) -> str:
+    """``base`` (one of ComfyUI's JSON model configs) with ``overrides``, written once to CACHE_DIR/<name>.json
+    (rewritten only when its content changes); returns the path."""
+    config = json.loads(base.read_text())
+    config.update(overrides)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    path = CACHE_DIR / f"{name}.json"
+    text = json.dumps(config, indent=1)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return str(path)
+
+
 def clip_config_path(size: str) -> str | None:
     """A shrunk copy of ComfyUI's SD1 CLIP config (real vocabulary and 77 positions), or None for the real size."""
     overrides = SIZES[size]["clip"]
     if overrides is None:
         return None
     import comfy.sd1_clip
-    base = Path(comfy.sd1_clip.__file__).with_name("sd1_clip_config.json")
-    config = json.loads(base.read_text())
-    config.update(overrides)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    path = CACHE_DIR / f"clip_config_{size}.json"
-    text = json.dumps(config, indent=1)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return str(path)
+    return shrunk_config(Path(comfy.sd1_clip.__file__).with_name("sd1_clip_config.json"), overrides,
+                         f"clip_config_{size}")
 
 
 _registered = {}
@@ -223,14 +229,7 @@ def clip_vision_config_path() -> str:
     """ComfyUI's ViT-L config shrunk to width 32 and 2 layers, with ViT-B/16's patch grid (197 tokens)."""
     import comfy.clip_vision
     base = Path(comfy.clip_vision.__file__).with_name("clip_vision_config_vitl.json")
-    config = json.loads(base.read_text())
-    config.update(CLIP_VISION_SMALL)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    path = CACHE_DIR / "clip_vision_config_small.json"
-    text = json.dumps(config, indent=1)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return str(path)
+    return shrunk_config(base, CLIP_VISION_SMALL, "clip_vision_config_small")
 
 
 _clip_vision_registered = False
@@ -293,14 +292,7 @@ def _shrunk_clip_config(base_name: str, overrides: dict, tag: str) -> str:
     import comfy.sd1_clip
     root = Path(comfy.sd1_clip.__file__).parent
     base = next(p for p in (root / base_name, root / "text_encoders" / base_name) if p.is_file())
-    config = json.loads(base.read_text())
-    config.update(overrides)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    path = CACHE_DIR / f"clip_config_{tag}.json"
-    text = json.dumps(config, indent=1)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return str(path)
+    return shrunk_config(base, overrides, f"clip_config_{tag}")
 
 
 def _other_family_class(size: str):
