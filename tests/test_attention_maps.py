@@ -294,7 +294,7 @@ def test_capture_and_kv_inject_in_one_run_both_take_effect(s, encode, inversion)
     tgt = encode(s["clip"], "a watercolor painting of a cat")
     run = lambda m: sample(m, tgt, s["neg"], torch.zeros_like(noise["samples"]), sigmas,
                            latent=noise["samples"])
-    kv = lambda m, **kw: ICKVInject().patch(m, inv, 0.0, 10, "mutual", **kw)[0]
+    kv = lambda m, **kw: ICKVInject().patch(m, inv, 0.0, 10, "mutual", negative=s["neg"], **kw)[0]
     stock = run(s["model"])
     kv_only = run(kv(s["model"]))
     assert not torch.equal(kv_only, stock)
