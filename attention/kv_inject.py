@@ -1,7 +1,16 @@
-"""Mutual self-attention (MasaCtrl): generated rows attend to a real image's keys/values from its inversion chain."""
+"""Mutual self-attention (MasaCtrl): generated rows attend to a real image's keys/values from its inversion chain.
+
+As MasaCtrl's editors, each CFG half of the target attends to the source's K/V of the same half: the conditional
+half to the source run with the source prompt, the unconditional half to the source run with the negative prompt
+the sampler uses (the ReferenceKV then holds two branches). ``masked`` is MasaCtrl's mask-auto: the source's
+foreground comes from the source's cross-attention of its words, the target's from the target's own
+cross-attention of its words in the same UNet call (the maps of the mask resolution's layers that ran so far in
+this step, as MasaCtrl's list cleared after every step), and target foreground queries attend only to source
+foreground keys, background to background.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,18 +24,50 @@ from .schedule import Schedule
 MODES = ("mutual", "union", "masked")
 
 
+def binary_mask(maps: torch.Tensor, grid, threshold: float) -> torch.Tensor:
+    """MasaCtrl's mask from word maps (rows, h, w): min-max normalised per row, resized (nearest) to ``grid``,
+    >= threshold. Returns (rows, gh * gw) bool."""
+    m = maps.float()
+    lo = m.amin(dim=(1, 2), keepdim=True)
+    hi = m.amax(dim=(1, 2), keepdim=True)
+    m = (m - lo) / (hi - lo).clamp_min(1e-8)
+    m = F.interpolate(m[:, None], size=tuple(grid), mode="nearest")[:, 0]
+    return (m >= threshold).flatten(1)
+
+
+class TargetMaps:
+    """The target's own cross-attention of its words, for the current step: a running mean over the layers at
+    the mask resolution, of the conditional half's rows (MasaCtrl reads its conditional target row)."""
+
+    def __init__(self):
+        self.step: Optional[int] = None
+        self.sum: Optional[torch.Tensor] = None  # (rows, h, w)
+        self.count = 0
+
+    def reset(self):
+        self.step, self.sum, self.count = None, None, 0
+
+    def add(self, step: int, maps: torch.Tensor):
+        if step != self.step or self.sum is None or self.sum.shape != maps.shape:
+            self.step, self.sum, self.count = step, torch.zeros_like(maps), 0
+        self.sum += maps
+        self.count += 1
+
+    def current(self, step: int) -> Optional[torch.Tensor]:
+        return self.sum / self.count if self.step == step and self.count else None
+
+
 class KVInjectEditor(Editor):
     """From ``start_percent`` of the steps on (MasaCtrl's START_STEP 4 of 50 = 0.08), in the selected self-attention
-    layers, every row's queries attend to the reference K/V (``mutual``), to reference and own K/V concatenated
-    (``union``), or (``masked``) to the reference K/V of the same region: foreground queries to foreground keys,
-    background to background, with the foreground given by the reference's cross-attention maps of chosen words
-    (min-max normalised, > threshold)."""
+    layers, each CFG half's queries attend to the source's K/V of its own half (``mutual``), to those and their own
+    K/V concatenated (``union``), or (``masked``) within their region: target foreground queries to source
+    foreground keys, background to background."""
 
     order = 10
     kinds = ("self",)
 
     def __init__(self, reference: ReferenceKV, layers: Sequence[AttentionLayer], start_percent: float, mode: str,
-                 mask_threshold: float = 0.1, what: str = "KV injection"):
+                 mask_threshold: float = 0.1, target_tokens: Sequence[int] = (), what: str = "KV injection"):
         self.reference = reference
         self._layers = list(layers)
         self.layer_ids = {l.index for l in layers}
@@ -34,7 +75,9 @@ class KVInjectEditor(Editor):
         self.sched = Schedule(reference.inversion.sigmas, reference.inversion.scheduler, what)
         self.what = what
         self.mode = mode
-        self.mask_threshold = mask_threshold
+        self.mask_threshold = float(mask_threshold)
+        self.target_tokens = list(target_tokens)
+        self.target_maps = TargetMaps()
         self.kinds = ("self", "cross") if mode == "masked" else ("self",)
 
     def layers(self, all_layers):
@@ -47,10 +90,30 @@ class KVInjectEditor(Editor):
     def schedule(self):
         return self.sched.sigmas
 
+    def begin_run(self):
+        self.target_maps.reset()
+
+    def acting(self, ctx: CallContext) -> bool:
+        return self.sched.fraction(self.sched.step(ctx.step)) >= self.start_percent
+
     def active(self, ctx: CallContext) -> bool:
         if ctx.kind != "self" or ctx.layer.index not in self.layer_ids:
             return False
-        return self.sched.fraction(self.sched.step(ctx.step)) >= self.start_percent
+        return self.acting(ctx)
+
+    def branch_kv(self, step: int, ctx: CallContext, k):
+        """The source's K/V for every row: chunk j of the batch gets the branch ``cond_or_uncond[j]``."""
+        if 1 in ctx.cond_or_uncond and self.reference.branches < 2:
+            raise InversionChainError(
+                f"{self.what}: the sampler runs classifier-free guidance (an unconditional half) but `negative` is "
+                f"not connected. As MasaCtrl, the unconditional half attends to the source image run with the "
+                f"sampler's negative prompt: connect the same negative conditioning the sampler gets (or sample "
+                f"at cfg 1).")
+        rows = ctx.rows_per_chunk
+        pairs = [self.reference.get(step, ctx.layer, k.device, k.dtype, int(b)) for b in ctx.cond_or_uncond]
+        k_ref = torch.cat([p[0].expand(rows, -1, -1) for p in pairs])
+        v_ref = torch.cat([p[1].expand(rows, -1, -1) for p in pairs])
+        return k_ref, v_ref
 
     def edit_qkv(self, q, k, v, ctx):
         step = self.sched.step(ctx.step)
@@ -61,30 +124,68 @@ class KVInjectEditor(Editor):
             raise InversionChainError(
                 f"{self.what}: the latent being sampled is {tuple(shape[-2:]) if shape else ctx.grid} (HxW) but the "
                 f"inversion was made at {(h, w)}. Sample at the inverted image's size.")
-        k_ref, v_ref = self.reference.get(step, ctx.layer, k.device, k.dtype)
-        rows = k.shape[0]
-        k_ref, v_ref = k_ref.expand(rows, -1, -1), v_ref.expand(rows, -1, -1)
+        k_ref, v_ref = self.branch_kv(step, ctx, k)
         if self.mode == "union":
             return q, torch.cat([k_ref, k], dim=1), torch.cat([v_ref, v], dim=1)
         if self.mode == "masked":
-            ctx.scratch["kv_mask"] = self.foreground(step, ctx.grid)
+            ctx.scratch["kv_masks"] = self.masks(step, ctx)
         return q, k_ref.contiguous(), v_ref.contiguous()
 
-    def foreground(self, step: int, grid) -> torch.Tensor:
+    def source_foreground(self, step: int, grid) -> torch.Tensor:
         maps = self.reference.cross_maps.get(step)
         if maps is None:
             raise RuntimeError(f"{self.what} (masked): no reference cross-attention maps for step {step}")
-        m = maps.mean(0, keepdim=True)[None]                                     # (1, 1, h, w)
-        m = (m - m.amin()) / (m.amax() - m.amin()).clamp_min(1e-8)
-        m = F.interpolate(m, size=grid, mode="nearest")[0, 0]
-        return (m > self.mask_threshold).flatten()
+        return binary_mask(maps.sum(0, keepdim=True), grid, self.mask_threshold)[0]
+
+    def masks(self, step: int, ctx: CallContext) -> Optional[Dict[str, torch.Tensor]]:
+        """Source foreground (keys) and target foreground per batch row (queries); None before any target map of
+        this step exists (MasaCtrl then attends unmasked) or when the batch's rows changed."""
+        target = self.target_maps.current(step)
+        if target is None or target.shape[0] != ctx.rows_per_chunk:
+            return None
+        target = binary_mask(target, ctx.grid, self.mask_threshold)           # (rows, Nq)
+        return {"source": self.source_foreground(step, ctx.grid),            # (Nk,)
+                "target": target.repeat(len(ctx.cond_or_uncond), 1)}          # every chunk's row j: cond row j
 
     def attend(self, q, k, v, ctx):
-        if self.mode != "masked":
+        masks = ctx.scratch.get("kv_masks") if self.mode == "masked" else None
+        if masks is None:
             return None
-        fg = ctx.scratch["kv_mask"].to(q.device)
-        same_region = fg[:, None] == fg[None, :]                                # queries x reference keys
+        src = masks["source"].to(q.device)
+        tgt = masks["target"].to(q.device)
+        same_region = tgt[:, :, None] == src[None, None, :]                     # rows x queries x source keys
+        # a query whose region has no source key attends to all of them (MasaCtrl's all-minimum row: uniform)
+        same_region |= ~same_region.any(dim=-1, keepdim=True)
         bias = torch.zeros(same_region.shape, device=q.device, dtype=torch.float32)
         bias.masked_fill_(~same_region, float("-inf"))
+        bias = bias[:, None]                                                    # (B, 1, Nq, Nk)
         ctx.scratch["attention_bias"] = bias  # observers (attention capture) see the masked attention
         return apply_probs(attention_probs(q, k, ctx.heads, bias), v, ctx.heads)
+
+
+class TargetMapObserver(Editor):
+    """masked mode: reads the target's cross-attention of its words at the mask resolution (after map editors, so
+    a P2P edit or a test's forced map is what counts) into the KV editor's ``target_maps``."""
+
+    order = 80
+    kinds = ("cross",)
+
+    def __init__(self, editor: KVInjectEditor):
+        self.editor = editor
+
+    def layers(self, all_layers):
+        return [l for l in all_layers if l.level == self.editor.reference.cross_level]
+
+    def active(self, ctx: CallContext) -> bool:
+        return (ctx.kind == "cross" and ctx.layer.level == self.editor.reference.cross_level
+                and 0 in ctx.cond_or_uncond and self.editor.acting(ctx))
+
+    def needs_probs(self, ctx):
+        return True
+
+    def edit_probs(self, probs, ctx):
+        rows = ctx.chunk_rows(0)
+        tokens = [t for t in self.editor.target_tokens if t < probs.shape[-1]]
+        maps = probs[rows][..., tokens].float().mean(1).sum(-1)                # (rows, Nq): heads mean, words sum
+        self.editor.target_maps.add(self.editor.sched.step(ctx.step), maps.reshape(len(rows), *ctx.grid))
+        return probs

@@ -95,11 +95,12 @@ def call_unet(apply_model, args, previous):
     return apply_model(args["input"], args["timestep"], **c)
 
 
-def reference_call(apply_model, x, timestep, conds, transformer_options, recorder):
-    """One UNet forward of a reference latent whose attention calls record into ``recorder``."""
+def reference_call(apply_model, x, timestep, conds, transformer_options, recorder, branch: int = 0):
+    """One UNet forward of a reference latent whose attention calls record into ``recorder`` as CFG ``branch``
+    (0 conditional, 1 unconditional)."""
     to = dict(transformer_options)
     to[REFERENCE_PASS_KEY] = recorder
-    to["cond_or_uncond"] = [0]
+    to["cond_or_uncond"] = [branch]
     c = dict(conds)
     c["transformer_options"] = to
     return apply_model(x, timestep, **c)

@@ -54,6 +54,7 @@ class ReferenceKV:
         self.storage_device = torch.device("cpu")
         self.mode = "cache"
         self.conds = None           # model-ready conditioning of the inversion (recompute mode)
+        self.conds_uncond = None    # and of the negative prompt (recompute mode, two branches)
         self.branches = int(branches)   # CFG branches recorded: 1 (conditional) or 2 (with a negative prompt)
         self.what = what
 
@@ -92,8 +93,10 @@ class ReferenceKV:
                 self.store[(i, ctx.layer.index, int(branch))] = (
                     k[row:row + 1].detach().to(self.storage_device, self.storage_dtype),
                     v[row:row + 1].detach().to(self.storage_device, self.storage_dtype))
-        elif ctx.kind == "cross" and self.cross_tokens and ctx.layer.level == self.cross_level:
-            probs = attention_probs(q[:1], k[:1], ctx.heads)[0].mean(0)  # (Nq, 77)
+        elif (ctx.kind == "cross" and self.cross_tokens and ctx.layer.level == self.cross_level
+              and 0 in ctx.cond_or_uncond):   # the conditional branch's maps (the source prompt's words)
+            row = list(ctx.cond_or_uncond).index(0) * ctx.rows_per_chunk
+            probs = attention_probs(q[row:row + 1], k[row:row + 1], ctx.heads)[0].mean(0)  # (Nq, 77)
             maps = probs[:, self.cross_tokens].T.reshape(len(self.cross_tokens), *ctx.grid).float().cpu()
             n = self._cross_count.get(i, 0)
             self.cross_maps[i] = maps if n == 0 else self.cross_maps[i] * (n / (n + 1)) + maps / (n + 1)
@@ -183,9 +186,10 @@ class ReferenceKV:
                 self.store.clear()
                 x = args["input"]
                 x_ref = self.inversion.latent_at(i, x.device, x.dtype)[:1]
-                conds = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in self.conds.items()}
-                patching.reference_call(apply_model, x_ref, t[:1], conds,
-                                        args["c"].get("transformer_options", {}), self)
+                for branch, made in enumerate((self.conds, self.conds_uncond)[:self.branches]):
+                    conds = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in made.items()}
+                    patching.reference_call(apply_model, x_ref, t[:1], conds,
+                                            args["c"].get("transformer_options", {}), self, branch)
             return patching.call_unet(apply_model, args, previous)
         return wrapper
 

@@ -31,8 +31,8 @@ def run() -> dict:
     latent = common.photo_latent(vae, "astronaut", IMAGE_PX)
     with torch.inference_mode():
         noise, sigmas, inv = ICDDIMInvert().invert(model, latent, src, STEPS, 1.0, 0)
-        cached = ICKVInject().patch(model, inv, START_PERCENT, 10, "mutual", cache="cpu")[0]
-        recompute = ICKVInject().patch(model, inv, START_PERCENT, 10, "mutual", cache="recompute")[0]
+        cached = ICKVInject().patch(model, inv, START_PERCENT, 10, "mutual", negative=neg, cache="cpu")[0]
+        recompute = ICKVInject().patch(model, inv, START_PERCENT, 10, "mutual", negative=neg, cache="recompute")[0]
     editor = cached.model_options["transformer_options"]["inversion_chain"].editors[0]
     start = noise["samples"]
 

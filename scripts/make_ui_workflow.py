@@ -270,7 +270,17 @@ TECHNIQUE_NOTES = {
         "Sampling from the photo's inverted noise with a target prompt; from step 4 of 50 on, the "
         "self-attention layers from start_layer on attend to the source's keys/values, so the edit keeps the "
         "photo's identity and texture. start_layer -1 = the first decoder layer at the second-finest "
-        "resolution: 10 of 16 on SD1.5 (MasaCtrl's), 34 of 70 on SDXL (MasaCtrl's SDXL examples use 44). cfg 7.5."),
+        "resolution: 10 of 16 on SD1.5 (MasaCtrl's), 34 of 70 on SDXL (MasaCtrl's SDXL examples use 44). cfg 7.5. "
+        "The sampler's negative prompt goes to KV Inject too: as MasaCtrl, the unconditional half attends to the "
+        "source run with it."),
+    "kv_inject_masked": (
+        "KV Inject, masked (MasaCtrl's mask-auto).\n"
+        "As the KV edit graph, for edits that move the object (pose, layout): the source's foreground is its "
+        "cross-attention of mask_words, the target's foreground its OWN cross-attention of the same word "
+        "(target_words, empty = mask_words) in the target prompt, at every step; target foreground queries "
+        "attend only to the source's foreground keys, background to background, so the object does not take "
+        "the background's look or the reverse. source_prompt / target_prompt on KV Inject must be the same "
+        "texts as the two prompt nodes."),
     "p2plus_edit_real": (
         "Prompt-to-Prompt on a real photo with null-text inversion.\n"
         "DDIM Invert (cfg 1) gives the pivot; Null-Text Inversion (10 inner steps per step, the paper's N) "

@@ -47,7 +47,7 @@ def test_kv_inject_identity_and_masked_words(s):
     kv = ICKVInject().patch(s["model"], s["inv"], 0.0, 0, "mutual")[0]
     identity = err(sample(kv, s["src"], s["src"], s["noise"], s["sigmas"]), plain)
     masked = ICKVInject().patch(s["model"], s["inv"], 0.0, 0, "masked", mask_words="cat", clip=s["clip"],
-                                source_prompt=SOURCE)[0]
+                                source_prompt=SOURCE, target_prompt=SOURCE)[0]
     out = sample(masked, s["src"], s["src"], s["noise"], s["sigmas"])
     print(f"{s['family']}: KV Inject identity {identity:.2e}, masked vs plain {err(out, plain):.2e}")
     assert identity < 1e-3 and torch.isfinite(out).all()

@@ -54,7 +54,7 @@ def test_injection_acts_only_from_start_percent(setup):
         traj[name] = []
         return lambda step, x0, x, total: traj[name].append(x.clone())
 
-    patched = ICKVInject().patch(s["model"], s["inv"], start / STEPS, 10, "mutual")[0]
+    patched = ICKVInject().patch(s["model"], s["inv"], start / STEPS, 10, "mutual", negative=s["empty"])[0]
     sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0, recorder("stock"))
     sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0, recorder("kv"))
     # the sampler's callback at step i sees the latent entering step i: step `start` is the first to change
@@ -67,7 +67,7 @@ def test_injection_outside_layers_and_steps_is_bit_identical(setup):
     s = setup
     with pytest.raises(InversionChainError, match="nothing would be injected"):
         ICKVInject().patch(s["model"], s["inv"], 1.0, 0, "union")  # a silent no-op before
-    patched = ICKVInject().patch(s["model"], s["inv"], 0.0, 15, "union")[0]
+    patched = ICKVInject().patch(s["model"], s["inv"], 0.0, 15, "union", negative=s["empty"])[0]
     out = sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     stock = sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     assert not torch.equal(out, stock)  # layer 15 alone still acts
@@ -77,7 +77,8 @@ def test_cached_and_recomputed_reference_kv_agree(setup):
     s = setup
     outs = {}
     for policy in ("cpu", "recompute"):
-        patched = ICKVInject().patch(s["model"], s["inv"], 2 / STEPS, 10, "mutual", cache=policy)[0]
+        patched = ICKVInject().patch(s["model"], s["inv"], 2 / STEPS, 10, "mutual", negative=s["empty"],
+                                     cache=policy)[0]
         outs[policy] = sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     diff = float((outs["cpu"] - outs["recompute"]).abs().max())
     print(f"cached vs recomputed: max diff {diff:.2e}")
@@ -89,7 +90,7 @@ def test_no_leak_into_the_original_model(setup):
     s = setup
     before = sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     options_before = repr(sorted(s["model"].model_options.get("transformer_options", {}).keys()))
-    patched = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 8, "union")[0]
+    patched = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 8, "union", negative=s["empty"])[0]
     sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     after = sample(s["model"], s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     assert torch.equal(before, after)
@@ -136,12 +137,21 @@ def test_two_editors_on_one_model_both_take_effect(setup, small_model, encode):
 
 def test_masked_mode_uses_source_cross_attention(setup):
     s = setup
-    masked = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 10, "masked", mask_words="astronaut", clip=s["clip"],
-                                source_prompt="a photo of an astronaut")[0]
-    mutual = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 10, "mutual")[0]
+    masked = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 10, "masked", negative=s["empty"],
+                                mask_words="astronaut", clip=s["clip"], source_prompt="a photo of an astronaut",
+                                target_prompt="a watercolor painting of a cat", target_words="cat")[0]
+    mutual = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 10, "mutual", negative=s["empty"])[0]
     a = sample(masked, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     b = sample(mutual, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+def test_cfg_without_negative_says_what_to_connect(setup):
+    s = setup
+    patched = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 10, "mutual")[0]
+    sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 1.0)   # cfg 1: no unconditional half
+    with pytest.raises(InversionChainError, match="`negative` is not connected"):
+        sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
 
 
 def test_bad_input_gets_clear_errors(setup, small_model, astronaut_latent):
@@ -150,7 +160,18 @@ def test_bad_input_gets_clear_errors(setup, small_model, astronaut_latent):
         ICKVInject().patch(s["model"], s["inv"], 4 / STEPS, 16, "mutual")
     with pytest.raises(InversionChainError, match="is not in the prompt.*Its tokens are: a, photo, of, an, astronaut"):
         ICKVInject().patch(s["model"], s["inv"], 4 / STEPS, 10, "masked", mask_words="dog", clip=s["clip"],
+                           source_prompt="a photo of an astronaut", target_prompt="a photo of a dog")
+    with pytest.raises(InversionChainError, match="masked mode needs .*`target_prompt`"):
+        ICKVInject().patch(s["model"], s["inv"], 4 / STEPS, 10, "masked", mask_words="astronaut", clip=s["clip"],
                            source_prompt="a photo of an astronaut")
+    with pytest.raises(InversionChainError, match="`mask_words` \\(in `target_prompt`.*'astronaut' is not in the "
+                                                  "prompt 'a photo of a dog'"):
+        ICKVInject().patch(s["model"], s["inv"], 4 / STEPS, 10, "masked", mask_words="astronaut", clip=s["clip"],
+                           source_prompt="a photo of an astronaut", target_prompt="a photo of a dog")
+    with pytest.raises(InversionChainError, match="`target_words`: the word 'cat' is not in the prompt"):
+        ICKVInject().patch(s["model"], s["inv"], 4 / STEPS, 10, "masked", mask_words="astronaut", clip=s["clip"],
+                           source_prompt="a photo of an astronaut", target_prompt="a photo of a dog",
+                           target_words="cat")
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     other_model = ModelSamplingDiscrete().patch(s["model"], "v_prediction", False)[0]
     with pytest.raises(InversionChainError, match="made with a different model"):
@@ -162,3 +183,24 @@ def test_bad_input_gets_clear_errors(setup, small_model, astronaut_latent):
     other_sigmas = ICDDIMInvert().invert(s["model"], astronaut_latent, s["src"], STEPS + 2, 1.0, 0)[1]
     with pytest.raises(InversionChainError, match=f"Sample with {STEPS} steps and scheduler 'ddim_uniform'"):
         sample(patched, s["tgt"], s["empty"], s["noise"], other_sigmas, 1.0)
+
+
+def test_per_branch_cache_entry_is_keyed_by_the_negative_and_sized_exactly(setup, encode):
+    from inversion_chain.attention import reference
+    s = setup
+    reference.STORE.clear()
+    blurry = encode(s["clip"], "blurry")
+    for negative in (s["empty"], blurry, s["empty"]):
+        ICKVInject().patch(s["model"], s["inv"], 2 / STEPS, 10, "mutual", negative=negative, cache="cpu")
+    entries = list(reference.STORE.entries.values())
+    assert len(entries) == 2    # a new negative prompt is a new entry; the first one is found again
+    for entry in entries:
+        assert entry.branches == 2 and entry.nbytes() == entry.estimate_bytes() > 0
+        assert {key[2] for key in entry.store} == {0, 1}
+        assert len(entry.store) == 2 * len(entry.layers) * len(entry.steps)
+    cond_only = ICKVInject().patch(s["model"], s["inv"], 2 / STEPS, 10, "mutual", cache="cpu")
+    assert cond_only and len(reference.STORE.entries) == 3
+    one = list(reference.STORE.entries.values())[-1]
+    kv_bytes = lambda e: sum(t.numel() * t.element_size() for kv in e.store.values() for t in kv)
+    assert one.branches == 1 and 2 * kv_bytes(one) == kv_bytes(entries[0])
+    reference.STORE.clear()

@@ -31,7 +31,8 @@ def inverted(family, family_model, family_encode, family_latent):
 def test_estimate_equals_stored_bytes_for_both_users(store, inverted, family, family_encode):
     model, clip, src, inv = inverted
     ICKVInject().patch(model, inv, 0.25, 0, "masked", mask_words="cat", clip=clip,
-                       source_prompt="a cat sitting on a wooden table", cache="cpu")
+                       source_prompt="a cat sitting on a wooden table", target_prompt="a dog sitting on a wooden "
+                       "table", target_words="dog", cache="cpu")
     ref_kv = rival.cached_reference(model, inv, family_encode(clip, ""), "cpu")
     entries = list(store.entries.values())
     assert len(entries) == 2 and ref_kv is entries[1]
