@@ -20,8 +20,8 @@ class ICDDIMInvert:
     FUNCTION = "invert"
     RETURN_TYPES = ("LATENT", "SIGMAS", INVERSION)
     RETURN_NAMES = ("noise", "sigmas", "inversion")
-    OUTPUT_TOOLTIPS = ("The inverted latent: x_T, or with end_percent < 1 the latent at the level the inversion stopped "
-                       "at. Feed to SamplerCustom (add_noise off) with `sigmas`.",
+    OUTPUT_TOOLTIPS = ("The inverted latent: x_T, or with end_percent < 1 the latent at the level the inversion "
+                       "stopped at. Feed to SamplerCustom (add_noise off) with `sigmas`.",
                        "The forward (denoising) schedule that reconstructs the image from `noise`: all `steps`, or "
                        "with end_percent < 1 only the steps the inversion ran.",
                        "The inversion chain (whole or partial), its schedule, conditioning and model identity.")
