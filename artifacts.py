@@ -36,6 +36,10 @@ class Inversion:
     ``chain[i]`` is the latent at ``sigmas[i]`` in ComfyUI's sampler space (``x0 + sigma * eps``, after the model's
     latent scaling), so ``chain[0]`` is x_T and ``chain[-1]`` the encoded image. ``chain`` lives on the model's
     offload device; ``latent_at`` brings one step where it is needed.
+
+    A partial inversion (DDIM Invert's ``end_percent`` < 1) holds the last ``steps`` of a ``full_steps`` schedule:
+    ``sigmas`` is that schedule from step ``start_step`` on, ``chain[0]`` the latent at that level, and every
+    consumer sees a ``steps``-step run (what KSampler Advanced samples from ``start_at_step = start_step``).
     """
 
     sigmas: torch.Tensor            # [steps + 1], float32, CPU
@@ -53,10 +57,29 @@ class Inversion:
     step_calls: Optional[torch.Tensor] = None   # [steps] evaluations each step spent (forward order, like residuals)
     tolerance: float = 0.0                      # per-step residual bound the inversion stopped at (0: the cap only)
     extras: dict = field(default_factory=dict)  # room for later artefacts (e.g. attention maps of the inversion)
+    full_steps: int = 0                         # steps of the whole schedule (0: = steps, a full inversion)
 
     @property
     def steps(self) -> int:
         return int(self.sigmas.shape[0]) - 1
+
+    @property
+    def start_step(self) -> int:
+        """The whole schedule's step the chain starts at (0 for a full inversion)."""
+        return max(0, self.full_steps - self.steps)
+
+    @property
+    def is_partial(self) -> bool:
+        return self.start_step > 0
+
+    def how_to_sample(self) -> str:
+        """The stock wiring that samples this chain back (no noise added, sampler ddim)."""
+        if not self.is_partial:
+            return (f"{self.steps} steps, scheduler '{self.scheduler}', sampler 'ddim' (or DDIM Invert's `sigmas` into "
+                    f"SamplerCustom)")
+        return (f"DDIM Invert's `sigmas` into SamplerCustom, or KSampler Advanced with steps {self.full_steps}, "
+                f"start_at_step {self.start_step}, scheduler '{self.scheduler}', sampler 'ddim', add_noise disable "
+                f"(a partial inversion: the last {self.steps} of {self.full_steps} steps)")
 
     def latent_at(self, index: int, device=None, dtype=None) -> torch.Tensor:
         return self.chain[index].to(device=device, dtype=dtype)
@@ -77,14 +100,15 @@ class Inversion:
         sigmas = sigmas.detach().float().cpu().flatten()
         if sigmas.shape != self.sigmas.shape or not torch.allclose(sigmas, self.sigmas, rtol=1e-4, atol=1e-5):
             raise InversionChainError(
-                f"{what}: the sampler's sigmas are not the inversion's schedule. Sample with {self.steps} steps and "
-                f"scheduler '{self.scheduler}' (e.g. sampler 'ddim'), or feed DDIM Invert's `sigmas` output to "
-                f"SamplerCustom.\n  expected: {_fmt(self.sigmas)}\n  got:      {_fmt(sigmas)}")
+                f"{what}: the sampler's sigmas are not the inversion's schedule. Sample with "
+                f"{self.how_to_sample()}.\n  expected: {_fmt(self.sigmas)}\n  got:      {_fmt(sigmas)}")
 
     def summary(self) -> str:
         res = self.residuals[torch.isfinite(self.residuals)]
         worst = f"{float(res.max()):.3g}" if res.numel() else "not measured (refine_iters=0)"
-        return (f"INVERSION: {self.steps} steps ({self.scheduler}), cfg {self.cfg}, at most {self.refine_iters} "
+        part = (f" (partial: the last {self.steps} of {self.full_steps}, from sigma {float(self.sigmas[0]):.4g}; "
+                f"sample with {self.how_to_sample()})" if self.is_partial else "")
+        return (f"INVERSION: {self.steps} steps ({self.scheduler}){part}, cfg {self.cfg}, at most {self.refine_iters} "
                 f"refinements, tolerance {self.tolerance:g}, batch {self.latent_shape[0]}, latent "
                 f"{tuple(self.latent_shape[1:])}, {self.unet_calls} model calls "
                 f"({self.unet_calls / self.steps:.2f} per "

@@ -86,7 +86,7 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
         if inversion.latent_shape[0] != 1:
             raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; edit one "
                                       f"image at a time.")
-        schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
+        schedule = Schedule.of(inversion, what)
         x_t = compat.latent_out(model, inversion.chain[0].float().clone()).cpu()
     else:
         if null_text is not None:

@@ -56,20 +56,29 @@ class Schedule:
     """The sigma schedule an effect is defined on (an inversion's, or ``steps`` + ``scheduler``), with the error
     that names how to sample on it."""
 
-    def __init__(self, sigmas: torch.Tensor, scheduler: str, what: str):
+    def __init__(self, sigmas: torch.Tensor, scheduler: str, what: str, hint: Optional[str] = None):
         self.sigmas = sigmas.detach().float().cpu()
         self.scheduler = scheduler
         self.what = what
+        self.hint = hint
+
+    @classmethod
+    def of(cls, inversion, what: str) -> "Schedule":
+        """An INVERSION's schedule; a partial inversion's error names its KSampler Advanced start_at_step."""
+        return cls(inversion.sigmas, inversion.scheduler, what, hint=inversion.how_to_sample())
 
     @property
     def steps(self) -> int:
         return int(self.sigmas.numel()) - 1
 
     def off_schedule(self, sigma: float) -> InversionChainError:
+        how = self.hint or (
+            f"{self.steps} steps and scheduler '{self.scheduler}' (sampler 'ddim', denoise 1.0; a schedule that "
+            f"starts below the model's sigma_max, here {float(self.sigmas[0]):.5g}, is a partial inversion's: "
+            f"KSampler Advanced's start_at_step), or feed the `sigmas` of DDIM Invert / this node to SamplerCustom")
         return InversionChainError(
             f"{self.what}: sampling reached sigma {float(sigma):.5g}, which is not on the edit's schedule. Sample "
-            f"with {self.steps} steps and scheduler '{self.scheduler}' (sampler 'ddim', denoise 1.0), or feed the "
-            f"`sigmas` of DDIM Invert / this node to SamplerCustom.")
+            f"with {how}.")
 
     def index(self, sigma: float) -> int:
         """The sampling step of ``sigma`` (for patches that see only a sigma); an error when it is not a step."""

@@ -20,9 +20,11 @@ class ICDDIMInvert:
     FUNCTION = "invert"
     RETURN_TYPES = ("LATENT", "SIGMAS", INVERSION)
     RETURN_NAMES = ("noise", "sigmas", "inversion")
-    OUTPUT_TOOLTIPS = ("x_T: the fully inverted latent. Feed to SamplerCustom with add_noise off.",
-                       "The forward (denoising) schedule that reconstructs the image from `noise`.",
-                       "The whole inversion chain, its schedule, conditioning and model identity.")
+    OUTPUT_TOOLTIPS = ("The inverted latent: x_T, or with end_percent < 1 the latent at the level the inversion "
+                       "stopped at. Feed to SamplerCustom (add_noise off) with `sigmas`.",
+                       "The forward (denoising) schedule that reconstructs the image from `noise`: all `steps`, or "
+                       "with end_percent < 1 only the steps the inversion ran.",
+                       "The inversion chain (whole or partial), its schedule, conditioning and model identity.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -49,16 +51,25 @@ class ICDDIMInvert:
                 "tolerance": tip("FLOAT", "A step stops iterating once its round-trip error (max abs, in the model's "
                                  "sampling space) is at most this. 0 = always run `refine_iters` iterations.",
                                  default=inversion_lib.DEFAULT_TOLERANCE, min=0.0, max=1.0, step=1e-6, round=1e-7),
+                "end_percent": tip("FLOAT", "How far toward noise to invert, as a fraction of the `steps`-step "
+                                   "schedule counted from the clean image (DiffEdit's encoding ratio, the Unsampler's "
+                                   "end_at_step / steps). 1.0 = full inversion to x_T. 0.5 with 50 steps inverts 25 "
+                                   "steps and stops at the sigma of sampling step 25, costing half the model calls. "
+                                   "Then `noise`, `sigmas` and `inversion` describe those 25 steps: sample back with "
+                                   "SamplerCustom + `sigmas`, or KSampler Advanced (steps 50, start_at_step 25, "
+                                   "add_noise disable, ddim); editors' start/end_percent count the steps sampled (25). "
+                                   "Inversion step j (j = 0 at the image) runs when j/steps < end_percent.",
+                                   default=1.0, min=0.01, max=1.0, step=0.01),
             },
         }
 
     @checked
     def invert(self, model, latent, positive, steps, inversion_cfg, refine_iters, scheduler="ddim_uniform",
-               negative=None, tolerance=inversion_lib.DEFAULT_TOLERANCE):
+               negative=None, tolerance=inversion_lib.DEFAULT_TOLERANCE, end_percent=1.0):
         if not isinstance(latent, dict) or "samples" not in latent:
             raise InversionChainError("DDIM Invert: `latent` must be a LATENT (e.g. from VAEEncode).")
         inv = inversion_lib.invert(model, latent["samples"], positive, negative, inversion_cfg, steps, scheduler,
-                                   refine_iters, what="DDIM Invert", tolerance=tolerance)
+                                   refine_iters, what="DDIM Invert", tolerance=tolerance, end_percent=end_percent)
         log.info("[Inversion Chain] %s", inv.summary())
         noise = inversion_lib.chain_latent_out(model, inv, 0)
         return ({"samples": noise}, inv.sigmas.clone(), inv)

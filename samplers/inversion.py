@@ -7,6 +7,7 @@ import torch
 
 from .. import compat
 from ..artifacts import Inversion, InversionChainError
+from ..attention.schedule import steps_within
 from ..model_info import check_supported, model_key
 from . import ddim
 
@@ -42,8 +43,11 @@ def check_latent(samples: torch.Tensor, what: str):
 
 def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg: float, steps: int,
            scheduler: str = "ddim_uniform", refine_iters: int = DEFAULT_MAX_ITERS, what: str = "DDIM inversion",
-           tolerance: float = DEFAULT_TOLERANCE, guess: str = "extrapolate") -> Inversion:
+           tolerance: float = DEFAULT_TOLERANCE, guess: str = "extrapolate", end_percent: float = 1.0) -> Inversion:
     """Invert ``latent_samples`` (LATENT space) along ``scheduler``'s sigmas; returns the whole chain.
+    ``end_percent`` < 1 stops early (partial inversion, DiffEdit's encoding ratio): inversion step j of ``steps``
+    (j = 0 at the clean end) runs when j / steps < end_percent, so K of the steps run and the chain ends at the
+    sampling schedule's sigma of step steps - K; the INVERSION then describes that K-step chain.
     ``refine_iters`` caps the fixed-point iterations of a step; a step stops as soon as its round-trip residual
     (in the model's sampling space) is at most ``tolerance``. The INVERSION reports each step's residual and
     evaluations (``unet_calls`` counts CFG-guided evaluations, one per step at least)."""
@@ -62,12 +66,20 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
     if cfg != 1.0 and negative is None:
         raise InversionChainError(f"{what}: inversion_cfg {cfg} != 1 needs the optional `negative` conditioning "
                                   f"(or set inversion_cfg to 1.0).")
-    sigmas = compat.calculate_sigmas(model_patcher, scheduler, steps)
-    if float(sigmas[-1]) != 0.0:
+    if not math.isfinite(end_percent) or not 0.0 <= end_percent <= 1.0:
+        raise InversionChainError(f"{what}: end_percent is the fraction of the {steps} steps to invert, in (0, 1]; "
+                                  f"got {end_percent}.")
+    run = len(steps_within(steps, 0.0, end_percent))  # the vocabulary's rule, counted from the clean end
+    if run < 1:
+        raise InversionChainError(f"{what}: end_percent {end_percent} inverts none of the {steps} steps (step j runs "
+                                  f"when j/{steps} < end_percent); use at least {1 / steps:.4g}, or more steps.")
+    full = compat.calculate_sigmas(model_patcher, scheduler, steps)
+    if float(full[-1]) != 0.0:
         raise InversionChainError(f"{what}: scheduler '{scheduler}' does not end at sigma 0; pick one that does.")
+    sigmas = full[steps - run:].clone()  # the tail KSampler Advanced samples from start_at_step = steps - run
     ascending = sigmas.flip(0)
     offload = compat.offload_device(model_patcher)
-    pbar = compat.progress_bar(steps)
+    pbar = compat.progress_bar(run)
     state = {}
 
     def inversion_sampler(model_k, x, sigmas_up, extra_args=None, callback=None, disable=None):
@@ -98,7 +110,7 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
                      residuals=state["residuals"], positive=positive, negative=negative, cfg=float(cfg),
                      scheduler=scheduler, refine_iters=int(refine_iters), latent_shape=tuple(latent_samples.shape),
                      model_key=model_key(model_patcher), unet_calls=int(state["calls"].sum()),
-                     step_calls=state["calls"], tolerance=float(tolerance))
+                     step_calls=state["calls"], tolerance=float(tolerance), full_steps=int(steps))
 
 
 def chain_latent_out(model_patcher, inversion: Inversion, index: int) -> torch.Tensor:

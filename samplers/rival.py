@@ -82,6 +82,11 @@ def check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normali
         raise InversionChainError(f"{what}: batch_size must be at least 1, got {batch_size}.")
     if init not in INITS:
         raise InversionChainError(f"{what}: unknown init '{init}'; use one of {', '.join(INITS)}.")
+    if inversion.is_partial and init != "inverted":  # permute/adain make new noise from x_T: needs pure noise
+        raise InversionChainError(
+            f"{what}: `inversion` is partial (DDIM Invert end_percent < 1: the last {inversion.steps} of "
+            f"{inversion.full_steps} steps), so its start latent is the photo plus noise, not noise; init '{init}' "
+            f"would scramble it. Use init 'inverted' (an edit from that level) or invert with end_percent 1.")
     if normalize not in NORMALIZE:
         raise InversionChainError(f"{what}: unknown normalize '{normalize}'; use one of {', '.join(NORMALIZE)}.")
     if cfg <= 0:

@@ -247,6 +247,8 @@ STAGE_TITLES = {
     "rival_variation": {"edit": "Variations"},
     "rival_text_variation": {"edit": "Variations"},
     "attention_maps": {"invert": "Encode", "edit": "Sample + capture"},
+    "partial_inversion_sdedit": {"edit": "Sample from the level"},
+    "stylediffusion_sdedit": {"edit": "Sample from the level"},
 }
 TECHNIQUE_NOTES = {
     "ddim_invert_reconstruct": (
@@ -294,6 +296,21 @@ TECHNIQUE_NOTES = {
         "inner steps, as the paper; the loss is previewed). P2Plus Controller then edits with those values "
         "for the first half of the steps; StyleDiffusion Apply + Reconstruct shows how well the photo is "
         "retraced."),
+    "partial_inversion_sdedit": (
+        "Partial inversion + SDEdit.\n"
+        "DDIM Invert with end_percent 0.5 inverts only the first half of the 50 steps from the photo toward "
+        "noise (half the model calls) and stops at the noise level of sampling step 25; its noise, sigmas and "
+        "inversion describe those 25 steps. Reconstruct (cfg 1, no added noise, these sigmas) gives the photo "
+        "back. Edit from inversion samples the same latent with a new prompt; Plain SDEdit adds fresh noise to "
+        "the photo at the same level (SamplerCustom add_noise on, the same sigmas) for comparison. "
+        "KSampler Advanced works too: steps 50, start_at_step 25. Lower end_percent keeps more of the photo."),
+    "stylediffusion_sdedit": (
+        "StyleDiffusion + SDEdit (paper section 5.2.5).\n"
+        "DDIM Invert stops at end_percent 0.5 (the noise level of step 25 of 50); the Mapper learns its "
+        "per-step values on those 25 steps only. Reconstruct (StyleDiffusion Apply, cfg 7.5) retraces the photo "
+        "from that level; P2Plus Controller edits from it with the mapper's values for the first half of the "
+        "sampled steps (row 0 the photo, row 1 the edit). Percent inputs count the 25 steps sampled. "
+        "Compare with plain SDEdit from the same level: partial_inversion_sdedit.json."),
     "attention_maps": (
         "Attention maps.\n"
         "Attention Capture records cross- and self-attention while the KSampler runs (img2img from your "
