@@ -47,7 +47,8 @@ class ICRIVALAlignSampler:
                                          "normalize_end_percent the variations' noise prediction is normalised to "
                                          "the photo's. On 50 ddim_uniform steps: t_early 600 (official variation, "
                                          "text-driven, inpainting configs) = 0.4; t_early 400 (official ControlNet "
-                                         "config) = 0.6. Larger -> closer colour statistics.", default=0.4, min=0.0, max=1.0, step=0.01),
+                                         "config) = 0.6. Larger -> closer colour statistics.", default=0.4,
+                                         min=0.0, max=1.0, step=0.01),
             "init": tip(list(rival.INITS), "permute: a random spatial permutation of x_T per variation (keeps its "
                         "statistics); adain: fresh noise normalised to x_T; inverted: x_T itself (editing mode).",
                         default="permute"),

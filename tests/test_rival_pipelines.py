@@ -82,7 +82,8 @@ def test_inpainting_keeps_the_unmasked_region_exactly_and_regenerates_the_masked
     inputs = []   # what the UNet reads at every step: outside the mask, the inversion chain's latent
 
     def spy(apply_model, args):
-        inputs.append((float(args["timestep"][0]), args["input"].clone()))   # timestep: the sigma
+        if args["input"].any():   # all zeros: the batch layout's one call that reads the ADM vector (SDXL)
+            inputs.append((float(args["timestep"][0]), args["input"].clone()))   # timestep: the sigma
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     model = s["model"].clone()
@@ -112,9 +113,9 @@ def test_inpainting_keeps_the_unmasked_region_exactly_and_regenerates_the_masked
 def test_inpainting_mask_identity_cases(inpaint):
     s = inpaint
     zeros, ones = torch.zeros_like(s["mask"]), torch.ones_like(s["mask"])
-    kept = rival(s["model"], s["src"], s["empty"], s["inv"], seed=2, mask=zeros)[0]["samples"]
-    full = rival(s["model"], s["src"], s["empty"], s["inv"], seed=2, mask=ones)[0]["samples"]
-    plain = rival(s["model"], s["src"], s["empty"], s["inv"], seed=2)[0]["samples"]
+    kept = rival(s["model"], s["src"], s["empty"], s["inv"], seed=2, mask=zeros, batch_size=1)[0]["samples"]
+    full = rival(s["model"], s["src"], s["empty"], s["inv"], seed=2, mask=ones, batch_size=1)[0]["samples"]
+    plain = rival(s["model"], s["src"], s["empty"], s["inv"], seed=2, batch_size=1)[0]["samples"]
     print(f"{s['family']}: all-zeros mask vs source latent {err(kept, s['source']):.2e}; all-ones mask vs no mask "
           f"{err(full, plain):.1e}")
     assert err(kept, s["source"]) < 1e-5        # nothing regenerated: the photo itself
@@ -163,12 +164,13 @@ def test_rival_under_a_controlnet(small):
     hint = photos.photo("chelsea", 128)
     apply = comfy_nodes.ControlNetApplyAdvanced()
     pos, neg = apply.apply_controlnet(s["src"], s["empty"], net, hint, 1.0, 0.0, 1.0)[:2]
-    plain = rival(s["model"], s["src"], s["empty"], s["inv"], seed=3)[0]["samples"]
-    runs = {mode: rival(s["model"], pos, neg, s["inv"], seed=3, reference_kv=mode) for mode in ("cache", "batch")}
+    plain = rival(s["model"], s["src"], s["empty"], s["inv"], seed=3, batch_size=1)[0]["samples"]
+    runs = {mode: rival(s["model"], pos, neg, s["inv"], seed=3, batch_size=1, reference_kv=mode)
+            for mode in ("cache", "batch")}
     controlled = runs["cache"][0]["samples"]
     # a control that never acts (its step range empty) through the same path: the plain run
     idle = apply.apply_controlnet(s["src"], s["empty"], net, hint, 1.0, 1.0, 1.0)[:2]
-    idle_out = rival(s["model"], idle[0], idle[1], s["inv"], seed=3)[0]["samples"]
+    idle_out = rival(s["model"], idle[0], idle[1], s["inv"], seed=3, batch_size=1)[0]["samples"]
     cache_vs_batch = err(controlled, runs["batch"][0]["samples"])
     print(f"ControlNet: controlled vs plain {err(controlled, plain):.3f}; cache vs batch reference under control "
           f"{cache_vs_batch:.1e}; inactive control vs plain {err(idle_out, plain):.1e}; reference vs source "
@@ -199,8 +201,8 @@ def test_rival_with_a_lora_from_the_stock_loader(small):
     # official DreamBooth script: the chain is inverted with the customised model
     inv_lora = invert(lora_model, s["latent"], s["src"])
     chain_change = err(inv_lora.chain[0], s["inv"].chain[0])
-    variations, reference = rival(lora_model, s["src"], s["empty"], inv_lora, seed=4)
-    base = rival(s["model"], s["src"], s["empty"], s["inv"], seed=4)[0]["samples"]
+    variations, reference = rival(lora_model, s["src"], s["empty"], inv_lora, seed=4, batch_size=1)
+    base = rival(s["model"], s["src"], s["empty"], s["inv"], seed=4, batch_size=1)[0]["samples"]
     print(f"LoRA: x0 prediction change {unet_change:.3f}; x_T of the LoRA'd inversion vs base {chain_change:.3f}; "
           f"RIVAL LoRA vs base {err(variations['samples'], base):.3f}; reference vs source "
           f"{err(reference['samples'], s['source']):.1e}")
@@ -224,8 +226,9 @@ def test_rival_on_an_unclip_model_with_stock_unclip_conditioning():
     # the photo is inverted with its own image embedding; the variations are generated from another image's
     inv = invert(model, latent, unclip("astronaut"))
     adm_change = err(x0_prediction(model, unclip("chelsea"), inv), x0_prediction(model, text, inv))
-    runs = {mode: rival(model, unclip("chelsea"), empty, inv, seed=5, reference_kv=mode) for mode in ("cache", "batch")}
-    text_only = rival(model, text, empty, inv, seed=5)[0]["samples"]
+    runs = {mode: rival(model, unclip("chelsea"), empty, inv, seed=5, batch_size=1, reference_kv=mode)
+            for mode in ("cache", "batch")}
+    text_only = rival(model, text, empty, inv, seed=5, batch_size=1)[0]["samples"]
     out = runs["cache"][0]["samples"]
     cache_vs_batch = err(out, runs["batch"][0]["samples"])
     print(f"unCLIP: x0 prediction with vs without the image embedding {adm_change:.3f}; RIVAL chelsea-embedding vs "

@@ -1,8 +1,9 @@
 """Small random parts for RIVAL's other pipelines, built from ComfyUI's own classes and saved as real files that the
 stock loaders read:
 
-- ``controlnet_path()``: a ControlNet (``comfy.cldm.cldm.ControlNet``) of the ``small`` SD1.5-layout test model,
-  in ComfyUI's own key layout; Load ControlNet Model detects its config from the state dict like a real one.
+- ``controlnet_path(size)``: a ControlNet (``comfy.cldm.cldm.ControlNet``) of the ``small`` SD1.5-layout or the
+  ``sdxl`` test model, in ComfyUI's own key layout; Load ControlNet Model detects its config from the state dict
+  like a real one.
 - ``lora_path()``: a rank-4 LoRA in the kohya layout (``lora_unet_<key>.lora_up/.lora_down/.alpha``) for every
   attention projection of the ``small`` model's UNet; Load LoRA maps the names with ComfyUI's own key map.
 - ``unclip``: SD2.1-unCLIP's layout (ComfyUI's ``SD21UnclipL`` config: ADM input = noise-augmented CLIP image
@@ -22,9 +23,10 @@ import torch
 from . import models
 from .comfy_env import CACHE_DIR, setup_comfy
 
-CONTROLNET_NAME = "ic_test_controlnet_small.safetensors"
+# test model size -> its ControlNet (the full-size "sd15" test model has none: it would weigh 700 MB)
+CONTROLNET_NAMES = {"small": "ic_test_controlnet_small.safetensors",
+                    "sdxl": "ic_test_controlnet_sdxl_small.safetensors"}
 LORA_NAME = "ic_test_lora_small.safetensors"
-UNCLIP_SIZE = "unclip"
 UNCLIP_NAME = "ic_test_sd21_unclip_small.safetensors"
 UNCLIP_EMBED = models.CLIP_VISION_SMALL["projection_dim"]   # the noise augmentor's timestep_dim
 UNCLIP_UNET = {"model_channels": 32, "context_dim": 32, "use_linear_in_transformer": True,
@@ -42,14 +44,15 @@ def _save(sd: dict, path: Path) -> Path:
 
 
 # -- ControlNet --------------------------------------------------------------------------------------------------
-def controlnet_path() -> Path:
-    path = CACHE_DIR / "controlnet" / CONTROLNET_NAME
+def controlnet_path(size: str = "small") -> Path:
+    """The ControlNet of test model ``size`` ("small" or "sdxl"): the UNet config the stock loader would detect."""
+    path = CACHE_DIR / "controlnet" / CONTROLNET_NAMES[size]
     if not path.is_file():
         setup_comfy()
         import comfy.cldm.cldm
         import comfy.ops
         registered = models.register_test_model_configs()
-        config = copy.deepcopy(registered["small"](copy.deepcopy(models.unet_config("small"))).unet_config)
+        config = copy.deepcopy(registered[size](copy.deepcopy(models.full_unet_config(size))).unet_config)
         config.pop("out_channels")
         with torch.inference_mode(False), torch.no_grad():
             net = comfy.cldm.cldm.ControlNet(hint_channels=3, dtype=torch.float32, device="cpu",
@@ -59,12 +62,12 @@ def controlnet_path() -> Path:
     return path
 
 
-def load_controlnet():
+def load_controlnet(size: str = "small"):
     """CONTROL_NET through the stock loader function (what Load ControlNet Model calls)."""
     import comfy.controlnet
     models.register_test_model_configs()
     with torch.inference_mode():
-        return comfy.controlnet.load_controlnet(str(controlnet_path()))
+        return comfy.controlnet.load_controlnet(str(controlnet_path(size)))
 
 
 # -- LoRA --------------------------------------------------------------------------------------------------------
