@@ -238,6 +238,7 @@ def test_rival_on_an_unclip_model_with_stock_unclip_conditioning():
     # small on this test model: at width 32 the UNet's GroupNorm has one channel per group, which removes most of
     # the per-channel embedding offset a ResBlock adds (the timestep's too); the ADM input does reach the model
     assert adm_change > 5e-4 and err(out, text_only) > 1e-3
-    # the reference row reads the inversion's embedding in both layouts (batch: the wrapper swaps its ADM vector)
-    assert cache_vs_batch < 5e-3
+    # the reference row reads the inversion's embedding in both layouts (batch: the wrapper swaps its ADM vector in;
+    # without the swap the batch layout differs by 1.0e-3 here); what remains is the fp16 K/V cache's rounding
+    assert cache_vs_batch < 3e-4
     assert err(runs["batch"][1]["samples"], latent["samples"]) < 1e-5
