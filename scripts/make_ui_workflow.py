@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 API_DIR = REPO_ROOT / "workflows" / "api"
 UI_DIR = REPO_ROOT / "workflows"
 
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")   # COMBO: newer trees' ("COMBO", {"options": ...})
 SEED_NAMES = ("seed", "noise_seed")
 
 

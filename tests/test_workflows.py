@@ -43,7 +43,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         inputs, pos = {}, 0
         for name, spec in specs:
             kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-            if not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")) or opts.get("forceInput"):
+            if not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")) \
+                    or opts.get("forceInput"):   # COMBO: newer trees declare combos as ("COMBO", {"options": ...})
                 continue
             assert pos < len(values), f"node {node['id']} ({node['type']}): no widget value for {name!r}"
             if name not in converted:
