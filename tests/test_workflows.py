@@ -9,7 +9,7 @@ import pytest
 
 from tests.harness.comfy_env import REPO_ROOT
 from tests.harness.server import (SHIPPED_CHECKPOINTS, SHIPPED_CLIP_VISION, SHIPPED_IMAGE,
-                                  api_workflow_names, for_test_model, load_api_workflow, nodes_of, test_models_for,
+                                  api_workflow_names, for_test_model, load_api_workflow, nodes_of, workflow_test_models,
                                   workflow_family)
 
 pytestmark = pytest.mark.server
@@ -143,7 +143,7 @@ def test_ui_copy_is_up_to_date_with_the_converter(comfy_server, name):
         f"workflows/{name}.json is stale: run .venv/bin/python scripts/make_ui_workflow.py"
 
 
-RUNS = [(name, size) for name in NAMES for size in test_models_for(load_api_workflow(name))]
+RUNS = [(name, size) for name in NAMES for size in workflow_test_models(load_api_workflow(name))]
 
 
 @pytest.mark.parametrize("name,size", RUNS)

@@ -365,7 +365,7 @@ def workflow_family(graph: dict) -> str:
     return families.pop()
 
 
-def test_models_for(graph: dict) -> tuple:
+def workflow_test_models(graph: dict) -> tuple:
     """The test models a shipped graph runs on: its family's, less those without a test part the graph loads (a
     ControlNet exists for "small" and "sdxl", not for the full-size "sd15")."""
     sizes = FAMILY_TEST_MODELS[workflow_family(graph)]
