@@ -8,7 +8,13 @@ their latents to the chain latent's statistics (``'latent'``, the paper's prose)
 
 When: the paper's timesteps are fractions of the steps here (``schedule.percent_after_timestep``): attention
 replacement while ``i / N < replace_end_percent`` (t > t_align), normalisation while ``i / N <
-normalize_end_percent`` (t > t_early); t_align = t_early = 600 on 50 ddim_uniform steps is 0.4.
+normalize_end_percent`` (t > t_early); t_align = t_early = 600 on 50 ddim_uniform steps is 0.4, the ControlNet
+config's t_early 400 is 0.6.
+
+Example-based inpainting (the official ``inpaint_mask``): with a mask, latent cells outside it are set to the
+chain's latent after every step (and at the start), so they end as the photo's own latent exactly; inside it the
+variation is generated (its start: x_T's values of that region, permuted among themselves), aligned with the whole
+photo through the reference row's attention and statistics.
 """
 from __future__ import annotations
 
@@ -24,13 +30,14 @@ from ..attention.reference import ReferenceKV
 from ..conditioning import first_row, fingerprint
 from ..attention.rival import RivalAttentionEditor
 from ..attention.schedule import Schedule, check_percents
-from ..model_info import require_inversion
+from ..model_info import reads_pooled_output, require_inversion
 from ..logs import log
 
 INITS = ("permute", "adain", "inverted")
 REFERENCE_MODES = ("cache", "batch")
 NORMALIZE = ("eps", "latent", "off")
 TECHNIQUE = "RIVAL"   # default name in messages; the node passes its own
+CONTROL_KEYS = ("control", "control_apply_to_uncond")   # CONDITIONING entries of ControlNets / T2I-Adapters
 
 
 def adain(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -40,19 +47,51 @@ def adain(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Ten
     return (x - mean_x) / (var_x + eps).sqrt() * (var_t + eps).sqrt() + mean_t
 
 
-def initial_latent(x_T: torch.Tensor, seed: int, init: str, what: str = TECHNIQUE) -> torch.Tensor:
-    """One variation's starting latent from the inversion's x_T ([1, C, H, W], sampler space)."""
+def initial_latent(x_T: torch.Tensor, seed: int, init: str, what: str = TECHNIQUE,
+                   region: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One variation's starting latent from the inversion's x_T ([1, C, H, W], sampler space). With ``region``
+    (a [1, 1, H, W] bool latent mask, True = regenerated) only that region is drawn, as the official inpainting
+    does (a permutation of x_T's values inside it); the rest is x_T. An all-True region gives the unmasked draw."""
     gen = torch.Generator(device="cpu").manual_seed(compat.wrap_seed(seed))  # seed + j wraps as ComfyUI seeds
     _, c, h, w = x_T.shape
     if init == "inverted":
         return x_T.clone()
     if init == "permute":  # one spatial permutation for all channels: per-channel statistics kept exactly
-        perm = torch.randperm(h * w, generator=gen).to(x_T.device)
-        return x_T.flatten(2)[:, :, perm].reshape(x_T.shape)
+        flat = x_T.flatten(2)
+        cells = torch.arange(h * w) if region is None else region.flatten().nonzero().squeeze(1).cpu()
+        perm = torch.randperm(len(cells), generator=gen)
+        out = flat.clone()
+        out[:, :, cells.to(x_T.device)] = flat[:, :, cells[perm].to(x_T.device)]
+        return out.reshape(x_T.shape)
     if init == "adain":
-        noise = torch.randn(x_T.shape, generator=gen).to(x_T.device, x_T.dtype)
-        return adain(noise, x_T)
+        noise = adain(torch.randn(x_T.shape, generator=gen).to(x_T.device, x_T.dtype), x_T)
+        return noise if region is None else torch.where(region.to(x_T.device), noise, x_T)
     raise InversionChainError(f"{what}: unknown init '{init}'; use one of {', '.join(INITS)}.")
+
+
+def latent_region(mask, latent_shape, what: str = TECHNIQUE) -> Optional[torch.Tensor]:
+    """A ComfyUI MASK (1 = regenerate, 0 = keep; the official masks are the inverse: white = keep) as a
+    [1, 1, h, w] bool mask on the latent grid, or None. The mask may be at latent size or any whole multiple of it
+    (the image size); each latent cell is regenerated when the mask's mean over the cell is at least 0.5 (the
+    official code also binarises, at 128 of 255 after resizing to the latent grid)."""
+    if mask is None:
+        return None
+    h, w = int(latent_shape[-2]), int(latent_shape[-1])
+    accepted = (f"a MASK of one image, [H, W] or [1, H, W], at the latent size {h}x{w} or a whole multiple of it "
+                f"(the image size {8 * h}x{8 * w}), values in [0, 1]")
+    if not torch.is_tensor(mask) or mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[0] != 1):
+        got = f"shape {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
+        raise InversionChainError(f"{what}: input `mask` got {got}; accepted: {accepted}.")
+    m = mask.reshape(1, 1, mask.shape[-2], mask.shape[-1]).float()
+    k = m.shape[-2] // h
+    if k < 1 or m.shape[-2] != k * h or m.shape[-1] != k * w:
+        raise InversionChainError(f"{what}: input `mask` is {m.shape[-2]}x{m.shape[-1]} but the inversion's latent is "
+                                  f"{h}x{w}; accepted: {accepted}. Resize the mask to the inverted image.")
+    if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
+        raise InversionChainError(f"{what}: input `mask` has values outside [0, 1] (or NaN); accepted: {accepted}.")
+    if k > 1:
+        m = torch.nn.functional.avg_pool2d(m, k)
+    return m >= 0.5
 
 
 def stack_rows(reference_cond, generation_cond, variations: int, what: str = TECHNIQUE):
@@ -102,7 +141,9 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
     reference = ReferenceKV(inversion, layers, range(inversion.steps), branches=2, what=what)
     schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
     recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=reference), what)
-    negative_row = first_row(negative)
+    # a ControlNet on the negative (Apply ControlNet (Advanced)) steers the variations' uncond branch only; the
+    # photo's reference is recorded without it, as the official pipeline passes zero residuals for the reference
+    negative_row = [[c, {k: v for k, v in meta.items() if k not in CONTROL_KEYS}] for c, meta in first_row(negative)]
 
     def fill(ref):
         # the recorder's editor must write into ``ref`` (the entry being filled)
@@ -121,13 +162,15 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
 def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,
                  replace_end_percent: float = 0.4, normalize_end_percent: float = 0.4, init: str = "permute",
                  normalize: str = "eps",
-                 preview: bool = True, reference_mode: str = "cache", what: str = TECHNIQUE):
+                 preview: bool = True, reference_mode: str = "cache", what: str = TECHNIQUE, mask=None):
     """Returns (variations [N, C, H, W], reference [1, C, H, W]) in LATENT space.
 
     ``reference_mode='cache'`` records the reference row once per inversion (and negative prompt) and keeps it out
-    of the batch; ``'batch'`` runs it as row 0 of every step (the official code's layout)."""
+    of the batch; ``'batch'`` runs it as row 0 of every step (the official code's layout). ``mask`` (a ComfyUI
+    MASK, 1 = regenerate): example-based inpainting, see the module docstring."""
     check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
                  what)
+    region = latent_region(mask, inversion.latent_shape, what)
     if reference_mode not in REFERENCE_MODES:
         raise InversionChainError(f"{what}: unknown reference mode '{reference_mode}'; use one of "
                                   f"{', '.join(REFERENCE_MODES)}.")
@@ -135,7 +178,7 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
     store = cached_reference(model, inversion, negative, what=what) if reference_mode == "cache" else None
     if store is not None:
         return _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end,
-                                  normalize_end, init, normalize, preview, what)
+                                  normalize_end, init, normalize, preview, what, region)
     steps = inversion.steps
     sigmas = inversion.sigmas
     schedule = Schedule(sigmas, inversion.scheduler, what)
@@ -147,10 +190,16 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
         return args["denoised"]
 
     patching.add_post_cfg_function(m, observe)
+    ref_y = None
+    if reads_pooled_output(model):  # the reference row's ADM vector (SDXL sizes, unCLIP image embedding)
+        blank = torch.zeros((1,) + tuple(inversion.latent_shape[1:]))
+        ref_y = patching.capture_conds(model, first_row(inversion.positive), blank).get("y")
+    patching.add_unet_wrapper(m, lambda previous: _reference_rows(previous, ref_y))
     preview_cb = compat.preview_callback(m, steps) if preview else None
     pbar = None if preview else compat.progress_bar(steps)
     x_T = inversion.chain[0][:1]
-    inits = torch.cat([initial_latent(x_T, seed + j, init, what) for j in range(batch_size)])
+    inits = torch.cat([initial_latent(x_T, seed + j, init, what, region) for j in range(batch_size)])
+    keep = None if region is None else ~region
     state = {}
 
     def rival_loop(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
@@ -172,6 +221,8 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
             if normalize == "latent" and late:
                 x_next[1:] = adain(x_next[1:], chain(i + 1))
             x_next[:1] = chain(i + 1)
+            if keep is not None:  # inpainting: outside the mask every row is the chain's latent
+                x_next = torch.where(keep.to(x.device), chain(i + 1), x_next)
             if preview_cb is not None:
                 preview_cb(i, denoised[1:], x[1:], steps)
             else:
@@ -192,7 +243,7 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
 
 
 def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end, normalize_end,
-                       init, normalize, preview, what):
+                       init, normalize, preview, what, region=None):
     """The same algorithm with the reference row's K/V and conditional eps read from ``store``."""
     steps, sigmas = inversion.steps, inversion.sigmas
     schedule = Schedule(sigmas, inversion.scheduler, what)
@@ -200,7 +251,8 @@ def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_
     preview_cb = compat.preview_callback(m, steps) if preview else None
     pbar = None if preview else compat.progress_bar(steps)
     x_T = inversion.chain[0][:1]
-    inits = torch.cat([initial_latent(x_T, seed + j, init, what) for j in range(batch_size)])
+    inits = torch.cat([initial_latent(x_T, seed + j, init, what, region) for j in range(batch_size)])
+    keep = None if region is None else ~region
 
     def rival_loop(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
@@ -217,6 +269,8 @@ def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_
             x_next = x + (s_next - s) * eps
             if normalize == "latent" and late:
                 x_next = adain(x_next, inversion.latent_at(i + 1, x.device, x.dtype)[:1])
+            if keep is not None:  # inpainting: outside the mask the chain's latent
+                x_next = torch.where(keep.to(x.device), inversion.latent_at(i + 1, x.device, x.dtype)[:1], x_next)
             if preview_cb is not None:
                 preview_cb(i, denoised, x, steps)
             else:
@@ -234,6 +288,42 @@ def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_
                                   f"image size. ({e})") from e
     reference = compat.latent_out(model, inversion.chain[-1][:1].clone()).cpu()
     return out.cpu(), reference
+
+
+def _reference_rows(previous, ref_y=None):
+    """UNet wrapper (batch layout): the reference row (row 0 of each CFG chunk) is conditioned as the photo's
+    inversion, whatever else the generation's CONDITIONING carries, so its keys/values and eps equal the cached
+    reference's. A ControlNet / T2I-Adapter on the conditioning acts on the variations only (zero residuals for the
+    reference row, as the official ControlNet pipeline passes zeros for it); on models with an ADM input the
+    conditional reference row reads the inversion's vector ``ref_y`` (unCLIP image embedding, SDXL sizes)."""
+    def wrapper(apply_model, args):
+        c = args["c"]
+        branches = list(args.get("cond_or_uncond") or [0])
+        chunks = len(branches)
+        rows = args["input"].shape[0] // chunks
+        y = c.get("y")
+        if ref_y is not None and torch.is_tensor(y) and y.shape[0] == chunks * rows:
+            y = y.clone()
+            for j, branch in enumerate(branches):
+                if branch == 0:   # COND; the uncond rows all read the negative's vector already
+                    y[j * rows] = ref_y[0].to(y)
+            c = {**c, "y": y}
+        control = c.get("control")
+        if control:
+            stripped = {}
+            for key, residuals in control.items():
+                out = []
+                for r in residuals:
+                    if torch.is_tensor(r) and r.shape[0] == chunks * rows:
+                        r = r.clone()
+                        r.view(chunks, rows, *r.shape[1:])[:, 0] = 0
+                    out.append(r)
+                stripped[key] = out
+            c = {**c, "control": stripped}
+        if c is not args["c"]:
+            args = {**args, "c": c}
+        return patching.call_unet(apply_model, args, previous)
+    return wrapper
 
 
 def _repeat_pooled(meta: dict, n: int) -> dict:

@@ -111,7 +111,8 @@ VIEW_MARGINS = (70, 90, 250, 40)  # left (0.3x sidebar), top (0.3x tabs + toolba
 STAGES = ("inputs", "invert", "edit", "decode")
 STAGE_OF = {
     "CheckpointLoaderSimple": "inputs", "LoadImage": "inputs", "ImageScale": "inputs", "CLIPTextEncode": "inputs",
-    "CLIPVisionLoader": "inputs",
+    "CLIPVisionLoader": "inputs", "SolidMask": "inputs", "MaskComposite": "inputs", "ControlNetLoader": "inputs",
+    "Canny": "inputs",
     "VAEEncode": "invert", "ICDDIMInvert": "invert", "ICNullTextInversion": "invert",
     "ICStyleDiffusionMapper": "invert",
     "VAEDecode": "decode", "SaveImage": "decode", "PreviewImage": "decode", "ICLatentDifference": "decode",
@@ -246,6 +247,8 @@ STAGE_TITLES = {
     "ddim_invert_reconstruct": {"edit": "Reconstruct"},
     "rival_variation": {"edit": "Variations"},
     "rival_text_variation": {"edit": "Variations"},
+    "rival_inpainting": {"edit": "Inpaint"},
+    "rival_controlnet": {"edit": "Variations"},
     "attention_maps": {"invert": "Encode", "edit": "Sample + capture"},
     "partial_inversion_sdedit": {"edit": "Sample from the level"},
     "stylediffusion_sdedit": {"edit": "Sample from the level"},
@@ -267,6 +270,21 @@ TECHNIQUE_NOTES = {
         "RIVAL: text-driven variations.\n"
         "As the plain variation graph, but the batch is generated with a NEW prompt: the photo's look, the "
         "new prompt's content. Paper: cfg 7."),
+    "rival_inpainting": (
+        "RIVAL: example-based inpainting (the official inpainting config).\n"
+        "The mask (1 = regenerate, 0 = keep; here a centre square built with Solid Mask + Mask Composite: "
+        "use your own, e.g. Load Image's MASK painted in the mask editor, at the photo's resized size) picks "
+        "what is regenerated. Outside it every variation IS the photo: the inversion chain's latent is put "
+        "back after every step. Inside it RIVAL generates with the prompt, aligned with the whole photo "
+        "(its self-attention keys/values and noise statistics). The photo is inverted with an empty prompt, "
+        "cfg 7, t_align = t_early = 600 (0.4). Official masks are white = keep: invert them."),
+    "rival_controlnet": (
+        "RIVAL under a ControlNet (the official ControlNet config).\n"
+        "Apply ControlNet (Advanced) puts the control on both CFG branches of the variations (never on the "
+        "photo's reference row, as the official pipeline); here the control image is the photo's own Canny "
+        "edges (a variation that keeps the layout): feed another image's edges, depth or pose for a new "
+        "layout. Official settings: photo inverted with an empty prompt, cfg 7, t_align 600 (0.4), "
+        "t_early 400 (normalize_end_percent 0.6)."),
     "kv_inject_edit": (
         "KV Inject (MasaCtrl mutual self-attention).\n"
         "Sampling from the photo's inverted noise with a target prompt; from step 4 of 50 on, the "
@@ -326,11 +344,14 @@ def notes_for(name: str, graph: dict) -> list[str]:
         return []
     ckpts = sorted({n["inputs"]["ckpt_name"] for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple"})
     visions = sorted({n["inputs"]["clip_name"] for n in graph.values() if n["class_type"] == "CLIPVisionLoader"})
+    controls = sorted({n["inputs"]["control_net_name"] for n in graph.values()
+                       if n["class_type"] == "ControlNetLoader"})
     images = sorted({n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"})
     sizes = sorted({n["inputs"]["width"] for n in graph.values() if n["class_type"] == "ImageScale"})
     steps = sorted({n["inputs"]["steps"] for n in graph.values() if isinstance(n["inputs"].get("steps"), int)})
     setup = ["Models: " + ", ".join(f"models/checkpoints/{c}" for c in ckpts)
-             + "".join(f", models/clip_vision/{v}" for v in visions) + "."]
+             + "".join(f", models/clip_vision/{v}" for v in visions)
+             + "".join(f", models/controlnet/{c}" for c in controls) + "."]
     if images:
         setup.append(f"Photo: replace {', '.join(images)} with yours (Load Image > choose file) and describe it "
                      f"in the source prompt; it is resized and centre-cropped to {'/'.join(map(str, sizes))} px.")

@@ -8,8 +8,9 @@ import math
 import pytest
 
 from tests.harness.comfy_env import REPO_ROOT
-from tests.harness.server import (FAMILY_TEST_MODELS, SHIPPED_CHECKPOINTS, SHIPPED_CLIP_VISION, SHIPPED_IMAGE,
-                                  api_workflow_names, for_test_model, load_api_workflow, nodes_of, workflow_family)
+from tests.harness.server import (SHIPPED_CHECKPOINTS, SHIPPED_CLIP_VISION, SHIPPED_IMAGE,
+                                  api_workflow_names, for_test_model, load_api_workflow, nodes_of, workflow_test_models,
+                                  workflow_family)
 
 pytestmark = pytest.mark.server
 
@@ -142,7 +143,7 @@ def test_ui_copy_is_up_to_date_with_the_converter(comfy_server, name):
         f"workflows/{name}.json is stale: run .venv/bin/python scripts/make_ui_workflow.py"
 
 
-RUNS = [(name, size) for name in NAMES for size in FAMILY_TEST_MODELS[workflow_family(load_api_workflow(name))]]
+RUNS = [(name, size) for name in NAMES for size in workflow_test_models(load_api_workflow(name))]
 
 
 @pytest.mark.parametrize("name,size", RUNS)

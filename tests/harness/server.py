@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from .comfy_env import REPO_ROOT, comfy_tree
-from . import models, photos
+from . import extra_models, models, photos
 
 PACK_NODES = ("ICDDIMInvert", "ICLatentDifference")
 PHOTOS = ("astronaut", "chelsea", "coffee")
@@ -73,7 +73,8 @@ class ComfyServer:
         ckpt_dir = self.workdir / "checkpoints"
         nodes_dir = self.workdir / "test_nodes"
         vision_dir = self.workdir / "clip_vision"
-        for d in (ckpt_dir, nodes_dir, vision_dir, self.output_dir, self.input_dir):
+        control_dir = self.workdir / "controlnet"
+        for d in (ckpt_dir, nodes_dir, vision_dir, control_dir, self.output_dir, self.input_dir):
             d.mkdir(parents=True, exist_ok=True)
         for size in self.checkpoints:
             self._link(ckpt_dir / models.CHECKPOINT_NAMES[size], models.checkpoint_path(size))
@@ -84,11 +85,17 @@ class ComfyServer:
             self._link(ckpt_dir / name, path)
         self._link(nodes_dir / "ic_test_models", REPO_ROOT / "tests" / "comfy_test_node")
         self._link(vision_dir / models.CLIP_VISION_NAME, models.clip_vision_path())
+        for size, name in extra_models.CONTROLNET_NAMES.items():
+            if size in self.checkpoints:
+                self._link(control_dir / name, extra_models.controlnet_path(size))
         if self.shipped_names:
             for name, family in SHIPPED_CHECKPOINTS.items():
                 stand_in = (FAMILY_TEST_MODELS[family] or ("small",))[0]
                 self._link(ckpt_dir / name, models.checkpoint_path(stand_in))
             self._link(vision_dir / SHIPPED_CLIP_VISION, models.clip_vision_path())
+            for name, family in SHIPPED_CONTROLNETS.items():
+                stand_in = next(s for s in FAMILY_TEST_MODELS[family] if s in extra_models.CONTROLNET_NAMES)
+                self._link(control_dir / name, extra_models.controlnet_path(stand_in))
             if not (self.input_dir / SHIPPED_IMAGE).exists():
                 photos.save_png("astronaut", self.input_dir / SHIPPED_IMAGE, 512)
         for name in PHOTOS:
@@ -98,7 +105,7 @@ class ComfyServer:
                     photos.save_png(name, target, size)
         extra = self.workdir / "extra_model_paths.yaml"
         extra.write_text(f"ic_test:\n  base_path: {json.dumps(str(self.workdir))}\n  checkpoints: checkpoints\n"
-                         f"  clip_vision: clip_vision\n  custom_nodes: test_nodes\n")
+                         f"  clip_vision: clip_vision\n  controlnet: controlnet\n  custom_nodes: test_nodes\n")
         env = dict(os.environ, IC_REPO_ROOT=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
@@ -328,6 +335,9 @@ SHIPPED_CHECKPOINTS = {
     "sd_xl_base_1.0.safetensors": "sdxl",             # SDXL layout: test model pending (see FAMILY_TEST_MODELS)
 }
 SHIPPED_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+# ControlNets (canny, the official RIVAL ControlNet example's), each standing in with the test ControlNet of its
+# family's test model (tests/harness/extra_models.py)
+SHIPPED_CONTROLNETS = {"control_v11p_sd15_canny.pth": "sd15", "diffusers_xl_canny_full.safetensors": "sdxl"}
 SHIPPED_IMAGE = "example.png"  # ComfyUI's own input/example.png; the user puts a photo in its place
 # Test models that run each family's workflows. The SDXL-layout test model is built on the sdxl branch; once
 # models.CHECKPOINT_NAMES has "sdxl", setting "sdxl": ("sdxl",) here makes the SDXL workflows run too.
@@ -355,13 +365,24 @@ def workflow_family(graph: dict) -> str:
     return families.pop()
 
 
+def workflow_test_models(graph: dict) -> tuple:
+    """The test models a shipped graph runs on: its family's, less those without a test part the graph loads (a
+    ControlNet exists for "small" and "sdxl", not for the full-size "sd15")."""
+    sizes = FAMILY_TEST_MODELS[workflow_family(graph)]
+    if nodes_of(graph, "ControlNetLoader"):
+        sizes = tuple(s for s in sizes if s in extra_models.CONTROLNET_NAMES)
+    return sizes
+
+
 def for_test_model(graph: dict, size: str) -> dict:
     """A copy of the shipped ``graph`` set up to run on test model ``size`` within CPU budgets: test checkpoint,
-    test CLIP vision, the astronaut photo at the model's size, capped step counts."""
+    test CLIP vision and ControlNet, the astronaut photo at the model's size, capped step counts."""
     spec = TEST_MODELS[size]
     graph = with_checkpoint(graph, spec["ckpt"], spec["image_size"])
     for nid in nodes_of(graph, "CLIPVisionLoader"):
         graph[nid]["inputs"]["clip_name"] = models.CLIP_VISION_NAME
+    for nid in nodes_of(graph, "ControlNetLoader"):
+        graph[nid]["inputs"]["control_net_name"] = extra_models.CONTROLNET_NAMES[size]
     for node in graph.values():
         for name, cap in spec["caps"].items():
             value = node["inputs"].get(name)
