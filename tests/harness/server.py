@@ -173,8 +173,8 @@ class ComfyServer:
             return "(no log)"
 
     # -- HTTP --------------------------------------------------------------------------------------------------
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+    def get(self, path: str, timeout: float = 120):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read())
 
     def post(self, path: str, payload: dict):
@@ -182,7 +182,7 @@ class ComfyServer:
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=120) as r:
                 body = r.read()
                 try:
                     return r.status, json.loads(body or b"{}")
@@ -203,7 +203,12 @@ class ComfyServer:
         """Poll /history until the prompt finished (success or error); returns its history entry."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}", timeout=30)
+            except (TimeoutError, urllib.error.URLError) as e:  # a busy server (loaded CI machine): poll again
+                if not self.alive():
+                    raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}") from e
+                continue
             entry = hist.get(prompt_id)
             if entry is not None:
                 status = entry.get("status") or {}
