@@ -279,6 +279,14 @@ TECHNIQUE_NOTES = {
         "inner steps, as the paper; the loss is previewed). P2Plus Controller then edits with those values "
         "for the first half of the steps; StyleDiffusion Apply + Reconstruct shows how well the photo is "
         "retraced."),
+    "stylediffusion_style_transfer": (
+        "StyleDiffusion style transfer (the paper's section 5.2.7; features as Plug-and-Play injects them).\n"
+        "The Mapper learns the STYLE image (top Load Image; describe it in the style prompt). The content photo "
+        "(second Load Image) is inverted with the empty prompt; Style transfer samples its inverted noise with "
+        "the STYLE's values while the content's decoder features replace the sample's own: the ResNet features "
+        "of the second decoder block at latent/4 for the first 80% of the steps, the self-attention maps of the "
+        "decoder layers from there on for the first 50%. Lower feature_end_percent / attention_end_percent for "
+        "more style, less content. cfg 7.5 = the Mapper's cfg. Both photos are example.png until you choose."),
     "attention_maps": (
         "Attention maps.\n"
         "Attention Capture records cross- and self-attention while the KSampler runs (img2img from your "
