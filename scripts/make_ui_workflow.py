@@ -47,8 +47,12 @@ def node_inputs(defn: dict) -> list[tuple[str, object, dict]]:
     return out
 
 
+def is_combo(kind) -> bool:
+    return isinstance(kind, list) or kind == "COMBO"  # V3 nodes (ComfyUI 0.3x) declare combos as "COMBO"
+
+
 def is_widget(kind, options: dict) -> bool:
-    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput")
+    return (is_combo(kind) or kind in WIDGET_TYPES) and not options.get("forceInput")
 
 
 def widget_slots(name: str, kind, options: dict) -> list[tuple[str, str]]:
@@ -57,7 +61,7 @@ def widget_slots(name: str, kind, options: dict) -> list[tuple[str, str]]:
     control = options.get("control_after_generate")
     if kind == "INT" and (name in SEED_NAMES or control):
         slots.append(("control", "control_after_generate"))
-    elif isinstance(kind, list) and control:
+    elif is_combo(kind) and control:
         slots += [("control", "control_after_generate"), ("control", "control_filter_list")]
     if name == "image" and options.get("image_upload") is True:
         slots.append(("control", "upload"))
@@ -70,8 +74,9 @@ CONTROL_VALUES = {"control_after_generate": "fixed", "control_filter_list": "", 
 def widget_default(kind, options: dict):
     if "default" in options:
         return options["default"]
-    if isinstance(kind, list):
-        return kind[0] if kind else ""
+    if is_combo(kind):
+        choices = kind if isinstance(kind, list) else options.get("options") or []
+        return choices[0] if choices else ""
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(kind)
 
 
@@ -343,7 +348,7 @@ def api_to_ui(graph: dict, object_info: dict, name: str | None = None) -> dict:
             if is_widget(kind, options):
                 linked = is_link(value)
                 if linked:
-                    converted.append({"name": name, "type": "COMBO" if isinstance(kind, list) else kind,
+                    converted.append({"name": name, "type": "COMBO" if is_combo(kind) else kind,
                                       "link": value, "widget": {"name": name}})
                     value = widget_default(kind, options)
                 elif name not in api["inputs"]:

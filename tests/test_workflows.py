@@ -42,7 +42,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         inputs, pos = {}, 0
         for name, spec in specs:
             kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-            if not (isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")) or opts.get("forceInput"):
+            combo = isinstance(kind, list) or kind == "COMBO"  # V3 nodes (0.3x) declare combos as "COMBO"
+            if not (combo or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")) or opts.get("forceInput"):
                 continue
             assert pos < len(values), f"node {node['id']} ({node['type']}): no widget value for {name!r}"
             if name not in converted:
@@ -51,7 +52,7 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
             if kind == "INT" and (name in SEED_NAMES or opts.get("control_after_generate")):
                 assert values[pos] in ("fixed", "increment", "decrement", "randomize"), values[pos]
                 pos += 1
-            elif isinstance(kind, list) and opts.get("control_after_generate"):
+            elif combo and opts.get("control_after_generate"):
                 pos += 2
             if name == "image" and opts.get("image_upload") is True:
                 assert values[pos] == "image"
