@@ -17,7 +17,7 @@ from inversion_chain.optimize import style_diffusion
 from tests.conftest import encode_as_stock, family_models
 from tests.harness import models, photos
 
-STEPS = 5
+STEPS = 4
 CFG = 7.5
 INNER = 2
 PROMPT = "a photo of an astronaut"
@@ -82,13 +82,11 @@ def test_identity_content_is_the_style_image(s):
     out = sample(m, pos, neg, latent["samples"], sigmas)
     m, pos, neg, latent, sigmas = transfer(s, "coffee")
     other = sample(m, pos, neg, latent["samples"], sigmas)
-    styled_coffee = sample(styled, pos, neg, latent["samples"], sigmas)
     src, coffee = s["source"]["astronaut"], s["source"]["coffee"]
     print(f"\n{s['family']} (latent std {float(src.std()):.2f}, cfg {CFG}, {STEPS} steps): identity: transfer vs "
           f"StyleDiffusion reconstruction {err(out, recon):.3f}, vs the photo {err(out, src):.3f} (reconstruction "
           f"{err(recon, src):.3f}); coffee content: transfer vs coffee {err(other, coffee):.3f}, vs the "
-          f"reconstruction {err(other, recon):.3f}; the STYLE alone from coffee's noise vs coffee "
-          f"{err(styled_coffee, coffee):.3f}")
+          f"reconstruction {err(other, recon):.3f}")
     # the identity lands on the reconstruction, far closer than another content does, and as close to the photo
     assert err(out, recon) < 0.25 * err(other, recon)
     assert err(out, src) < 1.2 * err(recon, src)
@@ -184,7 +182,7 @@ def content_pass(s, content):
     return probe.steps()
 
 
-FEATURE_END, ATTENTION_END = 0.4, 0.6   # steps 0-1 and 0-2 of 5
+FEATURE_END, ATTENTION_END = 0.4, 0.6   # steps 0-1 and 0-2 of 4
 
 
 def test_features_are_injected_only_where_and_when_asked(s):
@@ -262,11 +260,10 @@ def test_features_are_recorded_once_into_the_reference_store_within_its_budget(s
     fill_calls, held, entries = len(calls), reference.STORE.held_bytes(), len(reference.STORE.entries)
     outs = {"cache": sample(first[0], *first[1:3], first[3]["samples"], first[4])}
     for _ in range(2):
-        again = transfer(s, "coffee")
-    assert fill_calls == 4 and set(calls[:fill_calls]) == {1}    # steps 0-3 (0.8 of 5), batch 1, once
+        transfer(s, "coffee")
+    assert fill_calls == 4 and set(calls[:fill_calls]) == {1}    # steps 0-3 (0.8 of 4), batch 1, once
     assert len(calls) == fill_calls + STEPS                         # later builds: no UNet call
     assert (reference.STORE.held_bytes(), len(reference.STORE.entries)) == (held, entries) and entries == 1
-    outs["again"] = sample(again[0], *again[1:3], again[3]["samples"], again[4])
     recompute = transfer(s, "coffee", cache="recompute")
     outs["recompute"] = sample(recompute[0], *recompute[1:3], recompute[3]["samples"], recompute[4])
     reference.STORE.clear()
