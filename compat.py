@@ -148,6 +148,12 @@ def unet_block_classes():
     return SpatialTransformer, Downsample, Upsample
 
 
+def resblock_class():
+    """The UNet's ResNet block class (same name and ``skip_connection`` attribute in both trees)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+    return ResBlock
+
+
 def is_eps_family(sampling) -> bool:
     """True for eps and v prediction (ComfyUI's V_PREDICTION subclasses EPS in both trees)."""
     import comfy.model_sampling

@@ -17,6 +17,7 @@ import torch
 
 from ..artifacts import InversionChainError
 from ..compat import PatchObject
+from .controller import REFERENCE_PASS_KEY
 from .schedule import Schedule
 from ..logs import log
 
@@ -66,7 +67,8 @@ class ContextPatch(PatchObject):
 
     def __call__(self, n, context, value, extra_options):
         order = extra_options.get("cond_or_uncond") or []
-        if self.branch not in order or context is None:
+        # a reference pass records a real image's own forward (its inversion's conditioning), never an edited one
+        if self.branch not in order or context is None or extra_options.get(REFERENCE_PASS_KEY) is not None:
             return n, context, value
         if self.override is not None:
             emb = self.override.to(context.dtype)

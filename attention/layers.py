@@ -78,3 +78,44 @@ def decoder_start(layers: Sequence[AttentionLayer]) -> int:
         if layer.level <= target:
             return layer.index
     return ups[0].index if ups else 0
+
+
+@dataclass(frozen=True)
+class DecoderBlock:
+    """One decoder (output) block of the UNet: its ComfyUI number, the level its ResNet block runs at (feature grid =
+    latent / 2**level), that ResNet block's output channels and whether the block has attention."""
+
+    number: int
+    level: int
+    channels: int
+    has_attention: bool
+
+    def grid(self, latent_h: int, latent_w: int) -> Tuple[int, int]:
+        f = 2 ** self.level
+        return (latent_h + f - 1) // f, (latent_w + f - 1) // f
+
+
+def enumerate_decoder_blocks(unet) -> List[DecoderBlock]:
+    """The output blocks in execution order (SD1.x/SD2.x: 12, coarsest first; SDXL: 9)."""
+    SpatialTransformer, Downsample, Upsample = compat.unet_block_classes()
+    ResBlock = compat.resblock_class()
+    level = sum(1 for block in unet.input_blocks for m in block if isinstance(m, Downsample))
+    out = []
+    for number, block in enumerate(unet.output_blocks):
+        res = next((m for m in block if isinstance(m, ResBlock)), None)
+        out.append(DecoderBlock(number=number, level=level, channels=int(getattr(res, "out_channels", 0)),
+                                has_attention=any(isinstance(m, SpatialTransformer) for m in block)))
+        level -= sum(1 for m in block if isinstance(m, Upsample))
+    return out
+
+
+def feature_block_default(blocks: Sequence[DecoderBlock]) -> int:
+    """Plug-and-Play's feature layer, defined so that it means the same on every family: the second decoder block at
+    the coarsest level that has attention (latent/4). SD1.x/SD2.x: block 4 (diffusers' up_blocks[1].resnets[1], PnP's
+    choice); SDXL: block 1 (its decoder starts at latent/4)."""
+    with_attention = [b for b in blocks if b.has_attention]
+    if not with_attention:
+        return blocks[len(blocks) // 2].number
+    coarsest = max(b.level for b in with_attention)
+    at_level = [b for b in with_attention if b.level == coarsest]
+    return at_level[min(1, len(at_level) - 1)].number

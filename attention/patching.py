@@ -147,3 +147,38 @@ def add_attn2_patch(model, patch):
     to["patches"] = patches
     model.model_options["transformer_options"] = to
     return model
+
+
+def add_decoder_resblock_hook(model, block: int, hook):
+    """Let ``hook(x, out, skip, transformer_options) -> out | None`` see (and replace) the output of the ResNet block
+    of decoder block ``block`` in every UNet forward of ``model`` (in place: call on a clone). ``skip()`` is the
+    block's skip path of ``x`` (so ``out - skip()`` is its residual branch); ``transformer_options`` are those of
+    the forward running (a sampling call or a reference pass inside it). ComfyUI has no patch point inside a ResNet
+    block in either tree, so a UNet function wrapper registers torch hooks for the duration of each call only: the
+    MODEL this was cloned from, and every other clone, never see them."""
+    unet = unet_of(model)
+    resblock_cls = compat.resblock_class()
+    module = next((m for m in unet.output_blocks[block] if isinstance(m, resblock_cls)), None)
+    if module is None:
+        raise ValueError(f"decoder block {block} has no ResNet block")
+
+    def factory(previous):
+        def wrapper(apply_model, args):
+            current = {}
+
+            def pre(_module, _args, kwargs):
+                current["options"] = kwargs.get("transformer_options") or {}
+
+            def post(mod, inputs, out):
+                x = inputs[0]
+                return hook(x, out, lambda: mod.skip_connection(x), current.get("options", {}))
+
+            handles = [unet.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
+            try:
+                return call_unet(apply_model, args, previous)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return wrapper
+
+    return add_unet_wrapper(model, factory)

@@ -1,19 +1,27 @@
-"""StyleDiffusion Mapper (train per-step value mappers on one real image) and StyleDiffusion Apply."""
+"""StyleDiffusion Mapper (train per-step value mappers on one real image), StyleDiffusion Apply, and StyleDiffusion
+Style Transfer (the STYLE plus a content image's decoder features, Plug-and-Play style)."""
 from __future__ import annotations
 
+import torch
+
 from ..artifacts import INVERSION, STYLE, InversionChainError, Style
-from ..attention import patching
+from .. import conditioning
+from ..attention import feature_inject, patching
+from ..attention.layers import enumerate_decoder_blocks, feature_block_default, select_layers
+from ..attention.reference import POLICIES
 from ..attention.schedule import Schedule, check_percents
 from ..attention.style import value_injection
+from ..samplers.inversion import chain_latent_out
 from ..plots import loss_curve
 from ..optimize import style_diffusion
-from ..model_info import check_supported, model_key
+from ..model_info import check_supported, model_key, require_inversion, unet_of
 from ..logs import log
 from .common import CATEGORY, tip
 from .contract import checked
 
 WHAT = "StyleDiffusion Mapper"
 WHAT_APPLY = "StyleDiffusion Apply"
+WHAT_TRANSFER = "StyleDiffusion Style Transfer"
 
 
 class ICStyleDiffusionMapper:
@@ -109,7 +117,111 @@ class ICStyleDiffusionApply:
         return (patched, style.sigmas.clone())
 
 
+class ICStyleDiffusionStyleTransfer:
+    DESCRIPTION = (
+        "StyleDiffusion style transfer (paper section 5.2.7, features as Plug-and-Play injects them): samples the "
+        "content image's inversion with the STYLE learned on a style image, while the content's decoder features, "
+        "taken along its DDIM chain, replace the sample's own: one decoder ResNet block's features while "
+        "i/N < feature_end_percent, and the self-attention maps (queries and keys) of the decoder layers from "
+        "attention_start_layer on while i/N < attention_end_percent. Run the outputs with SamplerCustom (add_noise "
+        "off, sampler ddim, cfg = the STYLE's cfg). The input MODEL is unchanged.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT", "SIGMAS")
+    RETURN_NAMES = ("model", "positive", "negative", "latent", "sigmas")
+    OUTPUT_TOOLTIPS = ("The model with the STYLE's value input and the content's feature injection.",
+                       "The STYLE's prompt: the keys its mapped values pair with, token by token.",
+                       "The STYLE's unconditional prompt.",
+                       "The content's inverted noise x_T: sample from it with add_noise off.",
+                       "The shared schedule of the content inversion and the STYLE.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": tip("MODEL", "The model the content was inverted with and the STYLE trained on."),
+                "style": tip(STYLE, "StyleDiffusion Mapper's STYLE, trained on the style image."),
+                "content_inversion": tip(INVERSION, "DDIM Invert of the content image (one image; the same steps and "
+                                         "scheduler as the style image's inversion). Its chain gives the features."),
+                "feature_end_percent": tip("FLOAT", "While step i of N has i/N < this, the decoder ResNet block's "
+                                           "features are the content's (Plug-and-Play's pnp_f_t 0.8). 0 = never.",
+                                           default=0.8, min=0.0, max=1.0, step=0.01),
+                "attention_end_percent": tip("FLOAT", "While step i of N has i/N < this, the self-attention maps "
+                                             "(queries and keys) of the chosen decoder layers are the content's "
+                                             "(Plug-and-Play's pnp_attn_t 0.5). 0 = never.",
+                                             default=0.5, min=0.0, max=1.0, step=0.01),
+                "style_end_percent": tip("FLOAT", "StyleDiffusion's tau_v: while i/N < this the cross-attention "
+                                         "value input comes from the STYLE's mappers, afterwards from the prompt. "
+                                         "1 = the whole run.", default=1.0, min=0.0, max=1.0, step=0.01),
+                "feature_block": tip("INT", "Decoder (output) block whose ResNet features are injected, 0 = the "
+                                     "coarsest (SD1.x/SD2: 12 blocks, 0-11; SDXL: 9, 0-8). -1 = the second "
+                                     "decoder block at latent/4, which means the same on every family: 4 on "
+                                     "SD1.x/SD2 (Plug-and-Play's up_blocks[1].resnets[1]), 1 on SDXL.",
+                                     default=-1, min=-1, max=63),
+                "attention_start_layer": tip("INT", "First self-attention layer (execution order; SD1.x/SD2: 16 "
+                                             "layers, up 7-15; SDXL: 70, up 34-69) whose maps are injected; every "
+                                             "later layer too. -1 = the first layer of `feature_block` (Plug-and-"
+                                             "Play's decoder layers 4-11: 8 on SD1.x/SD2; 44 on SDXL).",
+                                             default=-1, min=-1, max=255),
+            },
+            "optional": {
+                "cache": tip(list(POLICIES), "Content features: auto records them once per content inversion (on "
+                             "the GPU if there is room within the reference cache's budget, else CPU) and reuses "
+                             "them; recompute runs the content forward next to every step instead (no storage).",
+                             default="auto"),
+            },
+        }
+
+    @checked
+    def build(self, model, style, content_inversion, feature_end_percent=0.8, attention_end_percent=0.5,
+              style_end_percent=1.0, feature_block=-1, attention_start_layer=-1, cache="auto"):
+        inv = require_inversion(model, content_inversion, WHAT_TRANSFER)
+        if not isinstance(style, Style):
+            raise InversionChainError(f"{WHAT_TRANSFER}: `style` must come from StyleDiffusion Mapper.")
+        style.check(model_key(model), None, WHAT_TRANSFER)
+        check_percents(WHAT_TRANSFER, feature_end_percent=feature_end_percent,
+                       attention_end_percent=attention_end_percent, style_end_percent=style_end_percent)
+        if inv.latent_shape[0] != 1:
+            raise InversionChainError(f"{WHAT_TRANSFER}: `content_inversion` holds {inv.latent_shape[0]} images; "
+                                      f"invert one content image.")
+        if inv.sigmas.shape != style.sigmas.shape or not torch.allclose(inv.sigmas, style.sigmas, rtol=1e-4,
+                                                                        atol=1e-5):
+            raise InversionChainError(
+                f"{WHAT_TRANSFER}: the content inversion has {inv.steps} steps ({inv.scheduler}) but the STYLE was "
+                f"trained on {style.steps} steps ({style.scheduler}); invert the content with the same steps and "
+                f"scheduler as the style image.")
+        blocks = enumerate_decoder_blocks(unet_of(model))
+        if feature_block == -1:
+            feature_block = feature_block_default(blocks)
+        if not 0 <= feature_block < len(blocks):
+            raise InversionChainError(f"{WHAT_TRANSFER}: feature_block {feature_block} is beyond this model's "
+                                      f"{len(blocks)} decoder blocks (valid: 0..{len(blocks) - 1}, or -1 for the "
+                                      f"family default).")
+        layers = patching.layers_of(model)
+        if attention_start_layer == -1:
+            later = [l for l in layers if l.part == "up" and l.key[1] >= feature_block]
+            attention_start_layer = later[0].index if later else len(layers)
+        elif not 0 <= attention_start_layer < len(layers):
+            raise InversionChainError(f"{WHAT_TRANSFER}: attention_start_layer {attention_start_layer} is beyond "
+                                      f"this model's {len(layers)} self-attention layers (valid: 0..{len(layers) - 1}, "
+                                      f"or -1 for the family default).")
+        styled = patching.add_attn2_patch(model.clone(), value_injection(
+            style.values, Schedule(style.sigmas, style.scheduler, WHAT_TRANSFER), style_end_percent))
+        patched, features = feature_inject.build(
+            model, styled, inv, blocks[feature_block], select_layers(layers, start=attention_start_layer),
+            feature_end_percent, attention_end_percent, cache, conditioning.fingerprint(inv.positive), WHAT_TRANSFER)
+        log.info("[Inversion Chain] %s: features of decoder block %d at %d steps, self-attention maps of %d layers "
+                 "(from %d) at %d steps: %s", WHAT_TRANSFER, feature_block, len(features.feature_steps),
+                 len(features.layers), attention_start_layer, len(features.attention_steps),
+                 f"{features.nbytes() / 2 ** 20:.1f} MB cached on {features.storage_device}"
+                 if features.mode == "cache" else f"recomputed every step {features.budget_message}".strip())
+        latent = {"samples": chain_latent_out(model, inv, 0)}
+        return (patched, style.positive, style.negative, latent, inv.sigmas.clone())
+
+
 NODE_CLASS_MAPPINGS = {"ICStyleDiffusionMapper": ICStyleDiffusionMapper,
-                       "ICStyleDiffusionApply": ICStyleDiffusionApply}
+                       "ICStyleDiffusionApply": ICStyleDiffusionApply,
+                       "ICStyleDiffusionStyleTransfer": ICStyleDiffusionStyleTransfer}
 NODE_DISPLAY_NAME_MAPPINGS = {"ICStyleDiffusionMapper": "StyleDiffusion Mapper",
-                              "ICStyleDiffusionApply": "StyleDiffusion Apply"}
+                              "ICStyleDiffusionApply": "StyleDiffusion Apply",
+                              "ICStyleDiffusionStyleTransfer": "StyleDiffusion Style Transfer"}

@@ -329,6 +329,14 @@ TECHNIQUE_NOTES = {
         "from that level; P2Plus Controller edits from it with the mapper's values for the first half of the "
         "sampled steps (row 0 the photo, row 1 the edit). Percent inputs count the 25 steps sampled. "
         "Compare with plain SDEdit from the same level: partial_inversion_sdedit.json."),
+    "stylediffusion_style_transfer": (
+        "StyleDiffusion style transfer (the paper's section 5.2.7; features as Plug-and-Play injects them).\n"
+        "The Mapper learns the STYLE image (top Load Image; describe it in the style prompt). The content photo "
+        "(second Load Image) is inverted with the empty prompt; Style transfer samples its inverted noise with "
+        "the STYLE's values while the content's decoder features replace the sample's own: the ResNet features "
+        "of the second decoder block at latent/4 for the first 80% of the steps, the self-attention maps of the "
+        "decoder layers from there on for the first 50%. Lower feature_end_percent / attention_end_percent for "
+        "more style, less content. cfg 7.5 = the Mapper's cfg. Both photos are example.png until you choose."),
     "attention_maps": (
         "Attention maps.\n"
         "Attention Capture records cross- and self-attention while the KSampler runs (img2img from your "

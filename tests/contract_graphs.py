@@ -71,6 +71,13 @@ def full_graph(object_info: dict) -> dict:
         "26": ("KSamplerAdvanced", dict(sampler, model=["25", 0], cfg=7.5, positive=["4", 0], negative=["5", 0],
                                         latent_image=["6", 0])),
         "27": ("ICLatentDifference", {"latent_a": ["26", 0], "latent_b": ["3", 0]}),
+        "28": ("ICStyleDiffusionStyleTransfer", {"model": ["1", 0], "style": ["23", 0], "content_inversion": ["6", 2],
+                                                 "cache": "auto"}),
+        "29": ("SamplerCustom", {"model": ["28", 0], "add_noise": False, "noise_seed": 0, "cfg": 7.5,
+                                 "positive": ["28", 1], "negative": ["28", 2], "sampler": ["30", 0],
+                                 "sigmas": ["28", 4], "latent_image": ["28", 3]}),
+        "30": ("KSamplerSelect", {"sampler_name": "ddim"}),
+        "31": ("ICLatentDifference", {"latent_a": ["29", 0], "latent_b": ["3", 0]}),
     }
     graph = {nid: {"class_type": ct, "inputs": dict(inputs)} for nid, (ct, inputs) in g.items()}
     kv = object_info["ICKVInject"]["input"]["required"]

@@ -388,8 +388,11 @@ def for_test_model(graph: dict, size: str) -> dict:
         graph[nid]["inputs"]["clip_name"] = models.CLIP_VISION_NAME
     for nid in nodes_of(graph, "ControlNetLoader"):
         graph[nid]["inputs"]["control_net_name"] = extra_models.CONTROLNET_NAMES[size]
+    caps = dict(spec["caps"])
+    if nodes_of(graph, "ICStyleDiffusionStyleTransfer"):
+        caps["inner_steps"] = min(caps.get("inner_steps", 2), 2)   # its STYLE only feeds the transfer path
     for node in graph.values():
-        for name, cap in spec["caps"].items():
+        for name, cap in caps.items():
             value = node["inputs"].get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > cap:
                 node["inputs"][name] = cap
