@@ -30,6 +30,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 API_DIR = REPO_ROOT / "workflows" / "api"
 UI_DIR = REPO_ROOT / "workflows"
+# /object_info of the node types the workflows use, as the tree the UI copies were made on declares them: the UI
+# copies are a function of (API copy, this file), so their staleness can be checked on any tree
+SNAPSHOT = REPO_ROOT / "scripts" / "object_info_snapshot.json"
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 SEED_NAMES = ("seed", "noise_seed")
@@ -559,13 +562,34 @@ def fetch_object_info(url: str) -> dict:
         return json.loads(r.read())
 
 
-def object_info_from_headless_server() -> dict:
+def object_info_from_headless_server() -> tuple[dict, str]:
+    """(/object_info, the tree's version) of a headless ComfyUI started on the selected tree."""
     sys.path.insert(0, str(REPO_ROOT))
     from tests.harness.server import ComfyServer
     with tempfile.TemporaryDirectory(prefix="ic_ui_workflow_") as tmp:
         server = ComfyServer(Path(tmp), checkpoints=())
         with server:
-            return server.object_info
+            return server.object_info, server.tree_version()
+
+
+def without_choices(defn: dict) -> dict:
+    """A node definition with every combo's choices dropped (they list the machine's files: checkpoints,
+    images), so the snapshot depends on the tree only."""
+    out = json.loads(json.dumps(defn))
+    for section in ("required", "optional"):
+        for name, spec in (out.get("input", {}).get(section) or {}).items():
+            if is_combo(spec[0]):
+                options = dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                options.pop("options", None)
+                out["input"][section][name] = ["COMBO", options]
+    return out
+
+
+def snapshot_of(object_info: dict, tree: str) -> dict:
+    """The definitions (without combo choices) of the node types the workflows use, and the tree they came from."""
+    used = sorted({node["class_type"] for p in API_DIR.glob("*.json")
+                   for node in json.loads(p.read_text()).values()})
+    return {"_tree": tree, "nodes": {t: without_choices(object_info[t]) for t in used if t in object_info}}
 
 
 def convert_all(object_info: dict, names=None) -> dict[str, str | Exception]:
@@ -586,17 +610,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help="workflow names (default: every workflows/api/*.json)")
     ap.add_argument("--url", help="a running ComfyUI to read /object_info from (default: start a headless one)")
-    ap.add_argument("--object-info", type=Path, help="a saved /object_info JSON file")
+    ap.add_argument("--object-info", type=Path, help="a saved /object_info JSON file (or the snapshot: "
+                                                    "scripts/object_info_snapshot.json)")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 if a UI copy is missing or stale")
     ap.add_argument("--migrate", action="store_true", help="first rename old time widgets in workflows/api/*.json "
                                                             "to the names this ComfyUI's nodes have")
     args = ap.parse_args(argv)
+    tree = None
     if args.object_info:
         info = json.loads(args.object_info.read_text())
+        info = info.get("nodes", info)  # a snapshot or a plain /object_info
     elif args.url:
         info = fetch_object_info(args.url)
     else:
-        info = object_info_from_headless_server()
+        info, tree = object_info_from_headless_server()
     if args.migrate:
         for path in sorted(API_DIR.glob("*.json")):
             graph = json.loads(path.read_text())
@@ -620,6 +647,9 @@ def main(argv=None) -> int:
         else:
             target.write_text(text)
             print(f"wrote {target.relative_to(REPO_ROOT)}")
+    if tree is not None and not args.check and not args.names:
+        SNAPSHOT.write_text(json.dumps(snapshot_of(info, tree), indent=1) + "\n")
+        print(f"wrote {SNAPSHOT.relative_to(REPO_ROOT)} (node definitions of {tree})")
     return 1 if stale else 0
 
 

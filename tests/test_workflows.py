@@ -133,14 +133,56 @@ def test_ui_copy_rebuilds_the_api_copy(comfy_server, name):
     assert rebuilt == committed
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_ui_copy_is_up_to_date_with_the_converter(comfy_server, name):
+def load_converter():
     spec = importlib.util.spec_from_file_location("make_ui_workflow", REPO_ROOT / "scripts" / "make_ui_workflow.py")
     converter = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(converter)
-    expected = converter.dumps(converter.api_to_ui(load_api_workflow(name), comfy_server.object_info, name))
+    return converter
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_copy_is_up_to_date_with_the_converter(name):
+    """The UI copy is what the converter makes from the API copy and the node definitions it was made with (the
+    snapshot); whether those definitions still hold on the running tree is the next test's question."""
+    converter = load_converter()
+    snapshot = json.loads(converter.SNAPSHOT.read_text())["nodes"]
+    expected = converter.dumps(converter.api_to_ui(load_api_workflow(name), snapshot, name))
     assert (UI_DIR / f"{name}.json").read_text() == expected, \
         f"workflows/{name}.json is stale: run .venv/bin/python scripts/make_ui_workflow.py"
+
+
+def widget_layout(defn: dict) -> list:
+    """(section, name, type) of every input; combos as COMBO whatever their options (sampler lists grow)."""
+    return [(section, name, "COMBO" if isinstance(spec[0], list) else spec[0])
+            for section in ("required", "optional") for name, spec in (defn["input"].get(section) or {}).items()]
+
+
+def test_node_definition_snapshot_holds_on_this_tree(comfy_server):
+    """On the tree the snapshot was taken from, it is exact (so a stale snapshot fails in CI); on any other tree
+    every saved UI copy must still load the same way: each node type exists, its inputs keep their names, types
+    and order (the widgets_values positions), inputs the tree adds come after them, and the outputs the
+    workflows link to keep their slots."""
+    converter = load_converter()
+    snapshot = json.loads(converter.SNAPSHOT.read_text())
+    live = comfy_server.object_info
+    tree = comfy_server.tree_version()
+    assert set(snapshot["nodes"]) == set(converter.snapshot_of(live, tree)["nodes"]), \
+        "the snapshot does not cover exactly the node types the workflows use: run scripts/make_ui_workflow.py"
+    for node_type, saved in snapshot["nodes"].items():
+        assert node_type in live, f"{node_type} (used by the workflows) is not a node on ComfyUI {tree}"
+        if tree == snapshot["_tree"]:
+            assert converter.without_choices(live[node_type]) == saved, \
+                f"{node_type}: snapshot is stale: run scripts/make_ui_workflow.py"
+            continue
+        ours, theirs = widget_layout(saved), widget_layout(live[node_type])
+        assert [e for e in theirs if e in ours] == ours, \
+            f"{node_type} on ComfyUI {tree}: inputs {theirs} no longer contain {ours} in order"
+        last_ours = max((theirs.index(e) for e in ours), default=-1)
+        shifting = [e for i, e in enumerate(theirs) if e not in ours and i < last_ours
+                    and e[2] in ("COMBO", "INT", "FLOAT", "STRING", "BOOLEAN")]
+        assert not shifting, f"{node_type} on ComfyUI {tree}: new widgets {shifting} shift the saved widget values"
+        assert live[node_type]["output"][:len(saved["output"])] == saved["output"], \
+            f"{node_type} on ComfyUI {tree}: outputs {live[node_type]['output']} vs {saved['output']}"
 
 
 RUNS = [(name, size) for name in NAMES for size in workflow_test_models(load_api_workflow(name))]

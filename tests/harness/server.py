@@ -172,6 +172,10 @@ class ComfyServer:
         except OSError:
             return "(no log)"
 
+    def tree_version(self) -> str:
+        """ComfyUI's version as /system_stats reports it ("2024-03" for the CI tree, which predates the field)."""
+        return self.get("/system_stats").get("system", {}).get("comfyui_version") or "2024-03"
+
     # -- HTTP --------------------------------------------------------------------------------------------------
     def get(self, path: str, timeout: float = 120):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
