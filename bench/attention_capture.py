@@ -24,7 +24,6 @@ from bench import common, register
 
 log = logging.getLogger("bench.attention_capture")
 
-SIZE = "bench"
 IMAGE_PX = 256          # -> 32x32 latent
 STEPS = 3
 CFG = 5.0
@@ -104,7 +103,7 @@ def _run() -> dict:
     from inversion_chain.attention.capture import AttentionCaptureEditor, capture_layers, storage_bytes
     from inversion_chain.nodes.attention_maps import ICAttentionCapture
 
-    model, clip, vae = common.load_models(SIZE)
+    model, clip, vae = common.load_models()
     positive, negative = common.encode(clip, PROMPT), common.encode(clip, "")
     latent = common.photo_latent(vae, "astronaut", IMAGE_PX)["samples"]
     sigmas = compat.calculate_sigmas(model, SCHEDULER, STEPS)
@@ -179,7 +178,8 @@ def _run() -> dict:
     r = ratios_headline[HEADLINE]
     return {
         "benchmark": "attention_capture",
-        "setup": {"model": SIZE, "latent_shape": list(latent.shape), "image_px": IMAGE_PX, "steps": STEPS,
+        "setup": {"model": common.model_size(),
+                  "latent_shape": list(latent.shape), "image_px": IMAGE_PX, "steps": STEPS,
                   "sampled_steps": sampled_steps,
                   "cfg": CFG, "scheduler": SCHEDULER, "sampler": "ddim",
                   "stock": "comfy.sample.sample_custom on the plain MODEL",

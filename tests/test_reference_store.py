@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from inversion_chain.attention import reference
+from inversion_chain.attention import patching, reference
+from inversion_chain.attention.rival import RivalAttentionEditor
+from inversion_chain.attention.schedule import Schedule
+from inversion_chain.conditioning import first_row
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.samplers import rival
@@ -73,3 +76,44 @@ def test_kv_inject_reuses_the_store_entry_across_nodes(store, inverted):
     entry = next(iter(store.entries.values()))
     ICKVInject().patch(model, inv, 0.25, 0, "mutual")
     assert len(store.entries) == 1 and next(iter(store.entries.values())) is entry
+
+
+def _filled(model, inv, negative, keep, dtype):
+    """A ReferenceKV of both CFG branches, every layer and step, filled as RIVAL fills its cache."""
+    layers = patching.layers_of(model)
+    ref = reference.ReferenceKV(inv, layers, range(STEPS), storage_dtype=dtype, branches=2, keep=keep)
+    recorder = patching.install(model, RivalAttentionEditor(1.0, Schedule(inv.sigmas, inv.scheduler, "t"), ref), "t")
+    with torch.inference_mode():
+        ref.fill(recorder, torch.zeros(inv.latent_shape), negative=first_row(negative))
+    return ref
+
+
+def test_stored_inputs_project_to_the_recorded_keys_and_values(store, inverted, family, family_encode):
+    """keep="inputs" (the attention's input hidden states, projected with the layer's own to_k / to_v on use) gives
+    the K and V that keep="kv" recorded: to float32 rounding with float32 storage, and to the same order of error
+    as storing K and V themselves in float16."""
+    model, clip, src, inv = inverted
+    negative = family_encode(clip, "blurry")
+    refs = {(keep, str(dtype)): _filled(model, inv, negative, keep, dtype)
+            for keep in ("kv", "inputs") for dtype in (torch.float32, torch.float16)}
+    exact = refs[("kv", "torch.float32")]
+    layers = {l.index: l for l in exact.layers}
+    worst = {name: 0.0 for name in refs}
+    with torch.inference_mode():
+        for step, index, branch in exact.store:
+            truth = exact.get(step, layers[index], "cpu", torch.float32, branch)
+            scale = max(float(t.abs().max()) for t in truth)
+            for name, ref in refs.items():
+                got = ref.get(step, layers[index], "cpu", torch.float32, branch)
+                err = max(float((g - t).abs().max()) for g, t in zip(got, truth)) / scale
+                worst[name] = max(worst[name], err)
+    print(f"{family}: worst relative K/V error vs float32 K/V storage: {worst}")
+    assert worst[("inputs", "torch.float32")] < 1e-5
+    assert 0 < worst[("kv", "torch.float16")] < 2e-3
+    assert worst[("inputs", "torch.float16")] < 4 * worst[("kv", "torch.float16")]
+    # half the attention bytes; the eps per step is the same in both; the estimate is what is held
+    eps = sum(t.numel() * 4 for t in exact.eps.values())
+    for dtype in ("torch.float32", "torch.float16"):
+        kv, inputs = refs[("kv", dtype)], refs[("inputs", dtype)]
+        assert kv.nbytes() == kv.estimate_bytes() and inputs.nbytes() == inputs.estimate_bytes()
+        assert kv.nbytes() - eps == 2 * (inputs.nbytes() - eps) > 0
