@@ -117,3 +117,24 @@ def test_stored_inputs_project_to_the_recorded_keys_and_values(store, inverted, 
         kv, inputs = refs[("kv", dtype)], refs[("inputs", dtype)]
         assert kv.nbytes() == kv.estimate_bytes() and inputs.nbytes() == inputs.estimate_bytes()
         assert kv.nbytes() - eps == 2 * (inputs.nbytes() - eps) > 0
+
+
+def test_real_layouts_bytes_from_layer_shapes():
+    """scripts/reference_bytes.py on the real SD1.5 / SDXL UNets (ComfyUI's classes on the meta device) against the
+    layouts written out by hand: SD1.5 512 px has 16 layers (5 at 64x64 x 320 ch, 5 at 32x32 x 640, 5 at 16x16 x 1280,
+    the middle at 8x8 x 1280); SDXL 1024 px 70 (10 at 64x64 x 640, 60 at 32x32 x 1280)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "reference_bytes", Path(__file__).resolve().parents[1] / "scripts" / "reference_bytes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    by_hand = {"sd15": (5 * 4096 * 320 + 5 * 1024 * 640 + 5 * 256 * 1280 + 64 * 1280, 16, 10),
+               "sdxl": (10 * 4096 * 640 + 60 * 1024 * 1280, 70, 34)}
+    for family, (values, layers, start) in by_hand.items():
+        inputs, kv = script.reference_bytes(family, "inputs"), script.reference_bytes(family, "kv")
+        assert inputs["layers"] == layers and inputs["kv_inject_default"]["start_layer"] == start
+        assert inputs["per_step_per_branch_all_layers"] == 2 * values       # fp16, one tensor per token
+        assert kv["per_step_per_branch_all_layers"] == 2 * 2 * values
+        eps = 50 * 4 * 4 * (inputs["image_px"] // 8) ** 2
+        assert inputs["rival"]["bytes"] == 50 * 2 * 2 * values + eps
