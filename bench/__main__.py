@@ -87,7 +87,8 @@ def summary(per_family: dict) -> dict:
     for family, results in per_family.items():
         for name, r in results.items():
             row = {k: r[k] for k in ("ratio", "ratio_min", "target_ratio", "pass", "ratio_recompute",
-                                     "ratio_batch_reference", "pass_batch_reference", "cache_bytes", "error")
+                                     "ratio_batch_reference", "pass_batch_reference", "ratios", "cache_bytes",
+                                     "cache_bytes_kv_storage", "error")
                    if k in r}
             rows.setdefault(name, {})[family] = row
     return rows

@@ -87,6 +87,7 @@ def run() -> dict:
         "paired_ratio_median": common.paired_ratio(timing, "ours_refine0", "stock"),
         "target_ratio": TARGET_RATIO,
         "pass": r <= TARGET_RATIO,
+        "ratios": {"ours_refine0": common.ratios(timing, "ours_refine0", "stock")},
         "timing": timing,
         "unet_calls": calls,
         "extra": {

@@ -81,6 +81,7 @@ def run() -> dict:
         "ratio_min": common.min_ratio(timing, "ours", "stock"),
         "target_ratio": TARGET_RATIO,
         "pass": r <= TARGET_RATIO,
+        "ratios": {name: common.ratios(timing, name, "stock") for name in ("ours", "ours_p2p_only")},
         "timing": timing,
         "unet_calls": calls,
         "extra": {

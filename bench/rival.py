@@ -61,11 +61,13 @@ def run() -> dict:
         "target_ratio_batch_reference": TARGET_BATCH,
         "pass_batch_reference": r_batch <= TARGET_BATCH,
         "paired_ratio_median": common.paired_ratio(timing, "rival_cached", "stock"),
+        "ratios": {name: common.ratios(timing, name, "stock") for name in ("rival_cached", "rival_batch")},
         "official_code_cost_rows_x_steps": {"per_variation": 2 * 2 * 50, "for_4_variations": 4 * 2 * 2 * 50,
                                             "note": "official: batch [ref, gen] x 2 CFG halves, 50 steps, one "
                                                     "variation per run; ours: 4 variations x 2 halves per step"},
         "ours_rows_x_steps": {"cached": N * 2 * STEPS, "batch_reference": (N + 1) * 2 * STEPS},
         "cache_bytes": rival.cached_reference(model, inv, neg).nbytes(),  # the store's entry (no refill)
+        "cache_keeps": rival.cached_reference(model, inv, neg).keep,
         "timing": timing,
         "unet_calls": calls,
     }
