@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("--family", default="sd15",
                         help="model layout: sd15 (the 'bench' model), sdxl (the 'sdxl_bench' model) or a comma list, "
                              "e.g. sd15,sdxl (run in one process; a 'summary' table is added)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="at most this many timed rounds per benchmark (default: each benchmark's own)")
     args = parser.parse_args(argv)
 
     if str(REPO_ROOT) not in sys.path:
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
             print(f"unknown family {unknown}; available: {list(common.FAMILY_MODELS)}", file=sys.stderr)
             return 2
         env = common.environment()
+        common.set_round_cap(args.rounds)
+        env["round_cap"] = args.rounds
         for family in families:
             common.set_family(family)
             results = per_family[family] = {}

@@ -60,6 +60,7 @@ def timed_rounds(fns, reps: int, budget_s: float) -> dict:
     CPU time. On a shared CPU the CPU time is the steadier measure: other processes stretch the wall clock of
     whichever variant they happen to overlap."""
     names = list(fns)
+    reps, min_reps = common.capped_rounds(reps, MIN_REPS)
     out = {n: {"wall_s": [], "cpu_s": []} for n in names}
     started = time.perf_counter()
     for r in range(reps):
@@ -74,7 +75,7 @@ def timed_rounds(fns, reps: int, budget_s: float) -> dict:
             out[name]["cpu_s"].append(round(time.process_time() - c0, 4))
         log.info("round %d: %s", r + 1, ", ".join(f"{n} wall {out[n]['wall_s'][-1]:.2f}s cpu {out[n]['cpu_s'][-1]:.2f}s"
                                                   for n in names))
-        if r + 1 >= MIN_REPS and time.perf_counter() - started > budget_s:
+        if r + 1 >= min_reps and time.perf_counter() - started > budget_s:
             break
     for n in names:
         for key in ("wall_s", "cpu_s"):

@@ -174,6 +174,7 @@ def interleaved_timing(fns: Dict[str, Callable[[], object]], reps: int = 5, warm
     with other jobs, the CPU time is the steadier measure: other processes stretch the wall clock, not it).
     """
     names = list(fns)
+    reps, min_reps = capped_rounds(reps, min_reps)
     for name in names:
         for _ in range(warmup):
             t = _timed(fns[name])
@@ -194,6 +195,20 @@ def interleaved_timing(fns: Dict[str, Callable[[], object]], reps: int = 5, warm
                 "reps": len(t), "times_s": [round(x, 4) for x in t], "min_cpu_s": round(min(cpu[n]), 4),
                 "median_cpu_s": round(statistics.median(cpu[n]), 4), "cpu_times_s": [round(x, 4) for x in cpu[n]]}
             for n, t in times.items()}
+
+
+_round_cap = [None]
+
+
+def set_round_cap(rounds: Optional[int]):
+    """At most ``rounds`` timed rounds per benchmark (``python -m bench --rounds``): on a busy shared machine the
+    CPU-time ratios settle in a couple of rounds while each round's wall time is stretched many times."""
+    _round_cap[0] = rounds
+
+
+def capped_rounds(reps: int, min_reps: int):
+    cap = _round_cap[0]
+    return (reps, min_reps) if cap is None else (min(reps, cap), min(min_reps, cap))
 
 
 def ratio(timings: Dict[str, dict], ours: str, stock: str) -> float:
