@@ -74,6 +74,8 @@ def main(argv=None) -> int:
                 result["wall_s"] = round(time.perf_counter() - t0, 2)
                 results[name] = result
                 logging.info("%s done in %.1fs", name, result["wall_s"])
+                # each result as soon as it is known (stderr, one line): a run cut short still leaves its numbers
+                logging.info("result %s %s %s", family, name, json.dumps(result, default=common.json_default))
     if len(families) > 1:
         out = {"environment": env, "summary": summary(per_family), "families": per_family}
     else:
