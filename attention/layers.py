@@ -57,6 +57,16 @@ def enumerate_layers(unet) -> List[AttentionLayer]:
     return layers
 
 
+def self_attention_of(unet, layer: AttentionLayer):
+    """The attn1 module (ComfyUI's CrossAttention: to_q, to_k, to_v, to_out) of ``layer`` in ``unet``."""
+    SpatialTransformer = compat.unet_block_classes()[0]
+    name, number, j = layer.key
+    block = {"input": lambda: unet.input_blocks[number], "middle": lambda: unet.middle_block,
+             "output": lambda: unet.output_blocks[number]}[name]()
+    transformer = next(m for m in block if isinstance(m, SpatialTransformer))
+    return transformer.transformer_blocks[j].attn1
+
+
 def select_layers(layers: Sequence[AttentionLayer], start: int = 0, end: Optional[int] = None,
                   parts: Iterable[str] = PARTS, levels: Optional[Iterable[int]] = None) -> List[AttentionLayer]:
     """Layers with ``start <= index <= end`` in the given parts (down/mid/up) and levels (None = all)."""

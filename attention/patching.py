@@ -70,13 +70,40 @@ def install(model, editor: Editor, what: str):
     return m
 
 
-def with_reference_pass(model, recorder):
-    """A clone whose attention calls record into ``recorder`` instead of editing (see reference.py)."""
+class SelfAttentionInputs(compat.PatchObject):
+    """attn1_patch (ComfyUI calls it with the block's normalised hidden states ``n`` and the inputs of to_k / to_v,
+    before any projection, on both trees): during a reference pass, hands those inputs to the recorder so that it
+    can keep one tensor per token instead of K and V. Returns its inputs unchanged."""
+
+    def __call__(self, n, context_attn1, value_attn1, extra_options):
+        recorder = extra_options.get(REFERENCE_PASS_KEY)
+        controller = extra_options.get(CONTROLLER_KEY)
+        if recorder is not None and controller is not None and hasattr(recorder, "record_inputs"):
+            ctx = controller.context("self", n, extra_options)
+            if ctx is not None:
+                recorder.record_inputs(ctx, context_attn1, value_attn1)
+        return n, context_attn1, value_attn1
+
+
+def with_reference_pass(model, recorder, inputs: bool = False):
+    """A clone whose attention calls record into ``recorder`` instead of editing (see reference.py); with
+    ``inputs`` its self-attention inputs (before the K/V projections) are handed to ``recorder.record_inputs``."""
     m = model.clone()
     to = dict(m.model_options.get("transformer_options", {}))
     to[REFERENCE_PASS_KEY] = recorder
+    if inputs:
+        patches = {name: list(entries) for name, entries in to.get("patches", {}).items()}
+        patches["attn1_patch"] = patches.get("attn1_patch", []) + [SelfAttentionInputs()]  # last: what to_k reads
+        to["patches"] = patches
     m.model_options["transformer_options"] = to
     return m
+
+
+def self_attention_projections(model, layers):
+    """layer index -> the layer's attn1 module (its to_k / to_v project stored inputs exactly as the UNet does)."""
+    from .layers import self_attention_of
+    unet = unet_of(model)
+    return {layer.index: self_attention_of(unet, layer) for layer in layers}
 
 
 def add_unet_wrapper(model, wrapper_factory):

@@ -7,6 +7,12 @@ UNet with the inversion's own conditioning. Two ways to have them:
 - ``recompute``: a UNet function wrapper runs the reference forward next to every sampling call (no storage).
 ``auto`` caches where it fits and falls back to recompute with a warning where it would not.
 
+What a cache keeps (``keep``): ``inputs`` (default) the self-attention's input hidden states (the block's normalised
+``n``, what to_k and to_v read: one tensor of ``channels`` per token), projected with the layer's own to_k / to_v
+when used, half the bytes of ``kv`` (K and V as projected). Same math: the projection of the stored input is what
+the UNet computes, so the two differ by the storage dtype's rounding only (bit-identical with float32 storage up to
+matmul order; tests/test_reference_store.py). Recompute mode keeps K and V (one step at a time; no re-projection).
+
 Ownership: every cache lives in the one process-wide ``STORE`` (KV Inject and RIVAL alike), keyed by what the
 K/V depend on (the inversion's fingerprint, the conditioning's fingerprint, the layers and steps recorded). Its
 lifetime is explicit: an entry stays until the store needs its bytes for a newer one (least recently used first),
@@ -15,6 +21,7 @@ storage device (headroom for sampling and decoding), counting the bytes it alrea
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
@@ -32,20 +39,28 @@ from ..logs import log
 
 POLICIES = ("auto", "gpu", "cpu", "recompute")
 BUDGET_FRACTION = 0.4   # of the free memory of the storage device; the rest is headroom for sampling/decoding
+KEEPS = ("inputs", "kv")
 
 
 class ReferenceKV:
     """Recorder and store of one inversion's reference K/V for chosen (chain step, layer) pairs."""
 
+    default_keep = "inputs"
+
     def __init__(self, inversion: Inversion, layers: Sequence[AttentionLayer], steps: Iterable[int],
                  storage_dtype=torch.float16, cross_tokens: Optional[Sequence[int]] = None, cross_level: int = 2,
-                 branches: int = 1, what: str = "KV Inject"):
+                 branches: int = 1, what: str = "KV Inject", keep: Optional[str] = None):
         self.inversion = inversion
         self.layer_ids = {l.index for l in layers}
         self.layers = list(layers)
         self.steps = sorted(set(int(s) for s in steps))
         self.storage_dtype = storage_dtype
-        self.store: Dict[Tuple[int, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}  # (step, layer, branch)
+        # (step, layer, branch) -> (K, V) | (input,) | (input of to_k, input of to_v) when another patch split them
+        self.store: Dict[Tuple[int, int, int], Tuple[torch.Tensor, ...]] = {}
+        self.keep = keep or self.default_keep
+        if self.keep not in KEEPS:
+            raise ValueError(f"keep must be one of {KEEPS}, got {self.keep!r}")
+        self._attn: Dict[int, "weakref.ref"] = {}   # layer index -> its attn1 module (inputs: to_k / to_v)
         self.eps: Dict[int, torch.Tensor] = {}  # step -> the reference's conditional noise prediction
         self.cross_tokens = list(cross_tokens or [])
         self.cross_level = cross_level
@@ -60,13 +75,15 @@ class ReferenceKV:
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def estimate_bytes(self) -> int:
-        """What ``fill`` stores: K and V of every recorded branch, layer and step (storage dtype), the reference's
-        conditional eps per step (float32) and, in masked mode, the word maps per step (float32)."""
+        """What ``fill`` stores: the self-attention inputs (or K and V) of every recorded branch, layer and step
+        (storage dtype), the reference's conditional eps per step (float32) and, in masked mode, the word maps per
+        step (float32)."""
         c, h, w = self.inversion.latent_shape[-3:]
+        tensors = 1 if self.keep == "inputs" else 2
         per_step = 0
         for layer in self.layers:
             gh, gw = layer.grid(h, w)
-            per_step += 2 * gh * gw * layer.channels
+            per_step += tensors * gh * gw * layer.channels
         itemsize = torch.tensor([], dtype=self.storage_dtype).element_size()
         total = per_step * self.branches * len(self.steps) * itemsize
         total += len(self.steps) * c * h * w * 4
@@ -77,7 +94,7 @@ class ReferenceKV:
         return total
 
     def nbytes(self) -> int:
-        """Bytes really held: K/V, eps and word maps."""
+        """Bytes really held: inputs or K/V, eps and word maps."""
         tensors = ([t for kv in self.store.values() for t in kv] + list(self.eps.values())
                    + list(self.cross_maps.values()))
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -88,6 +105,8 @@ class ReferenceKV:
         if i is None or ctx.step.total != self.inversion.steps or i not in self.steps:
             return
         if ctx.kind == "self" and ctx.layer.index in self.layer_ids:
+            if self.keep == "inputs":
+                return   # record_inputs has them (before the projections)
             for chunk, branch in enumerate(ctx.cond_or_uncond):  # 0 = cond, 1 = uncond; row 0 of each chunk
                 row = chunk * ctx.rows_per_chunk
                 self.store[(i, ctx.layer.index, int(branch))] = (
@@ -102,14 +121,40 @@ class ReferenceKV:
             self.cross_maps[i] = maps if n == 0 else self.cross_maps[i] * (n / (n + 1)) + maps / (n + 1)
             self._cross_count[i] = n + 1
 
+    def record_inputs(self, ctx: CallContext, key_input, value_input):
+        """inputs mode: keep row 0 of every chunk of what to_k and to_v read (one tensor when they read the same)."""
+        i = ctx.step.index
+        if (self.keep != "inputs" or i is None or ctx.step.total != self.inversion.steps or i not in self.steps
+                or ctx.layer.index not in self.layer_ids):
+            return
+        for chunk, branch in enumerate(ctx.cond_or_uncond):
+            row = chunk * ctx.rows_per_chunk
+            kept = [key_input] if value_input is key_input else [key_input, value_input]
+            self.store[(i, ctx.layer.index, int(branch))] = tuple(
+                t[row:row + 1].detach().to(self.storage_device, self.storage_dtype) for t in kept)
+
+    def usable(self) -> bool:
+        """False once the model whose projections an inputs cache needs is gone (the entry is then refilled)."""
+        return self.keep != "inputs" or all(ref() is not None for ref in self._attn.values())
+
     def get(self, step: int, layer: AttentionLayer, device, dtype,
             branch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-        kv = self.store.get((step, layer.index, branch))
-        if kv is None:
+        kept = self.store.get((step, layer.index, branch))
+        if kept is None:
             raise InversionChainError(
                 f"{self.what}: no reference keys/values for step {step}, layer {layer.index}. If another node set a "
                 f"UNet function wrapper after {self.what}, put {self.what} after it or use cache mode.")
-        return kv[0].to(device, dtype), kv[1].to(device, dtype)
+        if self.keep == "kv":
+            return kept[0].to(device, dtype), kept[1].to(device, dtype)
+        ref = self._attn.get(layer.index)
+        attn = ref() if ref is not None else None
+        if attn is None:
+            raise InversionChainError(f"{self.what}: the model the reference was recorded with is no longer loaded; "
+                                      f"run the node again.")
+        with torch.no_grad():
+            key_input = kept[0].to(device, dtype)
+            value_input = kept[1].to(device, dtype) if len(kept) == 2 else key_input
+            return attn.to_k(key_input), attn.to_v(value_input)
 
     # -- filling ---------------------------------------------------------------------------------------------
     def choose_storage(self, policy: str, model) -> str:
@@ -148,7 +193,9 @@ class ReferenceKV:
         """Cache mode: one reference pass over the needed steps (batch 1, the inversion's conditioning). With a
         ``negative`` both CFG branches are recorded, and the reference's conditional noise prediction too."""
         inv = self.inversion
-        recorder_model = patching.with_reference_pass(model, self)
+        if self.keep == "inputs":
+            self._attn = {i: weakref.ref(m) for i, m in patching.self_attention_projections(model, self.layers).items()}
+        recorder_model = patching.with_reference_pass(model, self, inputs=self.keep == "inputs")
         eps = self.eps
 
         def observe(args):
@@ -179,6 +226,9 @@ class ReferenceKV:
 
     def recompute_wrapper(self, previous):
         """UNet function wrapper for recompute mode: a reference forward before each sampling call."""
+        self.keep = "kv"   # one step held at a time: nothing to save, and no second projection
+        self.store.clear()
+
         def wrapper(apply_model, args):
             t = args["timestep"]
             i = locate(float(t.flatten()[0]), self.inversion.sigmas)
@@ -258,10 +308,12 @@ def cached(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: s
     """The store's entry for ``reference``'s key, filled once by ``fill(reference)`` when the policy and budget
     allow; returns (the entry to use, "cache" | "recompute")."""
     key = ReferenceStore.key(kind, reference.inversion, conditioning_fingerprint, reference.layers,
-                             reference.steps, extra)
+                             reference.steps, tuple(extra) + (reference.keep,))
     found = STORE.get(key) if policy != "recompute" else None
-    if found is not None:
+    if found is not None and found.usable():
         return found, "cache"
+    if found is not None:
+        STORE.entries.pop(key, None)
     mode = reference.choose_storage(policy, model)
     if mode == "cache":
         STORE.make_room(reference.estimate_bytes(), reference.storage_device)

@@ -24,7 +24,6 @@ from bench import common, register
 
 log = logging.getLogger("bench.attention_capture")
 
-SIZE = "bench"
 IMAGE_PX = 256          # -> 32x32 latent
 STEPS = 3
 CFG = 5.0
@@ -61,6 +60,7 @@ def timed_rounds(fns, reps: int, budget_s: float) -> dict:
     CPU time. On a shared CPU the CPU time is the steadier measure: other processes stretch the wall clock of
     whichever variant they happen to overlap."""
     names = list(fns)
+    reps, min_reps = common.capped_rounds(reps, MIN_REPS)
     out = {n: {"wall_s": [], "cpu_s": []} for n in names}
     started = time.perf_counter()
     for r in range(reps):
@@ -75,7 +75,7 @@ def timed_rounds(fns, reps: int, budget_s: float) -> dict:
             out[name]["cpu_s"].append(round(time.process_time() - c0, 4))
         log.info("round %d: %s", r + 1, ", ".join(f"{n} wall {out[n]['wall_s'][-1]:.2f}s cpu {out[n]['cpu_s'][-1]:.2f}s"
                                                   for n in names))
-        if r + 1 >= MIN_REPS and time.perf_counter() - started > budget_s:
+        if r + 1 >= min_reps and time.perf_counter() - started > budget_s:
             break
     for n in names:
         for key in ("wall_s", "cpu_s"):
@@ -104,7 +104,7 @@ def _run() -> dict:
     from inversion_chain.attention.capture import AttentionCaptureEditor, capture_layers, storage_bytes
     from inversion_chain.nodes.attention_maps import ICAttentionCapture
 
-    model, clip, vae = common.load_models(SIZE)
+    model, clip, vae = common.load_models()
     positive, negative = common.encode(clip, PROMPT), common.encode(clip, "")
     latent = common.photo_latent(vae, "astronaut", IMAGE_PX)["samples"]
     sigmas = compat.calculate_sigmas(model, SCHEDULER, STEPS)
@@ -145,7 +145,8 @@ def _run() -> dict:
     timing = timed_rounds(fns, REPS, BUDGET_S)
     ratios = {name: {"min_wall": _ratio(timing, name, "wall_s", "min_"),
                      "median_wall": _ratio(timing, name, "wall_s", "median_"),
-                     "median_cpu": _ratio(timing, name, "cpu_s", "median_")} for name in TIMED}
+                     "median_cpu": _ratio(timing, name, "cpu_s", "median_"),
+                     "min_cpu": _ratio(timing, name, "cpu_s", "min_")} for name in TIMED}
     headline_key = "min_wall"
     ratios_headline = {name: ratios[name][headline_key] for name in TIMED}
 
@@ -179,7 +180,8 @@ def _run() -> dict:
     r = ratios_headline[HEADLINE]
     return {
         "benchmark": "attention_capture",
-        "setup": {"model": SIZE, "latent_shape": list(latent.shape), "image_px": IMAGE_PX, "steps": STEPS,
+        "setup": {"model": common.model_size(),
+                  "latent_shape": list(latent.shape), "image_px": IMAGE_PX, "steps": STEPS,
                   "sampled_steps": sampled_steps,
                   "cfg": CFG, "scheduler": SCHEDULER, "sampler": "ddim",
                   "stock": "comfy.sample.sample_custom on the plain MODEL",

@@ -88,10 +88,34 @@ def to_json(obj, indent: int = 2, _level: int = 0) -> str:
 
 
 # -- models and inputs -----------------------------------------------------------------------------------------
+# family -> the harness checkpoint the benchmarks run on (``python -m bench --family``)
+FAMILY_MODELS = {"sd15": "bench", "sdxl": "sdxl_bench"}
+_family = ["sd15"]
+
+
+def set_family(family: str):
+    if family not in FAMILY_MODELS:
+        raise KeyError(f"unknown family '{family}'; available: {', '.join(FAMILY_MODELS)}")
+    _family[0] = family
+
+
+def family() -> str:
+    return _family[0]
+
+
+def model_size() -> str:
+    """The harness checkpoint of the selected family: 'bench' (SD1.x layout) or 'sdxl_bench' (SDXL layout)."""
+    return FAMILY_MODELS[_family[0]]
+
+
+def load_models(size: Optional[str] = None):
+    """(MODEL, CLIP, VAE) from the harness' seeded random-weight checkpoint (default: the selected family's bench
+    model), built once (cached under ~/.cache/comfyui-inversion-chain) and loaded through ComfyUI's own loader."""
+    return _load_models(size or model_size())
+
+
 @functools.lru_cache(maxsize=None)
-def load_models(size: str = "bench"):
-    """(MODEL, CLIP, VAE) from the harness' seeded random-weight checkpoint ('small', 'bench', 'sd15'), built once
-    (cached under ~/.cache/comfyui-inversion-chain) and loaded through ComfyUI's own checkpoint loader."""
+def _load_models(size: str):
     setup()
     t0 = time.perf_counter()
     out = harness_models.load_checkpoint(size)
@@ -100,7 +124,13 @@ def load_models(size: str = "bench"):
 
 
 def encode(clip, text: str):
-    """CONDITIONING for ``text`` (real CLIP tokenization), as CLIPTextEncode builds it."""
+    """CONDITIONING for ``text`` (real CLIP tokenization), as the stock node builds it: CLIPTextEncode, or on the
+    SDXL family CLIPTextEncodeSDXL with its defaults (1024 px sizes, no crop)."""
+    if family() == "sdxl":
+        from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL
+        with torch.inference_mode():
+            node = CLIPTextEncodeSDXL()
+            return getattr(node, CLIPTextEncodeSDXL.FUNCTION)(clip, 1024, 1024, 0, 0, 1024, 1024, text, text)[0]
     with torch.inference_mode():
         cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
     return [[cond, {"pooled_output": pooled}]]
@@ -120,12 +150,15 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _timed(fn) -> float:
+def _timed(fn, cpu: Optional[List[float]] = None) -> float:
+    """Wall seconds of one run of ``fn``; its process CPU seconds are appended to ``cpu`` if given."""
     _sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         fn()
     _sync()
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
     return time.perf_counter() - t0
 
 
@@ -136,31 +169,64 @@ def interleaved_timing(fns: Dict[str, Callable[[], object]], reps: int = 5, warm
     ``warmup`` untimed runs of each first; then rounds of one timed run of each, the order alternating every
     round (A B, B A, A B, ...) so slow drift (thermal, caches, other load) hits all of them alike. Stops after
     ``reps`` rounds, or earlier once ``budget_s`` seconds of timed rounds are spent (never before ``min_reps``).
-    Returns ``{name: {"median_s", "min_s", "max_s", "reps", "times_s"}}``.
+    Returns ``{name: {"median_s", "min_s", "max_s", "reps", "times_s", "min_cpu_s", "median_cpu_s",
+    "cpu_times_s"}}``: wall seconds, and this process's CPU seconds per run (with one torch thread on a CPU shared
+    with other jobs, the CPU time is the steadier measure: other processes stretch the wall clock, not it).
     """
     names = list(fns)
+    reps, min_reps = capped_rounds(reps, min_reps)
     for name in names:
         for _ in range(warmup):
             t = _timed(fns[name])
             log.info("warm-up %-24s %.3fs", name, t)
     times: Dict[str, List[float]] = {n: [] for n in names}
+    cpu: Dict[str, List[float]] = {n: [] for n in names}
     started = time.perf_counter()
     for r in range(reps):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             gc.collect()
-            times[name].append(_timed(fns[name]))
+            times[name].append(_timed(fns[name], cpu[name]))
         log.info("round %d: %s", r + 1, ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names))
         if budget_s is not None and r + 1 >= min_reps and time.perf_counter() - started > budget_s:
             log.info("timing budget %.0fs spent after %d rounds", budget_s, r + 1)
             break
     return {n: {"median_s": round(statistics.median(t), 4), "min_s": round(min(t), 4), "max_s": round(max(t), 4),
-                "reps": len(t), "times_s": [round(x, 4) for x in t]} for n, t in times.items()}
+                "reps": len(t), "times_s": [round(x, 4) for x in t], "min_cpu_s": round(min(cpu[n]), 4),
+                "median_cpu_s": round(statistics.median(cpu[n]), 4), "cpu_times_s": [round(x, 4) for x in cpu[n]]}
+            for n, t in times.items()}
+
+
+_round_cap = [None]
+
+
+def set_round_cap(rounds: Optional[int]):
+    """At most ``rounds`` timed rounds per benchmark (``python -m bench --rounds``): on a busy shared machine the
+    CPU-time ratios settle in a couple of rounds while each round's wall time is stretched many times."""
+    _round_cap[0] = rounds
+
+
+def capped_rounds(reps: int, min_reps: int):
+    cap = _round_cap[0]
+    return (reps, min_reps) if cap is None else (min(reps, cap), min(min_reps, cap))
 
 
 def ratio(timings: Dict[str, dict], ours: str, stock: str) -> float:
     """median(ours) / median(stock): the headline ratio."""
     return round(timings[ours]["median_s"] / timings[stock]["median_s"], 4)
+
+
+def min_ratio(timings: Dict[str, dict], ours: str, stock: str, key: str = "min_s") -> float:
+    """min(ours) / min(stock): on a shared machine other processes only ever add time, so the fastest run of each
+    side is the least disturbed one. ``key="min_cpu_s"``: the same on process CPU time."""
+    return round(timings[ours][key] / timings[stock][key], 4)
+
+
+def ratios(timings: Dict[str, dict], ours: str, stock: str) -> dict:
+    """Every ratio of ``ours`` over ``stock``: medians and minima of wall and CPU time."""
+    return {"median_wall": ratio(timings, ours, stock), "min_wall": min_ratio(timings, ours, stock),
+            "median_cpu": min_ratio(timings, ours, stock, "median_cpu_s"),
+            "min_cpu": min_ratio(timings, ours, stock, "min_cpu_s")}
 
 
 def paired_ratio(timings: Dict[str, dict], ours: str, stock: str) -> float:

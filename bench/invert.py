@@ -13,7 +13,6 @@ from bench import common, register
 
 log = logging.getLogger("bench.invert")
 
-SIZE = "bench"          # SD1.x layout, model_channels 128, context 768, real-size CLIP, TAESD
 IMAGE_PX = 256          # -> 32x32 latent
 STEPS = 10
 SCHEDULER = "ddim_uniform"
@@ -37,7 +36,7 @@ def run() -> dict:
     import comfy.samplers
     from inversion_chain.nodes.invert import DEFAULT_REFINE_ITERS, ICDDIMInvert
 
-    model, clip, vae = common.load_models(SIZE)
+    model, clip, vae = common.load_models()
     positive = common.encode(clip, PROMPT)
     latent = common.photo_latent(vae, "astronaut", IMAGE_PX)
     sigmas = _stock_sigmas(model)
@@ -77,15 +76,18 @@ def run() -> dict:
 
     return {
         "benchmark": "invert",
-        "setup": {"model": SIZE, "latent_shape": list(latent["samples"].shape), "image_px": IMAGE_PX,
+        "setup": {"model": common.model_size(),
+                  "latent_shape": list(latent["samples"].shape), "image_px": IMAGE_PX,
                   "steps": STEPS, "scheduler": SCHEDULER, "cfg": 1.0, "sigmas": [round(float(s), 5) for s in sigmas],
                   "ours": "ICDDIMInvert.invert(refine_iters=0)",
                   "stock": "comfy.sample.sample_custom(sampler_object('ddim'), zero noise, cfg 1) = SamplerCustom "
                            "add_noise off"},
         "ratio": r,
+        "ratio_min": common.min_ratio(timing, "ours_refine0", "stock"),
         "paired_ratio_median": common.paired_ratio(timing, "ours_refine0", "stock"),
         "target_ratio": TARGET_RATIO,
         "pass": r <= TARGET_RATIO,
+        "ratios": {"ours_refine0": common.ratios(timing, "ours_refine0", "stock")},
         "timing": timing,
         "unet_calls": calls,
         "extra": {

@@ -17,7 +17,6 @@ from bench import common, register
 
 log = logging.getLogger("bench.p2plus")
 
-SIZE = "bench"          # SD1.x layout, model_channels 128, context 768, real-size CLIP, TAESD
 IMAGE_PX = 256          # -> 32x32 latent
 STEPS = 10
 SCHEDULER = "ddim_uniform"
@@ -38,7 +37,7 @@ def run() -> dict:
     from inversion_chain.nodes.invert import ICDDIMInvert
     from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 
-    model, clip, vae = common.load_models(SIZE)
+    model, clip, vae = common.load_models()
     latent = common.photo_latent(vae, "astronaut", IMAGE_PX)
     source, empty = common.encode(clip, SOURCE), common.encode(clip, "")
 
@@ -72,14 +71,17 @@ def run() -> dict:
     r = common.ratio(timing, "ours", "stock")
     return {
         "benchmark": "p2plus",
-        "setup": {"model": SIZE, "latent_shape": list(latent["samples"].shape), "image_px": IMAGE_PX, "rows": 2,
+        "setup": {"model": common.model_size(),
+                  "latent_shape": list(latent["samples"].shape), "image_px": IMAGE_PX, "rows": 2,
                   "steps": STEPS, "scheduler": SCHEDULER, "cfg": CFG, "source": SOURCE, "target": TARGET,
                   "ours": "ICP2PlusController(replace, tau 0.6/0.6/0.5, local blend, null-text) + KSamplerAdvanced "
                           "(add_noise disable, ddim)",
                   "stock": "KSampler (ddim) on the unpatched model, same 2-row conditioning and latent"},
         "ratio": r,
+        "ratio_min": common.min_ratio(timing, "ours", "stock"),
         "target_ratio": TARGET_RATIO,
         "pass": r <= TARGET_RATIO,
+        "ratios": {name: common.ratios(timing, name, "stock") for name in ("ours", "ours_p2p_only")},
         "timing": timing,
         "unet_calls": calls,
         "extra": {

@@ -14,7 +14,7 @@ import torch
 
 from bench import common, register
 
-SIZE, IMAGE_PX, STEPS, CFG, INNER, ROUNDS = "bench", 256, 10, 7.5, 5, 2
+IMAGE_PX, STEPS, CFG, INNER, ROUNDS = 256, 10, 7.5, 5, 2
 TARGET = 1.2
 
 
@@ -26,7 +26,7 @@ def run() -> dict:
     from inversion_chain.optimize import null_text, style_diffusion
     from tests.harness import models, photos
 
-    model, clip, vae = common.load_models(SIZE)
+    model, clip, vae = common.load_models()
     clip_vision = models.load_clip_vision()
     image = photos.photo("astronaut", IMAGE_PX)
     latent = common.photo_latent(vae, "astronaut", IMAGE_PX)
@@ -55,7 +55,8 @@ def run() -> dict:
     ratio = per_step["stylediffusion"] / per_step["null_text"]
     return {
         "benchmark": "stylediffusion",
-        "setup": {"model": SIZE, "latent_shape": list(latent["samples"].shape), "steps": STEPS, "cfg": CFG,
+        "setup": {"model": common.model_size(),
+                  "latent_shape": list(latent["samples"].shape), "steps": STEPS, "cfg": CFG,
                   "inner_iterations_per_step": INNER, "clip_vision_tokens": "197 x 32 (test encoder)"},
         "seconds_per_timestep": per_step,
         "seconds_per_iteration": {k: min(seconds[k]) / max(1, iterations[k]) for k in seconds},

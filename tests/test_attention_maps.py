@@ -120,13 +120,35 @@ class Probe(Editor):
 
 @pytest.mark.parametrize("kind,index", [("cross", 14), ("self", 2)])
 def test_captured_maps_equal_softmax_attention_computed_by_hand(s, kind, index):
+    maps_equal_softmax_by_hand(s, kind, index)
+
+
+@pytest.fixture(scope="module")
+def fs(family, family_model, family_encode, family_latent):
+    """``s`` for another family (stock loader, stock text-encode node: SDXL's carries its size entries)."""
+    model, clip, vae = family_model
+    return dict(model=model, clip=clip, vae=vae, pos=family_encode(clip, PROMPT), neg=family_encode(clip, ""),
+                noise=torch.randn(family_latent["samples"].shape, generator=torch.Generator().manual_seed(7)),
+                sigmas=compat.calculate_sigmas(model, "ddim_uniform", STEPS), latent=family_latent)
+
+
+@pytest.mark.parametrize("family", ["sd2v", "sdxl"], indirect=True)
+@pytest.mark.parametrize("kind,where", [("cross", "last"), ("self", "first")])
+def test_other_families_captured_maps_equal_softmax_attention_computed_by_hand(fs, kind, where):
+    """SD2-v (linear proj_in, 16 layers) and SDXL (17 layers at two levels, two text encoders' 77 tokens): the
+    decoder's last layer (finest grid) and the encoder's first."""
+    layers = patching.layers_of(fs["model"])
+    maps_equal_softmax_by_hand(fs, kind, layers[-1 if where == "last" else 0].index)
+
+
+def maps_equal_softmax_by_hand(s, kind, index):
     probe = Probe(index, kind)
     m, maps = capture(s, kinds=kind, resolution="all", query_grid=3)
     m = patching.install(m, probe, "probe")
     sample(m, s["pos"], s["neg"], s["noise"], s["sigmas"])
     maps.flush()
     layer = patching.layers_of(s["model"])[index]
-    h, w = layer.grid(16, 16)
+    h, w = layer.grid(*s["latent"]["samples"].shape[-2:])
     assert len(probe.calls) == STEPS == len(maps.steps)
     for step, (sigma, q, k, order, heads) in zip(maps.steps, probe.calls):
         assert step.sigma == sigma

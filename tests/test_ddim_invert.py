@@ -48,13 +48,14 @@ def test_round_trip_with_default_refinement_is_100x_better_than_naive(family, fa
     assert errors[0] / errors[DEFAULT_REFINE_ITERS] >= 100
 
 
-def test_inversion_artifact_holds_the_whole_chain(small_model, positive, astronaut_latent):
-    model = small_model[0]
+def test_inversion_artifact_holds_the_whole_chain(family_model, family_encode, family_latent):
+    model, clip, _ = family_model
+    positive, astronaut_latent = family_encode(clip, "a photo of an astronaut"), family_latent
     noise, sigmas, inv = invert(model, astronaut_latent, positive, 2)
     assert isinstance(inv, Inversion)
     assert inv.steps == STEPS and inv.chain.shape[0] == STEPS + 1 and sigmas.shape == (STEPS + 1,)
     assert torch.all(sigmas[:-1] > sigmas[1:]) and float(sigmas[-1]) == 0.0
-    # the chain ends at the encoded image (in sampler space) and starts at the returned noise
+    # the chain ends at the encoded image (in sampler space: the family's latent scale) and starts at the noise
     x0 = model.model.process_latent_in(astronaut_latent["samples"].clone())
     assert torch.equal(inv.chain[-1].cpu(), x0)
     assert torch.allclose(model.model.process_latent_in(noise.clone()), inv.chain[0].cpu(), atol=1e-6)
@@ -68,13 +69,15 @@ def test_inversion_artifact_holds_the_whole_chain(small_model, positive, astrona
     assert torch.equal(inv.timesteps[-1], torch.tensor(0.0)) and 900 < float(inv.timesteps[0]) < 1000
 
 
-def test_batch_inverts_row_by_row(small_model, encode, astronaut_latent):
-    model, clip, vae = small_model
+def test_batch_inverts_row_by_row(family_model, family_encode, family_latent):
+    """Every family: a 2-row batch (SDXL: its ADM vector repeated per row) inverts as each row alone."""
+    model, clip, vae = family_model
     import nodes
     from tests.harness.photos import photo
+    astronaut_latent = family_latent
     other = nodes.VAEEncode().encode(vae, photo("chelsea", 128))[0]["samples"]
     batch = {"samples": torch.cat([astronaut_latent["samples"], other])}
-    positive = encode(clip, "a photo")
+    positive = family_encode(clip, "a photo")
     noise_batch, _, inv_batch = invert(model, batch, positive, 1, steps=4)
     noise_a, _, _ = invert(model, astronaut_latent, positive, 1, steps=4)
     noise_b, _, _ = invert(model, {"samples": other}, positive, 1, steps=4)
@@ -98,9 +101,10 @@ def test_v_prediction_model_round_trips(small_model, positive, astronaut_latent)
     assert errors[10] < 1e-3 and errors[0] / errors[10] >= 100, errors
 
 
-def test_inversion_cfg_above_one_uses_negative(small_model, encode, astronaut_latent):
-    model, clip, _ = small_model
-    positive, negative = encode(clip, "a photo of an astronaut"), encode(clip, "")
+def test_inversion_cfg_above_one_uses_negative(family_model, family_encode, family_latent):
+    model, clip, _ = family_model
+    astronaut_latent = family_latent
+    positive, negative = family_encode(clip, "a photo of an astronaut"), family_encode(clip, "")
     with pytest.raises(InversionChainError, match="needs the optional `negative`"):
         ICDDIMInvert().invert(model, astronaut_latent, positive, 4, 3.0, 0)
     plain = ICDDIMInvert().invert(model, astronaut_latent, positive, 4, 1.0, 0)[0]["samples"]

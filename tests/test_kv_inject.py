@@ -82,8 +82,9 @@ def test_cached_and_recomputed_reference_kv_agree(setup):
         outs[policy] = sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     diff = float((outs["cpu"] - outs["recompute"]).abs().max())
     print(f"cached vs recomputed: max diff {diff:.2e}")
-    # both store fp16 K/V from the same batch-1 reference forward: identical up to kernel nondeterminism
-    assert diff < 1e-5
+    # the same batch-1 reference forward; the cache keeps the fp16 attention inputs (projected on use), recompute
+    # fp16 K/V: they differ by fp16 rounding only (measured 3.6e-5)
+    assert diff < 1e-4
 
 
 def test_no_leak_into_the_original_model(setup):

@@ -110,6 +110,36 @@ def test_tau_u_zero_is_exactly_prompt_to_prompt(setup, encode):
     assert diff_ref < 1e-4 and diff_p2plus > 100 * max(diff_ref, 1e-6)
 
 
+@pytest.fixture(scope="module")
+def fsetup(family, family_model, family_encode, family_latent):
+    """``setup`` on another family (stock loader, stock text-encode node)."""
+    model, clip, _ = family_model
+    with torch.inference_mode():
+        noise, sigmas, inv = ICDDIMInvert().invert(model, family_latent, family_encode(clip, SOURCE), STEPS, 1.0, 3)
+    return dict(model=model, clip=clip, inv=inv, sigmas=sigmas, noise=noise["samples"], encode=family_encode,
+                source=family_latent["samples"])
+
+
+@pytest.mark.parametrize("family", ["sd2v", "sdxl"], indirect=True)
+def test_other_families_tau_u_zero_is_exactly_prompt_to_prompt(fsetup):
+    """The independent editor above on SD2-v and SDXL: its rows carry each prompt's own conditioning as the stock
+    text-encode node makes it (SDXL: pooled output per row and the size entries)."""
+    s = fsetup
+    ours, _ = run(s, cfg=5.0, tau_c=0.5, tau_s=0.5, tau_u=0.0)
+    src, tgt, empty = (s["encode"](s["clip"], text) for text in (SOURCE, TARGET, ""))
+    options = dict(src[0][1])
+    if options.get("pooled_output") is not None:
+        options["pooled_output"] = torch.cat([src[0][1]["pooled_output"], tgt[0][1]["pooled_output"]])
+    pos = [[torch.cat([src[0][0], tgt[0][0]]), options]]
+    neg = [[empty[0][0].repeat(2, 1, 1), dict(empty[0][1])]]
+    reference_model = patching.install(s["model"], ReferenceP2P(s["sigmas"], 0.5, 0.5), "reference P2P")
+    reference = sample(reference_model, pos, neg, s["noise"].repeat(2, 1, 1, 1), s["sigmas"], 5.0)
+    diff = float((ours - reference).abs().max())
+    moved = float((ours[1] - ours[0]).abs().max())
+    print(f"tau_u=0 vs reference P2P: {diff:.2e} (edit row moved {moved:.2e})")
+    assert diff < 1e-4 and moved > 1e-2
+
+
 class CrossMapProbe(Editor):
     """Observer (order 90, after the edit): for every cross-attention call, are the target row's maps the
     source row's, bit for bit?"""

@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from inversion_chain.attention import reference
+from inversion_chain.attention import patching, reference
+from inversion_chain.attention.rival import RivalAttentionEditor
+from inversion_chain.attention.schedule import Schedule
+from inversion_chain.conditioning import first_row
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.samplers import rival
@@ -74,3 +77,65 @@ def test_kv_inject_reuses_the_store_entry_across_nodes(store, inverted):
     entry = next(iter(store.entries.values()))
     ICKVInject().patch(model, inv, 0.25, 0, "mutual")
     assert len(store.entries) == 1 and next(iter(store.entries.values())) is entry
+
+
+def _filled(model, inv, negative, keep, dtype):
+    """A ReferenceKV of both CFG branches, every layer and step, filled as RIVAL fills its cache."""
+    layers = patching.layers_of(model)
+    ref = reference.ReferenceKV(inv, layers, range(STEPS), storage_dtype=dtype, branches=2, keep=keep)
+    recorder = patching.install(model, RivalAttentionEditor(1.0, Schedule(inv.sigmas, inv.scheduler, "t"), ref), "t")
+    with torch.inference_mode():
+        ref.fill(recorder, torch.zeros(inv.latent_shape), negative=first_row(negative))
+    return ref
+
+
+def test_stored_inputs_project_to_the_recorded_keys_and_values(store, inverted, family, family_encode):
+    """keep="inputs" (the attention's input hidden states, projected with the layer's own to_k / to_v on use) gives
+    the K and V that keep="kv" recorded: to float32 rounding with float32 storage, and to the same order of error
+    as storing K and V themselves in float16."""
+    model, clip, src, inv = inverted
+    negative = family_encode(clip, "blurry")
+    refs = {(keep, str(dtype)): _filled(model, inv, negative, keep, dtype)
+            for keep in ("kv", "inputs") for dtype in (torch.float32, torch.float16)}
+    exact = refs[("kv", "torch.float32")]
+    layers = {l.index: l for l in exact.layers}
+    worst = {name: 0.0 for name in refs}
+    with torch.inference_mode():
+        for step, index, branch in exact.store:
+            truth = exact.get(step, layers[index], "cpu", torch.float32, branch)
+            scale = max(float(t.abs().max()) for t in truth)
+            for name, ref in refs.items():
+                got = ref.get(step, layers[index], "cpu", torch.float32, branch)
+                err = max(float((g - t).abs().max()) for g, t in zip(got, truth)) / scale
+                worst[name] = max(worst[name], err)
+    print(f"{family}: worst relative K/V error vs float32 K/V storage: {worst}")
+    assert worst[("inputs", "torch.float32")] < 1e-5
+    assert 0 < worst[("kv", "torch.float16")] < 2e-3
+    assert worst[("inputs", "torch.float16")] < 4 * worst[("kv", "torch.float16")]
+    # half the attention bytes; the eps per step is the same in both; the estimate is what is held
+    eps = sum(t.numel() * 4 for t in exact.eps.values())
+    for dtype in ("torch.float32", "torch.float16"):
+        kv, inputs = refs[("kv", dtype)], refs[("inputs", dtype)]
+        assert kv.nbytes() == kv.estimate_bytes() and inputs.nbytes() == inputs.estimate_bytes()
+        assert kv.nbytes() - eps == 2 * (inputs.nbytes() - eps) > 0
+
+
+def test_real_layouts_bytes_from_layer_shapes():
+    """scripts/reference_bytes.py on the real SD1.5 / SDXL UNets (ComfyUI's classes on the meta device) against the
+    layouts written out by hand: SD1.5 512 px has 16 layers (5 at 64x64 x 320 ch, 5 at 32x32 x 640, 5 at 16x16 x 1280,
+    the middle at 8x8 x 1280); SDXL 1024 px 70 (10 at 64x64 x 640, 60 at 32x32 x 1280)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "reference_bytes", Path(__file__).resolve().parents[1] / "scripts" / "reference_bytes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    by_hand = {"sd15": (5 * 4096 * 320 + 5 * 1024 * 640 + 5 * 256 * 1280 + 64 * 1280, 16, 10),
+               "sdxl": (10 * 4096 * 640 + 60 * 1024 * 1280, 70, 34)}
+    for family, (values, layers, start) in by_hand.items():
+        inputs, kv = script.reference_bytes(family, "inputs"), script.reference_bytes(family, "kv")
+        assert inputs["layers"] == layers and inputs["kv_inject_default"]["start_layer"] == start
+        assert inputs["per_step_per_branch_all_layers"] == 2 * values       # fp16, one tensor per token
+        assert kv["per_step_per_branch_all_layers"] == 2 * 2 * values
+        eps = 50 * 4 * 4 * (inputs["image_px"] // 8) ** 2
+        assert inputs["rival"]["bytes"] == 50 * 2 * 2 * values + eps

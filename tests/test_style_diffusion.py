@@ -275,3 +275,59 @@ class PooledOnly:
     def encode_image(self, image):
         out = self.inner.encode_image(image)
         return {"last_hidden_state": out["image_embeds"]}
+
+
+# -- the other families: SD2 v-prediction and SDXL (dual text encoders, ADM sizes); SD1.5 is the module above --------
+OTHER_FAMILIES = pytest.mark.parametrize("family", ["sd2v", "sdxl"], indirect=True)
+OTHER_STEPS, OTHER_INNER = 5, 6
+
+
+@pytest.fixture(scope="module")
+def other(family, family_model, family_encode, family_latent, clip_vision):
+    """Mapper trained on the family's model (stock loader, stock text-encode node), cfg 7.5, and the reconstruction
+    errors at cfg 7.5 of plain DDIM and of StyleDiffusion Apply (sampling from the inversion's noise)."""
+    model, clip, _ = family_model
+    with torch.inference_mode():
+        image = photos.photo("astronaut", 128)
+        src, empty = family_encode(clip, SOURCE), family_encode(clip, "")
+        noise, sigmas, inv = ICDDIMInvert().invert(model, family_latent, src, OTHER_STEPS, 1.0, 6)
+        style = style_diffusion.train(model, clip_vision, image, inv, src, empty, CFG, OTHER_INNER, LR, 1.0,
+                                      use_cache=False)
+        styled, _ = ICStyleDiffusionApply().apply(model, style, 1.0)
+        source = family_latent["samples"]
+        errors = {name: float((sample(m, src, empty, noise["samples"], sigmas) - source).abs().max())
+                  for name, m in (("plain", model), ("style", styled))}
+    print(f"{family}: StyleDiffusion at cfg {CFG}, {OTHER_STEPS} steps x {OTHER_INNER} iterations: plain DDIM "
+          f"{errors['plain']:.4f}, Apply {errors['style']:.4f}, training final {style.final_error:.4f}; losses "
+          + ", ".join(f"{s[0]:.3g}->{s[-1]:.3g}" for s in style.losses))
+    return dict(family=family, model=model, src=src, empty=empty, noise=noise["samples"], sigmas=sigmas,
+                style=style, styled=styled, errors=errors)
+
+
+@OTHER_FAMILIES
+def test_mapper_trains_and_apply_reconstructs_better_than_without(other):
+    style, errors = other["style"], other["errors"]
+    assert len(style.losses) == OTHER_STEPS
+    # every step after the first starts off the chain; the optimiser lowers its loss there (steps 1-4)
+    ratios = [s[-1] / s[0] for s in style.losses[1:]]
+    assert sum(ratios) / len(ratios) < 0.95, style.losses
+    assert errors["style"] < 0.8 * errors["plain"], errors
+    # sampling with the STYLE retraces what training ended on
+    assert abs(errors["style"] - style.final_error) < 1e-3 + 0.05 * errors["style"]
+
+
+@OTHER_FAMILIES
+def test_only_the_cross_attention_values_change(other):
+    """As on SD1.5: keys (hence probabilities) are the prompt's at every step and layer, values the mapper's."""
+    with torch.inference_mode():
+        probe = KeyValueProbe(other["sigmas"])
+        sample(patching.install(other["styled"], probe, "test"), other["src"], other["empty"], other["noise"],
+               other["sigmas"])
+        unet = unet_of(other["model"])
+        text = other["src"][0][0].float()
+        for key, step, q, k, v in probe.records:
+            attn = attn2_of(unet, key)
+            assert torch.allclose(k, attn.to_k(text), atol=1e-5), (key, step)
+            assert torch.allclose(v, attn.to_v(other["style"].values[step].float()), atol=1e-5), (key, step)
+            assert (v - attn.to_v(text)).abs().max() > 1e-4
+    assert {step for _, step, *_ in probe.records} == set(range(OTHER_STEPS))

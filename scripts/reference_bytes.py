@@ -1,0 +1,126 @@
+"""Reference-cache bytes of KV Inject and RIVAL at real model sizes, from the real layer shapes, without weights.
+
+The SD1.5 and SDXL UNets are built by ComfyUI's own UNetModel on the ``meta`` device (shapes only, no memory), with
+the configs ComfyUI's model detection recognises as SD15 / SDXL (checked: ``model_config_from_unet_config``), and
+walked by the pack's own ``enumerate_layers``. The bytes are the store's own ``ReferenceKV.estimate_bytes`` (what the
+budget is checked against; tests prove it equals what a fill holds), fp16 storage, 50 steps, for what each editor
+records: KV Inject's default (start_percent 0.08 -> steps 4-49, layers from the family default start layer, one CFG
+branch) and RIVAL (every step and self-attention layer, both CFG branches). Then what ``cache=auto`` decides: the
+store's budget is 40% of free memory on the device (GPU first, then CPU RAM).
+
+    .venv/bin/python scripts/reference_bytes.py [--gpu-gib 24] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.harness import comfy_env  # noqa: E402
+from tests.harness.models import SD15_UNET  # noqa: E402
+
+STEPS = 50
+# (family, image px) -> UNet config overrides on SD1.5's (the values ComfyUI's model detection lists for SDXL base)
+SDXL_UNET = {**SD15_UNET, "num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+             "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
+             "num_head_channels": 64, "num_heads": -1, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
+CASES = {"sd15": (SD15_UNET, 512, "SD15"), "sdxl": (SDXL_UNET, 1024, "SDXL")}
+# fp16 weights ComfyUI keeps on the GPU while sampling (UNet; text encoders and VAE are offloaded), + CUDA context
+WEIGHTS_GIB = {"sd15": 1.6 + 0.5, "sdxl": 4.8 + 0.5}
+
+
+def real_layers(family: str):
+    """The pack's AttentionLayer list of the real UNet of ``family``, built on the meta device."""
+    comfy_env.setup_comfy()
+    pack = comfy_env.load_pack()
+    import comfy.model_detection
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    config, _, expected = CASES[family]
+    detected = comfy.model_detection.model_config_from_unet_config(dict(config))
+    if detected is None or type(detected).__name__ != expected:
+        raise RuntimeError(f"ComfyUI does not detect the {family} config as {expected} (got {detected!r})")
+    kwargs = {**config, **detected.unet_extra_config}
+    kwargs.pop("dtype", None)
+    with torch.device("meta"):
+        unet = UNetModel(**kwargs, dtype=torch.float16, device="meta", operations=comfy.ops.disable_weight_init)
+    return pack.attention.layers.enumerate_layers(unet), pack
+
+
+def reference_bytes(family: str, keep: str = "inputs") -> dict:
+    layers, pack = real_layers(family)
+    from_layer = pack.attention.layers.decoder_start(layers)
+    steps_within = pack.attention.schedule.steps_within
+    ReferenceKV = pack.attention.reference.ReferenceKV
+    px = CASES[family][1]
+    inversion = SimpleNamespace(latent_shape=(1, 4, px // 8, px // 8))
+    kv_layers = pack.attention.layers.select_layers(layers, start=from_layer)
+
+    def estimate(layer_list, steps, branches):
+        return ReferenceKV(inversion, layer_list, steps, branches=branches, keep=keep).estimate_bytes()
+
+    return {
+        "family": family, "image_px": px, "keep": keep, "layers": len(layers),
+        "channels_x_tokens": sorted({(l.channels, l.grid(px // 8, px // 8)[0] * l.grid(px // 8, px // 8)[1])
+                                     for l in layers}),
+        "per_step_per_branch_all_layers": estimate(layers, [0], 1) - 4 * 4 * (px // 8) ** 2,
+        "kv_inject_default": {"start_layer": from_layer, "layers": len(kv_layers),
+                              "steps": len(steps_within(STEPS, 0.08)),
+                              "bytes": estimate(kv_layers, steps_within(STEPS, 0.08), 1)},
+        "rival": {"layers": len(layers), "steps": STEPS, "branches": 2,
+                  "bytes": estimate(layers, range(STEPS), 2)},
+    }
+
+
+def auto_decision(need: int, free_bytes: float) -> str:
+    budget = 0.4 * free_bytes
+    return f"cache ({need / 2 ** 30:.2f} <= {budget / 2 ** 30:.1f} GiB)" if need <= budget else \
+        f"no ({need / 2 ** 30:.2f} > {budget / 2 ** 30:.1f} GiB)"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpu-gib", type=float, default=24.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    import psutil
+    ram_free = psutil.virtual_memory().available
+    rows = []
+    for family in CASES:
+        for keep in ("inputs", "kv"):
+            r = reference_bytes(family, keep)
+            gpu_free = (args.gpu_gib - WEIGHTS_GIB[family]) * 2 ** 30
+            for editor in ("kv_inject_default", "rival"):
+                need = r[editor]["bytes"]
+                r[editor]["auto_gpu"] = auto_decision(need, gpu_free)
+                r[editor]["auto_this_cpu"] = auto_decision(need, ram_free)
+            rows.append(r)
+    if args.json:
+        print(json.dumps({"gpu_gib": args.gpu_gib, "this_machine_free_ram_gib": ram_free / 2 ** 30, "rows": rows},
+                         indent=1))
+        return
+    print(f"GPU {args.gpu_gib:g} GiB (free = total - fp16 UNet - 0.5 GiB context); this machine: "
+          f"{ram_free / 2 ** 30:.1f} GiB RAM available. Budget = 40% of free. {STEPS} steps, fp16 storage.")
+    print("| family, px | keep | layers | MiB/step/branch | KV Inject default | auto, GPU | auto, this CPU "
+          "| RIVAL | auto, GPU | auto, this CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        kv, rv = r["kv_inject_default"], r["rival"]
+        print(f"| {r['family']} {r['image_px']} | {r['keep']} | {r['layers']} | "
+              f"{r['per_step_per_branch_all_layers'] / 2 ** 20:.0f} | "
+              f"{kv['bytes'] / 2 ** 30:.2f} GiB ({kv['layers']} layers from {kv['start_layer']}, {kv['steps']} steps) "
+              f"| {kv['auto_gpu']} | {kv['auto_this_cpu']} | {rv['bytes'] / 2 ** 30:.2f} GiB | {rv['auto_gpu']} "
+              f"| {rv['auto_this_cpu']} |")
+
+
+if __name__ == "__main__":
+    main()
