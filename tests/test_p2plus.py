@@ -289,7 +289,7 @@ def test_bad_input_gets_clear_errors(setup, small_model, encode, astronaut_laten
     m, pos, neg, latent, _ = edit(s)
     other_sigmas = ICDDIMInvert().invert(s["model"], astronaut_latent, encode(s["clip"], SOURCE), STEPS + 2, 1.0,
                                          0)[1]
-    with pytest.raises(InversionChainError, match=f"Sample with {STEPS} steps and scheduler 'ddim_uniform'"):
+    with pytest.raises(InversionChainError, match=f"Sample with {STEPS} steps, scheduler 'ddim_uniform'"):
         sample(m, pos, neg, latent["samples"], other_sigmas)
     with pytest.raises(InversionChainError, match="expected a 2-row latent"):
         sample(m, [[pos[0][0][:1], {}]], [[neg[0][0][:1], {}]], latent["samples"][:1], s["sigmas"])
