@@ -54,6 +54,12 @@ class ContentFeatures:
         self.budget_message = ""
 
     # -- bookkeeping (the reference store calls these) ---------------------------------------------------------
+    # the reference store's entry protocol (attention/reference.py): what is kept, and whether it is still valid
+    keep = "features"   # decoder features and attention maps themselves: nothing is re-projected when used
+
+    def usable(self) -> bool:
+        return True
+
     def estimate_bytes(self) -> int:
         h, w = self.inversion.latent_shape[-2:]
         itemsize = torch.tensor([], dtype=self.storage_dtype).element_size()
