@@ -50,8 +50,8 @@ def test_kv_inject_start_beyond_the_inversion_says_so(comfy_server, graph):
 def test_mask_word_after_the_first_77_tokens_says_so(comfy_server, graph):
     nid = node_of(graph, "ICKVInject")
     prompt = "a photo of an astronaut, " + ", ".join(["red"] * 60) + ", cat"
-    text = expect_error(comfy_server, with_input(graph, nid, mode="masked", mask_words="cat", source_prompt=prompt),
-                        nid, "mask_words")
+    text = expect_error(comfy_server, with_input(graph, nid, mode="masked", mask_words="cat", source_prompt=prompt,
+                                                 target_prompt="a photo of a cat"), nid, "mask_words")
     assert "first 77-token window" in text and "not in the prompt" not in text
 
 
