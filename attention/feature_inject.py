@@ -19,13 +19,12 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .. import compat
 from ..artifacts import Inversion, InversionChainError
 from ..conditioning import first_row
 from . import patching
 from .controller import REFERENCE_PASS_KEY, CallContext, Editor
 from .layers import AttentionLayer, DecoderBlock
-from .reference import POLICIES, STORE, cached
+from .reference import POLICIES, STORE, cached, replay_chain
 from .schedule import Schedule, locate
 from ..logs import log
 
@@ -144,20 +143,7 @@ class ContentFeatures:
     # -- filling -------------------------------------------------------------------------------------------
     def fill(self, recorder_model, latent_image):
         """Cache mode: one batch-1 reference pass over the needed steps with the inversion's conditioning."""
-        inv, steps = self.inversion, self.steps
-        pbar = compat.progress_bar(len(steps))
-
-        def reference_pass(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-            for i in steps:
-                compat.check_interrupt()
-                x_i = inv.latent_at(i, x.device, x.dtype)[:1]
-                model_k(x_i, x_i.new_ones([1]) * float(inv.sigmas[i]), **(extra_args or {}))
-                pbar.update(1)
-            return x
-
-        positive = first_row(inv.positive)
-        compat.sample_with_function(patching.with_reference_pass(recorder_model, self), reference_pass, inv.sigmas,
-                                    positive, positive, 1.0, latent_image[:1])
+        replay_chain(patching.with_reference_pass(recorder_model, self), self.inversion, self.steps, latent_image)
 
     def recompute_wrapper(self, previous):
         """Recompute mode: the content forward (recording) right before each sampling call that needs it."""

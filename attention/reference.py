@@ -207,22 +207,7 @@ class ReferenceKV:
             return args["denoised"]
 
         patching.add_post_cfg_function(recorder_model, observe)
-        pbar = compat.progress_bar(len(self.steps))
-        steps = self.steps
-
-        def reference_pass(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-            for i in steps:
-                compat.check_interrupt()
-                x_i = inv.latent_at(i, x.device, x.dtype)[:1]
-                model_k(x_i, x_i.new_ones([1]) * float(inv.sigmas[i]), **(extra_args or {}))
-                pbar.update(1)
-            return x
-
-        positive = first_row(inv.positive)
-        # any cfg != 1 makes ComfyUI evaluate the uncond branch; the guided result itself is not used
-        compat.sample_with_function(recorder_model, reference_pass, inv.sigmas, positive,
-                                    negative if negative is not None else positive,
-                                    1.0 if negative is None else 2.0, latent_image[:1])
+        replay_chain(recorder_model, inv, self.steps, latent_image, negative)
 
     def recompute_wrapper(self, previous):
         """UNet function wrapper for recompute mode: a reference forward before each sampling call."""
@@ -301,6 +286,27 @@ class ReferenceStore:
 
 
 STORE = ReferenceStore()
+
+
+def replay_chain(recorder_model, inv: Inversion, steps: Sequence[int], latent_image, negative=None):
+    """Run ``recorder_model`` (a reference-pass clone) once on the chain's latent of each of ``steps`` (batch 1,
+    the inversion's positive; with a ``negative`` the uncond branch too), through ComfyUI's sampling entry so
+    that every model wrapper and patch sees an ordinary call."""
+    pbar = compat.progress_bar(len(steps))
+
+    def reference_pass(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        for i in steps:
+            compat.check_interrupt()
+            x_i = inv.latent_at(i, x.device, x.dtype)[:1]
+            model_k(x_i, x_i.new_ones([1]) * float(inv.sigmas[i]), **(extra_args or {}))
+            pbar.update(1)
+        return x
+
+    positive = first_row(inv.positive)
+    # any cfg != 1 makes ComfyUI evaluate the uncond branch; the guided result itself is not used
+    compat.sample_with_function(recorder_model, reference_pass, inv.sigmas, positive,
+                                negative if negative is not None else positive,
+                                1.0 if negative is None else 2.0, latent_image[:1])
 
 
 def cached(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: str, policy: str, fill,
