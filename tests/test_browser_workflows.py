@@ -94,8 +94,8 @@ def live_state(page) -> dict:
                 return {name: w.name, type: w.type, value: w.value, values: Array.isArray(values) ? values : null,
                         min: w.options?.min ?? null, max: w.options?.max ?? null};
             })}));
-        // 2024-03 frontend: .comfy-modal; 0.3x frontend: PrimeVue .p-dialog
-        const dialogs = [...document.querySelectorAll(".comfy-modal, .p-dialog")]
+        // 2024-03 frontend: .comfy-modal; 0.3x frontend: PrimeVue .p-dialog, newer ones role=dialog
+        const dialogs = [...document.querySelectorAll(".comfy-modal, .p-dialog, [role='dialog']")]
             .filter(d => d.offsetParent !== null || getComputedStyle(d).display !== "none")
             .map(d => d.textContent.slice(0, 300));
         return {nodes, dialogs};
@@ -168,7 +168,9 @@ def test_queue_ddim_reconstruction_from_the_ui_and_read_latent_difference(page, 
         return missing;
     }""", changes)
     assert not missing, f"widgets not found in the UI: {missing}"
-    assert not invalid_widgets(live_state(page)["nodes"])
+    state = live_state(page)
+    assert not invalid_widgets(state["nodes"])
+    assert not state["dialogs"], f"a dialog is open over the canvas: {state['dialogs']}"
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as resp_info:
         page.locator("#queue-button:visible, [data-testid='queue-button']:visible").first.click()
     response = resp_info.value
