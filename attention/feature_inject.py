@@ -24,9 +24,8 @@ from ..conditioning import first_row
 from . import patching
 from .controller import REFERENCE_PASS_KEY, CallContext, Editor
 from .layers import AttentionLayer, DecoderBlock
-from .reference import POLICIES, STORE, cached, replay_chain
+from .reference import cached, replay_chain
 from .schedule import Schedule, locate
-from ..logs import log
 
 
 class ContentFeatures:
@@ -54,6 +53,7 @@ class ContentFeatures:
 
     # -- bookkeeping (the reference store calls these) ---------------------------------------------------------
     # the reference store's entry protocol (attention/reference.py): what is kept, and whether it is still valid
+    noun = "content features"
     keep = "features"   # decoder features and attention maps themselves: nothing is re-projected when used
 
     def usable(self) -> bool:
@@ -70,29 +70,6 @@ class ContentFeatures:
     def nbytes(self) -> int:
         tensors = list(self.features.values()) + [t for qk in self.qk.values() for t in qk]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def choose_storage(self, policy: str, model) -> str:
-        """The cache device within the store's budget (the model's device, else CPU), or recompute."""
-        if policy not in POLICIES:
-            raise InversionChainError(f"{self.what}: unknown cache policy '{policy}'; use one of "
-                                      f"{', '.join(POLICIES)}.")
-        if policy == "recompute":
-            return "recompute"
-        need = self.estimate_bytes()
-        devices = {"auto": [model.load_device, torch.device("cpu")], "gpu": [model.load_device, torch.device("cpu")],
-                   "cpu": [torch.device("cpu")]}[policy]
-        said = []
-        for device in dict.fromkeys(torch.device(d) for d in devices):
-            budget = STORE.budget(device)
-            if need <= budget:
-                self.storage_device = device
-                return "cache"
-            said.append(f"{budget / 2 ** 20:.1f} MB on {device}")
-        self.budget_message = f"needs {need / 2 ** 20:.1f} MB, budget {', '.join(said)}"
-        log.warning("[Inversion Chain] %s: content features would need %.1f MB, over the cache budget (%s); "
-                    "recomputing the content forward at every step instead (slower, same result)", self.what,
-                    need / 2 ** 20, ", ".join(said))
-        return "recompute"
 
     def clear(self):
         self.features.clear()

@@ -46,6 +46,7 @@ class ReferenceKV:
     """Recorder and store of one inversion's reference K/V for chosen (chain step, layer) pairs."""
 
     default_keep = "inputs"
+    noun = "reference K/V"   # what the store's budget messages call this entry
 
     def __init__(self, inversion: Inversion, layers: Sequence[AttentionLayer], steps: Iterable[int],
                  storage_dtype=torch.float16, cross_tokens: Optional[Sequence[int]] = None, cross_level: int = 2,
@@ -157,38 +158,6 @@ class ReferenceKV:
             return attn.to_k(key_input), attn.to_v(value_input)
 
     # -- filling ---------------------------------------------------------------------------------------------
-    def choose_storage(self, policy: str, model) -> str:
-        """Pick the cache device within the store's budget, or recompute (never risk running out of memory)."""
-        if policy not in POLICIES:
-            raise InversionChainError(f"{self.what}: unknown cache policy '{policy}'; use one of "
-                                      f"{', '.join(POLICIES)}.")
-        if policy == "recompute":
-            return "recompute"
-        need = self.estimate_bytes()
-        gpu = model.load_device
-        candidates = {"auto": [gpu, torch.device("cpu")], "gpu": [gpu, torch.device("cpu")],
-                      "cpu": [torch.device("cpu")]}[policy]
-        budgets = []
-        for device in candidates:
-            if device.type == "cpu" and budgets and budgets[-1][0].type == "cpu":
-                continue
-            budget = STORE.budget(device)
-            budgets.append((device, budget))
-            if need <= budget:
-                if policy == "gpu" and device.type == "cpu":
-                    log.warning("[Inversion Chain] %s: reference K/V (%.1f MB) do not fit the budget on %s; keeping "
-                                "them in CPU memory", self.what, need / 2 ** 20, gpu)
-                self.storage_device = device
-                return "cache"
-        said = ", ".join(f"{budget / 2 ** 20:.1f} MB on {device}" for device, budget in budgets)
-        rule = ("a fixed budget" if STORE.max_bytes is not None else
-                f"{int(BUDGET_FRACTION * 100)}% of free memory, counting what the cache holds as free")
-        log.warning("[Inversion Chain] %s: reference K/V would need %.1f MB, over the cache budget (%s: %s); "
-                    "recomputing them at every step instead (slower, same result)", self.what, need / 2 ** 20, said,
-                    rule)
-        self.budget_message = f"needs {need / 2 ** 20:.1f} MB, budget {said}"
-        return "recompute"
-
     def fill(self, model, latent_image, negative=None):
         """Cache mode: one reference pass over the needed steps (batch 1, the inversion's conditioning). With a
         ``negative`` both CFG branches are recorded, and the reference's conditional noise prediction too."""
@@ -309,6 +278,39 @@ def replay_chain(recorder_model, inv: Inversion, steps: Sequence[int], latent_im
                                 1.0 if negative is None else 2.0, latent_image[:1])
 
 
+def choose_storage(entry, policy: str, model) -> str:
+    """Pick a store entry's cache device within the store's budget, or recompute (never risk running out of
+    memory). ``entry`` is any store entry (reference K/V, content features): it has ``what``, ``noun``,
+    ``estimate_bytes()`` and receives ``storage_device`` / ``budget_message``."""
+    if policy not in POLICIES:
+        raise InversionChainError(f"{entry.what}: unknown cache policy '{policy}'; use one of {', '.join(POLICIES)}.")
+    if policy == "recompute":
+        return "recompute"
+    need = entry.estimate_bytes()
+    gpu = model.load_device
+    candidates = {"auto": [gpu, torch.device("cpu")], "gpu": [gpu, torch.device("cpu")],
+                  "cpu": [torch.device("cpu")]}[policy]
+    budgets = []
+    for device in candidates:
+        if device.type == "cpu" and budgets and budgets[-1][0].type == "cpu":
+            continue
+        budget = STORE.budget(device)
+        budgets.append((device, budget))
+        if need <= budget:
+            if policy == "gpu" and device.type == "cpu":
+                log.warning("[Inversion Chain] %s: %s (%.1f MB) do not fit the budget on %s; keeping them in CPU "
+                            "memory", entry.what, entry.noun, need / 2 ** 20, gpu)
+            entry.storage_device = device
+            return "cache"
+    said = ", ".join(f"{budget / 2 ** 20:.1f} MB on {device}" for device, budget in budgets)
+    rule = ("a fixed budget" if STORE.max_bytes is not None else
+            f"{int(BUDGET_FRACTION * 100)}% of free memory, counting what the cache holds as free")
+    log.warning("[Inversion Chain] %s: %s would need %.1f MB, over the cache budget (%s: %s); recomputing them at "
+                "every step instead (slower, same result)", entry.what, entry.noun, need / 2 ** 20, said, rule)
+    entry.budget_message = f"needs {need / 2 ** 20:.1f} MB, budget {said}"
+    return "recompute"
+
+
 def cached(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: str, policy: str, fill,
            extra: tuple = ()) -> Tuple[ReferenceKV, str]:
     """The store's entry for ``reference``'s key, filled once by ``fill(reference)`` when the policy and budget
@@ -320,7 +322,7 @@ def cached(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: s
         return found, "cache"
     if found is not None:
         STORE.entries.pop(key, None)
-    mode = reference.choose_storage(policy, model)
+    mode = choose_storage(reference, policy, model)
     if mode == "cache":
         STORE.make_room(reference.estimate_bytes(), reference.storage_device)
         fill(reference)
