@@ -12,7 +12,9 @@ Training (per image), at guidance ``cfg`` with the unconditional prompt: from th
 e^(-0.1 i))`` iterations at step i, stopping early (as null-text) once the loss is below ``1e-5 + i * 2e-5``;
 loss = MSE of the DDPM latent after the guided step against the inversion's + ``attention_loss_weight`` x MSE of
 the conditional branch's latent/4 cross-attention maps against the inversion's (the maps of the chain latent at
-that step with the prompt's own values). After its iterations a step's BatchNorm statistics are set to the exact
+that step with the prompt's own values). A step keeps the best weights it measured (the last update's included:
+Adam's first sign-like updates can overshoot, and its loss would then end above where it started). After its
+iterations a step's BatchNorm statistics are set to the exact
 statistics of its input under the final weights and the mapper runs in eval mode (the official code never leaves
 train mode); with this single fixed input eval and train outputs agree, so what was optimised is what is used.
 The latent then advances with that value input, so later steps correct earlier drift.
@@ -51,7 +53,7 @@ EARLY_STOP_SLOPE = 2e-5
 INIT_STD = 0.01
 INIT_SEED = 0
 LATENT_FACTOR = 8          # SD-family VAEs: image pixels per latent cell
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MEMORY_ENTRIES = 4
 _memory: "OrderedDict[str, Style]" = OrderedDict()
 
@@ -300,6 +302,25 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
     def guided_step(x, s, s_next, d_cond, d_uncond):
         return ddim.guided_ddim_step(x, s, s_next, d_cond, d_uncond, cfg)
 
+    def step_loss(x, s, s_next, sigma, d_uncond, target, target_maps):
+        """(loss, its latent part, the guided next latent) with the injected value set by the caller."""
+        d_cond = call(x, sigma, conds_c, 0)
+        maps = recorder.take()
+        x_next = guided_step(x, s, s_next, d_cond, d_uncond)
+        loss_latent = F.mse_loss(ddim.z_from_x(x_next, s_next), target)
+        return loss_latent + attention_loss_weight * F.mse_loss(maps, target_maps), loss_latent, x_next
+
+    def finish(mapper, x, s, s_next, sigma, d_uncond, target, target_maps):
+        """The mapper as it will be used (BatchNorm calibrated, eval mode): its value, loss, latent loss and the
+        next latent."""
+        mapper.calibrate(tokens_n)
+        mapper.eval()
+        value = injection.override = mapper(tokens_n, text).detach()
+        loss, loss_latent, x_next = step_loss(x, s, s_next, sigma, d_uncond, target, target_maps)
+        injection.override = None
+        mapper.train()
+        return value, loss, loss_latent, x_next
+
     try:
         with torch.inference_mode(False), trainable_weights(unet_of(model)):
             conds_c = {k: normal(v) for k, v in conds_c.items()}
@@ -322,39 +343,42 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
                                              betas=(0.0, 0.999))
                 threshold = EARLY_STOP_EPS + i * EARLY_STOP_SLOPE
                 step_losses: List[float] = []
-                latent_loss = float("nan")
+                best_loss, best_state = float("inf"), None
+                updated = False     # weights changed since their loss was last measured
                 for j in range(plan[i]):
                     compat.check_interrupt()
                     with torch.enable_grad(), forward_hooks():
                         injection.override = mapper(tokens_n, text)
-                        d_cond = call(x, sigma, conds_c, 0)
-                        maps = recorder.take()
-                        x_next = guided_step(x, s, s_next, d_cond, d_uncond)
-                        loss_latent = F.mse_loss(ddim.z_from_x(x_next, s_next), target)
-                        loss = loss_latent + attention_loss_weight * F.mse_loss(maps, target_maps)
+                        loss, _, _ = step_loss(x, s, s_next, sigma, d_uncond, target, target_maps)
+                    injection.override = None
+                    pbar.update(1)
+                    iters[i] = j + 1
+                    step_losses.append(float(loss.detach()))
+                    if step_losses[-1] < best_loss:
+                        best_loss, best_state = step_losses[-1], copy.deepcopy(mapper.state_dict())
+                    if step_losses[-1] < threshold:
+                        updated = False
+                        break   # these weights are good enough: keep them, no further update
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    injection.override = None
-                    pbar.update(1)
-                    step_losses.append(float(loss.detach()))
-                    latent_loss = float(loss_latent.detach())
-                    iters[i] = j + 1
-                    if step_losses[-1] < threshold:
-                        break
+                    updated = True
                 pbar.update(plan[i] - iters[i])
-                recorder.enabled = False
-                mapper.calibrate(tokens_n)
-                mapper.eval()
+                # Adam's first, sign-like updates can overshoot (the loss rises): the step keeps the best weights it
+                # measured, the last update's included, so it never ends worse than it started
                 with torch.no_grad():
-                    value = mapper(tokens_n, text).detach()
-                    values.append(value.float().cpu().clone())
-                    injection.override = value
-                    d_cond = call(x, sigma, conds_c, 0)
-                    injection.override = None
-                    x = guided_step(x, s, s_next, d_cond, d_uncond)
+                    value, loss, loss_latent, x_next = finish(mapper, x, s, s_next, sigma, d_uncond, target,
+                                                              target_maps)
+                    if updated:   # the last update's weights: measured here for the first time
+                        step_losses.append(float(loss))
+                    if updated and float(loss) > best_loss:
+                        mapper.load_state_dict(best_state)
+                        value, loss, loss_latent, x_next = finish(mapper, x, s, s_next, sigma, d_uncond, target,
+                                                                  target_maps)
+                values.append(value.float().cpu().clone())
+                x = x_next
                 losses.append(step_losses)
-                latent_losses.append(latent_loss)
+                latent_losses.append(float(loss_latent))
             source = inversion.latent_at(steps, device, torch.float32)
             final_error = float((compat.latent_out(patched, x.detach().clone())
                                  - compat.latent_out(patched, source.clone())).abs().max())

@@ -53,19 +53,17 @@ def setup(small_model, encode, astronaut_latent, clip_vision):
 
 def test_training_lowers_the_loss(setup):
     losses = setup["style"].losses
-    assert len(losses) == STEPS and len(losses[0]) == INNER  # step 0: ceil(10 * e^0) iterations, no early stop hit
-    print("per-step first -> last loss: " + ", ".join(f"{s[0]:.3g}->{s[-1]:.3g}" for s in losses))
-    # step 0 starts on the chain (x_T) with a mapper close to the prompt: already near its optimum (measured
-    # 2.5e-4 -> 6e-4: Adam's first sign-like steps overshoot); every later step starts off the chain
-    later = losses[1:]
-    ratios = [step[-1] / step[0] for step in later]
-    # Measured (last/first per step, steps 1-7): with the tolerance-stopped inversion the chain is more exact, so
-    # the later steps start near their optimum and their small changes go either way with the thread count
-    # (2 threads: 0.46 0.77 0.94 1.00 1.02 0.95 1.00; 1 thread: all but step 4 lower). What holds on every run
-    # measured: the first step off the chain drops by half, none rises by more than 11%, and the mean drops.
+    # step 0: ceil(10 * e^0) iterations, no early stop hit; each iteration measures the weights it then updates,
+    # and the weights after the last update are measured once more (to keep the best)
+    assert len(losses) == STEPS and len(losses[0]) == INNER + 1
+    print("per-step first -> kept (best measured) loss: "
+          + ", ".join(f"{s[0]:.3g}->{min(s):.3g}" for s in losses))
+    # every step after the first starts off the chain; the optimiser lowers its loss there, and a step keeps the
+    # best weights it measured (Adam's first sign-like updates overshoot: step 0, which starts on the chain with a
+    # mapper close to the prompt, measured 2.5e-4 -> 6e-4 when it kept its last weights)
+    ratios = [min(step) / step[0] for step in losses[1:]]
     assert ratios[0] < 0.7, losses
-    assert max(ratios) < 1.15, losses
-    assert sum(ratios) / len(ratios) < 0.95, losses
+    assert sum(ratios) / len(ratios) < 0.9, losses
 
 
 def test_inner_iterations_decay_as_the_paper(setup):
@@ -299,7 +297,7 @@ def other(family, family_model, family_encode, family_latent, clip_vision):
                   for name, m in (("plain", model), ("style", styled))}
     print(f"{family}: StyleDiffusion at cfg {CFG}, {OTHER_STEPS} steps x {OTHER_INNER} iterations: plain DDIM "
           f"{errors['plain']:.4f}, Apply {errors['style']:.4f}, training final {style.final_error:.4f}; losses "
-          + ", ".join(f"{s[0]:.3g}->{s[-1]:.3g}" for s in style.losses))
+          + ", ".join(f"{s[0]:.3g}->{min(s):.3g}" for s in style.losses))
     return dict(family=family, model=model, src=src, empty=empty, noise=noise["samples"], sigmas=sigmas,
                 style=style, styled=styled, errors=errors)
 
@@ -309,7 +307,7 @@ def test_mapper_trains_and_apply_reconstructs_better_than_without(other):
     style, errors = other["style"], other["errors"]
     assert len(style.losses) == OTHER_STEPS
     # every step after the first starts off the chain; the optimiser lowers its loss there (steps 1-4)
-    ratios = [s[-1] / s[0] for s in style.losses[1:]]
+    ratios = [min(s) / s[0] for s in style.losses[1:]]   # a step keeps the best weights it measured
     assert sum(ratios) / len(ratios) < 0.95, style.losses
     assert errors["style"] < 0.8 * errors["plain"], errors
     # sampling with the STYLE retraces what training ended on
