@@ -224,6 +224,6 @@ class Style:
     def summary(self) -> str:
         iters = int(self.inner_iters.sum())
         origin = f", loaded from the {self.from_cache} cache" if self.from_cache else ""
-        return (f"STYLE: {self.steps} steps, cfg {self.cfg}, {iters} optimiser iterations, last step's "
-                f"kept loss {min(self.losses[-1]) if self.losses and self.losses[-1] else float('nan'):.3g}, reconstruction max "
-                f"error {self.final_error:.3g}, trained in {self.seconds:.1f}s{origin}")
+        kept = min(self.losses[-1]) if self.losses and self.losses[-1] else float("nan")
+        return (f"STYLE: {self.steps} steps, cfg {self.cfg}, {iters} optimiser iterations, last step's kept loss "
+                f"{kept:.3g}, reconstruction max error {self.final_error:.3g}, trained in {self.seconds:.1f}s{origin}")
