@@ -190,12 +190,62 @@ class ReferenceKV:
                 self.store.clear()
                 x = args["input"]
                 x_ref = self.inversion.latent_at(i, x.device, x.dtype)[:1]
+                self.eps.clear()
                 for branch, made in enumerate((self.conds, self.conds_uncond)[:self.branches]):
                     conds = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in made.items()}
-                    patching.reference_call(apply_model, x_ref, t[:1], conds,
-                                            args["c"].get("transformer_options", {}), self, branch)
+                    denoised = patching.reference_call(apply_model, x_ref, t[:1], conds,
+                                                       args["c"].get("transformer_options", {}), self, branch)
+                    if branch == 0:   # the reference's conditional noise prediction (RIVAL's normalisation)
+                        self.eps[i] = ((x_ref - denoised) / t[:1].view(1, 1, 1, 1)).float()
             return patching.call_unet(apply_model, args, previous)
         return wrapper
+
+
+class PartialReference:
+    """A cache entry that holds the first steps of the chain (as many as fit the budget) and a recompute recorder
+    for the other steps: a UNet wrapper runs the reference forward next to each of their sampling calls. Reads
+    (``get``, ``eps``) go to whichever holds the step."""
+
+    def __init__(self, cached: ReferenceKV, model, negative=None):
+        inv = cached.inversion
+        self.cached = cached
+        self.inversion = inv
+        self.layers = cached.layers
+        self.what = cached.what
+        self.recomputed = ReferenceKV(inv, cached.layers, [i for i in range(inv.steps) if i not in cached.steps],
+                                      branches=cached.branches, what=cached.what)
+        self.recomputed.storage_device = model.load_device
+        latent = torch.zeros((1,) + tuple(inv.latent_shape[1:]))
+        self.recomputed.conds = patching.capture_conds(model, first_row(inv.positive), latent)
+        if cached.branches == 2:
+            self.recomputed.conds_uncond = patching.capture_conds(model, negative, latent)
+
+    @property
+    def steps(self):
+        return self.cached.steps
+
+    @property
+    def eps(self) -> Dict[int, torch.Tensor]:
+        return {**self.cached.eps, **self.recomputed.eps}
+
+    def get(self, step: int, layer: AttentionLayer, device, dtype, branch: int = 0):
+        holder = self.cached if step in self.cached.steps else self.recomputed
+        return holder.get(step, layer, device, dtype, branch)
+
+    def install(self, model):
+        """Add the recompute wrapper to ``model`` (a clone about to sample)."""
+        return patching.add_unet_wrapper(model, self.recomputed.recompute_wrapper)
+
+
+def steps_that_fit(entry: ReferenceKV, policy: str, model) -> int:
+    """How many of ``entry``'s steps (each step holds the same bytes) fit the store's budget on the largest
+    device the policy allows; ``len(entry.steps)`` when all do."""
+    if policy == "recompute" or not entry.steps:
+        return 0
+    devices = {"cpu": [torch.device("cpu")]}.get(policy, [model.load_device, torch.device("cpu")])
+    per_step = entry.estimate_bytes() / len(entry.steps)
+    budget = max(STORE.budget(device) for device in devices)
+    return min(len(entry.steps), int(budget // per_step))
 
 
 class ReferenceStore:

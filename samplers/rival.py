@@ -132,31 +132,44 @@ def check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normali
         raise InversionChainError(f"{what}: cfg must be positive, got {cfg}.")
 
 
-def cached_reference(model, inversion: Inversion, negative, policy: str = "auto",
-                     what: str = TECHNIQUE) -> Optional[ReferenceKV]:
+def cached_reference(model, inversion: Inversion, negative, policy: str = "auto", what: str = TECHNIQUE,
+                     partial: bool = False):
     """The inversion's reference K/V for both CFG branches (and its conditional eps), recorded once per
     (inversion, negative prompt) into the shared reference store; None when it would not fit the store's budget
-    (then the reference row runs in the batch)."""
+    (then the reference row runs in the batch). With ``partial``, when every step would not fit but some would,
+    the first steps that fit are cached and the rest recomputed per step (a PartialReference)."""
     layers = patching.layers_of(model)
-    reference = ReferenceKV(inversion, layers, range(inversion.steps), branches=2, what=what)
+    steps = inversion.steps
+    reference = ReferenceKV(inversion, layers, range(steps), branches=2, what=what)
     schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
-    recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=reference), what)
     # a ControlNet on the negative (Apply ControlNet (Advanced)) steers the variations' uncond branch only; the
     # photo's reference is recorded without it, as the official pipeline passes zero residuals for the reference
     negative_row = [[c, {k: v for k, v in meta.items() if k not in CONTROL_KEYS}] for c, meta in first_row(negative)]
+    conditioning = fingerprint(first_row(inversion.positive)) + fingerprint(negative_row)
+    fit = steps
+    if partial and policy != "recompute" and reference_store.STORE.get(
+            reference_store.ReferenceStore.key("rival", inversion, conditioning, layers, range(steps),
+                                               (reference.keep,))) is None:
+        fit = reference_store.steps_that_fit(reference, policy, model)
+        if 0 < fit < steps:
+            reference = ReferenceKV(inversion, layers, range(fit), branches=2, what=what)
 
     def fill(ref):
         # the recorder's editor must write into ``ref`` (the entry being filled)
+        recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=ref), what)
         ref.fill(recorder, torch.zeros(inversion.latent_shape), negative=negative_row)
 
-    reference, mode = reference_store.cached("rival", model, reference,
-                                             fingerprint(first_row(inversion.positive)) + fingerprint(negative_row),
-                                             policy, fill)
+    reference, mode = reference_store.cached("rival", model, reference, conditioning, policy, fill)
     if mode != "cache":
         return None
     log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", what, reference.nbytes() / 2 ** 20,
              reference.storage_device)
-    return reference
+    if len(reference.steps) == steps:
+        return reference
+    log.info("[Inversion Chain] %s: the cache budget holds %d of the %d steps' reference K/V; the other %d are "
+             "recomputed next to each of their sampling calls", what, len(reference.steps), steps,
+             steps - len(reference.steps))
+    return reference_store.PartialReference(reference, model, negative_row)
 
 
 def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,
@@ -175,7 +188,8 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
         raise InversionChainError(f"{what}: unknown reference mode '{reference_mode}'; use one of "
                                   f"{', '.join(REFERENCE_MODES)}.")
     replace_end, normalize_end = float(replace_end_percent), float(normalize_end_percent)
-    store = cached_reference(model, inversion, negative, what=what) if reference_mode == "cache" else None
+    store = cached_reference(model, inversion, negative, what=what, partial=True) if reference_mode == "cache" \
+        else None
     if store is not None:
         return _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end,
                                   normalize_end, init, normalize, preview, what, region)
@@ -248,6 +262,8 @@ def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_
     steps, sigmas = inversion.steps, inversion.sigmas
     schedule = Schedule(sigmas, inversion.scheduler, what)
     m = patching.install(model, RivalAttentionEditor(replace_end, schedule, reference=store), what)
+    if isinstance(store, reference_store.PartialReference):
+        store.install(m)
     preview_cb = compat.preview_callback(m, steps) if preview else None
     pbar = None if preview else compat.progress_bar(steps)
     x_T = inversion.chain[0][:1]

@@ -6,6 +6,7 @@ from inversion_chain.attention import patching, reference
 from inversion_chain.attention.rival import RivalAttentionEditor
 from inversion_chain.attention.schedule import Schedule
 from inversion_chain.conditioning import first_row
+from inversion_chain.model_info import unet_of
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.samplers import rival
@@ -139,3 +140,45 @@ def test_real_layouts_bytes_from_layer_shapes():
         assert kv["per_step_per_branch_all_layers"] == 2 * 2 * values
         eps = 50 * 4 * 4 * (inputs["image_px"] // 8) ** 2
         assert inputs["rival"]["bytes"] == 50 * 2 * 2 * values + eps
+
+
+def test_partial_cache_holds_the_first_steps_that_fit_and_recomputes_the_rest(store, inverted, family,
+                                                                                family_encode):
+    """When every step's reference would not fit the budget but some would (SDXL at 1024 px on a 24 GB GPU:
+    19.5 GiB for 50 steps against ~7.5 GiB), RIVAL caches the first steps that fit and recomputes the others next
+    to their sampling calls: same result as the full cache, bytes within the budget, one reference forward per
+    recomputed step and CFG branch."""
+    from inversion_chain.nodes.rival import ICRIVALAlignSampler
+    model, clip, src, inv = inverted
+    empty = family_encode(clip, "")
+
+    def variations():
+        return ICRIVALAlignSampler().sample(model, src, empty, inv, 3, 2, 5.0, 0.5, 0.5, "permute", "eps",
+                                            "cache")[0]["samples"]
+
+    full_entry = rival.cached_reference(model, inv, empty, "cpu")
+    per_step = full_entry.nbytes() // STEPS
+    full = variations()
+    store.clear()
+    store.max_bytes = int(2.5 * per_step)    # two of the four steps fit
+    rows = []   # batch rows of every UNet forward
+    hook = unet_of(model).register_forward_hook(lambda module, args, out: rows.append(int(out.shape[0])))
+    try:
+        with torch.inference_mode():
+            partial = variations()
+    finally:
+        hook.remove()
+    (entry,) = store.entries.values()
+    assert entry.steps == [0, 1] and entry.nbytes() == entry.estimate_bytes() <= store.max_bytes
+    # the fill: steps 0 and 1, both CFG branches of the reference; one call per prompt that captures the
+    # model-ready conditioning of the recompute forwards; sampling: 2 variations x 2 branches per step, each of
+    # steps 2 and 3 preceded by the reference forward of each branch (batch 1)
+    assert sum(rows) == 2 * 2 + 2 + STEPS * 4 + 2 * 2, rows
+    assert rows[-6:] == [1, 1, 4, 1, 1, 4], rows
+    diff = float((partial - full).abs().max())
+    print(f"{family}: RIVAL partial cache (2 of {STEPS} steps, {entry.nbytes()} B) vs full cache: {diff:.2e}")
+    assert diff < 1e-3
+    # a second run finds the partial entry: no refill
+    with torch.inference_mode():
+        again = variations()
+    assert list(store.entries.values()) == [entry] and torch.equal(again, partial)
