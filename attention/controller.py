@@ -117,6 +117,26 @@ def apply_probs(probs, v, heads) -> torch.Tensor:
     return merge_heads(torch.matmul(probs, split_heads(v, heads).float()).to(v.dtype))
 
 
+SCORE_CHUNK_BYTES = 2 ** 28   # float32 scores held at once by explicit_attention (SD1.5 512 px unchunked: 1 GiB)
+
+
+def explicit_attention(q, k, v, heads, bias: Optional[torch.Tensor] = None,
+                       max_score_bytes: int = SCORE_CHUNK_BYTES) -> torch.Tensor:
+    """``apply_probs(attention_probs(q, k, heads, bias), v, heads)`` over chunks of queries, so the float32 score
+    matrix held at once stays under ``max_score_bytes`` (every query attends independently: same result).
+    ``bias`` broadcasts to (B, heads, Nq, Nk)."""
+    batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    per_query = batch * heads * nk * 4 * 2    # scores and their softmax
+    chunk = max(1, int(max_score_bytes // per_query))
+    if chunk >= nq:
+        return apply_probs(attention_probs(q, k, heads, bias), v, heads)
+    outs = []
+    for start in range(0, nq, chunk):
+        part = None if bias is None else bias[..., start:start + chunk, :] if bias.shape[-2] != 1 else bias
+        outs.append(apply_probs(attention_probs(q[:, start:start + chunk], k, heads, part), v, heads))
+    return torch.cat(outs, dim=1)
+
+
 class Controller(PatchObject):
     """Immutable list of editors for one MODEL clone; adding an editor makes a new Controller.
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..artifacts import InversionChainError
-from .controller import CallContext, Editor, apply_probs, attention_probs
+from .controller import CallContext, Editor, explicit_attention
 from .layers import AttentionLayer
 from .reference import ReferenceKV
 from .schedule import Schedule
@@ -160,7 +160,7 @@ class KVInjectEditor(Editor):
         bias.masked_fill_(~same_region, float("-inf"))
         bias = bias[:, None]                                                    # (B, 1, Nq, Nk)
         ctx.scratch["attention_bias"] = bias  # observers (attention capture) see the masked attention
-        return apply_probs(attention_probs(q, k, ctx.heads, bias), v, ctx.heads)
+        return explicit_attention(q, k, v, ctx.heads, bias)
 
 
 class TargetMapObserver(Editor):

@@ -237,3 +237,19 @@ def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s
           f"cells, forced target fg {int(moved.sum())}; source mask vs oracle: {src_disagree:.3f} of cells differ; "
           f"attention mass across regions {worst_leak:.1e}")
     assert checked >= (STEPS - step) and src_disagree == 0.0 and worst_leak == 0.0
+
+
+def test_masked_attention_in_query_chunks_equals_the_single_call():
+    """Masked mode computes its attention explicitly (float32 scores + the region bias); it runs over chunks of
+    queries so that SD1.5 at 512 px (2 x 8 heads x 4096 x 4096 scores, 1 GiB) holds at most SCORE_CHUNK_BYTES."""
+    from inversion_chain.attention.controller import apply_probs, attention_probs, explicit_attention
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 96, 64, generator=gen) for _ in range(3))
+    region = torch.rand(2, 1, 96, 96, generator=gen) < 0.3
+    bias = torch.zeros(region.shape).masked_fill_(region, float("-inf"))
+    bias[..., 0] = 0.0   # every query keeps one key
+    whole = apply_probs(attention_probs(q, k, 4, bias), v, 4)
+    for max_bytes in (1, 2 * 4 * 96 * 4 * 2 * 7, 2 ** 30):   # one query at a time, 7 at a time, all at once
+        assert torch.allclose(explicit_attention(q, k, v, 4, bias, max_bytes), whole, atol=1e-6)
+    assert torch.allclose(explicit_attention(q, k, v, 4, None, 1), apply_probs(attention_probs(q, k, 4), v, 4),
+                          atol=1e-6)
