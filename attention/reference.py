@@ -74,6 +74,11 @@ class ReferenceKV:
         self.branches = int(branches)   # CFG branches recorded: 1 (conditional) or 2 (with a negative prompt)
         self.what = what
 
+    def with_steps(self, steps: Iterable[int]) -> "ReferenceKV":
+        """An empty entry like this one for other chain steps."""
+        return ReferenceKV(self.inversion, self.layers, steps, self.storage_dtype, self.cross_tokens, self.cross_level,
+                           self.branches, self.what, self.keep)
+
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def estimate_bytes(self) -> int:
         """What ``fill`` stores: the self-attention inputs (or K and V) of every recorded branch, layer and step
@@ -202,31 +207,34 @@ class ReferenceKV:
 
 
 class PartialReference:
-    """A cache entry that holds the first steps of the chain (as many as fit the budget) and a recompute recorder
-    for the other steps: a UNet wrapper runs the reference forward next to each of their sampling calls. Reads
-    (``get``, ``eps``) go to whichever holds the step."""
+    """A cache entry holding the first of the wanted steps (as many as fit the budget) and a recompute recorder for
+    the other steps: a UNet wrapper runs the reference forward next to each of their sampling calls. Reads
+    (``get``, ``eps``, ``cross_maps``) go to whichever holds the step."""
 
-    def __init__(self, cached: ReferenceKV, model, negative=None):
-        inv = cached.inversion
+    mode = "partial"
+
+    def __init__(self, cached: ReferenceKV, steps: Iterable[int], model, positive, negative=None):
         self.cached = cached
-        self.inversion = inv
-        self.layers = cached.layers
-        self.what = cached.what
-        self.recomputed = ReferenceKV(inv, cached.layers, [i for i in range(inv.steps) if i not in cached.steps],
-                                      branches=cached.branches, what=cached.what)
+        self.steps = sorted(set(int(s) for s in steps))
+        for name in ("inversion", "layers", "what", "branches", "cross_tokens", "cross_level", "storage_device"):
+            setattr(self, name, getattr(cached, name))
+        self.recomputed = cached.with_steps([i for i in self.steps if i not in cached.steps])
         self.recomputed.storage_device = model.load_device
-        latent = torch.zeros((1,) + tuple(inv.latent_shape[1:]))
-        self.recomputed.conds = patching.capture_conds(model, first_row(inv.positive), latent)
+        latent = torch.zeros((1,) + tuple(self.inversion.latent_shape[1:]))
+        self.recomputed.conds = patching.capture_conds(model, positive, latent)
         if cached.branches == 2:
             self.recomputed.conds_uncond = patching.capture_conds(model, negative, latent)
 
     @property
-    def steps(self):
-        return self.cached.steps
-
-    @property
     def eps(self) -> Dict[int, torch.Tensor]:
         return {**self.cached.eps, **self.recomputed.eps}
+
+    @property
+    def cross_maps(self) -> Dict[int, torch.Tensor]:
+        return {**self.cached.cross_maps, **self.recomputed.cross_maps}
+
+    def nbytes(self) -> int:
+        return self.cached.nbytes()
 
     def get(self, step: int, layer: AttentionLayer, device, dtype, branch: int = 0):
         holder = self.cached if step in self.cached.steps else self.recomputed
@@ -359,6 +367,27 @@ def choose_storage(entry, policy: str, model) -> str:
                 "every step instead (slower, same result)", entry.what, entry.noun, need / 2 ** 20, said, rule)
     entry.budget_message = f"needs {need / 2 ** 20:.1f} MB, budget {said}"
     return "recompute"
+
+
+def cached_steps(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: str, policy: str, fill,
+                 extra: tuple = ()) -> Tuple[ReferenceKV, str]:
+    """As ``cached``, and when the whole entry would not fit the budget but some of its steps would, the first steps
+    that fit are cached: returns (the entry, "cache" | "partial" | "recompute"); a "partial" entry holds only those
+    steps (wrap it in a PartialReference for the rest), a "recompute" one is ``reference`` itself."""
+    key = ReferenceStore.key(kind, reference.inversion, conditioning_fingerprint, reference.layers, reference.steps,
+                             tuple(extra) + (reference.keep,))
+    if policy in POLICIES and policy != "recompute" and STORE.get(key) is None:
+        fit = steps_that_fit(reference, policy, model)
+        if 0 < fit < len(reference.steps):
+            entry, mode = cached(kind, model, reference.with_steps(reference.steps[:fit]), conditioning_fingerprint,
+                                 policy, fill, extra)
+            if mode == "cache":
+                log.info("[Inversion Chain] %s: the cache budget holds %d of the %d steps' %s (%.1f MB); the other "
+                         "%d are recomputed next to each of their sampling calls", reference.what, fit,
+                         len(reference.steps), reference.noun, entry.nbytes() / 2 ** 20, len(reference.steps) - fit)
+                return entry, "partial"
+            return reference, "recompute"
+    return cached(kind, model, reference, conditioning_fingerprint, policy, fill, extra)
 
 
 def cached(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: str, policy: str, fill,

@@ -124,14 +124,19 @@ class ICKVInject:
         # recorder only (start_percent 2: never active, it only records)
         recorder = patching.install(model, KVInjectEditor(reference, selected, 2.0, mode, what=WHAT), WHAT)
         key = conditioning.fingerprint(positive) + ("" if negative is None else conditioning.fingerprint(negative))
-        reference, reference.mode = reference_store.cached(
+        wanted_steps = reference.steps
+        reference, reference.mode = reference_store.cached_steps(
             "kv_inject", model, reference, key, cache,
             lambda ref: ref.fill(recorder, latent, negative=negative), extra=(tuple(cross_tokens or ()), cross_level))
+        if reference.mode == "partial":   # the first steps cached, the others recomputed next to their calls
+            reference = reference_store.PartialReference(reference, wanted_steps, model, positive, negative)
         editor = KVInjectEditor(reference, selected, start_percent, mode, target_tokens=target_tokens, what=WHAT)
         patched = patching.install(model, editor, WHAT)
         if mode == "masked":
             patched = patching.install(patched, TargetMapObserver(editor), WHAT)
-        if reference.mode == "cache":
+        if reference.mode == "partial":
+            reference.install(patched)
+        elif reference.mode == "cache":
             log.info(f"[Inversion Chain] {WHAT}: reference K/V for {len(reference.steps)} steps x {len(selected)} "
                      f"layers x {branches} CFG branch(es): {reference.nbytes() / 2 ** 20:.1f} MB on "
                      f"{reference.storage_device} (cache holds {reference_store.STORE.held_bytes() / 2 ** 20:.1f} MB "

@@ -139,37 +139,28 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
     (then the reference row runs in the batch). With ``partial``, when every step would not fit but some would,
     the first steps that fit are cached and the rest recomputed per step (a PartialReference)."""
     layers = patching.layers_of(model)
-    steps = inversion.steps
-    reference = ReferenceKV(inversion, layers, range(steps), branches=2, what=what)
+    reference = ReferenceKV(inversion, layers, range(inversion.steps), branches=2, what=what)
     schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
     # a ControlNet on the negative (Apply ControlNet (Advanced)) steers the variations' uncond branch only; the
     # photo's reference is recorded without it, as the official pipeline passes zero residuals for the reference
     negative_row = [[c, {k: v for k, v in meta.items() if k not in CONTROL_KEYS}] for c, meta in first_row(negative)]
-    conditioning = fingerprint(first_row(inversion.positive)) + fingerprint(negative_row)
-    fit = steps
-    if partial and policy != "recompute" and reference_store.STORE.get(
-            reference_store.ReferenceStore.key("rival", inversion, conditioning, layers, range(steps),
-                                               (reference.keep,))) is None:
-        fit = reference_store.steps_that_fit(reference, policy, model)
-        if 0 < fit < steps:
-            reference = ReferenceKV(inversion, layers, range(fit), branches=2, what=what)
 
     def fill(ref):
         # the recorder's editor must write into ``ref`` (the entry being filled)
         recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=ref), what)
         ref.fill(recorder, torch.zeros(inversion.latent_shape), negative=negative_row)
 
-    reference, mode = reference_store.cached("rival", model, reference, conditioning, policy, fill)
-    if mode != "cache":
+    lookup = reference_store.cached_steps if partial else reference_store.cached
+    entry, mode = lookup("rival", model, reference, fingerprint(first_row(inversion.positive))
+                         + fingerprint(negative_row), policy, fill)
+    if mode == "recompute":
         return None
-    log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", what, reference.nbytes() / 2 ** 20,
-             reference.storage_device)
-    if len(reference.steps) == steps:
-        return reference
-    log.info("[Inversion Chain] %s: the cache budget holds %d of the %d steps' reference K/V; the other %d are "
-             "recomputed next to each of their sampling calls", what, len(reference.steps), steps,
-             steps - len(reference.steps))
-    return reference_store.PartialReference(reference, model, negative_row)
+    log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", what, entry.nbytes() / 2 ** 20,
+             entry.storage_device)
+    if mode == "partial":
+        return reference_store.PartialReference(entry, reference.steps, model, first_row(inversion.positive),
+                                                negative_row)
+    return entry
 
 
 def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,
