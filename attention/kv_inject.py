@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..artifacts import InversionChainError
+from ..logs import log
+from . import patching
 from .controller import CallContext, Editor, explicit_attention
 from .layers import AttentionLayer
 from .reference import ReferenceKV
@@ -189,3 +191,29 @@ class TargetMapObserver(Editor):
         maps = probs[rows][..., tokens].float().mean(1).sum(-1)                # (rows, Nq): heads mean, words sum
         self.editor.target_maps.add(self.editor.sched.step(ctx.step), maps.reshape(len(rows), *ctx.grid))
         return probs
+
+
+def negative_check(negative_context: torch.Tensor, what: str):
+    """UNet wrapper factory: warns (once per patched model) when the sampler's unconditional half is not the
+    ``negative`` the source's unconditional K/V were recorded with; MasaCtrl pairs the two halves with the same
+    negative prompt, and a different one still runs, attending to the recorded source."""
+    said = []
+
+    def factory(previous):
+        def wrapper(apply_model, args):
+            context = args["c"].get("c_crossattn")
+            branches = list(args.get("cond_or_uncond") or [])
+            if not said and torch.is_tensor(context) and 1 in branches:
+                rows = context.shape[0] // len(branches)
+                got = context[branches.index(1) * rows]
+                expected = negative_context[0].to(got.device, got.dtype)
+                same = got.shape[0] % expected.shape[0] == 0 and torch.allclose(
+                    got, expected.repeat(got.shape[0] // expected.shape[0], 1), atol=1e-4)
+                if not same:
+                    said.append(True)
+                    log.warning("[Inversion Chain] %s: the sampler's negative prompt is not the `negative` connected "
+                                "to %s; the unconditional half attends to the source recorded with %s's negative. "
+                                "Connect the same negative to both.", what, what, what)
+            return patching.call_unet(apply_model, args, previous)
+        return wrapper
+    return factory

@@ -5,7 +5,7 @@ import torch
 
 from ..artifacts import INVERSION, InversionChainError
 from ..attention import patching
-from ..attention.kv_inject import MODES, KVInjectEditor, TargetMapObserver
+from ..attention.kv_inject import MODES, KVInjectEditor, TargetMapObserver, negative_check
 from ..attention.layers import decoder_start, select_layers
 from ..attention import reference as reference_store
 from ..attention.reference import POLICIES, ReferenceKV
@@ -134,6 +134,8 @@ class ICKVInject:
         patched = patching.install(model, editor, WHAT)
         if mode == "masked":
             patched = patching.install(patched, TargetMapObserver(editor), WHAT)
+        if negative is not None:
+            patching.add_unet_wrapper(patched, negative_check(negative[0][0], WHAT))
         if reference.mode == "partial":
             reference.install(patched)
         elif reference.mode == "cache":

@@ -253,3 +253,15 @@ def test_masked_attention_in_query_chunks_equals_the_single_call():
         assert torch.allclose(explicit_attention(q, k, v, 4, bias, max_bytes), whole, atol=1e-6)
     assert torch.allclose(explicit_attention(q, k, v, 4, None, 1), apply_probs(attention_probs(q, k, 4), v, 4),
                           atol=1e-6)
+
+
+def test_a_sampler_negative_other_than_kv_injects_is_reported_once(s, family_encode, caplog):
+    """MasaCtrl pairs the halves with one negative prompt: a sampler negative that differs from the one the source's
+    unconditional K/V were recorded with gets a warning (once per patched model), the same one does not."""
+    blurry = family_encode(s["clip"], "blurry, low quality")
+    for negative, warned in ((s["empty"], False), (blurry, True)):
+        patched = ICKVInject().patch(s["model"], s["inv"], 0.25, 0, "mutual", negative=s["empty"], cache="cpu")[0]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="inversion_chain"), torch.inference_mode():
+            sample(patched, s["src"], negative, s["noise"], s["sigmas"], 3.0)
+        assert caplog.text.count("not the `negative` connected") == int(warned), caplog.text
