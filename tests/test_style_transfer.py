@@ -21,7 +21,7 @@ STEPS = 4
 CFG = 7.5
 INNER = 2
 PROMPT = "a photo of an astronaut"
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sd2v", "sdxl")
 
 
 def sample(model, positive, negative, latent, sigmas, cfg=CFG):
@@ -291,7 +291,7 @@ def test_bad_inputs_say_what_to_connect(s, clip_vision):
     with pytest.raises(InversionChainError, match=f"content inversion has {STEPS - 2} steps .* STYLE was trained "
                                                   f"on {STEPS} steps"):
         node.build(s["model"], s["style"], short)
-    for name, value in (("feature_block", 12 if s["family"] == "sd15" else 9), ("attention_start_layer", 99)):
+    for name, value in (("feature_block", 9 if s["family"] == "sdxl" else 12), ("attention_start_layer", 99)):
         with pytest.raises(InversionChainError, match=f"{name} {value} is beyond"):
             node.build(s["model"], s["style"], s["inv"]["coffee"], **{name: value})
     # a content of another size than the style image works; sampling at another size than the content does not
