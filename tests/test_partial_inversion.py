@@ -86,16 +86,16 @@ def test_end_percent_counts_inversion_steps_from_the_clean_end(small_model, enco
         ICDDIMInvert().invert(model, astronaut_latent, src, 10, 1.0, 0, end_percent=0.0)
 
 
-# -- downstream nodes on a partial chain (SD1.5 layout; the round trip above runs on every family) --------------
+# -- downstream nodes on a partial chain, every family -----------------------------------------------------------
 @pytest.fixture(scope="module")
-def q(small_model, encode, astronaut_latent):
-    model, clip, _ = small_model
-    src = encode(clip, SOURCE)
+def q(family, family_model, family_encode, family_latent):
+    model, clip, _ = family_model
     with torch.inference_mode():
-        noise, sigmas, inv = ICDDIMInvert().invert(model, astronaut_latent, src, STEPS, 1.0, 6, end_percent=END)
-    return dict(model=model, clip=clip, src=src, tgt=encode(clip, TARGET), empty=encode(clip, ""),
-                noise=noise["samples"], sigmas=sigmas, inv=inv, source=astronaut_latent["samples"],
-                latent=astronaut_latent)
+        src = family_encode(clip, SOURCE)
+        noise, sigmas, inv = ICDDIMInvert().invert(model, family_latent, src, STEPS, 1.0, 6, end_percent=END)
+    return dict(family=family, model=model, clip=clip, src=src, tgt=family_encode(clip, TARGET),
+                empty=family_encode(clip, ""), noise=noise["samples"], sigmas=sigmas, inv=inv,
+                source=family_latent["samples"], latent=family_latent)
 
 
 def denoised_per_step(model, positive, q):
@@ -113,7 +113,7 @@ def test_kv_inject_identity_and_start_percent_counts_the_sampled_steps(q):
     late = ICKVInject().patch(q["model"], q["inv"], 0.5, 0, "mutual")[0]
     own, injected = denoised_per_step(q["model"], q["tgt"], q), denoised_per_step(late, q["tgt"], q)
     same = [torch.equal(a, b) for a, b in zip(own, injected)]
-    print(f"KV Inject on the partial chain: identity {identity:.2e}; steps equal to the plain run: {same}")
+    print(f"{q['family']}: KV Inject on the partial chain: identity {identity:.2e}; steps equal to the plain run: {same}")
     assert identity < 1e-3 and same == [True, True, False, False]
 
 
@@ -121,7 +121,7 @@ def test_rival_edits_from_the_partial_level_and_refuses_new_noise(q):
     out, ref = ICRIVALAlignSampler().sample(q["model"], q["src"], q["src"], q["inv"], 0, 1, 1.0, 0.4, 0.4,
                                             "inverted", "eps", "batch")
     identity = err(out["samples"], q["source"])   # same prompt, cfg 1: every row stays on the chain
-    print(f"RIVAL init inverted on the partial chain, cfg 1: variation vs photo {identity:.2e}")
+    print(f"{q['family']}: RIVAL init inverted on the partial chain, cfg 1: variation vs photo {identity:.2e}")
     assert identity < 1e-3 and err(ref["samples"], q["source"]) < 1e-5
     with pytest.raises(InversionChainError, match=r"(?s)`inversion` is partial.*init 'permute'.*end_percent 1"):
         ICRIVALAlignSampler().sample(q["model"], q["src"], q["empty"], q["inv"], 0, 1, 5.0, 0.4, 0.4, "permute",
@@ -147,7 +147,7 @@ def test_p2plus_and_null_text_on_the_partial_chain(q):
                                                                  null_text=null_text)
         rows[name] = sample(m, pos, neg, latent["samples"], sigmas, CFG)[:1]
     errors = {k: err(v, q["source"]) for k, v in rows.items()}
-    print("P2Plus row 0 vs photo on the partial chain, cfg 7.5: " + ", ".join(f"{k} {v:.3g}"
+    print(f"{q['family']}: P2Plus row 0 vs photo on the partial chain, cfg 7.5: " + ", ".join(f"{k} {v:.3g}"
                                                                           for k, v in errors.items()))
     assert err(rows["negative-prompt"], cfg1) < 1e-4
     assert errors["null-text"] < errors["plain"]
