@@ -66,8 +66,9 @@ class ICKVInject:
                 "clip": tip("CLIP", "masked mode: the CLIP that encoded the prompts (to find the words)."),
                 "source_prompt": tip("STRING", "masked mode: the source prompt given to DDIM Invert.", default=""),
                 "cache": tip(list(POLICIES), "Reference K/V: auto caches them (GPU if room, else CPU) once per "
-                             "inversion and negative prompt and reuses them across runs; recompute runs the source "
-                             "rows every step.", default="auto"),
+                             "inversion and negative prompt and reuses them across runs (when they would not all fit "
+                             "the memory budget, the first steps that fit, the rest recomputed); recompute runs the "
+                             "source rows every step.", default="auto"),
                 "target_prompt": tip("STRING", "masked mode: the target prompt, the same text as the positive "
                                      "conditioning the sampler gets; the target's foreground is its own "
                                      "cross-attention of `target_words` in this prompt, so an object that moves or "

@@ -57,7 +57,9 @@ class ICRIVALAlignSampler:
         }, "optional": {
             "reference_kv": tip(list(rival.REFERENCE_MODES), "cache: record the photo's keys/values once per "
                                 "inversion and negative prompt, then every run (new seeds) costs only the variations; "
-                                "batch: run the photo as an extra row every step (the official layout).",
+                                "when they would not all fit the memory budget (SDXL at 1024 px), the first steps "
+                                "that fit are cached and the others recomputed per step. batch: run the photo as an "
+                                "extra row every step (the official layout).",
                                 default="cache"),
             "mask": tip("MASK", "Example-based inpainting (official inpaint_mask): 1 = regenerate, 0 = keep (the "
                         "official masks are the inverse: white = keep; use Invert Mask). Outside the mask every "

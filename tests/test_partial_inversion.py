@@ -113,7 +113,8 @@ def test_kv_inject_identity_and_start_percent_counts_the_sampled_steps(q):
     late = ICKVInject().patch(q["model"], q["inv"], 0.5, 0, "mutual")[0]
     own, injected = denoised_per_step(q["model"], q["tgt"], q), denoised_per_step(late, q["tgt"], q)
     same = [torch.equal(a, b) for a, b in zip(own, injected)]
-    print(f"{q['family']}: KV Inject on the partial chain: identity {identity:.2e}; steps equal to the plain run: {same}")
+    print(f"{q['family']}: KV Inject on the partial chain: identity {identity:.2e}; steps equal to the plain run: "
+          f"{same}")
     assert identity < 1e-3 and same == [True, True, False, False]
 
 
