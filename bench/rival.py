@@ -10,6 +10,7 @@ Targets: ratio <= 1.15 (warm cache), <= 1.35 (in-batch).
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 
 import torch
 
@@ -49,7 +50,7 @@ def run() -> dict:
     from inversion_chain.attention import reference as reference_store
     store = reference_store.STORE
     half_budget = int(rival.cached_reference(model, inv, neg).nbytes() / STEPS * (STEPS // 2 + 0.5))
-    partial_entries = {}
+    partial_entries = OrderedDict()
 
     @contextlib.contextmanager
     def half_store():
