@@ -71,6 +71,7 @@ class ReferenceKV:
         self.mode = "cache"
         self.conds = None           # model-ready conditioning of the inversion (recompute mode)
         self.conds_uncond = None    # and of the negative prompt (recompute mode, two branches)
+        self.recompute_conds = None  # a partial entry: (conds, conds_uncond) for the steps it does not hold
         self.branches = int(branches)   # CFG branches recorded: 1 (conditional) or 2 (with a negative prompt)
         self.what = what
 
@@ -220,10 +221,12 @@ class PartialReference:
             setattr(self, name, getattr(cached, name))
         self.recomputed = cached.with_steps([i for i in self.steps if i not in cached.steps])
         self.recomputed.storage_device = model.load_device
-        latent = torch.zeros((1,) + tuple(self.inversion.latent_shape[1:]))
-        self.recomputed.conds = patching.capture_conds(model, positive, latent)
-        if cached.branches == 2:
-            self.recomputed.conds_uncond = patching.capture_conds(model, negative, latent)
+        if cached.recompute_conds is None:   # kept on the store entry (same key): later runs skip the capture
+            latent = torch.zeros((1,) + tuple(self.inversion.latent_shape[1:]))
+            cached.recompute_conds = (patching.capture_conds(model, positive, latent),
+                                      patching.capture_conds(model, negative, latent) if cached.branches == 2
+                                      else None)
+        self.recomputed.conds, self.recomputed.conds_uncond = cached.recompute_conds
 
     @property
     def eps(self) -> Dict[int, torch.Tensor]:

@@ -182,6 +182,15 @@ def test_partial_cache_holds_the_first_steps_that_fit_and_recomputes_the_rest(st
     with torch.inference_mode():
         again = variations()
     assert list(store.entries.values()) == [entry] and torch.equal(again, partial)
+    # nor a new capture of the recompute forwards' conditioning: the sampling calls and the reference forwards only
+    rows.clear()
+    hook = unet_of(model).register_forward_hook(lambda module, args, out: rows.append(int(out.shape[0])))
+    try:
+        with torch.inference_mode():
+            variations()
+    finally:
+        hook.remove()
+    assert sum(rows) == STEPS * 4 + 2 * 2, rows
 
 
 def test_kv_inject_partial_cache_equals_the_full_cache(store, inverted, family, family_encode):
