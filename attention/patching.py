@@ -122,15 +122,40 @@ def call_unet(apply_model, args, previous):
     return apply_model(args["input"], args["timestep"], **c)
 
 
-def reference_call(apply_model, x, timestep, conds, transformer_options, recorder, branch: int = 0):
+def reference_call(apply_model, x, timestep, conds, transformer_options, recorder, branch=0):
     """One UNet forward of a reference latent whose attention calls record into ``recorder`` as CFG ``branch``
-    (0 conditional, 1 unconditional)."""
+    (0 conditional, 1 unconditional), or a batch of one row per branch when ``branch`` is a list."""
     to = dict(transformer_options)
     to[REFERENCE_PASS_KEY] = recorder
-    to["cond_or_uncond"] = [branch]
+    to["cond_or_uncond"] = list(branch) if isinstance(branch, (list, tuple)) else [branch]
     c = dict(conds)
     c["transformer_options"] = to
     return apply_model(x, timestep, **c)
+
+
+def stack_conds(conds_per_row):
+    """Model-ready conds of one row each (as ``capture_conds`` returns them) as one batch, row by row, the way
+    ComfyUI batches a cond with an uncond (text contexts of different lengths repeated to a common multiple); None
+    when they cannot share a batch (other keys, shapes or non-tensor values)."""
+    import math
+    first = conds_per_row[0]
+    if any(set(c) != set(first) for c in conds_per_row):
+        return None
+    out = {}
+    for key, value in first.items():
+        values = [c[key] for c in conds_per_row]
+        if not torch.is_tensor(value):
+            if any(v != value for v in values):
+                return None
+            out[key] = value
+            continue
+        if key == "c_crossattn" and all(v.ndim == 3 for v in values):
+            tokens = math.lcm(*(int(v.shape[1]) for v in values))
+            values = [v.repeat(1, tokens // v.shape[1], 1) for v in values]
+        if any(v.shape != values[0].shape or v.shape[0] != 1 for v in values):
+            return None
+        out[key] = torch.cat(values)
+    return out
 
 
 def capture_conds(model, positive, latent_image):

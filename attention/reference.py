@@ -197,12 +197,18 @@ class ReferenceKV:
                 x = args["input"]
                 x_ref = self.inversion.latent_at(i, x.device, x.dtype)[:1]
                 self.eps.clear()
-                for branch, made in enumerate((self.conds, self.conds_uncond)[:self.branches]):
-                    conds = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in made.items()}
-                    denoised = patching.reference_call(apply_model, x_ref, t[:1], conds,
-                                                       args["c"].get("transformer_options", {}), self, branch)
-                    if branch == 0:   # the reference's conditional noise prediction (RIVAL's normalisation)
-                        self.eps[i] = ((x_ref - denoised) / t[:1].view(1, 1, 1, 1)).float()
+                made = list((self.conds, self.conds_uncond)[:self.branches])
+                both = patching.stack_conds(made) if len(made) == 2 else None
+                # both CFG branches in one forward where their conds share a batch (one call, not two)
+                calls = [([0, 1], both)] if both is not None else list(enumerate(made))
+                options = args["c"].get("transformer_options", {})
+                for branch, conds in calls:
+                    rows = len(branch) if isinstance(branch, list) else 1
+                    conds = {k: (v.to(x.device) if torch.is_tensor(v) else v) for k, v in conds.items()}
+                    denoised = patching.reference_call(apply_model, x_ref.repeat(rows, 1, 1, 1),
+                                                       t[:1].repeat(rows), conds, options, self, branch)
+                    if branch in (0, [0, 1]):   # the reference's conditional noise prediction (RIVAL's normalisation)
+                        self.eps[i] = ((x_ref - denoised[:1]) / t[:1].view(1, 1, 1, 1)).float()
             return patching.call_unet(apply_model, args, previous)
         return wrapper
 

@@ -172,9 +172,9 @@ def test_partial_cache_holds_the_first_steps_that_fit_and_recomputes_the_rest(st
     assert entry.steps == [0, 1] and entry.nbytes() == entry.estimate_bytes() <= store.max_bytes
     # the fill: steps 0 and 1, both CFG branches of the reference; one call per prompt that captures the
     # model-ready conditioning of the recompute forwards; sampling: 2 variations x 2 branches per step, each of
-    # steps 2 and 3 preceded by the reference forward of each branch (batch 1)
+    # steps 2 and 3 preceded by one reference forward of both branches (2 rows)
     assert sum(rows) == 2 * 2 + 2 + STEPS * 4 + 2 * 2, rows
-    assert rows[-6:] == [1, 1, 4, 1, 1, 4], rows
+    assert rows[-4:] == [2, 4, 2, 4], rows
     diff = float((partial - full).abs().max())
     print(f"{family}: RIVAL partial cache (2 of {STEPS} steps, {entry.nbytes()} B) vs full cache: {diff:.2e}")
     assert diff < 1e-3
