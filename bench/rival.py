@@ -69,7 +69,7 @@ def run() -> dict:
 
     with torch.inference_mode(), half_store():
         held = rival.cached_reference(model, inv, neg, partial=True)
-        partial_steps, partial_bytes = len(held.steps), held.cached.nbytes()
+        partial_steps, partial_bytes = len(held.cached.steps), held.cached.nbytes()
 
     calls = {"stock": common.count_calls(model, stock, STEPS)[0],
              "rival_cached": common.count_calls(model, lambda m: ours("cache", m), STEPS)[0],
