@@ -159,8 +159,8 @@ def stack_conds(conds_per_row):
 
 
 def capture_conds(model, positive, latent_image):
-    """The model-ready conditioning tensors (c_crossattn, y, ...) ComfyUI builds from ``positive``: one UNet
-    call through the stock sampling path with cfg 1."""
+    """The model-ready conditioning tensors (c_crossattn, y, ...) ComfyUI builds from ``positive``: one call through
+    the stock sampling path with cfg 1, stopped at the UNet wrapper (the UNet itself does not run)."""
     captured = {}
     m = model.clone()
 
@@ -168,7 +168,7 @@ def capture_conds(model, positive, latent_image):
         def wrapper(apply_model, args):
             if "c" not in captured:
                 captured["c"] = {k: v for k, v in args["c"].items() if k not in ("transformer_options", "control")}
-            return call_unet(apply_model, args, previous)
+            return torch.zeros_like(args["input"])   # the conds are all this call is for: no UNet forward
         return wrapper
 
     add_unet_wrapper(m, factory)

@@ -170,10 +170,10 @@ def test_partial_cache_holds_the_first_steps_that_fit_and_recomputes_the_rest(st
         hook.remove()
     (entry,) = store.entries.values()
     assert entry.steps == [0, 1] and entry.nbytes() == entry.estimate_bytes() <= store.max_bytes
-    # the fill: steps 0 and 1, both CFG branches of the reference; one call per prompt that captures the
-    # model-ready conditioning of the recompute forwards; sampling: 2 variations x 2 branches per step, each of
-    # steps 2 and 3 preceded by one reference forward of both branches (2 rows)
-    assert sum(rows) == 2 * 2 + 2 + STEPS * 4 + 2 * 2, rows
+    # the fill: steps 0 and 1, both CFG branches of the reference; sampling: 2 variations x 2 branches per step,
+    # each of steps 2 and 3 preceded by one reference forward of both branches (2 rows); capturing the recompute
+    # forwards' conditioning runs no UNet forward
+    assert sum(rows) == 2 * 2 + STEPS * 4 + 2 * 2, rows
     assert rows[-4:] == [2, 4, 2, 4], rows
     diff = float((partial - full).abs().max())
     print(f"{family}: RIVAL partial cache (2 of {STEPS} steps, {entry.nbytes()} B) vs full cache: {diff:.2e}")
@@ -182,7 +182,7 @@ def test_partial_cache_holds_the_first_steps_that_fit_and_recomputes_the_rest(st
     with torch.inference_mode():
         again = variations()
     assert list(store.entries.values()) == [entry] and torch.equal(again, partial)
-    # nor a new capture of the recompute forwards' conditioning: the sampling calls and the reference forwards only
+    # the sampling calls and the reference forwards only
     rows.clear()
     hook = unet_of(model).register_forward_hook(lambda module, args, out: rows.append(int(out.shape[0])))
     try:
