@@ -153,7 +153,9 @@ def test_partial_cache_holds_the_first_steps_that_fit_and_recomputes_the_rest(st
     empty = family_encode(clip, "")
 
     def variations():
-        return ICRIVALAlignSampler().sample(model, src, empty, inv, 3, 2, 5.0, 0.5, 0.5, "permute", "eps",
+        # K/V replaced in steps 0-1, concatenated in 2-3; eps normalisation in every step, so the recomputed steps'
+        # reference eps is used too
+        return ICRIVALAlignSampler().sample(model, src, empty, inv, 3, 2, 5.0, 0.5, 1.0, "permute", "eps",
                                             "cache")[0]["samples"]
 
     full_entry = rival.cached_reference(model, inv, empty, "cpu")
