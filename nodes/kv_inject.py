@@ -8,6 +8,7 @@ from ..attention import patching
 from ..attention.kv_inject import MODES, KVInjectEditor, TargetMapObserver, negative_check
 from ..attention.layers import decoder_start, select_layers
 from ..attention import reference as reference_store
+from ..attention.partial_reference import PartialReference
 from ..attention.reference import POLICIES, ReferenceKV
 from ..attention.schedule import check_percents, steps_within
 from .. import conditioning
@@ -130,7 +131,7 @@ class ICKVInject:
             "kv_inject", model, reference, key, cache,
             lambda ref: ref.fill(recorder, latent, negative=negative), extra=(tuple(cross_tokens or ()), cross_level))
         if reference.mode == "partial":   # the first steps cached, the others recomputed next to their calls
-            reference = reference_store.PartialReference(reference, wanted_steps, model, positive, negative)
+            reference = PartialReference(reference, wanted_steps, model, positive, negative)
         editor = KVInjectEditor(reference, selected, start_percent, mode, target_tokens=target_tokens, what=WHAT)
         patched = patching.install(model, editor, WHAT)
         if mode == "masked":

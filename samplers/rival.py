@@ -26,6 +26,7 @@ from .. import compat
 from ..artifacts import Inversion, InversionChainError
 from ..attention import patching
 from ..attention import reference as reference_store
+from ..attention.partial_reference import PartialReference
 from ..attention.reference import ReferenceKV
 from ..conditioning import first_row, fingerprint
 from ..attention.rival import RivalAttentionEditor
@@ -158,7 +159,7 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
     log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", what, entry.nbytes() / 2 ** 20,
              entry.storage_device)
     if mode == "partial":
-        return reference_store.PartialReference(entry, reference.steps, model, first_row(inversion.positive),
+        return PartialReference(entry, reference.steps, model, first_row(inversion.positive),
                                                 negative_row)
     return entry
 
@@ -253,7 +254,7 @@ def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_
     steps, sigmas = inversion.steps, inversion.sigmas
     schedule = Schedule(sigmas, inversion.scheduler, what)
     m = patching.install(model, RivalAttentionEditor(replace_end, schedule, reference=store), what)
-    if isinstance(store, reference_store.PartialReference):
+    if isinstance(store, PartialReference):
         store.install(m)
     preview_cb = compat.preview_callback(m, steps) if preview else None
     pbar = None if preview else compat.progress_bar(steps)
