@@ -61,6 +61,10 @@ def page(ui_server):
         page.on("console", lambda m: m.type == "error" and page.console_errors.append(
             (m.text, (m.location or {}).get("url", ""))))
         page.on("pageerror", lambda e: page.page_errors.append(str(e)))
+        # a returning user: on a user's first visit the 0.3x frontend opens its template browser (a dialog that
+        # would hide what a dropped workflow opens); the setting it checks is stored per user on the server
+        status, body = ui_server.post("/settings", {"Comfy.TutorialCompleted": True})
+        assert status == 200, f"POST /settings: {status} {body}"
         page.goto(ui_server.url)
         page.wait_for_function("window.app?.graph && LiteGraph.registered_node_types['ICDDIMInvert'] && "
                                "app.extensions.some(e => e.name === 'InversionChain.LatentDifference')",

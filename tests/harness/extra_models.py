@@ -143,7 +143,7 @@ def unclip_path() -> Path:
             clip_sd = {k: v for k, v in clip.state_dict().items() if "position_ids" not in k and "logit_scale" not in k}
             vae = comfy.taesd.taesd.TAESD()
             models.fill_seeded_(vae, models.SEED + 2)
-            sd = base.state_dict_for_saving(clip_sd, vae.state_dict())
+            sd = models.checkpoint_state_dict(base, clip_sd, vae.state_dict())
         _save(sd, path)
     return path
 

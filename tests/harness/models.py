@@ -378,8 +378,18 @@ def build_other_state_dict(size: str, seed: int = SEED) -> dict:
     clip_sd = {k: v for k, v in clip.state_dict().items() if "position_ids" not in k and "logit_scale" not in k}
     vae = comfy.taesd.taesd.TAESD()
     fill_seeded_(vae, seed + 2)
-    sd = base_model.state_dict_for_saving(clip_sd, vae.state_dict())
+    sd = checkpoint_state_dict(base_model, clip_sd, vae.state_dict())
     return {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
+
+
+def checkpoint_state_dict(base_model, clip_sd: dict, vae_sd: dict) -> dict:
+    """What CheckpointSave writes for ``base_model`` (a ComfyUI BaseModel) with these text-encoder and VAE weights.
+    ComfyUI 0.3x's ``state_dict_for_saving`` takes the UNet's state dict first (the ModelPatcher passes it); the
+    2024-03 one reads it from the model itself."""
+    import inspect
+    if "unet_state_dict" in inspect.signature(base_model.state_dict_for_saving).parameters:
+        return base_model.state_dict_for_saving(base_model.diffusion_model.state_dict(), clip_sd, vae_sd)
+    return base_model.state_dict_for_saving(clip_sd, vae_sd)
 
 
 def _register_other_families():
