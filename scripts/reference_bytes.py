@@ -5,8 +5,9 @@ the configs ComfyUI's model detection recognises as SD15 / SDXL (checked: ``mode
 walked by the pack's own ``enumerate_layers``. The bytes are the store's own ``ReferenceKV.estimate_bytes`` (what the
 budget is checked against; tests prove it equals what a fill holds), fp16 storage, 50 steps, for what each editor
 records: KV Inject's default (start_percent 0.08 -> steps 4-49, layers from the family default start layer, one CFG
-branch) and RIVAL (every step and self-attention layer, both CFG branches). Then what ``cache=auto`` decides: the
-store's budget is 40% of free memory on the device (GPU first, then CPU RAM).
+branch at cfg 1, two with a negative prompt) and RIVAL (every step and self-attention layer, both CFG branches).
+Then what ``cache=auto`` decides (``reference.cached_steps``): cache the entry whole, or the first steps that fit
+(the rest recomputed), or recompute; the store's budget is 40% of free memory on the device (GPU, then CPU RAM).
 
     .venv/bin/python scripts/reference_bytes.py [--gpu-gib 24] [--json]
 """
@@ -76,15 +77,24 @@ def reference_bytes(family: str, keep: str = "inputs") -> dict:
         "kv_inject_default": {"start_layer": from_layer, "layers": len(kv_layers),
                               "steps": len(steps_within(STEPS, 0.08)),
                               "bytes": estimate(kv_layers, steps_within(STEPS, 0.08), 1)},
+        "kv_inject_default_with_negative": {"start_layer": from_layer, "layers": len(kv_layers),
+                                            "steps": len(steps_within(STEPS, 0.08)),
+                                            "bytes": estimate(kv_layers, steps_within(STEPS, 0.08), 2)},
         "rival": {"layers": len(layers), "steps": STEPS, "branches": 2,
                   "bytes": estimate(layers, range(STEPS), 2)},
     }
 
 
-def auto_decision(need: int, free_bytes: float) -> str:
+def auto_decision(need: int, steps: int, free_bytes: float) -> str:
+    """What the store does with an entry of ``need`` bytes over ``steps`` steps (``reference.cached_steps``): cache
+    it whole, cache the first steps that fit and recompute the rest, or recompute every step."""
     budget = 0.4 * free_bytes
-    return f"cache ({need / 2 ** 30:.2f} <= {budget / 2 ** 30:.1f} GiB)" if need <= budget else \
-        f"no ({need / 2 ** 30:.2f} > {budget / 2 ** 30:.1f} GiB)"
+    fit = min(steps, int(budget // (need / steps)))
+    if fit == steps:
+        return f"cache ({need / 2 ** 30:.2f} <= {budget / 2 ** 30:.1f} GiB)"
+    if fit > 0:
+        return f"partial: first {fit} of {steps} steps cached ({need / 2 ** 30:.2f} > {budget / 2 ** 30:.1f} GiB)"
+    return f"recompute ({need / 2 ** 30:.2f} > {budget / 2 ** 30:.1f} GiB, not one step fits)"
 
 
 def main(argv=None):
@@ -99,10 +109,10 @@ def main(argv=None):
         for keep in ("inputs", "kv"):
             r = reference_bytes(family, keep)
             gpu_free = (args.gpu_gib - WEIGHTS_GIB[family]) * 2 ** 30
-            for editor in ("kv_inject_default", "rival"):
-                need = r[editor]["bytes"]
-                r[editor]["auto_gpu"] = auto_decision(need, gpu_free)
-                r[editor]["auto_this_cpu"] = auto_decision(need, ram_free)
+            for editor in ("kv_inject_default", "kv_inject_default_with_negative", "rival"):
+                need, steps = r[editor]["bytes"], r[editor]["steps"]
+                r[editor]["auto_gpu"] = auto_decision(need, steps, gpu_free)
+                r[editor]["auto_this_cpu"] = auto_decision(need, steps, ram_free)
             rows.append(r)
     if args.json:
         print(json.dumps({"gpu_gib": args.gpu_gib, "this_machine_free_ram_gib": ram_free / 2 ** 30, "rows": rows},
@@ -110,17 +120,19 @@ def main(argv=None):
         return
     print(f"GPU {args.gpu_gib:g} GiB (free = total - fp16 UNet - 0.5 GiB context); this machine: "
           f"{ram_free / 2 ** 30:.1f} GiB RAM available. Budget = 40% of free. {STEPS} steps, fp16 storage.")
-    print("| family, px | keep | layers | MiB/step/branch | KV Inject default | auto, GPU | auto, this CPU "
-          "| RIVAL | auto, GPU | auto, this CPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| family, px | keep | layers | MiB/step/branch | editor | bytes | auto, GPU | auto, this CPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    names = {"kv_inject_default": "KV Inject default, 1 branch (cfg 1)",
+             "kv_inject_default_with_negative": "KV Inject default, 2 branches (negative, cfg > 1)",
+             "rival": "RIVAL (2 branches, all layers)"}
     for r in rows:
-        kv, rv = r["kv_inject_default"], r["rival"]
-        print(f"| {r['family']} {r['image_px']} | {r['keep']} | {r['layers']} | "
-              f"{r['per_step_per_branch_all_layers'] / 2 ** 20:.0f} | "
-              f"{kv['bytes'] / 2 ** 30:.2f} GiB ({kv['layers']} layers from {kv['start_layer']}, {kv['steps']} steps) "
-              f"| {kv['auto_gpu']} | {kv['auto_this_cpu']} | {rv['bytes'] / 2 ** 30:.2f} GiB | {rv['auto_gpu']} "
-              f"| {rv['auto_this_cpu']} |")
-
+        for editor, label in names.items():
+            e = r[editor]
+            where = f"{e['layers']} layers from {e['start_layer']}, " if "start_layer" in e else ""
+            print(f"| {r['family']} {r['image_px']} | {r['keep']} | {r['layers']} | "
+                  f"{r['per_step_per_branch_all_layers'] / 2 ** 20:.0f} | {label} | "
+                  f"{e['bytes'] / 2 ** 30:.2f} GiB ({where}{e['steps']} steps) | {e['auto_gpu']} "
+                  f"| {e['auto_this_cpu']} |")
 
 if __name__ == "__main__":
     main()
