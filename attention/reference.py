@@ -350,9 +350,11 @@ def cached_steps(kind: str, model, reference: ReferenceKV, conditioning_fingerpr
             entry, mode = cached(kind, model, reference.with_steps(reference.steps[:fit]), conditioning_fingerprint,
                                  policy, fill, extra)
             if mode == "cache":
+                rest = len(reference.steps) - fit
                 log.info("[Inversion Chain] %s: the cache budget holds %d of the %d steps' %s (%.1f MB); the other "
-                         "%d are recomputed next to each of their sampling calls", reference.what, fit,
-                         len(reference.steps), reference.noun, entry.nbytes() / 2 ** 20, len(reference.steps) - fit)
+                         "%s recomputed next to each of %s sampling calls", reference.what, fit, len(reference.steps),
+                         reference.noun, entry.nbytes() / 2 ** 20, "step is" if rest == 1 else f"{rest} are",
+                         "its" if rest == 1 else "their")
                 return entry, "partial"
             return reference, "recompute"
     return cached(kind, model, reference, conditioning_fingerprint, policy, fill, extra)
