@@ -132,7 +132,7 @@ def explicit_attention(q, k, v, heads, bias: Optional[torch.Tensor] = None,
         return apply_probs(attention_probs(q, k, heads, bias), v, heads)
     outs = []
     for start in range(0, nq, chunk):
-        part = None if bias is None else bias[..., start:start + chunk, :] if bias.shape[-2] != 1 else bias
+        part = bias if bias is None or bias.shape[-2] == 1 else bias[..., start:start + chunk, :]
         outs.append(apply_probs(attention_probs(q[:, start:start + chunk], k, heads, part), v, heads))
     return torch.cat(outs, dim=1)
 

@@ -1,14 +1,15 @@
 """A reference that is cached for some steps and recomputed for the others (when the whole would not fit the
-store's budget: SDXL at 1024 px on a 24 GB GPU). ``reference.cached_steps`` decides how many steps fit."""
+store's budget: SDXL at 1024 px on a 24 GB GPU). ``cached_steps`` decides how many steps fit."""
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Tuple, Union
 
 import torch
 
 from . import patching
 from .layers import AttentionLayer
-from .reference import ReferenceKV
+from ..logs import log
+from .reference import POLICIES, STORE, ReferenceKV, ReferenceStore, cached
 
 
 class PartialReference:
@@ -50,3 +51,38 @@ class PartialReference:
     def install(self, model):
         """Add the recompute wrapper to ``model`` (a clone about to sample)."""
         return patching.add_unet_wrapper(model, self.recomputed.recompute_wrapper)
+
+
+def steps_that_fit(entry: ReferenceKV, policy: str, model) -> int:
+    """How many of ``entry``'s steps (each step holds the same bytes) fit the store's budget on the largest
+    device the policy allows; ``len(entry.steps)`` when all do."""
+    if policy == "recompute" or not entry.steps:
+        return 0
+    devices = {"cpu": [torch.device("cpu")]}.get(policy, [model.load_device, torch.device("cpu")])
+    per_step = entry.estimate_bytes() / len(entry.steps)
+    budget = max(STORE.budget(device) for device in devices)
+    return min(len(entry.steps), int(budget // per_step))
+
+
+def cached_steps(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: str, policy: str, fill,
+                 positive, negative=None, extra: tuple = ()) -> Tuple[Union[ReferenceKV, "PartialReference"], str]:
+    """As ``reference.cached``, and when the whole entry would not fit the budget but some of its steps would, the
+    first steps that fit are cached and the others recomputed next to their sampling calls: returns (the entry to
+    use, "cache" | "partial" | "recompute"); "partial" comes with a PartialReference (``positive``/``negative``: the
+    conditioning its recompute forwards use), "recompute" with ``reference`` itself."""
+    key = ReferenceStore.key(kind, reference.inversion, conditioning_fingerprint, reference.layers, reference.steps,
+                             tuple(extra) + (reference.keep,))
+    if policy in POLICIES and policy != "recompute" and STORE.get(key) is None:
+        fit = steps_that_fit(reference, policy, model)
+        if 0 < fit < len(reference.steps):
+            entry, mode = cached(kind, model, reference.with_steps(reference.steps[:fit]), conditioning_fingerprint,
+                                 policy, fill, extra)
+            if mode != "cache":
+                return reference, "recompute"
+            rest = len(reference.steps) - fit
+            log.info("[Inversion Chain] %s: the cache budget holds %d of the %d steps' %s (%.1f MB); the other "
+                     "%s recomputed next to each of %s sampling calls", reference.what, fit, len(reference.steps),
+                     reference.noun, entry.nbytes() / 2 ** 20, "step is" if rest == 1 else f"{rest} are",
+                     "its" if rest == 1 else "their")
+            return PartialReference(entry, reference.steps, model, positive, negative), "partial"
+    return cached(kind, model, reference, conditioning_fingerprint, policy, fill, extra)

@@ -7,6 +7,7 @@ fallback), never overwritten.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -137,7 +138,6 @@ def stack_conds(conds_per_row):
     """Model-ready conds of one row each (as ``capture_conds`` returns them) as one batch, row by row, the way
     ComfyUI batches a cond with an uncond (text contexts of different lengths repeated to a common multiple); None
     when they cannot share a batch (other keys, shapes or non-tensor values)."""
-    import math
     first = conds_per_row[0]
     if any(set(c) != set(first) for c in conds_per_row):
         return None

@@ -213,17 +213,6 @@ class ReferenceKV:
         return wrapper
 
 
-def steps_that_fit(entry: ReferenceKV, policy: str, model) -> int:
-    """How many of ``entry``'s steps (each step holds the same bytes) fit the store's budget on the largest
-    device the policy allows; ``len(entry.steps)`` when all do."""
-    if policy == "recompute" or not entry.steps:
-        return 0
-    devices = {"cpu": [torch.device("cpu")]}.get(policy, [model.load_device, torch.device("cpu")])
-    per_step = entry.estimate_bytes() / len(entry.steps)
-    budget = max(STORE.budget(device) for device in devices)
-    return min(len(entry.steps), int(budget // per_step))
-
-
 class ReferenceStore:
     """The one owner of cached reference K/V: entries keyed by what they depend on, least recently used evicted
     first so that the bytes held never exceed the budget."""
@@ -335,29 +324,6 @@ def choose_storage(entry, policy: str, model) -> str:
                 "every step instead (slower, same result)", entry.what, entry.noun, need / 2 ** 20, said, rule)
     entry.budget_message = f"needs {need / 2 ** 20:.1f} MB, budget {said}"
     return "recompute"
-
-
-def cached_steps(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: str, policy: str, fill,
-                 extra: tuple = ()) -> Tuple[ReferenceKV, str]:
-    """As ``cached``, and when the whole entry would not fit the budget but some of its steps would, the first steps
-    that fit are cached: returns (the entry, "cache" | "partial" | "recompute"); a "partial" entry holds only those
-    steps (wrap it in a PartialReference for the rest), a "recompute" one is ``reference`` itself."""
-    key = ReferenceStore.key(kind, reference.inversion, conditioning_fingerprint, reference.layers, reference.steps,
-                             tuple(extra) + (reference.keep,))
-    if policy in POLICIES and policy != "recompute" and STORE.get(key) is None:
-        fit = steps_that_fit(reference, policy, model)
-        if 0 < fit < len(reference.steps):
-            entry, mode = cached(kind, model, reference.with_steps(reference.steps[:fit]), conditioning_fingerprint,
-                                 policy, fill, extra)
-            if mode == "cache":
-                rest = len(reference.steps) - fit
-                log.info("[Inversion Chain] %s: the cache budget holds %d of the %d steps' %s (%.1f MB); the other "
-                         "%s recomputed next to each of %s sampling calls", reference.what, fit, len(reference.steps),
-                         reference.noun, entry.nbytes() / 2 ** 20, "step is" if rest == 1 else f"{rest} are",
-                         "its" if rest == 1 else "their")
-                return entry, "partial"
-            return reference, "recompute"
-    return cached(kind, model, reference, conditioning_fingerprint, policy, fill, extra)
 
 
 def cached(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: str, policy: str, fill,

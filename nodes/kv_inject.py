@@ -8,7 +8,7 @@ from ..attention import patching
 from ..attention.kv_inject import MODES, KVInjectEditor, TargetMapObserver, negative_check
 from ..attention.layers import decoder_start, select_layers
 from ..attention import reference as reference_store
-from ..attention.partial_reference import PartialReference
+from ..attention.partial_reference import cached_steps
 from ..attention.reference import POLICIES, ReferenceKV
 from ..attention.schedule import check_percents, steps_within
 from .. import conditioning
@@ -126,12 +126,10 @@ class ICKVInject:
         # recorder only (start_percent 2: never active, it only records)
         recorder = patching.install(model, KVInjectEditor(reference, selected, 2.0, mode, what=WHAT), WHAT)
         key = conditioning.fingerprint(positive) + ("" if negative is None else conditioning.fingerprint(negative))
-        wanted_steps = reference.steps
-        reference, reference.mode = reference_store.cached_steps(
-            "kv_inject", model, reference, key, cache,
-            lambda ref: ref.fill(recorder, latent, negative=negative), extra=(tuple(cross_tokens or ()), cross_level))
-        if reference.mode == "partial":   # the first steps cached, the others recomputed next to their calls
-            reference = PartialReference(reference, wanted_steps, model, positive, negative)
+        # "partial": the first steps cached, the others recomputed next to their sampling calls
+        reference, reference.mode = cached_steps(
+            "kv_inject", model, reference, key, cache, lambda ref: ref.fill(recorder, latent, negative=negative),
+            positive, negative, extra=(tuple(cross_tokens or ()), cross_level))
         editor = KVInjectEditor(reference, selected, start_percent, mode, target_tokens=target_tokens, what=WHAT)
         patched = patching.install(model, editor, WHAT)
         if mode == "masked":

@@ -26,7 +26,7 @@ from .. import compat
 from ..artifacts import Inversion, InversionChainError
 from ..attention import patching
 from ..attention import reference as reference_store
-from ..attention.partial_reference import PartialReference
+from ..attention.partial_reference import PartialReference, cached_steps
 from ..attention.reference import ReferenceKV
 from ..conditioning import first_row, fingerprint
 from ..attention.rival import RivalAttentionEditor
@@ -151,16 +151,16 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
         recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=ref), what)
         ref.fill(recorder, torch.zeros(inversion.latent_shape), negative=negative_row)
 
-    lookup = reference_store.cached_steps if partial else reference_store.cached
-    entry, mode = lookup("rival", model, reference, fingerprint(first_row(inversion.positive))
-                         + fingerprint(negative_row), policy, fill)
+    key = fingerprint(first_row(inversion.positive)) + fingerprint(negative_row)
+    if partial:
+        entry, mode = cached_steps("rival", model, reference, key, policy, fill, first_row(inversion.positive),
+                                   negative_row)
+    else:
+        entry, mode = reference_store.cached("rival", model, reference, key, policy, fill)
     if mode == "recompute":
         return None
     log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", what, entry.nbytes() / 2 ** 20,
              entry.storage_device)
-    if mode == "partial":
-        return PartialReference(entry, reference.steps, model, first_row(inversion.positive),
-                                                negative_row)
     return entry
 
 

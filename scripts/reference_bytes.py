@@ -6,8 +6,9 @@ walked by the pack's own ``enumerate_layers``. The bytes are the store's own ``R
 budget is checked against; tests prove it equals what a fill holds), fp16 storage, 50 steps, for what each editor
 records: KV Inject's default (start_percent 0.08 -> steps 4-49, layers from the family default start layer, one CFG
 branch at cfg 1, two with a negative prompt) and RIVAL (every step and self-attention layer, both CFG branches).
-Then what ``cache=auto`` decides (``reference.cached_steps``): cache the entry whole, or the first steps that fit
-(the rest recomputed), or recompute; the store's budget is 40% of free memory on the device (GPU, then CPU RAM).
+Then what ``cache=auto`` decides (``partial_reference.cached_steps``): cache the entry whole, or the first steps
+that fit (the rest recomputed), or recompute; the store's budget is 40% of free memory on the device (GPU, then
+CPU RAM).
 
     .venv/bin/python scripts/reference_bytes.py [--gpu-gib 24] [--json]
 """
@@ -86,8 +87,8 @@ def reference_bytes(family: str, keep: str = "inputs") -> dict:
 
 
 def auto_decision(need: int, steps: int, free_bytes: float) -> str:
-    """What the store does with an entry of ``need`` bytes over ``steps`` steps (``reference.cached_steps``): cache
-    it whole, cache the first steps that fit and recompute the rest, or recompute every step."""
+    """What the store does with an entry of ``need`` bytes over ``steps`` steps (``partial_reference.cached_steps``):
+    cache it whole, cache the first steps that fit and recompute the rest, or recompute every step."""
     budget = 0.4 * free_bytes
     fit = min(steps, int(budget // (need / steps)))
     if fit == steps:
