@@ -1,8 +1,9 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
-#   make test   - builds the environment (cached), obtains ComfyUI, links the pack, runs ruff and the test suite
-#   make test-fast - ruff and the fast tier (in-process tests marked `fast`, under 2 minutes)
+#   make test   - builds the environment (cached), obtains ComfyUI, links the pack, runs ruff and the test suite on
+#                 each supported tree: current ComfyUI (v0.33.0) first, then the oldest supported (2024-03)
+#   make test-fast - ruff and the fast tier on the current tree (pure tests and quick in-process tests)
 #   make demo   - runs the main job headless on a real photo and writes the results to out/
-# COMFYUI_PATH=/path/to/ComfyUI selects another ComfyUI tree (default: the upstream 2024-03-22 tree).
+# COMFYUI_PATH=/path/to/ComfyUI tests that tree alone, in place; TREES="2024-03" (or "current") picks trees.
 # CKPT=/path/model.safetensors makes the demo use your checkpoint (default: a small random-weight test model).
 PY := .venv/bin/python
 
@@ -11,17 +12,20 @@ PY := .venv/bin/python
 setup:
 	@bash scripts/setup_env.sh
 
+TREES ?= $(if $(COMFYUI_PATH),current,current 2024-03)
+
 lint: setup
 	$(PY) -m ruff check .
 
-# The whole suite (what CI runs), after the linter. The browser test needs Debian's chromium: setup installs it.
+# The whole suite on every tree in TREES (what CI runs), after the linter. The browser test needs Debian's
+# chromium: setup installs it.
 test: export IC_BROWSER := 1
 test: lint
-	$(PY) -m pytest tests
+	@for tree in $(TREES); do bash scripts/run_tests.sh $$tree tests || exit 1; done
 
-# The edit loop: in-process tests marked `fast` (under 2 minutes on 2 cores), after the linter.
+# The edit loop: the fast tier (tests marked `fast`) on the current tree, after the linter.
 test-fast: lint
-	$(PY) -m pytest -m fast tests
+	bash scripts/run_tests.sh current -m fast tests
 
 demo: setup
 	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)")
