@@ -180,7 +180,7 @@ class AttentionMaps:
         unit = self.unit_of(layer_index)
         h, w = grid
         if self.grids.setdefault(unit.name, (h, w)) != (h, w):
-            self._warn(("grid", unit.name), f"{unit.name}: token grid changed within a run; maps skipped")
+            self.warn_once(("grid", unit.name), f"{unit.name}: token grid changed within a run; maps skipped")
             return
         maps = maps.reshape(maps.shape[0], maps.shape[1], h, w)
         key = (kind, unit.name, branch)
@@ -188,7 +188,7 @@ class AttentionMaps:
         if entry is None:
             self._sums[key] = [maps.float().clone(), 1]
         elif entry[0].shape != maps.shape:
-            self._warn(("shape",) + key, f"{kind} {unit.name}: batch layout changed within a step "
+            self.warn_once(("shape",) + key, f"{kind} {unit.name}: batch layout changed within a step "
                                          f"({tuple(entry[0].shape)} vs {tuple(maps.shape)}); call skipped")
         else:
             entry[0].add_(maps.float())
@@ -209,7 +209,8 @@ class AttentionMaps:
         self._pending = None
         self._sums = {}
 
-    def _warn(self, key, message):
+    def warn_once(self, key, message):
+        """Log ``message`` once per ``key`` (the capture editor warns through its maps too)."""
         if key not in self._warned:
             self._warned.add(key)
             log.warning("Attention Capture: %s", message)
@@ -330,14 +331,15 @@ class AttentionCaptureEditor(Editor):
         else:
             nk = m.shape[-1]
             if nk % (h * w) != 0:
-                self.maps._warn(("keys", ctx.layer.index), f"self-attention layer {ctx.layer.index} has {nk} keys, "
+                self.maps.warn_once(("keys", ctx.layer.index), f"self-attention layer {ctx.layer.index} has {nk} keys, "
                                 f"not a multiple of its {h}x{w} grid; not captured")
                 return
             m = m.reshape(m.shape[0], m.shape[1], nk // (h * w), h * w).sum(2)  # (B, P, h*w)
         chunks = list(ctx.cond_or_uncond)
         b = m.shape[0]
         if b % len(chunks) != 0:
-            self.maps._warn(("rows", ctx.layer.index), f"batch of {b} rows does not split into {len(chunks)} chunks")
+            self.maps.warn_once(("rows", ctx.layer.index),
+                                f"batch of {b} rows does not split into {len(chunks)} chunks")
             return
         rpc = b // len(chunks)
         m = m.reshape(len(chunks), rpc, m.shape[1], m.shape[2])

@@ -136,7 +136,7 @@ class KVInjectEditor(Editor):
     def source_foreground(self, step: int, grid) -> torch.Tensor:
         maps = self.reference.cross_maps.get(step)
         if maps is None:
-            raise RuntimeError(f"{self.what} (masked): no reference cross-attention maps for step {step}")
+            raise InversionChainError(f"{self.what} (masked): no reference cross-attention maps for step {step}")
         return binary_mask(maps.sum(0, keepdim=True), grid, self.mask_threshold)[0]
 
     def masks(self, step: int, ctx: CallContext) -> Optional[Dict[str, torch.Tensor]]:

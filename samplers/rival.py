@@ -206,7 +206,6 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
     x_T = inversion.chain[0][:1]
     inits = torch.cat([initial_latent(x_T, seed + j, init, what, region) for j in range(batch_size)])
     keep = None if region is None else ~region
-    state = {}
 
     def rival_loop(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
@@ -234,7 +233,6 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
             else:
                 pbar.update(1)
             x = x_next
-        state["x"] = x
         return x
 
     pos = stack_rows(inversion.positive, positive, batch_size, what)
