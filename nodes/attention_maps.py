@@ -37,8 +37,7 @@ class ICAttentionCapture:
                 "resolution": tip(list(RESOLUTIONS), "Which attention layers to record, by token grid relative to "
                                   "the latent: latent/4 is 16x16 for SD1.5 at 512 px (P2P's choice; SDXL at 1024 px: "
                                   "32x32), latent/8 is SD1.5's 8x8 middle block, latent/2 and latent/1 are finer "
-                                  "and cost more. Memory (CPU) for SD1.5 at 512 px, 50 steps, cfg, cross + self: "
-                                  "latent/4 24 MB, all 500 MB per layer or 100 MB per resolution.",
+                                  "and cost more (CPU memory grows with the grid; docs/memory.md has figures).",
                                   default="latent/4"),
                 "detail": tip(list(DETAILS), "per layer keeps each layer apart (viewer can filter layers); per "
                               "resolution keeps only the mean over the layers of each resolution (less memory, "

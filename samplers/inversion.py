@@ -11,11 +11,9 @@ from ..attention.schedule import steps_within
 from ..model_info import check_supported, model_key
 from . import ddim
 
-# Measured at 50 steps (ddim_uniform, astronaut 128 px) with the extrapolated first guess and Anderson steps: a
-# per-step tolerance of 3e-4 in sampling space gives round trips (LATENT space, max abs) of 4.7e-5 on the small
-# SD1.5 layout (1.12 UNet calls per step), 4.2e-4 on SD2-v (1.70), 3.2e-5 on SDXL (1.36) and 7.5e-5 on the full SD1.5
-# layout (random fp16 `sd15` checkpoint, 64 px: 1.56); 1e-3 breaks SD2-v
-# (2.4e-3). The cap binds only where the map contracts slowly (v-prediction, few steps).
+# The default per-step tolerance (sampling space, max abs) and iteration cap: the round trips they give on each
+# family are measured in docs/nodes.md (DDIM Invert); a looser tolerance breaks SD2-v. The cap
+# binds only where the map contracts slowly (v-prediction, few steps).
 DEFAULT_TOLERANCE = 3e-4
 DEFAULT_MAX_ITERS = 6
 
