@@ -1,6 +1,8 @@
 """Data passed between the pack's nodes. Custom ComfyUI types are plain strings naming these classes."""
 from __future__ import annotations
 
+import hashlib
+import html
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -11,6 +13,14 @@ INVERSION = "INVERSION"
 
 class InversionChainError(ValueError):
     """A user-facing error: the message says what was wrong and what is accepted."""
+
+
+def user_text(value) -> str:
+    """Workflow text (words, prompts, reprs of inputs) made safe to repeat in a message: ComfyUI's 2024-03 frontend
+    shows an error's message as HTML (innerHTML), so ``&``, ``<`` and ``>`` are escaped; every message that repeats
+    user text passes that text through here (quotes are left readable: the messages are element text, never an
+    attribute)."""
+    return html.escape(str(value), quote=False)
 
 
 @dataclass(frozen=True)
@@ -125,11 +135,144 @@ NULL_TEXT = "NULL_TEXT"
 
 
 def inversion_fingerprint(inversion: "Inversion") -> tuple:
-    """Identity of an INVERSION (model, schedule, size and the chain's two ends), to match artefacts made from it."""
-    chain = inversion.chain
+    """Identity of an INVERSION (model, schedule, size and a content hash of its whole chain and sigmas), to match
+    artefacts made from it and to key caches built from it."""
     return (inversion.model_key, inversion.scheduler, inversion.steps, tuple(inversion.latent_shape),
-            tuple(round(float(s), 5) for s in inversion.sigmas),
-            round(float(chain[0].double().sum()), 3), round(float(chain[-1].double().sum()), 3))
+            tensor_digest(inversion.sigmas), tensor_digest(inversion.chain))
+
+
+# -- content digests (cache keys) ----------------------------------------------------------------------------------
+DIGEST_DEPTH = 6   # how deep `feed` follows plain objects' attributes (beyond it: their class name only)
+_MEMO = "_inversion_chain_digest"
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes. Remembered on the tensor (with its version counter where it has
+    one), so a large tensor that several keys include (a LoRA's weights, an inversion's chain) is hashed once."""
+    try:
+        version = t._version
+    except (RuntimeError, AttributeError):   # inference tensors keep no version counter
+        version = None
+    memo = getattr(t, _MEMO, None)
+    if memo is not None and memo[0] == version:
+        return memo[1]
+    h = hashlib.sha256()
+    flat = t.detach().reshape(-1)
+    h.update(f"{flat.dtype}|{tuple(t.shape)}|".encode())
+    chunk = 1 << 24   # elements per copy to the CPU
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk].to("cpu").contiguous()
+        h.update(part.view(torch.uint8).numpy().tobytes() if part.dtype != torch.bool else part.numpy().tobytes())
+    out = h.hexdigest()
+    try:
+        setattr(t, _MEMO, (version, out))
+    except (AttributeError, RuntimeError):
+        pass
+    return out
+
+
+def _item(h, tag: bytes, payload: bytes):
+    """One length-delimited item: tag, length, bytes (no two different sequences of items share a byte stream)."""
+    h.update(tag + len(payload).to_bytes(8, "little") + payload)
+
+
+def feed(h, value, depth: int = 0, seen: Optional[set] = None):
+    """Feed ``value`` into hash ``h`` by content, every item length-delimited and typed: tensors by bytes, scalars
+    and strings by repr, lists/tuples/dicts/sets item by item (dicts and sets in sorted order), functions by
+    qualified name, defaults and closure, modules by their weights, other objects by class and attributes."""
+    seen = set() if seen is None else seen
+    if torch.is_tensor(value):
+        _item(h, b"T", tensor_digest(value).encode())
+        return
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        _item(h, b"S", f"{type(value).__name__}:{value!r}".encode())
+        return
+    if isinstance(value, torch.dtype) or isinstance(value, torch.device):
+        _item(h, b"S", repr(value).encode())
+        return
+    marker = id(value)   # cycle guard only; never part of the digest
+    if marker in seen:
+        _item(h, b"C", type(value).__qualname__.encode())
+        return
+    seen.add(marker)
+    try:
+        if isinstance(value, (list, tuple)):
+            _item(h, b"L", f"{type(value).__name__}:{len(value)}".encode())
+            for v in value:
+                feed(h, v, depth, seen)
+        elif isinstance(value, dict):
+            _item(h, b"D", str(len(value)).encode())
+            for k in sorted(value, key=repr):
+                feed(h, k, depth, seen)
+                feed(h, value[k], depth, seen)
+        elif isinstance(value, (set, frozenset)):
+            _item(h, b"E", str(len(value)).encode())
+            for v in sorted(value, key=repr):
+                feed(h, v, depth, seen)
+        elif isinstance(value, torch.nn.Module):
+            _item(h, b"M", _qualname(type(value)).encode())
+            _item(h, b"W", module_digest(value).encode())
+        elif depth >= DIGEST_DEPTH:
+            _item(h, b"O", _qualname(type(value)).encode())
+        elif hasattr(value, "func") and hasattr(value, "args") and hasattr(value, "keywords"):   # functools.partial
+            _item(h, b"P", b"partial")
+            for part in (value.func, value.args, value.keywords):
+                feed(h, part, depth + 1, seen)
+        elif hasattr(value, "__func__") and hasattr(value, "__self__"):   # a bound method
+            _item(h, b"B", _qualname(value.__func__).encode())
+            feed(h, value.__self__, depth + 1, seen)
+        elif hasattr(value, "__code__"):   # a function: its name, defaults and what it closes over
+            _item(h, b"F", _qualname(value).encode())
+            feed(h, [value.__defaults__, value.__kwdefaults__,
+                     [c.cell_contents for c in (value.__closure__ or ()) if _filled(c)]], depth + 1, seen)
+        elif isinstance(value, type):
+            _item(h, b"K", _qualname(value).encode())
+        else:
+            _item(h, b"O", _qualname(type(value)).encode())
+            state = getattr(value, "__dict__", None)
+            if state is None and hasattr(type(value), "__slots__"):
+                state = {k: getattr(value, k) for k in type(value).__slots__ if hasattr(value, k)}
+            if state is not None:
+                feed(h, dict(state), depth + 1, seen)
+            elif callable(value):
+                pass
+            else:
+                _item(h, b"R", repr(value)[:200].encode())
+    finally:
+        seen.discard(marker)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:
+        return False
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def module_digest(module: torch.nn.Module) -> str:
+    """Content hash of a module's parameters and buffers, computed once and remembered on the module."""
+    memo = module.__dict__.get(_MEMO)
+    if memo is not None:
+        return memo
+    h = hashlib.sha256()
+    for name, t in module.state_dict(keep_vars=True).items():
+        _item(h, b"N", name.encode())
+        _item(h, b"T", tensor_digest(t).encode())
+    out = h.hexdigest()
+    module.__dict__[_MEMO] = out
+    return out
+
+
+def digest(*values) -> str:
+    """Hex sha256 of ``values`` fed item by item (see ``feed``)."""
+    h = hashlib.sha256()
+    feed(h, list(values))
+    return h.hexdigest()
 
 
 @dataclass

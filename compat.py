@@ -179,6 +179,29 @@ def offload_device(model_patcher):
     return getattr(model_patcher, "offload_device", None) or comfy.model_management.unet_offload_device()
 
 
+def unpatched_weights(model_patcher):
+    """(name, tensor) of every weight and buffer of the MODEL's base model as loaded, before any patch: where a
+    patcher has patched a weight in place its backup holds the original. Clones share one backup dict in both trees;
+    values are tensors in 2024-03 and ``(weight, inplace_update)`` tuples in 0.3x."""
+    backup = dict(getattr(model_patcher, "backup", None) or {})
+    for name, t in model_patcher.model.state_dict(keep_vars=True).items():
+        kept = backup.get(name)
+        if kept is not None and not torch.is_tensor(kept):
+            kept = getattr(kept, "weight", None)
+        yield name, (kept if torch.is_tensor(kept) else t)
+
+
+def weight_patches(model_patcher) -> dict:
+    """The MODEL's weight patches (LoRAs, merges): key -> list of entries holding the strengths and the patch data,
+    ``(strength_patch, data, strength_model)`` in 2024-03, ``(..., offset, function)`` in 0.3x."""
+    return dict(getattr(model_patcher, "patches", None) or {})
+
+
+def object_patches(model_patcher) -> dict:
+    """Objects swapped into the model while sampling (e.g. model_sampling from ModelSamplingDiscrete); both trees."""
+    return dict(getattr(model_patcher, "object_patches", None) or {})
+
+
 def free_memory(device) -> int:
     return int(comfy.model_management.get_free_memory(device))
 

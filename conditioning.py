@@ -7,10 +7,11 @@ it carries and compares these entries too, not only the hidden states.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Optional
 
 import torch
+
+from .artifacts import digest, user_text
 
 # the entries SDXL's encode_adm reads besides the pooled output (scalars; harmless on SD1.x/SD2)
 SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
@@ -50,28 +51,11 @@ def first_row(conditioning) -> list:
     return out
 
 
-def _tensor_digest(h, t: torch.Tensor):
-    t = t.detach().float().cpu().contiguous()
-    h.update(str(tuple(t.shape)).encode())
-    h.update(t.numpy().tobytes())
-
-
 def fingerprint(conditioning) -> str:
-    """A digest of everything a model reads from a CONDITIONING: every entry's hidden states, pooled output and
-    its other entries (tensors by value, scalars by repr)."""
-    h = hashlib.sha256()
-    for cond, meta in conditioning or []:
-        _tensor_digest(h, cond)
-        for k in sorted(meta, key=str):
-            v = meta[k]
-            h.update(str(k).encode())
-            if torch.is_tensor(v):
-                _tensor_digest(h, v)
-            elif isinstance(v, (int, float, str, bool)) or v is None:
-                h.update(repr(v).encode())
-            else:   # objects other packs attach (hooks, controls): identity is the best available
-                h.update(f"{type(v).__name__}@{id(v)}".encode())
-    return h.hexdigest()[:24]
+    """A content digest of everything a model reads from a CONDITIONING: every entry's hidden states, pooled output
+    and other entries (tensors by value, scalars by repr, objects other packs attach by class and state), each item
+    length-delimited, in order."""
+    return digest("conditioning", [[cond, dict(meta)] for cond, meta in (conditioning or [])])[:32]
 
 
 def mismatch(a, b, atol: float = 1e-4, pooled_matters: bool = True) -> Optional[str]:
@@ -86,5 +70,5 @@ def mismatch(a, b, atol: float = 1e-4, pooled_matters: bool = True) -> Optional[
         return "the pooled outputs differ"
     sa, sb = size_entries(a), size_entries(b)
     if sa != sb:
-        return f"the size entries differ ({sa} vs {sb})"
+        return f"the size entries differ ({user_text(sa)} vs {user_text(sb)})"
     return None

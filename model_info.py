@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import compat
-from .artifacts import InversionChainError, ModelKey
+from .artifacts import InversionChainError, ModelKey, digest, feed, tensor_digest
 
 SUPPORTED = "UNet diffusion models with eps or v prediction (SD1.x, SD2.x, SDXL and their fine-tunes)"
 
@@ -48,6 +48,34 @@ def model_key(model_patcher) -> ModelKey:
                     channels=int(unet.model_channels),
                     context_dim=int(getattr(unet, "context_dim", 0) or _context_dim(unet)),
                     weight_fingerprint=fingerprint)
+
+
+WEIGHTS_MEMO = "_inversion_chain_weights"
+
+
+def weights_digest(model_patcher) -> str:
+    """Content hash of the base model's weights as loaded (before any patch), computed once per loaded model and
+    remembered on it: every clone and patched variant of one checkpoint shares it."""
+    import hashlib
+    base = model_patcher.model
+    memo = base.__dict__.get(WEIGHTS_MEMO)
+    if memo is not None:
+        return memo
+    h = hashlib.sha256()
+    for name, t in compat.unpatched_weights(model_patcher):
+        feed(h, name)
+        feed(h, tensor_digest(t))
+    base.__dict__[WEIGHTS_MEMO] = memo = h.hexdigest()
+    return memo
+
+
+def model_identity(model_patcher) -> str:
+    """What a MODEL computes, as a cache key: its class, the content hash of its weights, every weight patch with its
+    strengths and data (a LoRA at another strength is another model), the object patches and the model_options
+    (attention patches, wrappers, CFG functions of other nodes)."""
+    return digest("model", type(model_patcher.model).__qualname__, weights_digest(model_patcher),
+                  compat.weight_patches(model_patcher), compat.object_patches(model_patcher),
+                  getattr(model_patcher, "model_options", {}))
 
 
 def _context_dim(unet) -> int:

@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..artifacts import InversionChainError
+from ..artifacts import InversionChainError, user_text
 from .controller import CallContext, Editor, attention_probs
 from .layers import AttentionLayer
 from . import tokens as tokens_mod
@@ -56,7 +56,7 @@ def resolution_levels(resolution: str) -> Optional[Tuple[int, ...]]:
     if resolution == "all":
         return None
     if resolution not in RESOLUTIONS:
-        raise InversionChainError(f"unknown resolution '{resolution}'; use one of {', '.join(RESOLUTIONS)}.")
+        raise InversionChainError(f"unknown resolution '{user_text(resolution)}'; use one of {', '.join(RESOLUTIONS)}.")
     return (int(math.log2(int(resolution.split("/")[1]))),)
 
 
@@ -127,7 +127,7 @@ class AttentionMaps:
     def __init__(self, kinds: Sequence[str], levels: Optional[Sequence[int]], detail: str, query_grid: int,
                  prompts: Optional[Dict[int, PromptTokens]] = None):
         if detail not in DETAILS:
-            raise InversionChainError(f"unknown detail '{detail}'; use one of {', '.join(DETAILS)}.")
+            raise InversionChainError(f"unknown detail '{user_text(detail)}'; use one of {', '.join(DETAILS)}.")
         self.kinds = tuple(kinds)
         self.levels = None if levels is None else tuple(levels)
         self.detail = detail

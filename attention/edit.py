@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .. import compat, conditioning
-from ..artifacts import InversionChainError, NullText, Style
+from ..artifacts import InversionChainError, NullText, Style, user_text
 from ..model_info import check_supported, model_key, reads_pooled_output, require_inversion
 from . import patching
 from .context import UNCOND, CfgCheck, ContextPatch
@@ -63,7 +63,8 @@ def _require_source_prompt(made_with, source, sizes, source_prompt: str, artefac
     differs = conditioning.mismatch(made_with, _conditioning([source], sizes), pooled_matters=pooled_matters)
     if differs:
         raise InversionChainError(f"{what}: the {artefact} was made with another source prompt (or CLIP, or SDXL "
-                                  f"size entries) than '{source_prompt}' ({differs}). Encode the same source prompt "
+                                  f"size entries) than '{user_text(source_prompt)}' ({differs}). Encode the same "
+                                  f"source prompt "
                                   f"(and, on SDXL, the same sizes) for {maker} and this node.")
 
 
@@ -129,8 +130,9 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
             in_src = word_positions(clip, plan.source_ids, word)
             in_tgt = word_positions(clip, plan.target_ids, word)
             if not in_src and not in_tgt:
-                raise InversionChainError(f"{what}: the blend word '{word}' is in neither the source prompt "
-                                          f"'{source_prompt}' nor the target prompt '{target_prompt}'.")
+                raise InversionChainError(f"{what}: the blend word '{user_text(word)}' is in neither the source prompt "
+                                          f"'{user_text(source_prompt)}' nor the target prompt "
+                                          f"'{user_text(target_prompt)}'.")
             src_pos += in_src
             tgt_pos += in_tgt
         level = min(BLEND_LEVEL, max(l.level for l in patching.layers_of(model)))

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..artifacts import InversionChainError
+from ..artifacts import InversionChainError, user_text
 from .tokens import align_tokens, describe_tokens, prompt_tokens, token_count, word_positions
 
 MODES = ("replace", "refine", "reweight")
@@ -24,14 +24,15 @@ def parse_reweight(text: str, what: str) -> List[Tuple[str, float]]:
             continue
         word, sep, value = item.rpartition(":")
         if not sep or not word.strip():
-            raise InversionChainError(f"{what}: reweight entry '{item}' must look like 'word:value', e.g. "
+            raise InversionChainError(f"{what}: reweight entry '{user_text(item)}' must look like 'word:value', e.g. "
                                       f"'flowers:2.0' (values in [{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}]).")
         try:
             c = float(value)
         except ValueError:
-            raise InversionChainError(f"{what}: reweight value '{value.strip()}' of '{word.strip()}' is not a number.")
+            raise InversionChainError(f"{what}: reweight value '{user_text(value.strip())}' of "
+                                      f"'{user_text(word.strip())}' is not a number.")
         if not REWEIGHT_RANGE[0] <= c <= REWEIGHT_RANGE[1]:
-            raise InversionChainError(f"{what}: reweight value {c:g} for '{word.strip()}' is outside "
+            raise InversionChainError(f"{what}: reweight value {c:g} for '{user_text(word.strip())}' is outside "
                                       f"[{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}].")
         out.append((word.strip(), c))
     return out
@@ -67,7 +68,7 @@ class EditPlan:
 def build_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight: str = "",
                what: str = "Prompt-to-Prompt") -> EditPlan:
     if mode not in MODES:
-        raise InversionChainError(f"{what}: unknown mode '{mode}'; use one of {', '.join(MODES)}.")
+        raise InversionChainError(f"{what}: unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
     src = prompt_tokens(clip, source_prompt, what, "source prompt")
     tgt = prompt_tokens(clip, target_prompt, what, "target prompt")
     if len(src) != len(tgt):
@@ -97,8 +98,9 @@ def build_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight
         for word, c in weights:
             pos = word_positions(clip, tgt, word)
             if not pos:
-                raise InversionChainError(f"{what}: the reweight word '{word}' is not in the target prompt "
-                                          f"'{target_prompt}'. Its tokens are: {describe_tokens(clip, tgt)}.")
+                raise InversionChainError(f"{what}: the reweight word '{user_text(word)}' is not in the target prompt "
+                                          f"'{user_text(target_prompt)}'. Its tokens are: "
+                                          f"{describe_tokens(clip, tgt)}.")
             equalizer[pos] = c
     return EditPlan(mode=mode, source_ids=src, target_ids=tgt, mapper=mapper, aligned=aligned, equalizer=equalizer,
                     reweight=weights)

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..artifacts import InversionChainError
+from ..artifacts import InversionChainError, user_text
 from . import tokens as tokens_mod
 from .capture import (BRANCH_NAMES, BRANCHES, AttentionMaps, describe_layers, point_fractions, resolution_levels,
                       resolution_name)
@@ -55,14 +55,16 @@ def _parse_layers(text: str, what: str, limit: int) -> Optional[set]:
                 out.add(int(part))
         except ValueError:
             raise InversionChainError(f"{what}: `layers` must be 'all' or layer numbers and ranges like '4,5,7-9'; "
-                                      f"got '{text[:80]}'.") from None
+                                      f"got '{user_text(text[:80])}'.") from None
     return out
 
 
 def _point_spec(part: str) -> Optional[int]:
     part = part.strip()
-    if part.startswith("#") and part[1:].strip().isdigit():
-        return int(part[1:])
+    digits = part[1:].strip()
+    # ASCII digits only: str.isdigit also accepts characters int() refuses (superscripts such as "²")
+    if part.startswith("#") and digits.isascii() and digits.isdigit():
+        return int(digits)
     return None
 
 
@@ -78,7 +80,7 @@ def select(maps: AttentionMaps, kind: str, tokens_text: str, start_percent: floa
         raise InversionChainError(f"{what}: no attention was captured. Connect Attention Capture's MODEL to the "
                                   f"sampler that made `latent`, and run that sampler before this node.")
     if branch not in BRANCHES:
-        raise InversionChainError(f"{what}: branch must be one of {', '.join(BRANCHES)}, got '{branch}'.")
+        raise InversionChainError(f"{what}: branch must be one of {', '.join(BRANCHES)}, got '{user_text(branch)}'.")
     b = BRANCHES[branch]
     have = maps.branches(kind)
     if b not in have:
@@ -118,7 +120,8 @@ def select(maps: AttentionMaps, kind: str, tokens_text: str, start_percent: floa
         if not picked:
             listing = "; ".join(f"{u.name}: layers {describe_layers(u.layers)}" for u in units)
             raise InversionChainError(
-                f"{what}: no captured unit lies within layers '{layers_text[:80]}'. Captured ({maps.detail}): "
+                f"{what}: no captured unit lies within layers '{user_text(layers_text[:80])}'. Captured "
+                f"({maps.detail}): "
                 f"{listing}.")
         units = picked
     units = [u for u in units if any((kind, u.name, b) in maps.steps[i].maps for i in chosen_steps)]
@@ -169,7 +172,7 @@ def _tiles(maps: AttentionMaps, kind: str, tokens_text: str, mean: torch.Tensor,
                 if i is None or not 0 <= i < n:
                     raise InversionChainError(f"{what}: for self-attention, `tokens` picks query points as #0..#{n - 1}"
                                               f" (row by row on a {maps.query_grid}x{maps.query_grid} grid); got "
-                                              f"'{p}'. Leave it empty for all points.")
+                                              f"'{user_text(p)}'. Leave it empty for all points.")
                 chosen.append(i)
         return [Tile(label=f"point #{i} (y {fr[i][0]:.2f}, x {fr[i][1]:.2f})", map=mean[i], point=fr[i])
                 for i in chosen]
@@ -184,7 +187,8 @@ def _tiles(maps: AttentionMaps, kind: str, tokens_text: str, mean: torch.Tensor,
         labels = prompt.labels()
         positions = [p for p in prompt.meaningful() if p < n_tok]
         if not positions:
-            raise InversionChainError(f"{what}: the {BRANCH_NAMES[branch]} prompt '{prompt.text}' has no tokens; "
+            raise InversionChainError(f"{what}: the {BRANCH_NAMES[branch]} prompt '{user_text(prompt.text)}' has no "
+                                      f"tokens; "
                                       f"list token positions as #1..#{n_tok - 1} instead.")
         return [Tile(label=f"{labels.get(p, p)} (#{p})", map=mean[p]) for p in positions]
     tiles = []

@@ -70,8 +70,8 @@ def cached_steps(kind: str, model, reference: ReferenceKV, conditioning_fingerpr
     first steps that fit are cached and the others recomputed next to their sampling calls: returns (the entry to
     use, "cache" | "partial" | "recompute"); "partial" comes with a PartialReference (``positive``/``negative``: the
     conditioning its recompute forwards use), "recompute" with ``reference`` itself."""
-    key = ReferenceStore.key(kind, reference.inversion, conditioning_fingerprint, reference.layers, reference.steps,
-                             tuple(extra) + (reference.keep,))
+    key = ReferenceStore.key(kind, model, reference.inversion, conditioning_fingerprint, reference.layers,
+                             reference.steps, tuple(extra) + (reference.keep,))
     if policy in POLICIES and policy != "recompute" and STORE.get(key) is None:
         fit = steps_that_fit(reference, policy, model)
         if 0 < fit < len(reference.steps):

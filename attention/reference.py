@@ -29,7 +29,8 @@ import psutil
 import torch
 
 from .. import compat
-from ..artifacts import Inversion, InversionChainError, inversion_fingerprint
+from ..artifacts import Inversion, InversionChainError, digest, inversion_fingerprint, user_text
+from ..model_info import model_identity
 from ..conditioning import first_row
 from .controller import CallContext, attention_probs
 from .layers import AttentionLayer
@@ -238,10 +239,13 @@ class ReferenceStore:
         return int(BUDGET_FRACTION * (free + self.held_bytes(device)))
 
     @staticmethod
-    def key(kind: str, inversion: Inversion, conditioning_fingerprint: str, layers: Sequence[AttentionLayer],
+    def key(kind: str, model, inversion: Inversion, conditioning_fingerprint: str, layers: Sequence[AttentionLayer],
             steps: Iterable[int], extra: tuple = ()) -> tuple:
-        return (kind, inversion_fingerprint(inversion), conditioning_fingerprint,
-                tuple(l.index for l in layers), tuple(sorted(set(int(s) for s in steps))), extra)
+        """Everything the stored K/V depend on: the MODEL that records them (weights by content, its LoRAs and
+        other patches with their strengths, see ``model_identity``), the inversion (its chain by content), the
+        conditioning, the layers and steps, and the caller's extras (one content digest of them all)."""
+        return (kind, digest(kind, model_identity(model), inversion_fingerprint(inversion), conditioning_fingerprint,
+                             [l.index for l in layers], sorted(set(int(s) for s in steps)), list(extra)))
 
     def get(self, key) -> Optional[ReferenceKV]:
         ref = self.entries.get(key)
@@ -298,7 +302,8 @@ def choose_storage(entry, policy: str, model) -> str:
     memory). ``entry`` is any store entry (reference K/V, content features): it has ``what``, ``noun``,
     ``estimate_bytes()`` and receives ``storage_device`` / ``budget_message``."""
     if policy not in POLICIES:
-        raise InversionChainError(f"{entry.what}: unknown cache policy '{policy}'; use one of {', '.join(POLICIES)}.")
+        raise InversionChainError(f"{entry.what}: unknown cache policy '{user_text(policy)}'; use one of "
+                                  f"{', '.join(POLICIES)}.")
     if policy == "recompute":
         return "recompute"
     need = entry.estimate_bytes()
@@ -330,7 +335,7 @@ def cached(kind: str, model, reference: ReferenceKV, conditioning_fingerprint: s
            extra: tuple = ()) -> Tuple[ReferenceKV, str]:
     """The store's entry for ``reference``'s key, filled once by ``fill(reference)`` when the policy and budget
     allow; returns (the entry to use, "cache" | "recompute")."""
-    key = ReferenceStore.key(kind, reference.inversion, conditioning_fingerprint, reference.layers,
+    key = ReferenceStore.key(kind, model, reference.inversion, conditioning_fingerprint, reference.layers,
                              reference.steps, tuple(extra) + (reference.keep,))
     found = STORE.get(key) if policy != "recompute" else None
     if found is not None and found.usable():

@@ -5,7 +5,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..artifacts import InversionChainError
+from ..artifacts import InversionChainError, user_text
 
 START, END = 49406, 49407
 MAX_TOKENS = 77
@@ -60,11 +60,13 @@ def locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str
         if hit is None or not pieces:
             if pieces and _in_later_window(clip, prompt, pieces):
                 raise InversionChainError(
-                    f"{what}: the word '{word}' is in the prompt, but after its first {len(ids) - 2} tokens (CLIP's "
+                    f"{what}: the word '{user_text(word)}' is in the prompt, but after its first {len(ids) - 2} "
+                    f"tokens (CLIP's "
                     f"first 77-token window), and only that window's attention maps are used. Move the word earlier "
                     f"or shorten the prompt '{_cut(prompt)}'.")
-            valid = ", ".join(readable_tokens(clip, ids[:end + 1]))
-            raise InversionChainError(f"{what}: the word '{word}' is not in the prompt '{_cut(prompt)}'. Its tokens "
+            valid = user_text(", ".join(readable_tokens(clip, ids[:end + 1])))
+            raise InversionChainError(f"{what}: the word '{user_text(word)}' is not in the prompt '{_cut(prompt)}'. "
+                                      f"Its tokens "
                                       f"are: {valid}.")
         found[word] = hit
     return found
@@ -82,7 +84,8 @@ def _in_later_window(clip, prompt: str, pieces: List[int]) -> bool:
 
 
 def _cut(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+    """A prompt cut for a message, HTML-escaped."""
+    return user_text(text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)")
 
 
 def parse_words(text: str) -> List[str]:
@@ -113,7 +116,7 @@ def prompt_tokens(clip, text: str, what: str, role: str) -> List[int]:
             ids = [_id_of(t, i) for i, t in enumerate(chunk)]
             used += sum(1 for t in ids if t not in (START, END, 0))
         raise InversionChainError(
-            f"{what}: the {role} '{text[:60]}{'...' if len(text) > 60 else ''}' is {used} tokens long; "
+            f"{what}: the {role} '{_cut(text, 60)}' is {used} tokens long; "
             f"Prompt-to-Prompt edits one CLIP window of {MAX_TOKENS} tokens ({MAX_TOKENS - 2} plus start/end). "
             f"Shorten the prompt.")
     return [_id_of(t, i) for i, t in enumerate(chunks[0])]
@@ -166,5 +169,5 @@ def word_positions(clip, ids: Sequence[int], word: str) -> List[int]:
 
 
 def describe_tokens(clip, ids: Sequence[int]) -> str:
-    """The readable tokens of a 77-token sequence up to its end token, for error messages."""
-    return ", ".join(readable_tokens(clip, list(ids[:token_count(ids)])))
+    """The readable tokens of a 77-token sequence up to its end token, for error messages (HTML-escaped)."""
+    return user_text(", ".join(readable_tokens(clip, list(ids[:token_count(ids)]))))

@@ -1,7 +1,7 @@
 """Attention Capture and Attention Map Viewer nodes."""
 from __future__ import annotations
 
-from ..artifacts import InversionChainError
+from ..artifacts import InversionChainError, user_text
 from ..attention import patching
 from ..attention.capture import (ATTN_MAPS, BRANCHES, DETAILS, KIND_CHOICES, RESOLUTIONS, AttentionCaptureEditor,
                                  AttentionMaps, capture_layers, prompt_tokens)
@@ -57,9 +57,11 @@ class ICAttentionCapture:
     @checked
     def capture(self, model, kinds, resolution, detail, query_grid, clip=None, prompt="", negative_prompt=""):
         if kinds not in KIND_CHOICES:
-            raise InversionChainError(f"{CAPTURE}: unknown kinds '{kinds}'; use one of {', '.join(KIND_CHOICES)}.")
+            raise InversionChainError(f"{CAPTURE}: unknown kinds '{user_text(kinds)}'; use one of "
+                                      f"{', '.join(KIND_CHOICES)}.")
         if detail not in DETAILS:
-            raise InversionChainError(f"{CAPTURE}: unknown detail '{detail}'; use one of {', '.join(DETAILS)}.")
+            raise InversionChainError(f"{CAPTURE}: unknown detail '{user_text(detail)}'; use one of "
+                                      f"{', '.join(DETAILS)}.")
         if not 1 <= int(query_grid) <= 16:
             raise InversionChainError(f"{CAPTURE}: query_grid must be 1..16, got {query_grid}.")
         if clip is None and ((prompt or "").strip() or (negative_prompt or "").strip()):
@@ -127,7 +129,7 @@ class ICAttentionMapViewer:
         if not hasattr(attn_maps, "steps"):
             raise InversionChainError(f"{VIEWER}: `attn_maps` must come from {CAPTURE}.")
         if kind not in ("cross", "self"):
-            raise InversionChainError(f"{VIEWER}: kind must be cross or self, got '{kind}'.")
+            raise InversionChainError(f"{VIEWER}: kind must be cross or self, got '{user_text(kind)}'.")
         if normalize not in NORMALIZE:
             raise InversionChainError(f"{VIEWER}: normalize must be one of {', '.join(NORMALIZE)}.")
         if resolution not in VIEW_RESOLUTIONS:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ..artifacts import Inversion, InversionChainError, NullText, Style
+from ..artifacts import Inversion, InversionChainError, NullText, Style, user_text
 
 # Text widgets size work (prompts, word lists, layer specs): longer text is refused rather than tokenised or echoed.
 MAX_TEXT = 1000
@@ -35,7 +35,7 @@ def display_name(cls) -> str:
 
 
 def short(value, limit: int = REPR_CHARS) -> str:
-    """repr of ``value`` cut to ``limit`` characters (what arrived, without echoing huge inputs)."""
+    """repr of ``value`` cut to ``limit`` characters (what arrived, without echoing huge inputs), HTML-escaped."""
     try:
         if torch.is_tensor(value):
             text = f"tensor of shape {tuple(value.shape)} ({value.dtype})"
@@ -46,7 +46,7 @@ def short(value, limit: int = REPR_CHARS) -> str:
     if len(text) > limit:
         suffix = f" ({len(value)} characters)" if isinstance(value, str) else ""
         text = text[:limit - 3] + "..." + suffix
-    return text
+    return user_text(text)
 
 
 # -- wired (non-widget) types: a predicate and what is accepted ---------------------------------------------------

@@ -1,6 +1,9 @@
 """DDIM Invert and a small latent comparison node."""
 from __future__ import annotations
 
+import math
+
+import torch
 
 from .. import compat
 from ..artifacts import INVERSION, InversionChainError
@@ -95,11 +98,22 @@ class ICLatentDifference:
         a, b = latent_a["samples"].float().cpu(), latent_b["samples"].float().cpu()
         if a.shape != b.shape:
             raise InversionChainError(f"Latent Difference: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}.")
+        if a.numel() == 0:
+            raise InversionChainError(f"Latent Difference: the latents are empty (shape {tuple(a.shape)}).")
         diff = (a - b).abs()
         max_abs, mean_abs = float(diff.max()), float(diff.mean())
         report = f"max |a-b| = {max_abs:.3e}, mean |a-b| = {mean_abs:.3e} (latent std {float(b.std()):.3f})"
-        return {"ui": {"text": [report], "max_abs": [max_abs], "mean_abs": [mean_abs]},
+        bad = int((~torch.isfinite(a)).sum() + (~torch.isfinite(b)).sum())
+        if bad:
+            report += f"; the latents hold {bad} NaN/inf value(s)"
+        # the ui dict goes to the browser as JSON, where NaN and inf are not valid: a non-finite number is sent as
+        # null (the node then shows the report text)
+        return {"ui": {"text": [report], "max_abs": [_json_number(max_abs)], "mean_abs": [_json_number(mean_abs)]},
                 "result": (max_abs, mean_abs, report)}
+
+
+def _json_number(x: float):
+    return x if math.isfinite(x) else None
 
 
 NODE_CLASS_MAPPINGS = {"ICDDIMInvert": ICDDIMInvert, "ICLatentDifference": ICLatentDifference}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..artifacts import INVERSION, InversionChainError
+from ..artifacts import INVERSION, InversionChainError, user_text
 from ..attention import patching
 from ..attention.kv_inject import MODES, KVInjectEditor, TargetMapObserver, negative_check
 from ..attention.layers import decoder_start, select_layers
@@ -86,7 +86,7 @@ class ICKVInject:
               source_prompt="", cache="auto", target_prompt="", target_words=""):
         require_inversion(model, inversion, WHAT)
         if mode not in MODES:
-            raise InversionChainError(f"{WHAT}: unknown mode '{mode}'; use one of {', '.join(MODES)}.")
+            raise InversionChainError(f"{WHAT}: unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
         layers = patching.layers_of(model)
         if start_layer == -1:
             start_layer = decoder_start(layers)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import compat
-from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError
+from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, user_text
 from ..attention.edit import build_edit
 from ..attention.edit_plan import MODES
 from ..attention.p2p import DEFAULT_SELF_MAX_RES
@@ -156,7 +156,7 @@ class ICNullTextInversion:
     def run(self, model, inversion, positive, negative, cfg=7.5, inner_steps=10, method="null-text",
             learning_rate=null_text_lib.LEARNING_RATE):
         if method not in null_text_lib.METHODS:
-            raise InversionChainError(f"{WHAT_NT}: unknown method '{method}'; use one of "
+            raise InversionChainError(f"{WHAT_NT}: unknown method '{user_text(method)}'; use one of "
                                       f"{', '.join(null_text_lib.METHODS)}.")
         if method == "negative-prompt":
             result = null_text_lib.negative_prompt_inversion(model, inversion, positive, cfg, WHAT_NT)

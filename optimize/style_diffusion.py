@@ -20,14 +20,14 @@ train mode); with this single fixed input eval and train outputs agree, so what 
 The latent then advances with that value input, so later steps correct earlier drift.
 
 Cache: the result is keyed by the image, the inversion, the model, both prompts, the CLIP vision weights and
-every setting; kept in memory (a few entries) and on disk in ComfyUI's temp folder.
+every setting; kept in memory (up to MEMORY_BYTES) and on disk in the pack's user folder.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
+import tempfile
 import time
 from collections import OrderedDict
 from typing import List, Optional
@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import compat
-from ..artifacts import Inversion, InversionChainError, Style, inversion_fingerprint
+from ..artifacts import Inversion, InversionChainError, Style, digest, inversion_fingerprint, module_digest
 from ..conditioning import SIZE_KEYS
 from ..attention import patching
 from ..attention.schedule import Schedule
 from ..attention.style import CrossAttentionRecorder, recorder_level, value_injection
-from ..model_info import model_key, require_single_cfg1_inversion, unet_of
+from ..model_info import model_identity, model_key, require_single_cfg1_inversion, unet_of
 from ..samplers import ddim
 from .training import forward_hooks, normal, text_conds, trainable_weights
 from ..logs import log
@@ -54,7 +54,6 @@ INIT_STD = 0.01
 INIT_SEED = 0
 LATENT_FACTOR = 8          # SD-family VAEs: image pixels per latent cell
 CACHE_VERSION = 3
-MEMORY_ENTRIES = 4
 _memory: "OrderedDict[str, Style]" = OrderedDict()
 
 
@@ -137,47 +136,59 @@ def check_inputs(model, inversion: Inversion, image, cfg: float, inner_steps: in
 
 
 # -- cache --------------------------------------------------------------------------------------------------------
-def _digest(h, value):
-    if torch.is_tensor(value):
-        t = value.detach().float().cpu().contiguous()
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _digest(h, v)
-    elif isinstance(value, dict):
-        for k in sorted(value, key=str):
-            h.update(str(k).encode())
-            _digest(h, value[k])
-    else:
-        h.update(repr(value).encode())
-
-
-def _vision_fingerprint(clip_vision) -> tuple:
-    params = list(clip_vision.model.state_dict().items()) if hasattr(clip_vision, "model") else []
-    picked = [params[i] for i in sorted({0, len(params) // 2, len(params) - 1}) if params]
-    return tuple((k, tuple(v.shape), round(float(v.double().sum()), 4)) for k, v in picked)
+def _vision_fingerprint(clip_vision) -> str:
+    """Content hash of the CLIP vision tower's weights (computed once per loaded tower, remembered on it)."""
+    module = getattr(clip_vision, "model", None)
+    return module_digest(module) if isinstance(module, torch.nn.Module) else f"{type(clip_vision).__qualname__}"
 
 
 def _conditioning_tensors(conditioning) -> list:
-    # tensors and the SDXL size entries (a different width/height conditions the model differently)
-    return [[c[0]] + [v for _, v in sorted(c[1].items()) if torch.is_tensor(v)]
-            + [repr(sorted((k, c[1][k]) for k in SIZE_KEYS if k in c[1]))] for c in conditioning]
+    # per entry: the hidden states, every tensor entry by name and the SDXL size entries (a different width/height
+    # conditions the model differently)
+    return [[c[0], {k: v for k, v in c[1].items() if torch.is_tensor(v)}, {k: c[1][k] for k in SIZE_KEYS if k in c[1]}]
+            for c in conditioning]
 
 
-def cache_key(image, inversion, positive, negative, clip_vision, settings: dict) -> str:
-    h = hashlib.sha256()
-    _digest(h, [CACHE_VERSION, image, repr(inversion_fingerprint(inversion)), positive, negative,
-                repr(_vision_fingerprint(clip_vision)), settings])
-    return h.hexdigest()[:32]
+def cache_key(image, inversion, positive, negative, clip_vision, settings: dict, model=None) -> str:
+    """Everything the trained values depend on, each item length-delimited: the image, the inversion (its chain by
+    content), the MODEL that trains (weights by content, its LoRAs and patches with their strengths), both prompts,
+    the CLIP vision weights and every setting."""
+    return digest(CACHE_VERSION, image, inversion_fingerprint(inversion),
+                  model_identity(model) if model is not None else None, positive, negative,
+                  _vision_fingerprint(clip_vision), settings)[:32]
 
 
 DISK_CACHE_BYTES = 2 * 2 ** 30  # oldest-used files are evicted beyond this (an SD1.5 50-step STYLE is ~12 MB)
+TMP_SUFFIX = ".tmp"
+STALE_TMP_SECONDS = 3600   # a temp file this old is a write that never finished (a crash, a killed server)
 
 
 def cache_dir() -> str:
     """Survives restarts (ComfyUI empties its temp folder at every start); delete the folder to clear it."""
     return compat.persistent_directory("style_cache")
+
+
+def sweep_stale_temp_files(folder: Optional[str] = None, older_than: float = STALE_TMP_SECONDS) -> int:
+    """Delete unfinished writes (``*.tmp``) older than ``older_than`` seconds; returns how many went. A write in
+    progress by another server sharing the folder is younger and stays."""
+    folder = cache_dir() if folder is None else folder
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    now = time.time()
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            if name.endswith(TMP_SUFFIX) and os.path.isfile(path) and now - os.stat(path).st_mtime > older_than:
+                os.remove(path)
+                removed += 1
+        except OSError:
+            pass
+    if removed:
+        log.info("[Inversion Chain] %s: removed %d unfinished cache write(s) from %s", TECHNIQUE, removed, folder)
+    return removed
 
 
 def _evict(keep: str, budget: Optional[int] = None):
@@ -187,9 +198,12 @@ def _evict(keep: str, budget: Optional[int] = None):
     files = []
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if name.endswith(".pt") and os.path.isfile(path):
-            st = os.stat(path)
-            files.append((st.st_mtime, st.st_size, path))
+        try:
+            if name.endswith(".pt") and os.path.isfile(path):
+                st = os.stat(path)
+                files.append((st.st_mtime, st.st_size, path))
+        except OSError:   # another server removed it meanwhile
+            pass
     total = sum(size for _, size, _ in files)
     for _, size, path in sorted(files):
         if total <= budget:
@@ -204,11 +218,37 @@ def _evict(keep: str, budget: Optional[int] = None):
             pass
 
 
+MEMORY_BYTES = 256 * 2 ** 20   # the in-memory cache's budget (least recently used STYLEs go first)
+
+
+def style_bytes(style: Style) -> int:
+    """Bytes a cached STYLE holds: its values and every other tensor it keeps (conditioning, sigmas, counters)."""
+    seen, total = set(), 0
+    stack = [style.values, style.positive, style.negative, style.sigmas, style.inner_iters]
+    while stack:
+        v = stack.pop()
+        if torch.is_tensor(v):
+            if id(v) not in seen:   # a tensor held twice counts once
+                seen.add(id(v))
+                total += v.numel() * v.element_size()
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return total + 8 * sum(len(x) for x in style.losses)
+
+
+def memory_bytes() -> int:
+    return sum(style_bytes(s) for s in _memory.values())
+
+
 def _remember(style: Style):
     _memory[style.cache_key] = style
     _memory.move_to_end(style.cache_key)
-    while len(_memory) > MEMORY_ENTRIES:
+    while len(_memory) > 1 and memory_bytes() > MEMORY_BYTES:
         _memory.popitem(last=False)
+    if memory_bytes() > MEMORY_BYTES:   # one STYLE over the whole budget is not kept in memory
+        _memory.pop(style.cache_key, None)
 
 
 TRAINED_FIELDS = ("values", "losses", "latent_losses", "inner_iters", "final_error", "seconds", "settings")
@@ -241,17 +281,36 @@ def load_cached(key: str, context: dict) -> Optional[Style]:
     return style
 
 
+_swept = set()   # cache folders swept of stale temp files in this process
+
+
 def store(style: Style):
     _remember(style)
+    tmp = None
     try:
-        os.makedirs(cache_dir(), exist_ok=True)
-        path = os.path.join(cache_dir(), f"{style.cache_key}.pt")
-        tmp = path + ".tmp"
+        folder = cache_dir()
+        os.makedirs(folder, exist_ok=True)
+        if folder not in _swept:
+            _swept.add(folder)
+            sweep_stale_temp_files(folder)
+        path = os.path.join(folder, f"{style.cache_key}.pt")
+        # a unique name per write in the same folder: two servers sharing the folder never write the same file
+        fd, tmp = tempfile.mkstemp(prefix=f"{style.cache_key}.", suffix=TMP_SUFFIX, dir=folder)
+        os.close(fd)
         torch.save({k: getattr(style, k) for k in TRAINED_FIELDS}, tmp)
         os.replace(tmp, path)
+        tmp = None
         _evict(style.cache_key)
-    except OSError as e:  # the memory cache still works; a read-only folder is not an error
-        log.warning("[Inversion Chain] %s: could not write the disk cache (%s)", TECHNIQUE, e)
+    except (OSError, RuntimeError) as e:  # full disk (torch.save raises RuntimeError), read-only folder: the
+        # result is returned and kept in memory; only the disk copy is missing
+        log.warning("[Inversion Chain] %s: could not write the disk cache (%s); the result is kept in memory only",
+                    TECHNIQUE, e)
+    finally:
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
 
 
 def clear_memory_cache():
@@ -270,7 +329,7 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
                 "attention_loss_weight": float(attention_loss_weight), "decay": bool(decay),
                 "image_tokens": int(tokens.shape[1]), "image_width": int(tokens.shape[2])}
     key = cache_key(image, inversion, _conditioning_tensors(positive), _conditioning_tensors(negative), clip_vision,
-                    settings)
+                    settings, model)
     context = dict(positive=positive, negative=negative, cfg=float(cfg), sigmas=inversion.sigmas.clone(),
                    scheduler=inversion.scheduler, inversion_fingerprint=inversion_fingerprint(inversion),
                    model_key=model_key(model))

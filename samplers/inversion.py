@@ -6,7 +6,7 @@ import math
 import torch
 
 from .. import compat
-from ..artifacts import Inversion, InversionChainError
+from ..artifacts import Inversion, InversionChainError, user_text
 from ..attention.schedule import steps_within
 from ..model_info import check_supported, model_key
 from . import ddim
@@ -58,7 +58,8 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
     if not math.isfinite(tolerance) or tolerance < 0:
         raise InversionChainError(f"{what}: tolerance must be 0 or a positive number, got {tolerance}.")
     if guess not in ddim.GUESSES:
-        raise InversionChainError(f"{what}: unknown first guess '{guess}'; use one of {', '.join(ddim.GUESSES)}.")
+        raise InversionChainError(f"{what}: unknown first guess '{user_text(guess)}'; use one of "
+                                  f"{', '.join(ddim.GUESSES)}.")
     if not math.isfinite(cfg) or cfg <= 0:
         raise InversionChainError(f"{what}: inversion_cfg must be a positive number, got {cfg}.")
     if cfg != 1.0 and negative is None:
@@ -73,7 +74,8 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
                                   f"when j/{steps} < end_percent); use at least {1 / steps:.4g}, or more steps.")
     full = compat.calculate_sigmas(model_patcher, scheduler, steps)
     if float(full[-1]) != 0.0:
-        raise InversionChainError(f"{what}: scheduler '{scheduler}' does not end at sigma 0; pick one that does.")
+        raise InversionChainError(f"{what}: scheduler '{user_text(scheduler)}' does not end at sigma 0; pick one "
+                                  f"that does.")
     sigmas = full[steps - run:].clone()  # the tail KSampler Advanced samples from start_at_step = steps - run
     ascending = sigmas.flip(0)
     offload = compat.offload_device(model_patcher)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import compat
-from ..artifacts import Inversion, InversionChainError
+from ..artifacts import Inversion, InversionChainError, user_text
 from ..attention import patching
 from ..attention import reference as reference_store
 from ..attention.partial_reference import PartialReference, cached_steps
@@ -67,7 +67,7 @@ def initial_latent(x_T: torch.Tensor, seed: int, init: str, what: str = TECHNIQU
     if init == "adain":
         noise = adain(torch.randn(x_T.shape, generator=gen).to(x_T.device, x_T.dtype), x_T)
         return noise if region is None else torch.where(region.to(x_T.device), noise, x_T)
-    raise InversionChainError(f"{what}: unknown init '{init}'; use one of {', '.join(INITS)}.")
+    raise InversionChainError(f"{what}: unknown init '{user_text(init)}'; use one of {', '.join(INITS)}.")
 
 
 def latent_region(mask, latent_shape, what: str = TECHNIQUE) -> Optional[torch.Tensor]:
@@ -121,14 +121,16 @@ def check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normali
     if batch_size < 1:
         raise InversionChainError(f"{what}: batch_size must be at least 1, got {batch_size}.")
     if init not in INITS:
-        raise InversionChainError(f"{what}: unknown init '{init}'; use one of {', '.join(INITS)}.")
+        raise InversionChainError(f"{what}: unknown init '{user_text(init)}'; use one of {', '.join(INITS)}.")
     if inversion.is_partial and init != "inverted":  # permute/adain make new noise from x_T: needs pure noise
         raise InversionChainError(
             f"{what}: `inversion` is partial (DDIM Invert end_percent < 1: the last {inversion.steps} of "
-            f"{inversion.full_steps} steps), so its start latent is the photo plus noise, not noise; init '{init}' "
+            f"{inversion.full_steps} steps), so its start latent is the photo plus noise, not noise; init "
+            f"'{user_text(init)}' "
             f"would scramble it. Use init 'inverted' (an edit from that level) or invert with end_percent 1.")
     if normalize not in NORMALIZE:
-        raise InversionChainError(f"{what}: unknown normalize '{normalize}'; use one of {', '.join(NORMALIZE)}.")
+        raise InversionChainError(f"{what}: unknown normalize '{user_text(normalize)}'; use one of "
+                                  f"{', '.join(NORMALIZE)}.")
     if cfg <= 0:
         raise InversionChainError(f"{what}: cfg must be positive, got {cfg}.")
 
@@ -177,7 +179,7 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
                  what)
     region = latent_region(mask, inversion.latent_shape, what)
     if reference_mode not in REFERENCE_MODES:
-        raise InversionChainError(f"{what}: unknown reference mode '{reference_mode}'; use one of "
+        raise InversionChainError(f"{what}: unknown reference mode '{user_text(reference_mode)}'; use one of "
                                   f"{', '.join(REFERENCE_MODES)}.")
     replace_end, normalize_end = float(replace_end_percent), float(normalize_end_percent)
     store = cached_reference(model, inversion, negative, what=what, partial=True) if reference_mode == "cache" \
