@@ -3,8 +3,10 @@
     .venv/bin/python scripts/demo.py                          # the committed demo model, 128 px
     .venv/bin/python scripts/demo.py --ckpt ~/models/v1-5-pruned-emaonly.safetensors   # your SD1.x model, 512 px
 
-The default model (models/ic_demo_photos.safetensors, scripts/train_demo_model.py) is a 1 M-parameter UNet trained
-here on four photos (astronaut, cat, coffee, rocket): its pictures are small and blurry, but real.
+The default models are two 1 M-parameter UNets trained here on a CPU: models/ic_demo_photos.safetensors
+(scripts/train_demo_model.py, four photos: its pictures are small and blurry, but real) and, without --ckpt, also
+models/ic_demo_scenes.safetensors (scripts/train_scenes_model.py, drawn scenes of coloured shapes whose words it has
+learned to put in place), on which each technique's effect is visible: one contact-sheet row per technique.
 
 Starts a headless ComfyUI (tests/harness/server.py: main.py --cpu on 127.0.0.1, this pack, the checkpoint),
 submits each workflow of DEMO_STEPS (API format, from workflows/api/) on scikit-image's astronaut photo, copies
@@ -27,7 +29,8 @@ from typing import Callable
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.harness import demo_model  # noqa: E402
+from tests.harness import demo_model, scenes  # noqa: E402
+from tests.harness.scenes_behaviour import SCENES_CHECKPOINT_NAME, scenes_checkpoint  # noqa: E402
 from tests.harness.server import ComfyServer, load_api_workflow, photo_name, ui_output, with_checkpoint  # noqa: E402
 
 DEMO_CKPT = demo_model.CHECKPOINT_NAME
@@ -96,6 +99,45 @@ DEMO_STEPS = [
 ]
 
 
+# The scene every technique edits on the scenes model, and what each edit asks for.
+SCENE = scenes.render("yellow", [("red", "circle", (36, 36, 56))])
+SCENE_IMAGE = "ic_scene_red_circle.png"
+SCENE_EDITS = {
+    "ddim_invert_reconstruct": ("reconstruction", {}),
+    "rival_variation": ("RIVAL variations", {}),
+    "p2plus_edit_real": ("P2Plus 'red' -> 'green', local blend on 'circle' (row 1 reconstruction, row 2 edit)",
+                         {"ICP2PlusController": {"target_prompt": "a green circle on a yellow background",
+                                                 "blend_words": "circle"}}),
+    "kv_inject_edit": ("KV Inject: target prompt 'a red square ...' with the source's self-attention K/V",
+                       {"CLIPTextEncode:target": "a red square on a yellow background",
+                        "ICKVInject": {"start_layer": -1}}),
+    "attention_maps": ("cross-attention of 'red', 'circle', 'yellow'",
+                       {"ICAttentionMapViewer:cross": {"tokens": "red, circle, yellow"}}),
+}
+
+
+def prepare_scene(workflow: str, graph: dict) -> dict:
+    """A committed workflow on the scenes model: the drawn scene in LoadImage, its caption for every prompt that
+    described the astronaut, and the edit of SCENE_EDITS."""
+    graph = with_checkpoint(graph, SCENES_CHECKPOINT_NAME, image_size=scenes.SIZE)
+    edits = SCENE_EDITS[workflow][1]
+    for node in graph.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "LoadImage":
+            inputs["image"] = SCENE_IMAGE
+        for key, value in inputs.items():
+            if value == WORKFLOW_PROMPT:
+                inputs[key] = SCENE.caption
+        if kind == "CLIPTextEncode" and inputs["text"] not in (SCENE.caption, "", "blurry"):
+            inputs["text"] = edits.get("CLIPTextEncode:target", inputs["text"])
+        if kind == "ICAttentionCapture":
+            inputs["resolution"] = "all"      # the demo UNet's levels are latent/1 and latent/2
+        if kind == "ICAttentionMapViewer" and inputs["kind"] == "cross":
+            inputs.update(edits.get("ICAttentionMapViewer:cross", {}))
+        inputs.update(edits.get(kind, {}))
+    return graph
+
+
 def prepare(graph: dict, ckpt_name: str, photo: str, size: int, demo: bool) -> dict:
     """The committed workflow with this run's checkpoint, its photos at ``size`` px, and --photo in place of the
     astronaut (every prompt widget that described the astronaut now describes it); P2Plus gets the photo's edit."""
@@ -119,29 +161,36 @@ SHEET_ITEMS = [("photo", "source__"), ("reconstruction", "ddim_invert_reconstruc
                ("cross-attention", "attention_maps__ic_attention_cross")]
 
 
-def contact_sheet(paths: list[Path], out_path: Path, title: str, tile: int = 128) -> Path:
-    """One PNG with every picture side by side at ``tile`` px height, each labelled underneath."""
-    from PIL import Image, ImageDraw
-    items = []
-    for label, prefix in SHEET_ITEMS:
+def sheet_row(paths: list[Path], items, title: str, tile: int):
+    """(title, [(label, image)]) for the pictures whose names start with each item's prefix, at ``tile`` px height."""
+    from PIL import Image
+    row = []
+    for label, prefix in items:
         found = sorted(p for p in paths if p.name.startswith(prefix))
         for n, path in enumerate(found, 1):
-            items.append((f"{label} {n}" if len(found) > 1 else label, path))
-    images = []
-    for label, path in items:
-        img = Image.open(path).convert("RGB")
-        width = max(1, round(img.width * tile / img.height))
-        images.append((label, img.resize((width, tile), Image.LANCZOS)))
+            img = Image.open(path).convert("RGB")
+            width = max(1, round(img.width * tile / img.height))
+            row.append((f"{label} {n}" if len(found) > 1 else label, img.resize((width, tile), Image.LANCZOS)))
+    return title, row
+
+
+def contact_sheet(rows, out_path: Path) -> Path:
+    """One PNG: each row a title line and its pictures side by side, each labelled underneath."""
+    from PIL import Image, ImageDraw
     pad, band, head = 6, 16, 18
-    sheet = Image.new("RGB", (sum(i.width for _, i in images) + pad * (len(images) + 1), head + tile + band + pad),
-                      "white")
+    heights = [head + max(i.height for _, i in images) + band for _, images in rows]
+    width = max(sum(i.width for _, i in images) + pad * (len(images) + 1) for _, images in rows)
+    sheet = Image.new("RGB", (width, sum(heights) + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, 3), title, fill="black")
-    x = pad
-    for label, img in images:
-        sheet.paste(img, (x, head))
-        draw.text((x + 2, head + tile + 2), label, fill="black")
-        x += img.width + pad
+    y = 0
+    for (title, images), row_h in zip(rows, heights):
+        draw.text((pad, y + 3), title, fill="black")
+        x = pad
+        for label, img in images:
+            sheet.paste(img, (x, y + head))
+            draw.text((x + 2, y + head + img.height + 2), label, fill="black")
+            x += img.width + pad
+        y += row_h
     sheet.save(out_path)
     return out_path
 
@@ -158,6 +207,33 @@ def copy_images(server: ComfyServer, entry: dict, out_dir: Path, workflow: str) 
         shutil.copyfile(path, target)
         written.append(target)
     return written
+
+
+def run_scenes(server: ComfyServer, out: Path, timeout: float) -> list:
+    """Every technique on the drawn scene with the scenes model; one contact-sheet row per technique."""
+    from PIL import Image
+    Image.fromarray((SCENE.image * 255).round().astype("uint8")).save(server.input_dir / SCENE_IMAGE)
+    source = out / f"scene__source__{SCENE_IMAGE}"
+    Image.fromarray((SCENE.image * 255).round().astype("uint8")).save(source)
+    print(f"\n--- the scenes model {SCENES_CHECKPOINT_NAME} on a drawn scene: '{SCENE.caption}' ---\nwrote {source}")
+    rows = []
+    for workflow, (title, _edits) in SCENE_EDITS.items():
+        graph = prepare_scene(workflow, load_api_workflow(workflow))
+        print(f"\n[{workflow} on the scene] {title}", flush=True)
+        t0 = time.time()
+        entry = server.run(graph, timeout=timeout)
+        print(f"  done in {time.time() - t0:.1f} s")
+        written = copy_images(server, entry, out, f"scene__{workflow}")
+        for path in written:
+            print(f"wrote {path}")
+        items = [("scene", "scene__source__"), (workflow.split("_")[0], f"scene__{workflow}__ic_")]
+        if workflow == "attention_maps":
+            items = [("scene", "scene__source__"), ("result", f"scene__{workflow}__ic_attention_result"),
+                     ("maps", f"scene__{workflow}__ic_attention_cross")]
+        # the map grid holds several 128 px tiles: shown larger so each tile stays 128 px
+        tile = 256 if workflow == "attention_maps" else 128
+        rows.append(sheet_row([source] + written, items, f"{SCENES_CHECKPOINT_NAME}: {title}", tile))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -192,7 +268,11 @@ def main(argv=None) -> int:
               f"  photos (astronaut, cat, coffee, rocket) at 128 px: small, blurry pictures. For your own model run\n"
               f"  scripts/demo.py --ckpt /path/to/an-SD1.5-checkpoint.safetensors")
     workdir = Path(tempfile.mkdtemp(prefix="ic_demo_"))
-    server = ComfyServer(workdir, checkpoints=(), extra_checkpoints={ckpt_name: ckpt}, photo_sizes=(size,))
+    extra = {ckpt_name: ckpt}
+    with_scenes = demo and scenes_checkpoint().is_file()
+    if with_scenes:
+        extra[SCENES_CHECKPOINT_NAME] = scenes_checkpoint()
+    server = ComfyServer(workdir, checkpoints=(), extra_checkpoints=extra, photo_sizes=(size,))
     print(f"Starting a headless ComfyUI (CPU) in {workdir} ...", flush=True)
     failed = False
     try:
@@ -213,8 +293,10 @@ def main(argv=None) -> int:
                 written.append(path)
             for line in step.report(entry, graph):
                 print(line)
-        sheet = contact_sheet(written, args.out / "contact_sheet.png",
-                              f"{ckpt_name}, scikit-image {args.photo} {size} px")
+        rows = [sheet_row(written, SHEET_ITEMS, f"{ckpt_name}, scikit-image {args.photo} {size} px", 128)]
+        if with_scenes:
+            rows += run_scenes(server, args.out, args.timeout)
+        sheet = contact_sheet(rows, args.out / "contact_sheet.png")
         print(f"\nwrote {sheet}  (contact sheet: every picture above side by side, labelled)")
     except Exception as exc:  # noqa: BLE001 - print the server's log with the error
         failed = True
