@@ -101,7 +101,8 @@ def is_link(value) -> bool:
 # Sizes follow what the 2024-03 frontend draws (litegraph computeSize: 20 px per slot row, 24 per widget, +14;
 # title 14 px Arial at ~8.4 px a character; ComfyUI's multiline text widget at least 400 x 200; LoadImage keeps
 # 220 px under its widgets for the preview), rounded up so that no frontend has to grow a node on load.
-# The checked outcome is in tests/test_workflows.py (geometry) and tests/test_browser_workflows.py (live sizes).
+# The checked outcome is in tests/unit/test_workflow_files.py (geometry) and tests/test_browser_workflows.py (live
+# sizes).
 TITLE_H = 30             # LiteGraph.NODE_TITLE_HEIGHT: drawn above node.pos
 GROUP_HEADER = 50        # a group's title bar (font 24) plus a margin above the first node's title
 GROUP_PAD = 20

@@ -1,14 +1,31 @@
 """Fixtures shared by every test: a real ComfyUI in-process, the pack loaded as ComfyUI loads it, small models
-loaded through ComfyUI's own checkpoint loader, real photos, and a headless ComfyUI server."""
+loaded through ComfyUI's own checkpoint loader, real photos, and a headless ComfyUI server.
+
+ComfyUI boots when the first test module outside tests/unit is collected (before it is imported), not when this
+file is imported: `pytest tests/unit` (pure tests, tests/unit/conftest.py) never imports ComfyUI."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.harness import comfy_env, models, photos
+from tests.harness import comfy_env, models, photos, pure
 
-comfy_env.setup_comfy()
-comfy_env.load_pack()
+UNIT_DIR = Path(__file__).resolve().parent / "unit"
+
+
+def boot_comfy():
+    """A real ComfyUI in this process and the pack loaded as ComfyUI loads it (once)."""
+    comfy_env.setup_comfy()
+    pure.complete_pack()      # the pure tests may have registered the pack without its __init__
+    comfy_env.load_pack()
+
+
+def pytest_collectstart(collector):
+    """Boot ComfyUI before the first test module that needs it is imported (every module outside tests/unit)."""
+    if isinstance(collector, pytest.Module) and not Path(collector.path).resolve().is_relative_to(UNIT_DIR):
+        boot_comfy()
 
 
 @pytest.fixture(autouse=True)

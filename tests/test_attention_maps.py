@@ -72,6 +72,7 @@ def captured(s):
     return maps, out
 
 
+@pytest.mark.fast
 def test_cross_attention_over_all_77_tokens_sums_to_one_per_query_position(s, captured):
     maps, _ = captured
     maps.flush()
@@ -92,6 +93,7 @@ def test_cross_attention_over_all_77_tokens_sums_to_one_per_query_position(s, ca
             assert torch.allclose(sums, torch.ones_like(sums), atol=2e-3), (kind, unit, branch, sums)
 
 
+@pytest.mark.fast
 def test_capture_does_not_change_the_sampler_output(s, captured):
     _, out = captured
     stock = sample(s["model"], s["pos"], s["neg"], s["noise"], s["sigmas"])
@@ -118,6 +120,7 @@ class Probe(Editor):
         return q, k, v
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kind,index", [("cross", 14), ("self", 2)])
 def test_captured_maps_equal_softmax_attention_computed_by_hand(s, kind, index):
     maps_equal_softmax_by_hand(s, kind, index)
@@ -132,6 +135,7 @@ def fs(family, family_model, family_encode, family_latent):
                 sigmas=compat.calculate_sigmas(model, "ddim_uniform", STEPS), latent=family_latent)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("family", ["sd2v", "sdxl"], indirect=True)
 @pytest.mark.parametrize("kind,where", [("cross", "last"), ("self", "first")])
 def test_other_families_captured_maps_equal_softmax_attention_computed_by_hand(fs, kind, where):
@@ -203,6 +207,7 @@ class RegionBias(Editor):
         return apply_probs(attention_probs(q, k, ctx.heads, bias), v, ctx.heads)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("mode", ["probs", "bias"])
 def test_map_lights_up_where_an_editor_makes_the_token_dominate(s, mode):
     m, maps = capture(s, kinds="cross", resolution="latent/1")
@@ -215,6 +220,7 @@ def test_map_lights_up_where_an_editor_makes_the_token_dominate(s, mode):
     assert masks[1, 8:56, 8:56].mean() < 0.1          # 'photo' lost the region
 
 
+@pytest.mark.fast
 def test_viewer_tiles_follow_the_inputs(s, captured):
     maps, _ = captured
     grid, masks = view(s, maps)
@@ -248,6 +254,7 @@ def test_viewer_tiles_follow_the_inputs(s, captured):
     assert sel.grid == (16, 16) and sel.layer_label == "L0-15 @16x16" and sel.step_label == "steps 0.00-1.00 (0-3 of 4)"
 
 
+@pytest.mark.fast
 def test_bad_input_gets_clear_errors(s, captured):
     maps, _ = captured
     with pytest.raises(InversionChainError, match="is not in the prompt.*Its tokens are: a, photo, of, an, astronaut"):
@@ -295,6 +302,7 @@ def test_bad_input_gets_clear_errors(s, captured):
     assert view(s, no_prompt, tokens="#1")[1].shape[0] == 1
 
 
+@pytest.mark.fast
 def test_a_new_run_replaces_the_previous_one(s):
     m, maps = capture(s, kinds="cross", resolution="latent/4")
     sample(m, s["pos"], s["neg"], s["noise"], s["sigmas"])

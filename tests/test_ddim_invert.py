@@ -48,6 +48,7 @@ def test_round_trip_with_default_refinement_is_100x_better_than_naive(family, fa
     assert errors[0] / errors[DEFAULT_REFINE_ITERS] >= 100
 
 
+@pytest.mark.fast
 def test_inversion_artifact_holds_the_whole_chain(family_model, family_encode, family_latent):
     model, clip, _ = family_model
     positive, astronaut_latent = family_encode(clip, "a photo of an astronaut"), family_latent
@@ -101,6 +102,7 @@ def test_v_prediction_model_round_trips(small_model, positive, astronaut_latent)
     assert errors[10] < 1e-3 and errors[0] / errors[10] >= 100, errors
 
 
+@pytest.mark.fast
 def test_inversion_cfg_above_one_uses_negative(family_model, family_encode, family_latent):
     model, clip, _ = family_model
     astronaut_latent = family_latent
@@ -112,6 +114,7 @@ def test_inversion_cfg_above_one_uses_negative(family_model, family_encode, fami
     assert not torch.allclose(plain, guided)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("bad", ["steps", "nan", "not_latent", "not_model"])
 def test_bad_input_gets_a_clear_error(small_model, positive, astronaut_latent, bad):
     model = small_model[0]

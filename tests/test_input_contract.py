@@ -16,6 +16,7 @@ from inversion_chain.nodes.contract import validate
 from inversion_chain.nodes.p2plus import ICP2PlusController
 from inversion_chain.optimize import style_diffusion
 
+pytestmark = pytest.mark.fast
 SOURCE, TARGET = "a photo of an astronaut", "a photo of a robot"
 
 

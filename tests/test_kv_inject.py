@@ -147,6 +147,7 @@ def test_masked_mode_uses_source_cross_attention(setup):
     assert torch.isfinite(a).all() and not torch.equal(a, b)
 
 
+@pytest.mark.fast
 def test_cfg_without_negative_says_what_to_connect(setup):
     s = setup
     patched = ICKVInject().patch(s["model"], s["inv"], 1 / STEPS, 10, "mutual")[0]
@@ -155,6 +156,7 @@ def test_cfg_without_negative_says_what_to_connect(setup):
         sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
 
 
+@pytest.mark.fast
 def test_bad_input_gets_clear_errors(setup, small_model, astronaut_latent):
     s = setup
     with pytest.raises(InversionChainError, match="beyond this model's 16 self-attention layers"):

@@ -239,6 +239,7 @@ def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s
     assert checked >= (STEPS - step) and src_disagree == 0.0 and worst_leak == 0.0
 
 
+@pytest.mark.fast
 def test_masked_attention_in_query_chunks_equals_the_single_call():
     """Masked mode computes its attention explicitly (float32 scores + the region bias); it runs over chunks of
     queries so that SD1.5 at 512 px (2 x 8 heads x 4096 x 4096 scores, 1 GiB) holds at most SCORE_CHUNK_BYTES."""

@@ -32,6 +32,7 @@ def inverted(family, family_model, family_encode, family_latent):
     return model, clip, src, inv
 
 
+@pytest.mark.fast
 def test_estimate_equals_stored_bytes_for_both_users(store, inverted, family, family_encode):
     model, clip, src, inv = inverted
     ICKVInject().patch(model, inv, 0.25, 0, "masked", mask_words="cat", clip=clip,
@@ -121,6 +122,7 @@ def test_stored_inputs_project_to_the_recorded_keys_and_values(store, inverted, 
         assert kv.nbytes() - eps == 2 * (inputs.nbytes() - eps) > 0
 
 
+@pytest.mark.fast
 def test_real_layouts_bytes_from_layer_shapes():
     """scripts/reference_bytes.py on the real SD1.5 / SDXL UNets (ComfyUI's classes on the meta device) against the
     layouts written out by hand: SD1.5 512 px has 16 layers (5 at 64x64 x 320 ch, 5 at 32x32 x 640, 5 at 16x16 x 1280,

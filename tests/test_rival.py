@@ -31,6 +31,7 @@ def after_timestep(s, t):
     return float((s["inv"].timesteps[:STEPS] > t).sum()) / STEPS
 
 
+@pytest.mark.fast
 def test_degenerate_identity_reproduces_the_reference(setup):
     s = setup
     variations, reference = run(s, cfg=1.0, replace_end=1.0, normalize_end=0.0, init="inverted")
@@ -41,6 +42,7 @@ def test_degenerate_identity_reproduces_the_reference(setup):
     assert torch.allclose(reference["samples"], s["source"], atol=1e-5)
 
 
+@pytest.mark.fast
 def test_permute_keeps_channel_statistics_exactly_and_seeds_matter(setup):
     x_T = setup["inv"].chain[0][:1]
     a, b = rival.initial_latent(x_T, 1, "permute"), rival.initial_latent(x_T, 2, "permute")
@@ -151,6 +153,7 @@ def test_normalization_modes_differ(setup, normalize):
     assert not torch.allclose(eps_mode, run(s, seed=1, normalize_end=0.1, normalize=normalize)[0]["samples"])
 
 
+@pytest.mark.fast
 def test_bad_input_gets_clear_errors(setup, astronaut_latent):
     s = setup
     with pytest.raises(InversionChainError, match="input `replace_end_percent` got 1.2; accepted: a finite number"):
@@ -165,6 +168,7 @@ def test_bad_input_gets_clear_errors(setup, astronaut_latent):
         run(s, batch_size=0)
 
 
+@pytest.mark.fast
 def test_concatenation_regime_runs_the_kernel_per_branch_with_the_same_result():
     from inversion_chain.attention.controller import CallContext
     from inversion_chain.attention.rival import RivalAttentionEditor

@@ -38,6 +38,7 @@ def encode_photo(vae, size=128):
 
 
 # -- official settings -------------------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_official_t_early_400_of_the_controlnet_config_is_normalize_end_percent_0_6(small_model):
     """configs/rival_controlnet.json: t_early 400 on 50 DDIM steps; the pack's rule i/N < p on ComfyUI's own
     ddim_uniform schedule selects exactly the steps with timestep > 400 at p = 0.6 (and > 600 at 0.4)."""

@@ -73,6 +73,7 @@ def test_inner_iterations_decay_as_the_paper(setup):
     assert all(1 <= got <= cap for got, cap in zip(iters, expected))
 
 
+@pytest.mark.fast
 def test_mapper_eval_mode_computes_what_training_optimised():
     torch.manual_seed(0)
     with torch.inference_mode(False):

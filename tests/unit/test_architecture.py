@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.fast
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOT_THE_PACK = {"tests", "bench", "scripts", "workflows", "web", "out"}
 # lower rank = lower layer; a module may import its own layer (no cycle) or any lower one
 LAYERS = {"compat": 0, "base": 1, "attention": 2, "samplers": 3, "optimize": 4, "nodes": 5, "root": 6}
