@@ -105,14 +105,6 @@ class Inversion:
                 f"{what}: the latent is {tuple(latent_shape[-2:])} (HxW) but the INVERSION was made at "
                 f"{tuple(self.latent_shape[-2:])}. Use an image of the same size as the inverted one.")
 
-    def check_sigmas(self, sigmas: torch.Tensor, what: str = "this node"):
-        """Raise a clear error when a sampler's sigmas are not the inversion's schedule."""
-        sigmas = sigmas.detach().float().cpu().flatten()
-        if sigmas.shape != self.sigmas.shape or not torch.allclose(sigmas, self.sigmas, rtol=1e-4, atol=1e-5):
-            raise InversionChainError(
-                f"{what}: the sampler's sigmas are not the inversion's schedule. Sample with "
-                f"{self.how_to_sample()}.\n  expected: {_fmt(self.sigmas)}\n  got:      {_fmt(sigmas)}")
-
     def summary(self) -> str:
         res = self.residuals[torch.isfinite(self.residuals)]
         worst = f"{float(res.max()):.3g}" if res.numel() else "not measured (refine_iters=0)"
@@ -123,11 +115,6 @@ class Inversion:
                 f"{tuple(self.latent_shape[1:])}, {self.unet_calls} model calls "
                 f"({self.unet_calls / self.steps:.2f} per "
                 f"step), worst step residual {worst}")
-
-
-def _fmt(t: torch.Tensor, n: int = 6) -> str:
-    vals = [f"{float(v):.4g}" for v in t[:n]]
-    return "[" + ", ".join(vals) + (", ..." if t.numel() > n else "") + f"] ({t.numel()} values)"
 
 
 # -- null-text inversion ------------------------------------------------------------------------------------------

@@ -31,15 +31,6 @@ def size_entries_for_latent(latent_shape) -> dict:
     return {"width": w, "height": h, "crop_w": 0, "crop_h": 0, "target_width": w, "target_height": h}
 
 
-def encode(clip, text: str, sizes: Optional[dict] = None) -> list:
-    """A one-entry CONDITIONING for ``text`` with the pooled output and ``sizes`` carried over."""
-    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-    meta = dict(sizes or {})
-    if pooled is not None:
-        meta["pooled_output"] = pooled
-    return [[cond, meta]]
-
-
 def first_row(conditioning) -> list:
     """Row 0 of every entry, with the pooled output sliced the same way and every other entry kept."""
     out = []
