@@ -160,6 +160,28 @@ def is_eps_family(sampling) -> bool:
     return isinstance(sampling, comfy.model_sampling.EPS)
 
 
+def is_flow_family(sampling) -> bool:
+    """True for rectified-flow model sampling (CONST: ``x = (1 - sigma) x0 + sigma noise``; SD3, Flux, Chroma, ...).
+    Both trees define ``comfy.model_sampling.CONST``; only 0.3x has flow DiT families that use it."""
+    import comfy.model_sampling
+    const = getattr(comfy.model_sampling, "CONST", None)
+    return const is not None and isinstance(sampling, const)
+
+
+def diffusion_model_of(model_patcher):
+    """The network inside a MODEL, whatever its architecture (UNetModel, Flux, Chroma, MMDiT, ...)."""
+    return getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
+
+
+def family_name(model_patcher) -> str:
+    """The model family as ComfyUI's model detection named it (its supported-model config class, e.g. SD15, SDXL,
+    Flux, Chroma), and the network class when that differs (same attributes in both trees)."""
+    base = getattr(model_patcher, "model", None)
+    family = type(getattr(base, "model_config", base)).__name__
+    net = type(diffusion_model_of(model_patcher)).__name__
+    return family if net in (family, "NoneType") else f"{family} ({net})"
+
+
 def prediction_name(sampling) -> str:
     """The name of a model_sampling's prediction type (EPS, V_PREDICTION, CONST, ...)."""
     import comfy.model_sampling
@@ -244,6 +266,23 @@ SEED_RANGE = 1 << 64  # ComfyUI's seed widgets: 0 .. 2^64 - 1
 def wrap_seed(seed: int) -> int:
     """seed + offset kept in ComfyUI's seed range (modulo 2^64, as torch.manual_seed accepts)."""
     return int(seed) % SEED_RANGE
+
+
+def noise_for_start(model_patcher, x_start: torch.Tensor, sigmas: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """The noise from which ComfyUI's sampler starts at the sampler-space state ``x_start`` for a LATENT ``latent``:
+    KSAMPLER.sample starts at ``model_sampling.noise_scaling(sigmas[0], noise, process_latent_in(latent),
+    max_denoise)``, affine in the noise for EPS, V and CONST sampling, so this solves it for the noise. On flow
+    models (CONST) at sigma 1 the latent drops out and the noise is ``x_start`` itself. Same code in both trees."""
+    import types
+    ms = model_sampling(model_patcher)
+    wrap = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=ms))
+    max_denoise = comfy.samplers.Sampler.max_denoise(None, wrap, sigmas)
+    x_start = x_start.float()
+    sigma0 = sigmas[0].reshape(()).to(x_start)
+    lat = latent_in(model_patcher, latent.clone().to(x_start))
+    offset = ms.noise_scaling(sigma0, torch.zeros_like(x_start), lat, max_denoise)
+    scale = ms.noise_scaling(sigma0, torch.ones_like(x_start), torch.zeros_like(x_start), max_denoise)
+    return (x_start - offset) / scale
 
 
 def seed_noise(model_patcher, latent: torch.Tensor, seed: int, sigmas: torch.Tensor) -> torch.Tensor:

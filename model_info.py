@@ -11,18 +11,25 @@ def unet_of(model_patcher):
     return compat.unet_of(model_patcher)
 
 
-def check_supported(model_patcher, what: str):
-    """Raise a clear error for model families this pack cannot invert or edit."""
+def check_supported(model_patcher, what: str, allow_flow: bool = False):
+    """Raise a clear error for model families this pack cannot invert or edit. ``allow_flow``: the caller (DDIM
+    Invert) also runs on rectified-flow models (CONST sampling: Flux, Chroma, ...), where ComfyUI's Euler/ddim step
+    has the same sigma-space form."""
     base = getattr(model_patcher, "model", None)
     if base is None or not hasattr(model_patcher, "clone"):
         raise InversionChainError(f"{what}: expected a MODEL (from a checkpoint loader), got "
                                   f"{type(model_patcher).__name__}.")
-    family = type(getattr(base, "model_config", base)).__name__
+    family = compat.family_name(model_patcher)
+    sampling = compat.model_sampling(model_patcher)
+    if compat.is_flow_family(sampling):
+        if allow_flow:
+            return
+        raise InversionChainError(
+            f"{what}: the model family '{family}' (a rectified-flow / DiT model) is not supported yet by this node; "
+            f"of this pack's nodes only DDIM Invert runs on it so far. Supported here: {SUPPORTED}.")
     if unet_of(model_patcher) is None:
         raise InversionChainError(
-            f"{what}: the model '{family}' ({type(getattr(base, 'diffusion_model', None)).__name__}) is not "
-            f"supported. Supported: {SUPPORTED}.")
-    sampling = compat.model_sampling(model_patcher)
+            f"{what}: the model family '{family}' is not supported yet. Supported: {SUPPORTED}.")
     if not compat.is_eps_family(sampling):
         raise InversionChainError(
             f"{what}: the model '{family}' uses {prediction_name(sampling)} sampling, where DDIM in sigma space does "
@@ -40,14 +47,20 @@ def reads_pooled_output(model_patcher) -> bool:
 
 
 def model_key(model_patcher) -> ModelKey:
-    unet = unet_of(model_patcher)
-    params = list(unet.parameters())
+    net = compat.diffusion_model_of(model_patcher)
+    params = list(net.parameters())
     fingerprint = tuple(round(float(p.detach().float().sum()), 3) for p in (params[0], params[-1]))
+    unet = unet_of(model_patcher)
+    if unet is not None:
+        channels = int(unet.model_channels)
+        context_dim = int(getattr(unet, "context_dim", 0) or _context_dim(unet))
+    else:  # DiT families (flow models): their width and text-input width
+        dit_params = getattr(net, "params", None)
+        channels = int(getattr(net, "hidden_size", 0) or getattr(dit_params, "hidden_size", 0) or 0)
+        context_dim = int(getattr(dit_params, "context_in_dim", 0) or 0)
     return ModelKey(model_class=type(model_patcher.model.model_config).__name__,
                     prediction=prediction_name(compat.model_sampling(model_patcher)),
-                    channels=int(unet.model_channels),
-                    context_dim=int(getattr(unet, "context_dim", 0) or _context_dim(unet)),
-                    weight_fingerprint=fingerprint)
+                    channels=channels, context_dim=context_dim, weight_fingerprint=fingerprint)
 
 
 WEIGHTS_MEMO = "_inversion_chain_weights"

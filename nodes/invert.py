@@ -18,7 +18,10 @@ DEFAULT_REFINE_ITERS = inversion_lib.DEFAULT_MAX_ITERS  # a cap: steps stop at `
 class ICDDIMInvert:
     DESCRIPTION = ("Inverts a real image's latent with deterministic DDIM and keeps every intermediate latent. "
                    "Sample the `noise` output back with SamplerCustom (add_noise off, sampler ddim, this node's "
-                   "`sigmas`) to reconstruct the image; other Inversion Chain nodes take the `inversion`.")
+                   "`sigmas`) to reconstruct the image; other Inversion Chain nodes take the `inversion`. Flow models "
+                   "(Flux, Chroma; so far DDIM Invert is the pack's only node for them): invert at inversion_cfg 1 "
+                   "(Flux-dev with the FluxGuidance value in `positive`) and sample back with SamplerCustomAdvanced "
+                   "fed by Inverted Noise, sampler euler or ddim and this node's `sigmas`.")
     CATEGORY = CATEGORY
     FUNCTION = "invert"
     RETURN_TYPES = ("LATENT", "SIGMAS", INVERSION)

@@ -10,6 +10,11 @@ iteration. The "naive" inversion (diffusers' ``DDIMInverseScheduler``) is the fi
 keeps the model's input unchanged, ``z_hi = z_lo`` with ``z = x / sqrt(1 + sigma^2)``: the UNet sees the less noisy
 latent at the higher timestep.
 
+Rectified-flow models (ComfyUI's CONST sampling: Flux, Chroma, SD3, ...) have the state ``x = (1 - sigma) x0 +
+sigma noise`` and ComfyUI's Euler/ddim step there is the same ``x + (sigma' - sigma) * (x - denoised) / sigma`` (the
+model's velocity times the sigma step), so the same implicit step inverts it; only the naive guess differs (the
+model input is ``x`` itself: ``keep_input_flow``).
+
 Everything here is pure tensor math: ``eps_fn(x, sigma)`` is whatever noise predictor the caller has.
 """
 from __future__ import annotations
@@ -48,6 +53,20 @@ def z_to_x(z: torch.Tensor, sigma: float) -> torch.Tensor:
     return z * (1.0 + sigma * sigma) ** 0.5
 
 
+def keep_input_vp(x_lo: torch.Tensor, sigma_lo: float, sigma_hi: float) -> torch.Tensor:
+    """The naive guess for eps / v models: the x at ``sigma_hi`` whose model input ``z`` equals that at ``sigma_lo``."""
+    return z_to_x(z_from_x(x_lo, sigma_lo), sigma_hi)
+
+
+def keep_input_flow(x_lo: torch.Tensor, sigma_lo: float, sigma_hi: float) -> torch.Tensor:
+    """The naive guess for rectified-flow models (CONST sampling: the state is the model input, ``x = (1 - sigma) x0
+    + sigma noise``): the same x at the higher sigma."""
+    return x_lo
+
+
+NaiveGuess = Callable[[torch.Tensor, float, float], torch.Tensor]
+
+
 @dataclass
 class InversionStep:
     """Result of one inversion step from ``sigma_lo`` up to ``sigma_hi``."""
@@ -73,12 +92,13 @@ def _anderson(x_prev, g_prev, x, g):
 
 
 def invert_step(eps_fn: EpsFn, x_lo: torch.Tensor, sigma_lo: float, sigma_hi: float, refine_iters: int,
-                tolerance: float = 0.0, eps_guess: Optional[torch.Tensor] = None) -> InversionStep:
+                tolerance: float = 0.0, eps_guess: Optional[torch.Tensor] = None,
+                naive_guess: NaiveGuess = keep_input_vp) -> InversionStep:
     """Solve ``x_hi = x_lo + (sigma_hi - sigma_lo) * eps(x_hi, sigma_hi)``: at most ``1 + refine_iters`` evaluations,
     fewer once the residual is at most ``tolerance``.
 
     The first iterate comes from ``eps_guess`` (a predicted noise at ``sigma_hi``, e.g. extrapolated from the
-    previous steps: no evaluation) or else from the naive guess that keeps the model's input unchanged. Each
+    previous steps: no evaluation) or else from ``naive_guess``, which keeps the model's input unchanged. Each
     evaluation ``g = x_lo + ds * eps(x)`` gives the exact round-trip error of ``x``, ``|g - x|`` (a forward DDIM step
     from ``x`` lands at ``x_lo + x - g``); that is the residual reported, and it bounds the returned ``g``'s error
     where the map contracts. From the second evaluation on, iterates are Anderson-accelerated (depth 1), which
@@ -89,7 +109,7 @@ def invert_step(eps_fn: EpsFn, x_lo: torch.Tensor, sigma_lo: float, sigma_hi: fl
     if eps_guess is not None:
         x = x_lo + ds * eps_guess
     else:
-        x = z_to_x(z_from_x(x_lo, sigma_lo), sigma_hi)
+        x = naive_guess(x_lo, sigma_lo, sigma_hi)
     g = x_lo + ds * eps_fn(x, sigma_hi)
     calls = 1
     residual = row_max_abs(g - x) if (eps_guess is not None or refine_iters > 0) else None
@@ -111,12 +131,13 @@ GUESSES = ("extrapolate", "previous", "naive")
 
 def invert_chain(eps_fn: EpsFn, x0: torch.Tensor, sigmas_ascending: List[float], refine_iters: int,
                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None, tolerance: float = 0.0,
-                 guess: str = "extrapolate"):
+                 guess: str = "extrapolate", naive_guess: NaiveGuess = keep_input_vp):
     """Invert along an ascending sigma schedule starting at ``sigmas_ascending[0]`` (usually 0).
 
     Returns ``(chain, residuals, calls)``: ``chain[k]`` is the latent at ``sigmas_ascending[k]``; ``calls`` the
     evaluations per step. ``guess`` picks each step's first iterate: ``extrapolate`` (the noise the last two steps
-    solved for, extrapolated linearly in sigma), ``previous`` (the last step's noise) or ``naive``.
+    solved for, extrapolated linearly in sigma), ``previous`` (the last step's noise) or ``naive``
+    (``naive_guess``: ``keep_input_vp`` for eps / v models, ``keep_input_flow`` for rectified-flow models).
     ``on_step(k, x)`` runs after each step (progress, interrupt checks).
     """
     chain = [x0]
@@ -132,7 +153,7 @@ def invert_chain(eps_fn: EpsFn, x0: torch.Tensor, sigmas_ascending: List[float],
             if guess == "extrapolate" and len(solved) > 1:
                 (s1, e1), (s2, e2) = solved[-2], solved[-1]
                 eps_guess = e2 + (e2 - e1) * ((s_hi - s2) / (s2 - s1))
-        step = invert_step(eps_fn, x, s_lo, s_hi, refine_iters, tolerance, eps_guess)
+        step = invert_step(eps_fn, x, s_lo, s_hi, refine_iters, tolerance, eps_guess, naive_guess)
         solved = (solved + [(s_hi, (step.x_hi - x) / (s_hi - s_lo))])[-2:]
         x = step.x_hi
         calls.append(step.calls)

@@ -49,7 +49,8 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
     ``refine_iters`` caps the fixed-point iterations of a step; a step stops as soon as its round-trip residual
     (in the model's sampling space) is at most ``tolerance``. The INVERSION reports each step's residual and
     evaluations (``unet_calls`` counts CFG-guided evaluations, one per step at least)."""
-    check_supported(model_patcher, what)
+    check_supported(model_patcher, what, allow_flow=True)
+    flow = compat.is_flow_family(compat.model_sampling(model_patcher))
     check_latent(latent_samples, what)
     if steps < 1:
         raise InversionChainError(f"{what}: steps must be at least 1, got {steps}.")
@@ -97,7 +98,8 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
                 callback({"i": k, "x": x_k, "denoised": x_k, "sigma": sigmas_up[k + 1], "sigma_hat": sigmas_up[k + 1]})
 
         chain, residuals, calls = ddim.invert_chain(eps_fn, x, sigmas_up.tolist(), refine_iters, on_step=on_step,
-                                                    tolerance=tolerance, guess=guess)
+                                                    tolerance=tolerance, guess=guess,
+                                                    naive_guess=ddim.keep_input_flow if flow else ddim.keep_input_vp)
         state["chain"] = torch.stack([c.to(offload, torch.float32) for c in reversed(chain)])
         nan = torch.full((x.shape[0],), float("nan"))
         state["residuals"] = torch.stack([nan if r is None else r.float().cpu() for r in reversed(residuals)])
@@ -116,3 +118,23 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
 def chain_latent_out(model_patcher, inversion: Inversion, index: int) -> torch.Tensor:
     """The chain latent at ``index`` converted back to LATENT space (undoing the model's latent scaling)."""
     return compat.latent_out(model_patcher, inversion.chain[index].clone()).cpu()
+
+
+class InvertedNoise(compat.PatchObject):
+    """A NOISE for SamplerCustomAdvanced (``seed``, ``generate_noise(latent)``) that starts the sampler exactly at
+    the inversion's first latent, whatever LATENT the sampler is given (compat.noise_for_start). Flow models need it:
+    at sigma 1 their sampler scales the LATENT by 1 - sigma = 0, so SamplerCustom with add_noise off starts from
+    zeros there; on eps / v models it is equivalent to SamplerCustom with add_noise off."""
+
+    def __init__(self, model_patcher, inversion: Inversion, what: str = "DDIM Invert"):
+        self.model, self.inversion, self.what, self.seed = model_patcher, inversion, what, 0
+
+    def generate_noise(self, input_latent):
+        samples = input_latent["samples"]
+        inv = self.inversion
+        if tuple(samples.shape) != tuple(inv.latent_shape):
+            raise InversionChainError(f"{self.what}: SamplerCustomAdvanced's latent_image is {tuple(samples.shape)} "
+                                      f"but the inversion was made for {tuple(inv.latent_shape)}. Give it a latent of "
+                                      f"that size (the inverted image's latent, or an empty latent).")
+        noise = compat.noise_for_start(self.model, inv.chain[0], inv.sigmas, samples.float().cpu())
+        return noise.to(samples.device, samples.dtype)

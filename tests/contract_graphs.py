@@ -78,6 +78,7 @@ def full_graph(object_info: dict) -> dict:
                                  "sigmas": ["28", 4], "latent_image": ["28", 3]}),
         "30": ("KSamplerSelect", {"sampler_name": "ddim"}),
         "31": ("ICLatentDifference", {"latent_a": ["29", 0], "latent_b": ["3", 0]}),
+        "32": ("ICInvertedNoise", {"model": ["1", 0], "inversion": ["6", 2]}),
     }
     graph = {nid: {"class_type": ct, "inputs": dict(inputs)} for nid, (ct, inputs) in g.items()}
     kv = object_info["ICKVInject"]["input"]["required"]

@@ -1,0 +1,44 @@
+"""Inverted Noise: an INVERSION's start latent as a NOISE for SamplerCustomAdvanced (how flow models sample back)."""
+from __future__ import annotations
+
+from ..artifacts import INVERSION
+from ..samplers.inversion import InvertedNoise
+from ..model_info import check_supported, model_key
+from .common import CATEGORY, tip
+from .contract import checked
+
+WHAT = "Inverted Noise"
+
+
+class ICInvertedNoise:
+    DESCRIPTION = ("The inverted latent as a NOISE for SamplerCustomAdvanced: with it, DDIM Invert's `sigmas` and "
+                   "sampler euler or ddim, the sampler starts exactly at the inverted latent and reconstructs the "
+                   "image. Flow models (Flux, Chroma) need it: at sigma 1 their samplers scale the LATENT by "
+                   "1 - sigma = 0, so SamplerCustom with add_noise off would start from zeros. On SD models it "
+                   "matches SamplerCustom with add_noise off.")
+    CATEGORY = CATEGORY + "/utils"
+    FUNCTION = "noise"
+    OUTPUT_NODE = True   # shows what it starts from; runs (and checks its inputs) even before it is wired
+    RETURN_TYPES = ("NOISE",)
+    RETURN_NAMES = ("noise",)
+    OUTPUT_TOOLTIPS = ("Connect to SamplerCustomAdvanced's `noise`; its latent_image: the image's latent or an empty "
+                       "latent of the same size, its sigmas: DDIM Invert's `sigmas`.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": tip("MODEL", "The model the inversion was made with."),
+            "inversion": tip(INVERSION, "From DDIM Invert."),
+        }}
+
+    @checked
+    def noise(self, model, inversion):
+        check_supported(model, WHAT, allow_flow=True)
+        inversion.check_matches(model_key(model), what=WHAT)
+        report = (f"starts {inversion.steps} steps from sigma {float(inversion.sigmas[0]):.4g} at the inverted latent "
+                  f"(batch {inversion.latent_shape[0]}, latent {tuple(inversion.latent_shape[1:])})")
+        return {"ui": {"text": [report]}, "result": (InvertedNoise(model, inversion, WHAT),)}
+
+
+NODE_CLASS_MAPPINGS = {"ICInvertedNoise": ICInvertedNoise}
+NODE_DISPLAY_NAME_MAPPINGS = {"ICInvertedNoise": "Inverted Noise (SamplerCustomAdvanced)"}

@@ -1,0 +1,199 @@
+"""DDIM Invert on rectified-flow DiT models (Flux dev-style, Chroma): the small random-weight layouts of
+tests/harness/flow_models.py, loaded through the stock loaders, inverted by the pack and sampled back by the stock
+SamplerCustomAdvanced (euler / ddim) from Inverted Noise. These families exist only in 0.3x trees: on others every
+test here skips and says the tree lacks the family."""
+import pytest
+import torch
+
+from inversion_chain.artifacts import InversionChainError
+from inversion_chain.nodes.invert import ICDDIMInvert
+from inversion_chain.nodes.inverted_noise import ICInvertedNoise
+from tests.harness import flow_models, photos
+
+SOURCE = "a photo of an astronaut"
+GUIDANCE = 3.5          # the graph's FluxGuidance value (Flux-dev's usual one)
+TARGET = 1e-3           # issue 25: round trip, LATENT max abs
+CALLS_TARGET = 2.0      # issue 25: model calls per step
+SCHEDULES = [(s, n) for s in ("simple", "beta") for n in (20, 28, 50)]
+# Where the round trip misses TARGET on these random-weight layouts (Chroma's layout contracts too slowly at its
+# lowest sigmas with these step sizes). strict: a case that starts passing fails, so the list stays true.
+ERROR_NOT_YET = {("chroma", "simple", 20), ("chroma", "simple", 28), ("chroma", "simple", 50), ("chroma", "beta", 20),
+                 ("chroma", "beta", 28)}
+_inversions = {}
+
+
+def _skip_without(family):
+    reason = flow_models.missing_family(family)
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", params=flow_models.FAMILIES)
+def flow(request):
+    family = request.param
+    _skip_without(family)
+    import node_helpers
+    model, clip, vae = flow_models.load_family(family)
+    with torch.inference_mode():
+        latent = {"samples": vae.encode(photos.photo("astronaut", 128))}
+        out = clip.encode_from_tokens(clip.tokenize(SOURCE), return_pooled=True, return_dict=True)
+        cond = out.pop("cond")
+        positive = [[cond, out]]
+        if family == "flux":   # what the stock FluxGuidance node does
+            positive = node_helpers.conditioning_set_values(positive, {"guidance": GUIDANCE})
+    return dict(family=family, model=model, clip=clip, vae=vae, latent=latent, positive=positive)
+
+
+def invert(f, steps, scheduler, refine_iters=6, model=None, **kw):
+    with torch.inference_mode():
+        return ICDDIMInvert().invert(model or f["model"], f["latent"], f["positive"], steps, 1.0, refine_iters,
+                                     scheduler=scheduler, **kw)
+
+
+def sample_back(f, inv, sigmas, sampler_name="euler", positive=None, model=None):
+    """The stock graph: Inverted Noise -> SamplerCustomAdvanced (BasicGuider, KSamplerSelect, DDIM Invert's sigmas),
+    its latent_image an empty latent of the image's size."""
+    import comfy_extras.nodes_custom_sampler as ncs
+    model = model or f["model"]
+    with torch.inference_mode():
+        noise = ICInvertedNoise().noise(model, inv)["result"][0]
+        guider = ncs.BasicGuider.execute(model, positive or f["positive"]).result[0]
+        sampler = ncs.KSamplerSelect.execute(sampler_name).result[0]
+        empty = {"samples": torch.zeros_like(f["latent"]["samples"])}
+        return ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, empty).result[0]["samples"]
+
+
+def error(a, b):
+    return float((a.float() - b.float()).abs().max())
+
+
+def test_test_models_load_through_the_stock_loaders(flow):
+    """The saved diffusion model reloads bit-exactly through UNETLoader's loader; its sampling is rectified flow."""
+    import comfy.model_sampling
+    family, model = flow["family"], flow["model"]
+    built = flow_models.build_state_dict(family)
+    loaded = model.model.diffusion_model.state_dict()
+    assert set(loaded) == set(built)
+    assert all(torch.equal(loaded[k].float(), built[k]) for k in built)
+    assert isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+    assert type(model.model.model_config).__name__.endswith({"flux": "Flux", "chroma": "Chroma"}[family])
+    assert sum(v.numel() for v in built.values()) < 2_000_000
+    assert flow["vae"].latent_channels == 16 and flow["latent"]["samples"].shape[1] == 16
+
+
+def cached_inversion(f, scheduler, steps):
+    key = (f["family"], scheduler, steps)
+    if key not in _inversions:
+        _inversions[key] = invert(f, steps, scheduler)
+    return _inversions[key]
+
+
+@pytest.mark.parametrize("scheduler,steps", SCHEDULES, ids=[f"{s}-{n}" for s, n in SCHEDULES])
+def test_round_trip_within_the_issue_target(flow, scheduler, steps, request):
+    """Invert with default settings, sample back with euler and with ddim: both < TARGET in LATENT space."""
+    if (flow["family"], scheduler, steps) in ERROR_NOT_YET:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="round trip above issue 25's target on this "
+                                              "random-weight layout"))
+    _, sigmas, inv = cached_inversion(flow, scheduler, steps)
+    source = flow["latent"]["samples"]
+    errs = {name: error(sample_back(flow, inv, sigmas, name), source) for name in ("euler", "ddim")}
+    print(f"{flow['family']} {scheduler} {steps} steps: round trip euler {errs['euler']:.3e}, ddim "
+          f"{errs['ddim']:.3e}, {inv.unet_calls / steps:.2f} model calls per step")
+    assert errs["euler"] == errs["ddim"]   # ComfyUI's ddim sampler is its euler on these models
+    assert errs["euler"] < TARGET
+
+
+@pytest.mark.parametrize("scheduler,steps", SCHEDULES, ids=[f"{s}-{n}" for s, n in SCHEDULES])
+@pytest.mark.xfail(strict=True, reason="issue 25's budget of two model calls per step is not met yet: the default "
+                   "tolerance needs more fixed-point evaluations on these random-weight layouts")
+def test_model_calls_per_step_within_the_issue_budget(flow, scheduler, steps):
+    _, _, inv = cached_inversion(flow, scheduler, steps)
+    assert inv.unet_calls / steps <= CALLS_TARGET
+
+
+@pytest.mark.parametrize("scheduler", ["simple", "beta"])
+def test_exact_inversion_beats_naive_and_the_flux_schedule_is_used(flow, scheduler):
+    """At 50 steps (default settings) the fixed point reconstructs far better than the naive inversion, through the
+    stock sampler, on the family's own shifted schedule."""
+    steps = 50
+    source = flow["latent"]["samples"]
+    _, sigmas, inv = invert(flow, steps, scheduler)
+    _, naive_sigmas, naive = invert(flow, steps, scheduler, refine_iters=0)
+    exact_err, naive_err = error(sample_back(flow, inv, sigmas), source), error(sample_back(flow, naive, naive_sigmas),
+                                                                                source)
+    print(f"{flow['family']} {scheduler} {steps}: exact {exact_err:.3e} ({inv.unet_calls / steps:.2f} calls/step), "
+          f"naive {naive_err:.3e}")
+    assert exact_err * 20 < naive_err
+    ms = flow["model"].get_model_object("model_sampling")
+    assert float(sigmas[0]) == pytest.approx(1.0) and float(sigmas[-1]) == 0.0
+    assert getattr(ms, "shift", 1.0) != 1.0   # Flux's shifted sigmas (ModelSamplingFlux), not a linear ramp
+    if scheduler == "simple":
+        assert torch.allclose(sigmas[:-1], ms.sigmas.flip(0)[::len(ms.sigmas) // steps][:steps].float(), atol=1e-6)
+
+
+def test_flux_guidance_is_the_graphs_and_inversion_runs_one_forward_per_evaluation(flow):
+    """cfg 1: one model forward of one row per evaluation (no unconditional branch); Flux reads the FluxGuidance
+    value of `positive`, so sampling back at another guidance does not reconstruct."""
+    import node_helpers
+    model = flow["model"].clone()
+    rows = []
+
+    def count(apply_model, args):
+        rows.append(int(args["input"].shape[0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(count)
+    steps = 20
+    _, sigmas, inv = invert(flow, steps, "simple", model=model)
+    assert len(rows) == inv.unet_calls and set(rows) == {1}
+    if flow["family"] != "flux":
+        return
+    source = flow["latent"]["samples"]
+    other = node_helpers.conditioning_set_values(flow["positive"], {"guidance": GUIDANCE + 2.0})
+    same_err = error(sample_back(flow, inv, sigmas), source)
+    other_err = error(sample_back(flow, inv, sigmas, positive=other), source)
+    assert same_err * 10 < other_err
+
+
+def test_stock_model_sampling_flux_node_shift(flow):
+    """With the stock ModelSamplingFlux node (resolution-dependent shift) the inversion follows the patched schedule."""
+    if flow["family"] != "flux":
+        pytest.skip("ModelSamplingFlux is Flux's node")
+    import comfy_extras.nodes_model_advanced as nma
+    model = nma.ModelSamplingFlux().patch(flow["model"], 1.15, 0.5, 128, 128)[0]
+    steps = 50
+    _, sigmas, inv = invert(flow, steps, "simple", model=model)
+    _, plain_sigmas, _ = invert(flow, 4, "simple")
+    assert not torch.allclose(sigmas[1:2], plain_sigmas[1:2])
+    err = error(sample_back(flow, inv, sigmas, model=model), flow["latent"]["samples"])
+    print(f"flux with ModelSamplingFlux(128x128) simple {steps}: round trip {err:.3e}, "
+          f"{inv.unet_calls / steps:.2f} calls/step")
+    assert err < TARGET
+
+
+def test_samplercustom_without_noise_cannot_start_a_flow_model_at_sigma_1(flow):
+    """Why Inverted Noise exists: SamplerCustom (add_noise off) scales the LATENT by 1 - sigma = 0 at sigma 1."""
+    import comfy.sample
+    import comfy.samplers
+    noise, sigmas, inv = cached_inversion(flow, "beta", 50)
+    with torch.inference_mode():
+        stock = comfy.sample.sample_custom(flow["model"], torch.zeros_like(noise["samples"]), 1.0,
+                                           comfy.samplers.sampler_object("euler"), sigmas, flow["positive"],
+                                           flow["positive"], noise["samples"], seed=0)
+    source = flow["latent"]["samples"]
+    assert error(stock, source) > 100 * error(sample_back(flow, inv, sigmas), source)
+
+
+def test_other_nodes_refuse_flow_models_naming_the_family(flow):
+    from inversion_chain.nodes.kv_inject import ICKVInject
+    from inversion_chain.model_info import check_supported
+    _, _, inv = invert(flow, 4, "simple", refine_iters=1)
+    name = {"flux": "Flux", "chroma": "Chroma"}[flow["family"]]
+    with pytest.raises(InversionChainError) as err:
+        ICKVInject().patch(flow["model"], inv, 0.0, 10, "mutual")
+    text = str(err.value)
+    assert text.startswith("KV Inject") and name in text and "not supported yet" in text and "DDIM Invert" in text
+    for what in ("RIVAL Align Sampler", "P2Plus Controller", "Attention Capture"):
+        with pytest.raises(InversionChainError, match=f"^{what}: the model family '[^']*{name}[^']*' .*not supported "
+                                                      f"yet"):
+            check_supported(flow["model"], what)
