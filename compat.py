@@ -224,6 +224,61 @@ def object_patches(model_patcher) -> dict:
     return dict(getattr(model_patcher, "object_patches", None) or {})
 
 
+# -- memory given back ---------------------------------------------------------------------------------------------
+_release_callbacks: list = []
+HOOK_MARK = "_inversion_chain_release_hook"
+
+
+def on_memory_release(callback):
+    """Call ``callback(reason, device, memory_required)`` after ComfyUI frees memory: ``reason`` "unload_all" after
+    ``model_management.unload_all_models`` (the ``/free`` endpoint with unload_models or free_memory, in both
+    trees), "free_memory" after ``model_management.free_memory(memory_required, device, ...)`` (ComfyUI making room
+    to load a model; ``unload_all_models`` calls it too). The functions are wrapped once, in place, keeping their
+    arguments and results; ComfyUI's own calls reach them through the module, so the wrappers see every call."""
+    _install_release_hooks()
+    if callback not in _release_callbacks:
+        _release_callbacks.append(callback)
+
+
+def _notify(reason, device=None, memory_required=None):
+    import logging
+    for callback in list(_release_callbacks):
+        try:
+            callback(reason, device, memory_required)
+        except Exception:   # a cache that cannot let go must not break ComfyUI's own memory management
+            logging.getLogger("inversion_chain").exception("[Inversion Chain] releasing memory (%s) failed", reason)
+
+
+def _install_release_hooks():
+    import functools
+    mm = comfy.model_management
+    for name in ("free_memory", "unload_all_models"):
+        original = getattr(mm, name, None)
+        if original is None or getattr(original, HOOK_MARK, False):
+            continue
+
+        def wrap(original, name):
+            @functools.wraps(original)
+            def hooked(*args, **kwargs):
+                result = original(*args, **kwargs)
+                if name == "free_memory":
+                    need = args[0] if args else kwargs.get("memory_required")
+                    device = args[1] if len(args) > 1 else kwargs.get("device")
+                    _notify("free_memory", device, need)
+                else:
+                    _notify("unload_all")
+                return result
+            setattr(hooked, HOOK_MARK, True)
+            return hooked
+
+        setattr(mm, name, wrap(original, name))
+
+
+def empty_device_cache():
+    """Hand cached allocator blocks back to the driver (ComfyUI's soft_empty_cache, same name in both trees)."""
+    comfy.model_management.soft_empty_cache()
+
+
 def free_memory(device) -> int:
     return int(comfy.model_management.get_free_memory(device))
 

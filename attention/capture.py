@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..artifacts import InversionChainError, user_text
+from . import capture_budget
 from .controller import CallContext, Editor, attention_probs
 from .layers import AttentionLayer
 from . import tokens as tokens_mod
@@ -141,6 +142,8 @@ class AttentionMaps:
         self._pending: Optional[StepRecord] = None
         self._sums: Dict[Tuple[str, str, int], List] = {}  # key -> [float32 sum (rows, T, h, w), count]
         self._warned = set()
+        self.max_bytes: Optional[int] = None   # the node's max_mb (None: no limit); see capture_budget.py
+        self.sizing = None                     # (layers, latent_hw, branches, rows, tokens) of the current run
 
     # -- recording ---------------------------------------------------------------------------------------------
     def set_units(self, layers: Sequence[AttentionLayer]):
@@ -203,6 +206,8 @@ class AttentionMaps:
             record.maps[key] = (total / count).to(device="cpu", dtype=STORAGE_DTYPE)
         if record.maps:
             self.steps.append(record)
+            if self.max_bytes and self.sizing and self.stored_bytes() > self.max_bytes:
+                capture_budget.check_step(SIZES, self, record)
             if len(self.steps) == 1:
                 mb = sum(t.numel() * t.element_size() for t in record.maps.values()) / 2 ** 20
                 log.info("Attention Capture: %.2f MB per step (CPU, float16)", mb)
@@ -259,6 +264,9 @@ def storage_bytes(layers: Sequence[AttentionLayer], latent_hw: Tuple[int, int], 
     cells = sum(h * w for h, w in grids)
     one_step = branches * rows * per_map * cells
     return {"stored": steps * one_step * 2, "pending": one_step * 4, "total": steps * one_step * 2 + one_step * 4}
+
+
+SIZES = (storage_bytes, resolution_name)   # what capture_budget.py sizes runs with
 
 
 class AttentionCaptureEditor(Editor):
@@ -346,6 +354,11 @@ class AttentionCaptureEditor(Editor):
         shape = ctx.extra_options.get("original_shape")
         latent_hw = (int(shape[2]), int(shape[3])) if shape is not None else None
         step = ctx.step
+        if self.maps.max_bytes and self.maps.empty():   # the run's first captured call: before any map is kept
+            tokens = m.shape[2] if ctx.kind == "cross" else 77
+            self.maps.sizing = (self._layers, latent_hw, len(set(chunks)), rpc, tokens)
+            capture_budget.check(SIZES, self.maps, *self.maps.sizing[:2], step.total or 1, *self.maps.sizing[2:],
+                                 steps_known=bool(step.total))
         for branch in sorted(set(int(c) for c in chunks)):
             idx = [i for i, c in enumerate(chunks) if int(c) == branch]
             sel = m[idx[0]] if len(idx) == 1 else m[idx].mean(0)

@@ -14,10 +14,13 @@ the UNet computes, so the two differ by the storage dtype's rounding only (bit-i
 matmul order; tests/test_reference_store.py). Recompute mode keeps K and V (one step at a time; no re-projection).
 
 Ownership: every cache lives in the one process-wide ``STORE`` (KV Inject and RIVAL alike), keyed by what the
-K/V depend on (the inversion's fingerprint, the conditioning's fingerprint, the layers and steps recorded). Its
-lifetime is explicit: an entry stays until the store needs its bytes for a newer one (least recently used first),
-or until ``STORE.clear()``. The store never holds more than its budget: a fraction of the memory free on the
-storage device (headroom for sampling and decoding), counting the bytes it already holds as free.
+K/V depend on (the MODEL's identity, the inversion's fingerprint, the conditioning's fingerprint, the layers and
+steps recorded). Its lifetime is explicit: an entry stays until the store needs its bytes for a newer one (least
+recently used first), until ComfyUI frees memory (``/free``, or room for a model on the GPU:
+attention/store_memory.py) or until ``STORE.clear()`` (the Free Inversion Chain Caches node). The store never holds
+more than its budget: a fraction of the memory free on the storage device (headroom for sampling and decoding),
+counting the bytes it already holds as free; what it holds counts every tensor an entry keeps alive, the
+inversion's chain included.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from ..conditioning import first_row
 from .controller import CallContext, attention_probs
 from .layers import AttentionLayer
 from .schedule import locate
-from . import patching
+from . import patching, store_memory
 from ..logs import log
 
 POLICIES = ("auto", "gpu", "cpu", "recompute")
@@ -223,8 +226,9 @@ class ReferenceStore:
         self.max_bytes: Optional[int] = None   # fixed budget (tests, users with known headroom); None = fraction
 
     def held_bytes(self, device=None) -> int:
-        return sum(r.nbytes() for r in self.entries.values()
-                   if device is None or r.storage_device.type == torch.device(device).type)
+        """Every byte the entries keep alive (recorded tensors, the inversions and conditioning they hold), each
+        tensor once, on ``device``'s type when given."""
+        return store_memory.held_bytes(self.entries.values(), device)
 
     def budget(self, device) -> int:
         """Bytes the store may hold on ``device``: ``max_bytes`` if set, else BUDGET_FRACTION of what is free
@@ -274,6 +278,7 @@ class ReferenceStore:
 
 
 STORE = ReferenceStore()
+compat.on_memory_release(lambda reason, device, need: store_memory.release(STORE, reason, device, need))
 
 
 def replay_chain(recorder_model, inv: Inversion, steps: Sequence[int], latent_image, negative=None):

@@ -13,6 +13,7 @@ from .contract import checked
 CAPTURE = "Attention Capture"
 VIEWER = "Attention Map Viewer"
 MAX_GRID_PIXELS = 64 * 2 ** 20  # ~0.8 GB of float RGB: bounds the grid an image size and token list can ask for
+DEFAULT_MAX_MB = 4096   # Attention Capture's max_mb default
 VIEW_RESOLUTIONS = ("all captured",) + tuple(r for r in RESOLUTIONS if r != "all")
 
 
@@ -51,11 +52,16 @@ class ICAttentionCapture:
                               default="", multiline=True),
                 "negative_prompt": tip("STRING", "The negative prompt (uncond branch), for token names.",
                                        default="", multiline=True),
+                "max_mb": tip("INT", "The most CPU memory the maps may take, in MB. Checked when sampling starts "
+                              "(latent size, batch, guidance and steps known): a run that would need more stops "
+                              "before storing anything, and the message names the settings that fit. 0 = no limit.",
+                              default=DEFAULT_MAX_MB, min=0, max=1 << 24),
             },
         }
 
     @checked
-    def capture(self, model, kinds, resolution, detail, query_grid, clip=None, prompt="", negative_prompt=""):
+    def capture(self, model, kinds, resolution, detail, query_grid, clip=None, prompt="", negative_prompt="",
+                max_mb=None):
         if kinds not in KIND_CHOICES:
             raise InversionChainError(f"{CAPTURE}: unknown kinds '{user_text(kinds)}'; use one of "
                                       f"{', '.join(KIND_CHOICES)}.")
@@ -73,6 +79,8 @@ class ICAttentionCapture:
             prompts[BRANCHES["uncond"]] = prompt_tokens(clip, negative_prompt or "")
         layers = capture_layers(patching.layers_of(model), resolution, CAPTURE)
         maps = AttentionMaps(KIND_CHOICES[kinds], {l.level for l in layers}, detail, int(query_grid), prompts)
+        max_mb = DEFAULT_MAX_MB if max_mb is None else int(max_mb)
+        maps.max_bytes = max_mb * 2 ** 20 if max_mb > 0 else None
         patched = patching.install(model, AttentionCaptureEditor(maps, layers), CAPTURE)
         return (patched, maps)
 

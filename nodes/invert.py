@@ -119,5 +119,45 @@ def _json_number(x: float):
     return x if math.isfinite(x) else None
 
 
-NODE_CLASS_MAPPINGS = {"ICDDIMInvert": ICDDIMInvert, "ICLatentDifference": ICLatentDifference}
-NODE_DISPLAY_NAME_MAPPINGS = {"ICDDIMInvert": "DDIM Invert", "ICLatentDifference": "Latent Difference"}
+class ICFreeCaches:
+    DESCRIPTION = ("Empties the pack's caches: the reference store (KV Inject, RIVAL and Style Transfer keys/values "
+                   "and features, on the GPU or the CPU) and StyleDiffusion's memory cache, and with `disk_cache` "
+                   "also StyleDiffusion's files. ComfyUI's own free-memory button (the /free endpoint) empties the "
+                   "memory caches too.")
+    CATEGORY = CATEGORY + "/utils"
+    FUNCTION = "free"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "optional": {
+            "disk_cache": tip("BOOLEAN", "Also delete StyleDiffusion's cached files (they survive restarts; "
+                              "training again rebuilds them).", default=False),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")   # never equal to the last run's: the node runs every time it is queued
+
+    @checked
+    def free(self, disk_cache=False):
+        from ..attention.reference import STORE
+        from ..optimize import style_diffusion
+        held, entries = STORE.held_bytes(), len(STORE.entries)
+        styles = len(style_diffusion._memory)
+        STORE.clear()
+        style_diffusion.clear_memory_cache()
+        files = style_diffusion.clear_disk_cache() if disk_cache else 0
+        compat.empty_device_cache()
+        report = (f"freed the reference store ({entries} entries, {held / 2 ** 20:.1f} MB) and {styles} cached "
+                  f"STYLE(s) in memory" + (f"; deleted {files} StyleDiffusion cache file(s)" if disk_cache else ""))
+        log.info("[Inversion Chain] %s", report)
+        return {"ui": {"text": [report]}, "result": (report,)}
+
+
+NODE_CLASS_MAPPINGS = {"ICDDIMInvert": ICDDIMInvert, "ICLatentDifference": ICLatentDifference,
+                       "ICFreeCaches": ICFreeCaches}
+NODE_DISPLAY_NAME_MAPPINGS = {"ICDDIMInvert": "DDIM Invert", "ICLatentDifference": "Latent Difference",
+                              "ICFreeCaches": "Free Inversion Chain Caches"}

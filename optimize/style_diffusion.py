@@ -317,6 +317,31 @@ def clear_memory_cache():
     _memory.clear()
 
 
+def clear_disk_cache() -> int:
+    """Delete every cached STYLE file (and unfinished writes); returns how many files went."""
+    removed = 0
+    try:
+        names = os.listdir(cache_dir())
+    except OSError:
+        return 0
+    for name in names:
+        if name.endswith(".pt") or name.endswith(TMP_SUFFIX):
+            try:
+                os.remove(os.path.join(cache_dir(), name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def _release(reason, device=None, memory_required=None):
+    if reason == "unload_all":   # ComfyUI's /free: the disk copy stays, the memory copy goes
+        clear_memory_cache()
+
+
+compat.on_memory_release(_release)
+
+
 # -- training -----------------------------------------------------------------------------------------------------
 def train(model, clip_vision, image, inversion: Inversion, positive, negative, cfg: float = 7.5,
           inner_steps: int = 100, learning_rate: float = 1e-2, attention_loss_weight: float = 1.0,

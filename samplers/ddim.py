@@ -131,16 +131,19 @@ GUESSES = ("extrapolate", "previous", "naive")
 
 def invert_chain(eps_fn: EpsFn, x0: torch.Tensor, sigmas_ascending: List[float], refine_iters: int,
                  on_step: Optional[Callable[[int, torch.Tensor], None]] = None, tolerance: float = 0.0,
-                 guess: str = "extrapolate", naive_guess: NaiveGuess = keep_input_vp):
+                 guess: str = "extrapolate", naive_guess: NaiveGuess = keep_input_vp,
+                 keep: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
     """Invert along an ascending sigma schedule starting at ``sigmas_ascending[0]`` (usually 0).
 
     Returns ``(chain, residuals, calls)``: ``chain[k]`` is the latent at ``sigmas_ascending[k]``; ``calls`` the
     evaluations per step. ``guess`` picks each step's first iterate: ``extrapolate`` (the noise the last two steps
     solved for, extrapolated linearly in sigma), ``previous`` (the last step's noise) or ``naive``
     (``naive_guess``: ``keep_input_vp`` for eps / v models, ``keep_input_flow`` for rectified-flow models).
-    ``on_step(k, x)`` runs after each step (progress, interrupt checks).
+    ``on_step(k, x)`` runs after each step (progress, interrupt checks). ``keep(x)`` is what the chain stores of
+    each latent as soon as it is made (e.g. a copy on the offload device); the steps themselves run on ``x``.
     """
-    chain = [x0]
+    keep = keep or (lambda t: t)
+    chain = [keep(x0)]
     residuals = []
     calls = []
     x = x0
@@ -157,7 +160,7 @@ def invert_chain(eps_fn: EpsFn, x0: torch.Tensor, sigmas_ascending: List[float],
         solved = (solved + [(s_hi, (step.x_hi - x) / (s_hi - s_lo))])[-2:]
         x = step.x_hi
         calls.append(step.calls)
-        chain.append(x)
+        chain.append(keep(x))
         residuals.append(step.residual)
         if on_step is not None:
             on_step(k, x)

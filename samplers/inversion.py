@@ -86,6 +86,7 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
     def inversion_sampler(model_k, x, sigmas_up, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         ones = x.new_ones([x.shape[0]])
+        last = {"x": x}
 
         def eps_fn(x_in, sigma):
             compat.check_interrupt()
@@ -93,18 +94,30 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
             return ddim.eps_from_denoised(x_in, denoised, sigma)
 
         def on_step(k, x_k):
+            last["x"] = x_k
             pbar.update(1)
             if callback is not None:
                 callback({"i": k, "x": x_k, "denoised": x_k, "sigma": sigmas_up[k + 1], "sigma_hat": sigmas_up[k + 1]})
 
-        chain, residuals, calls = ddim.invert_chain(eps_fn, x, sigmas_up.tolist(), refine_iters, on_step=on_step,
-                                                    tolerance=tolerance, guess=guess,
-                                                    naive_guess=ddim.keep_input_flow if flow else ddim.keep_input_vp)
-        state["chain"] = torch.stack([c.to(offload, torch.float32) for c in reversed(chain)])
+        # each latent goes to the offload device as soon as it is made, into its slot of the chain (forward order):
+        # the load device holds only the step in progress, never the whole chain
+        stored = torch.empty((len(sigmas_up),) + tuple(x.shape), device=offload, dtype=torch.float32)
+        slots = iter(range(len(sigmas_up) - 1, -1, -1))
+
+        def keep(x_k):
+            slot = stored[next(slots)]
+            slot.copy_(x_k)
+            return slot
+
+        _, residuals, calls = ddim.invert_chain(eps_fn, x, sigmas_up.tolist(), refine_iters, on_step=on_step,
+                                                tolerance=tolerance, guess=guess,
+                                                naive_guess=ddim.keep_input_flow if flow else ddim.keep_input_vp,
+                                                keep=keep)
+        state["chain"] = stored
         nan = torch.full((x.shape[0],), float("nan"))
         state["residuals"] = torch.stack([nan if r is None else r.float().cpu() for r in reversed(residuals)])
         state["calls"] = torch.tensor(list(reversed(calls)), dtype=torch.int32)
-        return chain[-1]
+        return last["x"]
 
     compat.sample_with_function(model_patcher, inversion_sampler, ascending, positive,
                                 negative if negative is not None else positive, cfg, latent_samples)
