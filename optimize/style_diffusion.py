@@ -158,13 +158,15 @@ def cache_key(image, inversion, positive, negative, clip_vision, settings: dict,
                   _vision_fingerprint(clip_vision), settings)[:32]
 
 
-DISK_CACHE_BYTES = 2 * 2 ** 30  # oldest-used files are evicted beyond this (an SD1.5 50-step STYLE is ~12 MB)
+DISK_CACHE_BYTES = 2 * 2 ** 30  # oldest-used files are evicted beyond this (a STYLE's size: docs/memory.md)
 TMP_SUFFIX = ".tmp"
 STALE_TMP_SECONDS = 3600   # a temp file this old is a write that never finished (a crash, a killed server)
 
 
 def cache_dir() -> str:
-    """Survives restarts (ComfyUI empties its temp folder at every start); delete the folder to clear it."""
+    """The STYLE disk cache: ``<user directory>/__inversion_chain/style_cache`` (``compat.persistent_directory``),
+    outside ComfyUI's temp folder, so it survives restarts; the Free Inversion Chain Caches node (disk_cache) or
+    deleting the folder clears it."""
     return compat.persistent_directory("style_cache")
 
 
