@@ -63,6 +63,7 @@ def inverted(small_model, encode, astronaut_latent):
     return model, clip, src, inv
 
 
+@pytest.mark.fast
 def test_model_identity_sees_lora_strength_and_weights_not_object_identity(small_model):
     model = small_model[0]
     assert model_identity(model) == model_identity(model.clone())
@@ -114,6 +115,7 @@ def test_reference_store_misses_on_lora_strength_other_model_and_prompt_split(st
             != reference.ReferenceStore.key("kv", model, inv, "c", [], [1], ("ab",)))
 
 
+@pytest.mark.fast
 def test_conditioning_fingerprint_delimits_items_and_needs_no_object_identity(small_model, encode):
     clip = small_model[1]
     with torch.inference_mode():

@@ -35,6 +35,7 @@ def inverted(small_model, encode, astronaut_latent):
     return model, clip, inv
 
 
+@pytest.mark.fast
 def test_user_text_escapes_markup_and_keeps_words():
     assert user_text(MARKUP) == ESCAPED
     assert user_text("a cat & a dog's hat") == "a cat &amp; a dog's hat"
@@ -57,6 +58,7 @@ def test_kv_inject_prompt_with_markup_is_escaped_where_it_is_repeated(inverted):
     assert "is not in the prompt" in msg and "<" not in msg and "&lt;img" in msg
 
 
+@pytest.mark.fast
 def test_a_widget_value_with_markup_is_escaped_in_the_input_contract_message(small_model, astronaut_latent, encode):
     model, clip, _ = small_model
     with torch.inference_mode():
@@ -66,6 +68,7 @@ def test_a_widget_value_with_markup_is_escaped_in_the_input_contract_message(sma
     assert "input `steps`" in msg
 
 
+@pytest.mark.fast
 def test_p2plus_reweight_and_blend_words_with_markup_come_back_escaped(small_model):
     model, clip, _ = small_model
     node = ICP2PlusController()

@@ -52,6 +52,7 @@ def test_unload_all_models_empties_the_pack_memory_caches(store, inverted):
     assert store.held_bytes() == 0
 
 
+@pytest.mark.fast
 def test_free_memory_hook_keeps_comfyui_behaviour_and_reports(monkeypatch):
     seen = []
     compat.on_memory_release(lambda reason, device, need: seen.append((reason, device, need)))
@@ -114,6 +115,7 @@ def test_free_caches_node_empties_every_cache(store, inverted, monkeypatch, tmp_
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.fast
 def test_attention_capture_refuses_a_run_over_its_byte_budget_before_storing(small_model, encode, astronaut_latent):
     import comfy.sample
     import comfy.samplers
@@ -154,6 +156,7 @@ def test_attention_capture_refuses_a_run_over_its_byte_budget_before_storing(sma
         assert len(maps.steps) == steps and maps.stored_bytes() <= need
 
 
+@pytest.mark.fast
 def test_invert_chain_hands_each_latent_to_keep_as_soon_as_it_is_made():
     from inversion_chain.samplers import ddim
     kept, seen_at_call = [], []
