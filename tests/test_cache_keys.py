@@ -83,13 +83,14 @@ def test_model_identity_is_the_unpatched_weights_while_a_lora_is_applied(small_m
     key = next(k for k in lora.patches)
     original = model.model.state_dict()[key].clone()
     with torch.inference_mode():
-        lora.patch_model()   # the LoRA written into the shared weights, as while sampling
+        lora.patch_weight_to_device(key)   # the LoRA written into the shared weights, as a full load does
         try:
             assert not torch.equal(model.model.state_dict()[key], original)
             assert model_identity(model) == before
             assert model_identity(lora) != before
         finally:
             lora.unpatch_model()
+    assert torch.equal(model.model.state_dict()[key], original)
 
 
 def test_reference_store_misses_on_lora_strength_other_model_and_prompt_split(store, inverted):
