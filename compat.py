@@ -293,6 +293,32 @@ def latent_out(model_patcher, x: torch.Tensor) -> torch.Tensor:
     return model_patcher.model.process_latent_out(x)
 
 
+def _keeps_empty_latent() -> bool:
+    """0.3x's CFGGuider.inner_sample skips process_latent_in for an all-zero latent; 2024-03 always applies it."""
+    import inspect
+    guider = getattr(comfy.samplers, "CFGGuider", None)
+    try:
+        return guider is not None and "count_nonzero" in inspect.getsource(guider.inner_sample)
+    except (OSError, TypeError, AttributeError):
+        return False
+
+
+_KEEPS_EMPTY_LATENT = _keeps_empty_latent()
+
+
+def latent_for_start(model_patcher, x: torch.Tensor, sigma: float):
+    """The LATENT that SamplerCustom (add_noise off) or KSampler Advanced (add_noise disable) turns back into the
+    sampler-space state ``x`` at ``sigma``: ComfyUI's own convention for a latent handed over mid-schedule
+    (KSAMPLER.sample's ``inverse_noise_scaling``, then ``process_latent_out``). EPS / V: the latent itself; flow
+    models (CONST): ``x / (1 - sigma)``, since their sampler starts at ``(1 - sigma) * latent``. None where no LATENT
+    does (CONST at sigma 1: the latent is scaled by zero there). Same in both trees."""
+    ms = model_sampling(model_patcher)
+    if is_flow_family(ms) and float(sigma) >= 1.0 - 1e-6:
+        return None
+    x = ms.inverse_noise_scaling(torch.tensor(float(sigma), dtype=x.dtype, device=x.device), x.clone())
+    return latent_out(model_patcher, x)
+
+
 def latent_in(model_patcher, x: torch.Tensor) -> torch.Tensor:
     """LATENT space -> sampler space."""
     return model_patcher.model.process_latent_in(x)
@@ -327,14 +353,17 @@ def noise_for_start(model_patcher, x_start: torch.Tensor, sigmas: torch.Tensor, 
     """The noise from which ComfyUI's sampler starts at the sampler-space state ``x_start`` for a LATENT ``latent``:
     KSAMPLER.sample starts at ``model_sampling.noise_scaling(sigmas[0], noise, process_latent_in(latent),
     max_denoise)``, affine in the noise for EPS, V and CONST sampling, so this solves it for the noise. On flow
-    models (CONST) at sigma 1 the latent drops out and the noise is ``x_start`` itself. Same code in both trees."""
+    models (CONST) at sigma 1 the latent drops out and the noise is ``x_start`` itself. 0.3x leaves an all-zero
+    (empty) latent unscaled, 2024-03 scales it too."""
     import types
     ms = model_sampling(model_patcher)
     wrap = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=ms))
     max_denoise = comfy.samplers.Sampler.max_denoise(None, wrap, sigmas)
     x_start = x_start.float()
     sigma0 = sigmas[0].reshape(()).to(x_start)
-    lat = latent_in(model_patcher, latent.clone().to(x_start))
+    lat = latent.clone().to(x_start)
+    if torch.count_nonzero(lat) > 0 or not _KEEPS_EMPTY_LATENT:   # 0.3x leaves an all-zero (empty) latent unscaled
+        lat = latent_in(model_patcher, lat)
     offset = ms.noise_scaling(sigma0, torch.zeros_like(x_start), lat, max_denoise)
     scale = ms.noise_scaling(sigma0, torch.ones_like(x_start), torch.zeros_like(x_start), max_denoise)
     return (x_start - offset) / scale

@@ -20,14 +20,17 @@ class ICDDIMInvert:
                    "Sample the `noise` output back with SamplerCustom (add_noise off, sampler ddim, this node's "
                    "`sigmas`) to reconstruct the image; other Inversion Chain nodes take the `inversion`. Flow models "
                    "(Flux, Chroma; so far DDIM Invert is the pack's only node for them): invert at inversion_cfg 1 "
-                   "(Flux-dev with the FluxGuidance value in `positive`) and sample back with SamplerCustomAdvanced "
-                   "fed by Inverted Noise, sampler euler or ddim and this node's `sigmas`.")
+                   "(Flux-dev with the FluxGuidance value in `positive`); a full inversion samples back with "
+                   "SamplerCustomAdvanced fed by Inverted Noise, sampler euler or ddim and this node's `sigmas` (a "
+                   "partial one also as above).")
     CATEGORY = CATEGORY
     FUNCTION = "invert"
     RETURN_TYPES = ("LATENT", "SIGMAS", INVERSION)
     RETURN_NAMES = ("noise", "sigmas", "inversion")
     OUTPUT_TOOLTIPS = ("The inverted latent: x_T, or with end_percent < 1 the latent at the level the inversion "
-                       "stopped at. Feed to SamplerCustom (add_noise off) with `sigmas`.",
+                       "stopped at. Feed to SamplerCustom (add_noise off) with `sigmas`. Flow models: in ComfyUI's "
+                       "mid-schedule form (x / (1 - sigma)); a full inversion (sigma 1) samples back through "
+                       "Inverted Noise instead.",
                        "The forward (denoising) schedule that reconstructs the image from `noise`: all `steps`, or "
                        "with end_percent < 1 only the steps the inversion ran.",
                        "The inversion chain (whole or partial), its schedule, conditioning and model identity.")
@@ -77,7 +80,12 @@ class ICDDIMInvert:
         inv = inversion_lib.invert(model, latent["samples"], positive, negative, inversion_cfg, steps, scheduler,
                                    refine_iters, what="DDIM Invert", tolerance=tolerance, end_percent=end_percent)
         log.info("[Inversion Chain] %s", inv.summary())
-        noise = inversion_lib.chain_latent_out(model, inv, 0)
+        # ComfyUI's mid-schedule LATENT convention (flow models: x / (1 - sigma)), so stock samplers start at the
+        # chain's first latent; flow models at sigma 1 have none: there the raw x_T (sample with Inverted Noise)
+        noise = compat.latent_for_start(model, inv.chain[0].clone(), float(inv.sigmas[0]))
+        if noise is None:
+            noise = inversion_lib.chain_latent_out(model, inv, 0)
+        noise = noise.cpu()
         return ({"samples": noise}, inv.sigmas.clone(), inv)
 
 

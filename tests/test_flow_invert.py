@@ -184,6 +184,31 @@ def test_samplercustom_without_noise_cannot_start_a_flow_model_at_sigma_1(flow):
     assert error(stock, source) > 100 * error(sample_back(flow, inv, sigmas), source)
 
 
+def test_partial_inversion_samples_back_with_stock_samplercustom_and_ksampler_advanced(flow):
+    """end_percent < 1 stops below sigma 1: DDIM Invert's `noise` LATENT follows ComfyUI's mid-schedule convention
+    (x / (1 - sigma) on flow models), so SamplerCustom (add_noise off) and KSampler Advanced (start_at_step,
+    add_noise disable) start exactly at the chain's latent, as Inverted Noise does."""
+    import comfy_extras.nodes_custom_sampler as ncs
+    import nodes
+    steps, end = 20, 0.5
+    noise, sigmas, inv = invert(flow, steps, "simple", end_percent=end)
+    assert 0.0 < float(sigmas[0]) < 1.0 and inv.steps == steps // 2
+    source = flow["latent"]["samples"]
+    with torch.inference_mode():
+        sampler = ncs.KSamplerSelect.execute("euler").result[0]
+        custom = ncs.SamplerCustom.execute(flow["model"], False, 0, 1.0, flow["positive"], flow["positive"], sampler,
+                                           sigmas, noise).result[0]["samples"]
+        advanced = nodes.KSamplerAdvanced().sample(flow["model"], "disable", 0, steps, 1.0, "euler", "simple",
+                                                   flow["positive"], flow["positive"], noise, steps - inv.steps,
+                                                   10000, "disable")[0]["samples"]
+    reference = sample_back(flow, inv, sigmas)
+    print(f"{flow['family']} partial {inv.steps}/{steps}: round trip SamplerCustom {error(custom, source):.3e}, "
+          f"KSampler Advanced {error(advanced, source):.3e}, SamplerCustomAdvanced {error(reference, source):.3e}")
+    assert error(custom, reference) < 1e-5 and error(advanced, reference) < 1e-5
+    if flow["family"] == "flux":
+        assert error(custom, source) < TARGET
+
+
 def test_other_nodes_refuse_flow_models_naming_the_family(flow):
     from inversion_chain.nodes.kv_inject import ICKVInject
     from inversion_chain.model_info import check_supported
@@ -197,3 +222,24 @@ def test_other_nodes_refuse_flow_models_naming_the_family(flow):
         with pytest.raises(InversionChainError, match=f"^{what}: the model family '[^']*{name}[^']*' .*not supported "
                                                       f"yet"):
             check_supported(flow["model"], what)
+
+
+@pytest.mark.parametrize("given", ["empty", "source"])
+def test_inverted_noise_on_sd_starts_where_samplercustom_does(small_model, astronaut_latent, encode, given):
+    """On every tree (no flow family needed): the NOISE Inverted Noise makes, given to ComfyUI's sampler with an empty
+    or the source latent, starts at the inverted latent, so it samples back what SamplerCustom (add_noise off)
+    does from DDIM Invert's `noise` LATENT."""
+    import comfy.sample
+    import comfy.samplers
+    model, clip = small_model[0], small_model[1]
+    positive = encode(clip, SOURCE)
+    with torch.inference_mode():
+        noise, sigmas, inv = ICDDIMInvert().invert(model, astronaut_latent, positive, 10, 1.0, 3)
+        latent = astronaut_latent["samples"] if given == "source" else torch.zeros_like(astronaut_latent["samples"])
+        start = ICInvertedNoise().noise(model, inv)["result"][0].generate_noise({"samples": latent})
+        sampler = comfy.samplers.sampler_object("ddim")
+        ours = comfy.sample.sample_custom(model, start, 1.0, sampler, sigmas, positive, positive, latent, seed=0)
+        stock = comfy.sample.sample_custom(model, torch.zeros_like(latent), 1.0, sampler, sigmas, positive, positive,
+                                           noise["samples"], seed=0)
+    assert error(ours, stock) < 1e-4
+    assert error(stock, astronaut_latent["samples"]) < 1e-2
