@@ -326,8 +326,12 @@ class AttentionCaptureEditor(Editor):
         if ctx.kind == "self":
             pts = self.points(ctx.grid, q.device)
             q = q.index_select(1, pts)
-            if bias is not None and bias.dim() >= 2 and bias.shape[-2] > 1:
+            if hasattr(bias, "rows"):   # a bias made per query row (masked KV Inject): the points' rows only
+                bias = bias.rows(pts)
+            elif bias is not None and bias.dim() >= 2 and bias.shape[-2] > 1:
                 bias = bias.index_select(-2, pts.to(bias.device))
+        elif hasattr(bias, "rows"):
+            bias = bias.rows(torch.arange(q.shape[1], device=q.device))
         if bias is not None:
             bias = bias.to(q.device, torch.float32)
         return attention_probs(q, k, ctx.heads, bias).mean(1)                   # (B, Nq or P, Nk)

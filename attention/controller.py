@@ -120,21 +120,32 @@ def apply_probs(probs, v, heads) -> torch.Tensor:
 SCORE_CHUNK_BYTES = 2 ** 28   # float32 scores held at once by explicit_attention (SD1.5 512 px unchunked: 1 GiB)
 
 
-def explicit_attention(q, k, v, heads, bias: Optional[torch.Tensor] = None,
+def explicit_attention(q, k, v, heads, bias=None,
                        max_score_bytes: int = SCORE_CHUNK_BYTES) -> torch.Tensor:
     """``apply_probs(attention_probs(q, k, heads, bias), v, heads)`` over chunks of queries, so the float32 score
     matrix held at once stays under ``max_score_bytes`` (every query attends independently: same result).
-    ``bias`` broadcasts to (B, heads, Nq, Nk)."""
+    ``bias`` broadcasts to (B, heads, Nq, Nk), or has ``rows(index)`` (made per chunk, see ``bias_rows``)."""
     batch, nq, nk = q.shape[0], q.shape[1], k.shape[1]
-    per_query = batch * heads * nk * 4 * 2    # scores and their softmax
+    per_query = batch * heads * nk * 4 * (3 if hasattr(bias, "rows") else 2)   # scores, softmax (, row bias)
     chunk = max(1, int(max_score_bytes // per_query))
     if chunk >= nq:
-        return apply_probs(attention_probs(q, k, heads, bias), v, heads)
+        return apply_probs(attention_probs(q, k, heads, bias_rows(bias, 0, nq, q.device)), v, heads)
     outs = []
     for start in range(0, nq, chunk):
-        part = bias if bias is None or bias.shape[-2] == 1 else bias[..., start:start + chunk, :]
+        part = bias_rows(bias, start, min(nq, start + chunk), q.device)
         outs.append(apply_probs(attention_probs(q[:, start:start + chunk], k, heads, part), v, heads))
     return torch.cat(outs, dim=1)
+
+
+def bias_rows(bias, start: int, stop: int, device):
+    """The bias of query rows ``start:stop``: a tensor's slice (or itself when it broadcasts over queries), or a
+    row bias's ``rows(index)`` (an object that makes the bias of the queries asked for, e.g. masked KV Inject's
+    region bias: the whole (B, Nq, Nk) bias never exists at once)."""
+    if bias is None or (torch.is_tensor(bias) and bias.shape[-2] == 1):
+        return bias
+    if torch.is_tensor(bias):
+        return bias[..., start:stop, :]
+    return bias.rows(torch.arange(start, stop, device=device))
 
 
 class Controller(PatchObject):

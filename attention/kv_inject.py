@@ -153,16 +153,27 @@ class KVInjectEditor(Editor):
         masks = ctx.scratch.get("kv_masks") if self.mode == "masked" else None
         if masks is None:
             return None
-        src = masks["source"].to(q.device)
-        tgt = masks["target"].to(q.device)
-        same_region = tgt[:, :, None] == src[None, None, :]                     # rows x queries x source keys
-        # a query whose region has no source key attends to all of them (MasaCtrl's all-minimum row: uniform)
-        same_region |= ~same_region.any(dim=-1, keepdim=True)
-        bias = torch.zeros(same_region.shape, device=q.device, dtype=torch.float32)
-        bias.masked_fill_(~same_region, float("-inf"))
-        bias = bias[:, None]                                                    # (B, 1, Nq, Nk)
+        bias = RegionBias(masks["target"].to(q.device), masks["source"].to(q.device))
         ctx.scratch["attention_bias"] = bias  # observers (attention capture) see the masked attention
         return explicit_attention(q, k, v, ctx.heads, bias)
+
+
+class RegionBias:
+    """masked mode's additive bias, made per block of query rows (``explicit_attention`` asks chunk by chunk, the
+    capture for its query points), so the float32 (B, Nq, Nk) bias never exists whole: 0 where a query's region
+    (target foreground / background) is the key's (source), -inf elsewhere; a query whose region has no source key
+    attends to all of them (MasaCtrl's all-minimum row: uniform)."""
+
+    def __init__(self, target: torch.Tensor, source: torch.Tensor):
+        self.target, self.source = target, source     # (B, Nq) and (Nk,) region labels
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        tgt = self.target.index_select(1, index.to(self.target.device))
+        same_region = tgt[:, :, None] == self.source[None, None, :]             # rows x queries x source keys
+        same_region |= ~same_region.any(dim=-1, keepdim=True)
+        bias = torch.zeros(same_region.shape, device=self.target.device, dtype=torch.float32)
+        bias.masked_fill_(~same_region, float("-inf"))
+        return bias[:, None]                                                    # (B, 1, len(index), Nk)
 
 
 class TargetMapObserver(Editor):

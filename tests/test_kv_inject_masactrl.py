@@ -227,6 +227,7 @@ def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s
             src_disagree = max(src_disagree, float((masks["source"].cpu() != source_want).float().mean()))
         # the attention the editor computed (its bias, seen by observers): no mass across regions
         allowed = target_want[:, None] == masks["source"].cpu()[None, :]
+        bias = bias.rows(torch.arange(q.shape[1], device=q.device))   # made per query rows: every row here
         assert bias.shape[0] == q.shape[0] and torch.equal(torch.isfinite(bias[:, 0]).cpu(),
                                                             allowed[None].expand(q.shape[0], -1, -1))
         probs = attention_probs(q, k, heads, bias)

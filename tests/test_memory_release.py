@@ -199,3 +199,28 @@ def test_ddim_invert_keeps_the_chain_on_the_offload_device_step_by_step(small_mo
     assert all(t.untyped_storage().data_ptr() == base for t in seen["chain"])
     assert inv.chain.device == compat.offload_device(model) and inv.chain.dtype == torch.float32
     assert torch.equal(inv.chain[-1], seen["chain"][0]) and torch.equal(inv.chain[0], seen["chain"][-1])
+
+
+def test_masked_kv_bias_is_made_per_query_chunk_and_gives_the_whole_bias_result():
+    from inversion_chain.attention.controller import apply_probs, attention_probs, explicit_attention
+    from inversion_chain.attention.kv_inject import RegionBias
+    gen = torch.Generator().manual_seed(3)
+    b, nq, nk, heads = 2, 64, 64, 4
+    q, k, v = (torch.randn(b, n, 32, generator=gen) for n in (nq, nk, nk))
+    target = torch.rand(b, nq, generator=gen) > 0.5
+    target[1] = True                                     # row 1: every query in the foreground
+    source = torch.rand(nk, generator=gen) > 0.7
+    # the whole bias, as masked mode built it before
+    same = target[:, :, None] == source[None, None, :]
+    same |= ~same.any(dim=-1, keepdim=True)
+    whole = torch.zeros(same.shape).masked_fill_(~same, float("-inf"))[:, None]
+    expected = apply_probs(attention_probs(q, k, heads, whole), v, heads)
+    asked = []
+    bias = RegionBias(target, source)
+    made = bias.rows
+    bias.rows = lambda index: asked.append(len(index)) or made(index)
+    per_query = b * heads * nk * 4 * 3
+    out = explicit_attention(q, k, v, heads, bias, max_score_bytes=16 * per_query)
+    assert torch.equal(out, expected)
+    assert asked == [16] * 4     # never more than one chunk of query rows at once
+    assert torch.equal(made(torch.arange(nq)), whole)
