@@ -157,3 +157,125 @@ def colour_histogram(image: torch.Tensor, bins: int = 4) -> torch.Tensor:
 def colour_mask(image: torch.Tensor, colour: str, tol: float = 0.25) -> torch.Tensor:
     """Pixels within ``tol`` (RGB distance) of a named colour: where a generated picture drew that colour."""
     return (image.reshape(SIZE, SIZE, 3).float() - rgb(colour)).norm(dim=-1) < tol
+
+
+# -- the measurements the behaviour tests assert and scripts/scenes_figures.py prints ---------------------------------
+PLACEMENTS = {"left": (8, 40), "right": (72, 40), "top": (40, 8), "bottom": (40, 72)}
+OBJECT_SIZE = 48
+
+
+def placed_scene(where: str, colour: str = "red", shape: str = "circle", background: str = "yellow") -> scenes.Scene:
+    return scenes.render(background, [(colour, shape, PLACEMENTS[where] + (OBJECT_SIZE,))])
+
+
+def localisation(m: Loaded, where: str) -> dict:
+    """One object at ``where``: each word's mass ratio inside the object, the same map's ratio inside the mirror
+    image of the object (the control: a flipped or transposed map scores there), and the map's centroid."""
+    scene = placed_scene(where)
+    obj = scene.objects[0]
+    inv = invert(m, scene)
+    maps = word_maps(m, inv, [obj.colour, obj.shape])
+    mirror = obj.mask[::-1, ::-1]
+    out = {"centre": ((obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2)}
+    for word, attn in maps.items():
+        out[word] = {"ratio": mass_ratio(attn, obj.mask), "mirror_ratio": mass_ratio(attn, mirror),
+                     "centroid": centroid(attn)}
+    return out
+
+
+def p2plus_edit(m: Loaded, inv: Inverted, target: str, mode: str = "replace", reweight: str = "",
+                blend_words: str = "", cfg: float = 1.0):
+    """(reconstruction row, edited row) of P2Plus on the inverted scene, sampled back at ``cfg`` (negative-prompt
+    inversion when cfg > 1)."""
+    from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
+    caption = inv.scene.caption
+    null_text = None
+    if cfg > 1:
+        null_text = call(ICNullTextInversion, model=m.model, inversion=inv.inversion, positive=m.encode(caption),
+                         negative=m.encode(""), cfg=cfg, method="negative-prompt")[0]
+    model, pos, neg, latent, sigmas = call(ICP2PlusController, model=m.model, clip=m.clip, source_prompt=caption,
+                                           target_prompt=target, mode=mode, reweight=reweight,
+                                           blend_words=blend_words, inversion=inv.inversion, null_text=null_text)
+    images = m.vae.decode(sample(model, pos, neg, latent["samples"], sigmas, cfg))
+    return images[:1], images[1:2]
+
+
+def swap_figures(m: Loaded, inv: Inverted, edited, colour_to: str) -> dict:
+    """Where an edit changed the scene: inside its object, in the ring around it, outside both; and how far the
+    object's mean colour moved toward ``colour_to``."""
+    recon, edit = edited
+    obj = inv.scene.objects[0].mask
+    near = grow(obj, 12)
+    return {"inside_change": mean_abs(edit, recon, obj), "outside_change": mean_abs(edit, recon, ~near),
+            "to_target_before": float((mean_colour(recon, obj) - rgb(colour_to)).norm()),
+            "to_target_after": float((mean_colour(edit, obj) - rgb(colour_to)).norm()),
+            "recon_vs_inversion": mean_abs(recon, inv.recon, np.ones_like(obj))}
+
+
+def kv_inject_figures(m: Loaded, inv: Inverted, target: str, cfg: float = 5.0, seed: int | None = 0,
+                      **kv_inputs) -> dict:
+    """KV Inject vs plain sampling with the same target prompt from the same start: a new generation from seeded
+    noise (``seed``; MasaCtrl's use), or the source's inverted noise (``seed=None``). Distance to the source
+    reconstruction outside the object (and the square it may become), and the object's colour."""
+    from inversion_chain.nodes.kv_inject import ICKVInject
+    pos, neg = m.encode(target), m.encode("")
+    patched = call(ICKVInject, model=m.model, inversion=inv.inversion, negative=neg, **kv_inputs)[0]
+    start = inv.noise
+    if seed is not None:
+        start = torch.randn(inv.noise.shape, generator=torch.Generator().manual_seed(seed)) * inv.sigmas[0]
+    kv = m.vae.decode(sample(patched, pos, neg, start, inv.sigmas, cfg))
+    plain = m.vae.decode(sample(m.model, pos, neg, start, inv.sigmas, cfg))
+    obj = inv.scene.objects[0]
+    square = scenes.render(inv.scene.background, [(obj.colour, "square", obj.box[:2] + (obj.box[2] - obj.box[0],))])
+    outside = ~grow(obj.mask | square.objects[0].mask, 8)
+    return {"kv_outside": mean_abs(kv, inv.recon, outside), "plain_outside": mean_abs(plain, inv.recon, outside),
+            "kv_object_colour": float((mean_colour(kv, obj.mask) - rgb(obj.colour)).norm()),
+            "plain_object_colour": float((mean_colour(plain, obj.mask) - rgb(obj.colour)).norm()),
+            "images": (kv, plain)}
+
+
+def rival_figures(m: Loaded, inv: Inverted, batch: int = 4, cfg: float = 5.0, seed: int = 0) -> dict:
+    """RIVAL variations vs plain text-to-image with the same prompt and seed: colour-histogram distance to the
+    source scene as the VAE decodes it (L1 of 4x4x4-bin histograms, 0..2) and where each variation drew the object's
+    colour."""
+    import nodes
+    from inversion_chain.nodes.rival import ICRIVALAlignSampler
+    pos, neg = m.encode(inv.scene.caption), m.encode("")
+    variations = m.vae.decode(call(ICRIVALAlignSampler, model=m.model, positive=pos, negative=neg,
+                                   inversion=inv.inversion, seed=seed, batch_size=batch, cfg=cfg)[0]["samples"])
+    empty = {"samples": torch.zeros((batch,) + tuple(inv.latent.shape[1:]))}
+    plain = m.vae.decode(nodes.common_ksampler(m.model, seed, STEPS, cfg, "ddim", "ddim_uniform", pos, neg,
+                                               empty)[0]["samples"])
+    source = colour_histogram(m.vae.decode(inv.latent)[0])
+    colour = inv.scene.objects[0].colour
+    centres = []
+    for img in variations:
+        drawn = colour_mask(img, colour, tol=0.35).double()
+        centres.append(centroid(drawn / drawn.sum()) if drawn.sum() > 0 else None)
+    pairs = [float((variations[i] - variations[j]).abs().mean()) for i in range(batch) for j in range(i + 1, batch)]
+    return {"rival_hist": [float((colour_histogram(v) - source).abs().sum()) for v in variations],
+            "pairwise_difference": pairs, "to_source_psnr": [psnr(v, inv.recon[0]) for v in variations],
+            "plain_hist": [float((colour_histogram(v) - source).abs().sum()) for v in plain],
+            "object_centres": centres, "images": (variations, plain)}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / ((a.float() - b.float()) ** 2).mean()))
+
+
+def guidance_inversion_figures(m: Loaded, inv: Inverted, cfg: float = 7.5) -> dict:
+    """Reconstruction PSNR (vs the VAE's own reconstruction of the scene) at cfg 1, plain DDIM at ``cfg``, and
+    null-text / negative-prompt inversion at ``cfg`` through P2Plus with the source prompt as target."""
+    from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
+    caption = inv.scene.caption
+    pos, neg = m.encode(caption), m.encode("")
+    ref = m.vae.decode(inv.latent)
+    out = {"cfg1": psnr(inv.recon, ref),
+           "plain": psnr(m.vae.decode(sample(m.model, pos, neg, inv.noise, inv.sigmas, cfg)), ref)}
+    for method in ("null-text", "negative-prompt"):
+        nt = call(ICNullTextInversion, model=m.model, inversion=inv.inversion, positive=pos, negative=neg, cfg=cfg,
+                  method=method)[0]
+        model, p2, n2, latent, sigmas = call(ICP2PlusController, model=m.model, clip=m.clip, source_prompt=caption,
+                                             target_prompt=caption, inversion=inv.inversion, null_text=nt)
+        out[method] = psnr(m.vae.decode(sample(model, p2, n2, latent["samples"], sigmas, cfg))[:1], ref)
+    return out
