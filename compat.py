@@ -380,3 +380,53 @@ def seed_noise(model_patcher, latent: torch.Tensor, seed: int, sigmas: torch.Ten
     max_denoise = comfy.samplers.Sampler.max_denoise(None, wrap, sigmas)
     sigma0 = sigmas[0].reshape(()).to(noise.dtype)
     return ms.noise_scaling(sigma0, noise, torch.zeros_like(noise), max_denoise)
+
+
+# -- version floors ---------------------------------------------------------------------------------------------------
+# Every ComfyUI feature a node relies on beyond the 2024-03 tree: the oldest release that has it and how to tell.
+# README "Tested trees" lists the same table; tests/test_tree.py checks each probe against the tree it runs on.
+OLDEST_SUPPORTED = "2024-03 (a28a9dc8)"
+
+
+def _flux_attention_patch() -> bool:
+    """Flux/Chroma joint attention calls transformer_options["patches"]["attn1_patch"] with q, k, v before RoPE."""
+    try:
+        import inspect
+        import comfy.ldm.flux.layers as flux_layers
+    except ImportError:
+        return False
+    return "attn1_patch" in inspect.getsource(flux_layers)
+
+
+def _module_exists(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+FEATURES = {
+    # name: (oldest ComfyUI release with it, what it is, probe)
+    "unet-attention-patches": (OLDEST_SUPPORTED, "attn1/attn2 patch and replace hooks of the UNet's transformer "
+                               "blocks (SD1.x, SD2.x, SDXL)", lambda: True),
+    "flux-models": ("0.3.31", "the Flux and Chroma model classes (comfy.ldm.flux, comfy.ldm.chroma)",
+                    lambda: _module_exists("comfy.ldm.flux.model") and _module_exists("comfy.ldm.chroma.model")),
+    "qwen-image-models": ("0.3.49", "the Qwen-Image model class (comfy.ldm.qwen_image)",
+                          lambda: _module_exists("comfy.ldm.qwen_image.model")),
+    "dit-attention-patches": ("0.17.0", "attn1_patch inside Flux/Chroma/Qwen-Image joint attention (q, k, v before "
+                              "RoPE, with img_slice)", _flux_attention_patch),
+}
+
+
+def has_feature(name: str) -> bool:
+    return bool(FEATURES[name][2]())
+
+
+def missing_feature_message(name: str, who: str) -> str | None:
+    """None when this ComfyUI has the feature, else a sentence naming the feature, its floor and this tree."""
+    if has_feature(name):
+        return None
+    floor, what, _probe = FEATURES[name]
+    return (f"{who} needs {what}, which ComfyUI has from {floor} on; this ComfyUI lacks it. Update ComfyUI to "
+            f"{floor} or newer.")

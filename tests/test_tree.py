@@ -32,3 +32,17 @@ def test_comfy_modules_come_from_that_tree():
         assert Path(module.__file__).resolve().is_relative_to(tree), f"{module.__name__} from {module.__file__}"
     # `comfy` is a namespace package in some trees (no __init__.py): every folder it spans is in the tree
     assert all(Path(p).resolve().is_relative_to(tree) for p in sys.modules["comfy"].__path__)
+
+
+def test_version_floors_match_the_tree():
+    """Each feature's probe agrees with its floor: the current tree has every feature, the 2024-03 tree has only
+    what the 2024-03 tree has, and a missing one is explained with its floor."""
+    from inversion_chain import compat
+    version = comfy_version()
+    for name, (floor, _what, _probe) in compat.FEATURES.items():
+        expected = version != compat.OLDEST_SUPPORTED or floor == compat.OLDEST_SUPPORTED
+        assert compat.has_feature(name) == expected, (name, floor, version)
+        message = compat.missing_feature_message(name, "Test node")
+        assert (message is None) == expected
+        if message:
+            assert floor in message and "Test node" in message
