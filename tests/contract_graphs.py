@@ -79,6 +79,7 @@ def full_graph(object_info: dict) -> dict:
         "30": ("KSamplerSelect", {"sampler_name": "ddim"}),
         "31": ("ICLatentDifference", {"latent_a": ["29", 0], "latent_b": ["3", 0]}),
         "32": ("ICInvertedNoise", {"model": ["1", 0], "inversion": ["6", 2]}),
+        "33": ("ICFreeCaches", {"disk_cache": False}),
     }
     graph = {nid: {"class_type": ct, "inputs": dict(inputs)} for nid, (ct, inputs) in g.items()}
     kv = object_info["ICKVInject"]["input"]["required"]

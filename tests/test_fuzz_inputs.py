@@ -37,6 +37,8 @@ def bad_values(kind, opts):
         limit = 10000
         return [(f"{limit} chars", "x" * limit, True), ("empty", "", False),
                 ("unicode", "猫 🐱 naïve ünïcödé", False), ("wired IMAGE", IMAGE_OUT, True)]
+    if kind == "BOOLEAN":   # ComfyUI itself turns any literal into a bool (bool(val)): only a link can be wrong
+        return [("wired IMAGE", IMAGE_OUT, True)]
     if isinstance(kind, list) or kind == "COMBO":
         return [("unknown choice", "no-such-choice", True), ("number", 7, True), ("wired IMAGE", IMAGE_OUT, True)]
     # a wired type (MODEL, LATENT, INVERSION, ...)
