@@ -7,7 +7,7 @@
 # CKPT=/path/model.safetensors makes the demo use your checkpoint (default: a small random-weight test model).
 PY := .venv/bin/python
 
-.PHONY: setup lint test test-fast demo bench clean
+.PHONY: setup lint test test-fast test-unit demo bench clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -26,6 +26,10 @@ test: lint
 # The edit loop: the fast tier (tests marked `fast`) on the current tree, after the linter.
 test-fast: lint
 	bash scripts/run_tests.sh current -m fast tests
+
+# The pure tests alone (tests/unit): no ComfyUI tree is imported, seconds.
+test-unit: setup
+	$(PY) -m pytest tests/unit
 
 demo: setup
 	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)")
