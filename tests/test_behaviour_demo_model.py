@@ -18,26 +18,11 @@ import comfy.sample
 import comfy.samplers
 
 from tests.harness import demo_model, photos
+from tests.harness.scenes_behaviour import call
 
 PHOTOS = list(demo_model.CAPTIONS)
 STEPS = 20
 SEEDS = [0, 1, 2, 3]
-
-
-def call(cls, **given):
-    """Run a node's function with ``given`` inputs and every other widget at its INPUT_TYPES default."""
-    spec = cls.INPUT_TYPES()
-    kwargs = {}
-    for section in ("required", "optional"):
-        for name, entry in spec.get(section, {}).items():
-            if name in given:
-                kwargs[name] = given[name]
-            elif section == "required":
-                options = entry[1] if len(entry) > 1 else {}
-                kwargs[name] = options["default"] if "default" in options else entry[0][0]
-    unknown = set(given) - set(kwargs)
-    assert not unknown, f"{cls.__name__} has no inputs {unknown}"
-    return getattr(cls(), cls.FUNCTION)(**kwargs)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
