@@ -119,3 +119,14 @@ def family_latent(family_model):
     import nodes
     with torch.inference_mode():
         return nodes.VAEEncode().encode(family_model[2], photos.photo("astronaut", 128))[0]
+
+
+@pytest.fixture
+def store():
+    """The pack's reference store, empty, with its byte budget restored afterwards."""
+    from inversion_chain.attention import reference
+    reference.STORE.clear()
+    saved = reference.STORE.max_bytes
+    yield reference.STORE
+    reference.STORE.max_bytes = saved
+    reference.STORE.clear()

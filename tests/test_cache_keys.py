@@ -45,15 +45,6 @@ def other_model():
     return model
 
 
-@pytest.fixture
-def store():
-    reference.STORE.clear()
-    saved = reference.STORE.max_bytes
-    yield reference.STORE
-    reference.STORE.max_bytes = saved
-    reference.STORE.clear()
-
-
 @pytest.fixture(scope="module")
 def inverted(small_model, encode, astronaut_latent):
     model, clip, _ = small_model

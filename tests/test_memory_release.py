@@ -10,22 +10,13 @@ import torch
 import comfy.model_management
 
 from inversion_chain import compat
-from inversion_chain.attention import reference, store_memory
+from inversion_chain.attention import store_memory
 from inversion_chain.nodes.invert import ICDDIMInvert, ICFreeCaches
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.optimize import style_diffusion
 from tests.test_small_fixes import style_of
 
 PROMPT = "a photo of an astronaut"
-
-
-@pytest.fixture
-def store():
-    reference.STORE.clear()
-    saved = reference.STORE.max_bytes
-    yield reference.STORE
-    reference.STORE.max_bytes = saved
-    reference.STORE.clear()
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,6 @@ from inversion_chain.samplers import rival
 STEPS = 4
 
 
-@pytest.fixture
-def store():
-    reference.STORE.clear()
-    saved = reference.STORE.max_bytes
-    yield reference.STORE
-    reference.STORE.max_bytes = saved
-    reference.STORE.clear()
-
-
 @pytest.fixture(scope="module")
 def inverted(family, family_model, family_encode, family_latent):
     model, clip, _ = family_model
