@@ -142,7 +142,7 @@ def unet_of(model_patcher):
 
 
 def unet_block_classes():
-    """(SpatialTransformer, Downsample, Upsample): what the UNet walk in attention/layers.py recognises."""
+    """(SpatialTransformer, Downsample, Upsample): what the UNet walk in attention/core/layers.py recognises."""
     from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
     return SpatialTransformer, Downsample, Upsample

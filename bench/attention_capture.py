@@ -100,8 +100,8 @@ def _run() -> dict:
     import comfy.sample
     import comfy.samplers
     from inversion_chain import compat
-    from inversion_chain.attention import patching
-    from inversion_chain.attention.capture import AttentionCaptureEditor, capture_layers, storage_bytes
+    from inversion_chain.attention.core import patching
+    from inversion_chain.attention.viewer.capture import AttentionCaptureEditor, capture_layers, storage_bytes
     from inversion_chain.nodes.attention_maps import ICAttentionCapture
 
     model, clip, vae = common.load_models()

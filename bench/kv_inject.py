@@ -23,7 +23,7 @@ def run() -> dict:
     import comfy.sample
     import comfy.samplers
     from inversion_chain.nodes.invert import ICDDIMInvert
-    from inversion_chain.attention.reference import ReferenceKV
+    from inversion_chain.attention.store.reference import ReferenceKV
     from inversion_chain.nodes.kv_inject import ICKVInject
 
     model, clip, vae = common.load_models()

@@ -47,7 +47,7 @@ def run() -> dict:
     def ours(mode, m=model):
         return rival.rival_sample(m, src, neg, inv, 0, N, CFG, preview=False, reference_mode=mode)
 
-    from inversion_chain.attention import reference as reference_store
+    from inversion_chain.attention.store import reference as reference_store
     store = reference_store.STORE
     half_budget = int(rival.cached_reference(model, inv, neg).nbytes() / STEPS * (STEPS // 2 + 0.5))
     partial_entries = OrderedDict()

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from ..artifacts import InversionChainError, user_text
-from ..attention import patching
-from ..attention.capture import (ATTN_MAPS, BRANCHES, DETAILS, KIND_CHOICES, RESOLUTIONS, AttentionCaptureEditor,
+from ..attention.core import patching
+from ..attention.viewer.capture import (ATTN_MAPS, BRANCHES, DETAILS, KIND_CHOICES, RESOLUTIONS, AttentionCaptureEditor,
                                  AttentionMaps, capture_layers, prompt_tokens)
-from ..attention.map_query import select
-from ..attention.map_view import NORMALIZE, render
+from ..attention.viewer.map_query import select
+from ..attention.viewer.map_view import NORMALIZE, render
 from .common import CATEGORY, tip
 from .contract import checked
 

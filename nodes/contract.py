@@ -61,7 +61,7 @@ def _is_conditioning(v):
 
 
 def _is_attn_maps(v):
-    from ..attention.capture import AttentionMaps
+    from ..attention.viewer.capture import AttentionMaps
     return isinstance(v, AttentionMaps)
 
 

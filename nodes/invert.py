@@ -151,7 +151,7 @@ class ICFreeCaches:
 
     @checked
     def free(self, disk_cache=False):
-        from ..attention.reference import STORE
+        from ..attention.store.reference import STORE
         from ..optimize import style_diffusion
         held, entries = STORE.held_bytes(), len(STORE.entries)
         styles = len(style_diffusion._memory)

@@ -4,15 +4,15 @@ from __future__ import annotations
 import torch
 
 from ..artifacts import INVERSION, InversionChainError, user_text
-from ..attention import patching
-from ..attention.kv_inject import MODES, KVInjectEditor, TargetMapObserver, negative_check
-from ..attention.layers import decoder_start, select_layers
-from ..attention import reference as reference_store
-from ..attention.partial_reference import cached_steps
-from ..attention.reference import POLICIES, ReferenceKV
-from ..attention.schedule import check_percents, steps_within
+from ..attention.core import patching
+from ..attention.editors.kv_inject import MODES, KVInjectEditor, TargetMapObserver, negative_check
+from ..attention.core.layers import decoder_start, select_layers
+from ..attention.store import reference as reference_store
+from ..attention.store.partial_reference import cached_steps
+from ..attention.store.reference import POLICIES, ReferenceKV
+from ..attention.core.schedule import check_percents, steps_within
 from .. import conditioning
-from ..attention.tokens import locate_words, parse_words
+from ..attention.core.tokens import locate_words, parse_words
 from ..model_info import require_inversion
 from ..logs import log
 from .common import CATEGORY, tip

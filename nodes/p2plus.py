@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from .. import compat
 from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, user_text
-from ..attention.edit import build_edit
-from ..attention.edit_plan import MODES
-from ..attention.p2p import DEFAULT_SELF_MAX_RES
+from ..pipelines.p2plus import build_edit
+from ..attention.editors.edit_plan import MODES
+from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES
 from ..logs import log
 from ..optimize import null_text as null_text_lib
 from .common import CATEGORY, tip

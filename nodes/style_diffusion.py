@@ -6,11 +6,12 @@ import torch
 
 from ..artifacts import INVERSION, STYLE, InversionChainError, Style
 from .. import conditioning
-from ..attention import feature_inject, patching
-from ..attention.layers import enumerate_decoder_blocks, feature_block_default, select_layers
-from ..attention.reference import POLICIES
-from ..attention.schedule import Schedule, check_percents
-from ..attention.style import value_injection
+from ..attention.editors import feature_inject
+from ..attention.core import patching
+from ..attention.core.layers import enumerate_decoder_blocks, feature_block_default, select_layers
+from ..attention.store.reference import POLICIES
+from ..attention.core.schedule import Schedule, check_percents
+from ..attention.editors.style import value_injection
 from ..samplers.inversion import chain_latent_out
 from ..plots import loss_curve
 from ..optimize import style_diffusion

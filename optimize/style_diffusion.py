@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from .. import compat
 from ..artifacts import Inversion, InversionChainError, Style, digest, inversion_fingerprint, module_digest
 from ..conditioning import SIZE_KEYS
-from ..attention import patching
-from ..attention.schedule import Schedule
-from ..attention.style import CrossAttentionRecorder, recorder_level, value_injection
+from ..attention.core import patching
+from ..attention.core.schedule import Schedule
+from ..attention.editors.style import CrossAttentionRecorder, recorder_level, value_injection
 from ..model_info import model_identity, model_key, require_single_cfg1_inversion, unet_of
 from ..samplers import ddim
 from .training import forward_hooks, normal, text_conds, trainable_weights

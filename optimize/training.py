@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from ..artifacts import InversionChainError
-from ..attention import patching
+from ..attention.core import patching
 
 
 @contextlib.contextmanager

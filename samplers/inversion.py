@@ -7,7 +7,7 @@ import torch
 
 from .. import compat
 from ..artifacts import Inversion, InversionChainError, user_text
-from ..attention.schedule import steps_within
+from ..attention.core.schedule import steps_within
 from ..model_info import check_supported, model_key
 from . import ddim
 

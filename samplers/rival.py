@@ -2,9 +2,9 @@
 
 Batch rows: [reference, variation 1..N]. Every step the reference row is overwritten with the inversion chain's
 latent at that step, so it always equals the real image's chain; its attention keys/values feed the variations
-(attention/rival.py). For the first steps (t > t_early) the variations' noise prediction (after CFG) is AdaIN-normalised
-per channel over HxW to the reference's conditional noise prediction (``normalize='eps'``, the official code), or
-their latents to the chain latent's statistics (``'latent'``, the paper's prose).
+(attention/editors/rival.py). For the first steps (t > t_early) the variations' noise prediction (after CFG) is
+AdaIN-normalised per channel over HxW to the reference's conditional noise prediction (``normalize='eps'``, the
+official code), or their latents to the chain latent's statistics (``'latent'``, the paper's prose).
 
 When: the paper's timesteps are fractions of the steps here (``schedule.percent_after_timestep``): attention
 replacement while ``i / N < replace_end_percent`` (t > t_align), normalisation while ``i / N <
@@ -24,13 +24,13 @@ import torch
 
 from .. import compat
 from ..artifacts import Inversion, InversionChainError, user_text
-from ..attention import patching
-from ..attention import reference as reference_store
-from ..attention.partial_reference import PartialReference, cached_steps
-from ..attention.reference import ReferenceKV
+from ..attention.core import patching
+from ..attention.store import reference as reference_store
+from ..attention.store.partial_reference import PartialReference, cached_steps
+from ..attention.store.reference import ReferenceKV
 from ..conditioning import first_row, fingerprint
-from ..attention.rival import RivalAttentionEditor
-from ..attention.schedule import Schedule, check_percents
+from ..attention.editors.rival import RivalAttentionEditor
+from ..attention.core.schedule import Schedule, check_percents
 from ..model_info import reads_pooled_output, require_inversion
 from ..logs import log
 

@@ -55,17 +55,17 @@ def real_layers(family: str):
     kwargs.pop("dtype", None)
     with torch.device("meta"):
         unet = UNetModel(**kwargs, dtype=torch.float16, device="meta", operations=comfy.ops.disable_weight_init)
-    return pack.attention.layers.enumerate_layers(unet), pack
+    return pack.attention.core.layers.enumerate_layers(unet), pack
 
 
 def reference_bytes(family: str, keep: str = "inputs") -> dict:
     layers, pack = real_layers(family)
-    from_layer = pack.attention.layers.decoder_start(layers)
-    steps_within = pack.attention.schedule.steps_within
-    ReferenceKV = pack.attention.reference.ReferenceKV
+    from_layer = pack.attention.core.layers.decoder_start(layers)
+    steps_within = pack.attention.core.schedule.steps_within
+    ReferenceKV = pack.attention.store.reference.ReferenceKV
     px = CASES[family][1]
     inversion = SimpleNamespace(latent_shape=(1, 4, px // 8, px // 8))
-    kv_layers = pack.attention.layers.select_layers(layers, start=from_layer)
+    kv_layers = pack.attention.core.layers.select_layers(layers, start=from_layer)
 
     def estimate(layer_list, steps, branches):
         return ReferenceKV(inversion, layer_list, steps, branches=branches, keep=keep).estimate_bytes()

@@ -124,7 +124,7 @@ def family_latent(family_model):
 @pytest.fixture
 def store():
     """The pack's reference store, empty, with its byte budget restored afterwards."""
-    from inversion_chain.attention import reference
+    from inversion_chain.attention.store import reference
     reference.STORE.clear()
     saved = reference.STORE.max_bytes
     yield reference.STORE

@@ -9,11 +9,13 @@ import comfy.samplers
 
 from inversion_chain import compat
 from inversion_chain.artifacts import InversionChainError
-from inversion_chain.attention import map_view, patching
-from inversion_chain.attention.capture import AttentionCaptureEditor, AttentionMaps, capture_layers, storage_bytes
-from inversion_chain.attention.map_query import select
-from inversion_chain.attention.controller import CONTROLLER_KEY, Controller, Editor, apply_probs, attention_probs
-from inversion_chain.attention.layers import enumerate_layers
+from inversion_chain.attention.viewer import map_view
+from inversion_chain.attention.core import patching
+from inversion_chain.attention.viewer.capture import (AttentionCaptureEditor, AttentionMaps, capture_layers,
+                                                     storage_bytes)
+from inversion_chain.attention.viewer.map_query import select
+from inversion_chain.attention.core.controller import CONTROLLER_KEY, Controller, Editor, apply_probs, attention_probs
+from inversion_chain.attention.core.layers import enumerate_layers
 from inversion_chain.nodes.attention_maps import ICAttentionCapture, ICAttentionMapViewer
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject

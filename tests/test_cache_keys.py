@@ -9,7 +9,7 @@ import comfy.sd
 
 from inversion_chain import conditioning
 from inversion_chain.artifacts import digest, inversion_fingerprint
-from inversion_chain.attention import reference
+from inversion_chain.attention.store import reference
 from inversion_chain.model_info import model_identity
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject

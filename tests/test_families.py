@@ -8,8 +8,8 @@ import torch
 import comfy.sample
 import comfy.samplers
 
-from inversion_chain.attention import patching
-from inversion_chain.attention.layers import decoder_start
+from inversion_chain.attention.core import patching
+from inversion_chain.attention.core.layers import decoder_start
 from inversion_chain.nodes.attention_maps import ICAttentionCapture, ICAttentionMapViewer
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject

@@ -6,8 +6,8 @@ import comfy.sample
 import comfy.samplers
 
 from inversion_chain.artifacts import InversionChainError
-from inversion_chain.attention import patching
-from inversion_chain.attention.controller import CONTROLLER_KEY, Editor
+from inversion_chain.attention.core import patching
+from inversion_chain.attention.core.controller import CONTROLLER_KEY, Editor
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 
@@ -189,7 +189,7 @@ def test_bad_input_gets_clear_errors(setup, small_model, astronaut_latent):
 
 
 def test_per_branch_cache_entry_is_keyed_by_the_negative_and_sized_exactly(setup, encode):
-    from inversion_chain.attention import reference
+    from inversion_chain.attention.store import reference
     s = setup
     reference.STORE.clear()
     blurry = encode(s["clip"], "blurry")

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import comfy.sample
 import comfy.samplers
 
-from inversion_chain.attention import patching
-from inversion_chain.attention import reference as reference_store
-from inversion_chain.attention.controller import Editor, attention_probs
-from inversion_chain.attention.layers import decoder_start
+from inversion_chain.attention.core import patching
+from inversion_chain.attention.store import reference as reference_store
+from inversion_chain.attention.core.controller import Editor, attention_probs
+from inversion_chain.attention.core.layers import decoder_start
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 
@@ -244,7 +244,7 @@ def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s
 def test_masked_attention_in_query_chunks_equals_the_single_call():
     """Masked mode computes its attention explicitly (float32 scores + the region bias); it runs over chunks of
     queries so that SD1.5 at 512 px (2 x 8 heads x 4096 x 4096 scores, 1 GiB) holds at most SCORE_CHUNK_BYTES."""
-    from inversion_chain.attention.controller import apply_probs, attention_probs, explicit_attention
+    from inversion_chain.attention.core.controller import apply_probs, attention_probs, explicit_attention
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 96, 64, generator=gen) for _ in range(3))
     region = torch.rand(2, 1, 96, 96, generator=gen) < 0.3

@@ -10,7 +10,7 @@ import torch
 import comfy.model_management
 
 from inversion_chain import compat
-from inversion_chain.attention import store_memory
+from inversion_chain.attention.store import store_memory
 from inversion_chain.nodes.invert import ICDDIMInvert, ICFreeCaches
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.optimize import style_diffusion
@@ -111,8 +111,8 @@ def test_attention_capture_refuses_a_run_over_its_byte_budget_before_storing(sma
     import comfy.sample
     import comfy.samplers
     from inversion_chain.artifacts import InversionChainError
-    from inversion_chain.attention import patching
-    from inversion_chain.attention.capture import capture_layers, storage_bytes
+    from inversion_chain.attention.core import patching
+    from inversion_chain.attention.viewer.capture import capture_layers, storage_bytes
     from inversion_chain.nodes.attention_maps import DEFAULT_MAX_MB, ICAttentionCapture
     model, clip, _ = small_model
     steps, hw, kinds = 4, tuple(astronaut_latent["samples"].shape[-2:]), ("cross", "self")
@@ -193,8 +193,8 @@ def test_ddim_invert_keeps_the_chain_on_the_offload_device_step_by_step(small_mo
 
 
 def test_masked_kv_bias_is_made_per_query_chunk_and_gives_the_whole_bias_result():
-    from inversion_chain.attention.controller import apply_probs, attention_probs, explicit_attention
-    from inversion_chain.attention.kv_inject import RegionBias
+    from inversion_chain.attention.core.controller import apply_probs, attention_probs, explicit_attention
+    from inversion_chain.attention.editors.kv_inject import RegionBias
     gen = torch.Generator().manual_seed(3)
     b, nq, nk, heads = 2, 64, 64, 4
     q, k, v = (torch.randn(b, n, 32, generator=gen) for n in (nq, nk, nk))

@@ -7,12 +7,12 @@ import comfy.sample
 import comfy.samplers
 
 from inversion_chain.artifacts import InversionChainError
-from inversion_chain.attention import patching
-from inversion_chain.attention.controller import CONTROLLER_KEY, Editor
-from inversion_chain.attention.edit_plan import build_plan
-from inversion_chain.attention.p2p import P2PlusEditor
-from inversion_chain.attention.tokens import prompt_tokens
-from inversion_chain.attention.tokens import END, START
+from inversion_chain.attention.core import patching
+from inversion_chain.attention.core.controller import CONTROLLER_KEY, Editor
+from inversion_chain.attention.editors.edit_plan import build_plan
+from inversion_chain.attention.editors.p2p import P2PlusEditor
+from inversion_chain.attention.core.tokens import prompt_tokens
+from inversion_chain.attention.core.tokens import END, START
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from inversion_chain.attention import patching, reference
-from inversion_chain.attention.rival import RivalAttentionEditor
-from inversion_chain.attention.schedule import Schedule
+from inversion_chain.attention.core import patching
+from inversion_chain.attention.store import reference
+from inversion_chain.attention.editors.rival import RivalAttentionEditor
+from inversion_chain.attention.core.schedule import Schedule
 from inversion_chain.conditioning import first_row
 from inversion_chain.model_info import unet_of
 from inversion_chain.nodes.invert import ICDDIMInvert

@@ -170,9 +170,9 @@ def test_bad_input_gets_clear_errors(setup, astronaut_latent):
 
 @pytest.mark.fast
 def test_concatenation_regime_runs_the_kernel_per_branch_with_the_same_result():
-    from inversion_chain.attention.controller import CallContext
-    from inversion_chain.attention.rival import RivalAttentionEditor
-    from inversion_chain.attention.schedule import Schedule, StepInfo
+    from inversion_chain.attention.core.controller import CallContext
+    from inversion_chain.attention.editors.rival import RivalAttentionEditor
+    from inversion_chain.attention.core.schedule import Schedule, StepInfo
     torch.manual_seed(0)
     heads, rows, n, c = 2, 3, 16, 8
     q, k, v = (torch.randn(2 * rows, n, c) for _ in range(3))

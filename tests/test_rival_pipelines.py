@@ -9,7 +9,7 @@ import folder_paths
 
 from inversion_chain import compat
 from inversion_chain.artifacts import InversionChainError
-from inversion_chain.attention.schedule import Schedule, percent_after_timestep
+from inversion_chain.attention.core.schedule import Schedule, percent_after_timestep
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.rival import ICRIVALAlignSampler
 from tests.conftest import encode_as_stock, family_models

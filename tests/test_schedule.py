@@ -1,13 +1,13 @@
-"""The one schedule (attention/schedule.py): the widget vocabulary in fractions of the steps reproduces the papers'
+"""The one schedule (attention/core/schedule.py): the widget vocabulary in fractions of the steps reproduces the papers'
 timestep / step parameters at their defaults on ComfyUI's own schedules, and the run-boundary rule."""
 import pytest
 import torch
 
 from inversion_chain import compat
 from inversion_chain.artifacts import InversionChainError
-from inversion_chain.attention.controller import CallContext, Controller
-from inversion_chain.attention.rival import RivalAttentionEditor
-from inversion_chain.attention.schedule import (RunTracker, Schedule, StepInfo, percent_after_timestep,
+from inversion_chain.attention.core.controller import CallContext, Controller
+from inversion_chain.attention.editors.rival import RivalAttentionEditor
+from inversion_chain.attention.core.schedule import (RunTracker, Schedule, StepInfo, percent_after_timestep,
                                                 percent_of_step, steps_within)
 
 pytestmark = pytest.mark.fast

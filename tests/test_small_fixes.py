@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inversion_chain.artifacts import InversionChainError, Style
-from inversion_chain.attention import map_query
+from inversion_chain.attention.viewer import map_query
 from inversion_chain.nodes.invert import ICLatentDifference
 from inversion_chain.optimize import style_diffusion
 

@@ -8,8 +8,8 @@ import comfy.sample
 import comfy.samplers
 
 from inversion_chain.artifacts import InversionChainError
-from inversion_chain.attention import patching
-from inversion_chain.attention.controller import Editor
+from inversion_chain.attention.core import patching
+from inversion_chain.attention.core.controller import Editor
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 from inversion_chain.nodes.style_diffusion import ICStyleDiffusionApply, ICStyleDiffusionMapper

@@ -9,7 +9,7 @@ import comfy.sample
 import comfy.samplers
 
 from inversion_chain.artifacts import InversionChainError
-from inversion_chain.attention import reference
+from inversion_chain.attention.store import reference
 from inversion_chain.model_info import unet_of
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.style_diffusion import ICStyleDiffusionApply, ICStyleDiffusionStyleTransfer

@@ -1,5 +1,5 @@
 """The pack's pure modules without ComfyUI: the fast tier's unit tests (tests/unit) import ``inversion_chain.samplers
-.ddim``, ``inversion_chain.attention.tokens`` and the like, and must not pay for booting ComfyUI.
+.ddim``, ``inversion_chain.attention.core.tokens`` and the like, and must not pay for booting ComfyUI.
 
 The pack's ``__init__`` imports the node layer, hence ComfyUI, so the package is registered under the name ComfyUI's
 loader gives it (``comfy_env.PACK_MODULE``) with its ``__init__`` not yet run; its submodules import on their own.

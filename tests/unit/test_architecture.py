@@ -13,11 +13,14 @@ pytestmark = pytest.mark.fast
 ROOT = Path(__file__).resolve().parents[2]
 NOT_THE_PACK = {"tests", "bench", "scripts", "workflows", "web", "out"}
 # lower rank = lower layer; a module may import its own layer (no cycle) or any lower one
-LAYERS = {"compat": 0, "base": 1, "attention": 2, "samplers": 3, "optimize": 4, "nodes": 5, "root": 6}
+LAYERS = {"compat": 0, "base": 1, "attention": 2, "samplers": 3, "optimize": 4, "pipelines": 5, "nodes": 6, "root": 7}
+# inside attention/, by role: the core knows no editor, the store knows only the core, editors and the viewer sit on
+# both and never import each other's role
+ATTENTION_ROLES = {"core": 0, "store": 1, "editors": 2, "viewer": 2}
 BASE = {"artifacts", "conditioning", "model_info", "plots", "logs"}
 COMFY = {"comfy", "comfy_extras", "comfy_execution", "nodes", "folder_paths", "latent_preview", "server",
          "execution", "node_helpers", "comfy_api"}
-COMFY_ALLOWED = {"compat", "attention.patching"}          # and the node layer (nodes.*)
+COMFY_ALLOWED = {"compat", "attention.core.patching"}          # and the node layer (nodes.*)
 MAX_ATTENTION_LINES = 400
 
 
@@ -107,7 +110,29 @@ def test_the_import_graph_has_no_cycle():
 def test_comfyui_is_imported_only_by_compat_patching_and_the_node_layer():
     found = [f"{m}: {', '.join(sorted(outside & COMFY))}" for m, (_, outside) in GRAPH.items()
              if outside & COMFY and m not in COMFY_ALLOWED and layer_of(m) != "nodes"]
-    assert not found, "ComfyUI imported outside compat.py, attention/patching.py and nodes/:\n" + "\n".join(found)
+    assert not found, "ComfyUI imported outside compat.py, attention/core/patching.py and nodes/:\n" + "\n".join(found)
+
+
+def role_of(module: str) -> str:
+    parts = module.split(".")
+    assert len(parts) == 3 and parts[1] in ATTENTION_ROLES, (
+        f"{module}: attention modules live in a role folder ({', '.join(ATTENTION_ROLES)})")
+    return parts[1]
+
+
+def test_attention_modules_sit_in_a_role_folder_and_import_down_the_roles():
+    role_packages = {f"attention.{role}" for role in ATTENTION_ROLES}
+    inside_attention = [m for m in MODULES if m.startswith("attention.") and m not in role_packages]
+    assert len(inside_attention) > 15
+    crossing = []
+    for m in inside_attention:
+        mine = role_of(m)
+        for t in GRAPH[m][0]:
+            if t.startswith("attention.") and t.count(".") == 2:
+                theirs = role_of(t)
+                if theirs != mine and ATTENTION_ROLES[theirs] >= ATTENTION_ROLES[mine]:
+                    crossing.append(f"{m} ({mine}) -> {t} ({theirs})")
+    assert not crossing, "attention imports across roles (core < store < editors, viewer):\n" + "\n".join(crossing)
 
 
 def test_no_attention_module_over_400_lines():
@@ -118,7 +143,8 @@ def test_no_attention_module_over_400_lines():
 
 def test_the_graph_is_read_from_the_real_files():
     """The walk sees the layout it checks (a renamed folder must not make the other tests vacuous)."""
-    assert {"compat", "attention.controller", "attention.patching", "attention.schedule", "samplers.ddim",
-            "nodes.p2plus"} <= set(MODULES)
-    assert "attention.controller" in GRAPH["attention.patching"][0]
+    assert {"compat", "attention.core.controller", "attention.core.patching", "attention.core.schedule",
+            "attention.store.reference", "attention.editors.p2p", "attention.viewer.capture", "samplers.ddim",
+            "pipelines.p2plus", "nodes.p2plus"} <= set(MODULES)
+    assert "attention.core.controller" in GRAPH["attention.core.patching"][0]
     assert "comfy" in GRAPH["compat"][1]

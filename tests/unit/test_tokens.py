@@ -1,7 +1,7 @@
-"""Token alignment of the edit plans (attention/tokens.py), on token ids: no tokenizer, no ComfyUI."""
+"""Token alignment of the edit plans (attention/core/tokens.py), on token ids: no tokenizer, no ComfyUI."""
 import pytest
 
-from inversion_chain.attention.tokens import align_tokens
+from inversion_chain.attention.core.tokens import align_tokens
 
 pytestmark = pytest.mark.fast
 

@@ -19,13 +19,13 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..artifacts import Inversion, InversionChainError
-from ..conditioning import first_row
-from . import patching
-from .controller import REFERENCE_PASS_KEY, CallContext, Editor
-from .layers import AttentionLayer, DecoderBlock
-from .reference import cached, replay_chain
-from .schedule import Schedule, locate
+from ...artifacts import Inversion, InversionChainError
+from ...conditioning import first_row
+from ..core import patching
+from ..core.controller import REFERENCE_PASS_KEY, CallContext, Editor
+from ..core.layers import AttentionLayer, DecoderBlock
+from ..store.reference import cached, replay_chain
+from ..core.schedule import Schedule, locate
 
 
 class ContentFeatures:
@@ -52,7 +52,7 @@ class ContentFeatures:
         self.budget_message = ""
 
     # -- bookkeeping (the reference store calls these) ---------------------------------------------------------
-    # the reference store's entry protocol (attention/reference.py): what is kept, and whether it is still valid
+    # the reference store's entry protocol (attention/store/reference.py): what is kept, and whether it is still valid
     noun = "content features"
     keep = "features"   # decoder features and attention maps themselves: nothing is re-projected when used
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from .. import compat
+from ... import compat
 
 PARTS = ("down", "mid", "up")
 _PART_OF_BLOCK = {"input": "down", "middle": "mid", "output": "up"}

@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import compat
-from ..model_info import check_supported, unet_of
+from ... import compat
+from ...model_info import check_supported, unet_of
 from .controller import CONTROLLER_KEY, REFERENCE_PASS_KEY, Controller, Editor
 from .layers import enumerate_layers
 

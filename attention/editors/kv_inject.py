@@ -15,13 +15,13 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import InversionChainError
-from ..logs import log
-from . import patching
-from .controller import CallContext, Editor, explicit_attention
-from .layers import AttentionLayer
-from .reference import ReferenceKV
-from .schedule import Schedule
+from ...artifacts import InversionChainError
+from ...logs import log
+from ..core import patching
+from ..core.controller import CallContext, Editor, explicit_attention
+from ..core.layers import AttentionLayer
+from ..store.reference import ReferenceKV
+from ..core.schedule import Schedule
 
 MODES = ("mutual", "union", "masked")
 

@@ -11,14 +11,14 @@ import torch
 from .. import compat, conditioning
 from ..artifacts import InversionChainError, NullText, Style, user_text
 from ..model_info import check_supported, model_key, reads_pooled_output, require_inversion
-from . import patching
-from .context import UNCOND, CfgCheck, ContextPatch
-from .edit_plan import build_plan
-from .local_blend import BLEND_LEVEL, LocalBlend
-from .p2p import DEFAULT_SELF_MAX_RES, P2PlusEditor
-from .schedule import Schedule, check_percents
-from .style import value_injection
-from .tokens import parse_words, word_positions
+from ..attention.core import patching
+from ..attention.core.context import UNCOND, CfgCheck, ContextPatch
+from ..attention.editors.edit_plan import build_plan
+from ..attention.editors.local_blend import BLEND_LEVEL, LocalBlend
+from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES, P2PlusEditor
+from ..attention.core.schedule import Schedule, check_percents
+from ..attention.editors.style import value_injection
+from ..attention.core.tokens import parse_words, word_positions
 
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..compat import PatchObject
+from ...compat import PatchObject
 from .layers import AttentionLayer
 from .schedule import RunTracker, StepInfo, locate
 

@@ -6,12 +6,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..artifacts import InversionChainError
-from .context import COND, ContextPatch, RowMap
-from .controller import CallContext, Editor
-from .layers import AttentionLayer
+from ...artifacts import InversionChainError
+from ..core.context import COND, ContextPatch, RowMap
+from ..core.controller import CallContext, Editor
+from ..core.layers import AttentionLayer
 from .local_blend import BLEND_LEVEL
-from .schedule import Schedule
+from ..core.schedule import Schedule
 
 
 def value_injection(values: Optional[torch.Tensor], schedule: Schedule, end_percent: float = 1.0,

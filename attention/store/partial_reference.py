@@ -6,9 +6,9 @@ from typing import Dict, Iterable, Tuple, Union
 
 import torch
 
-from . import patching
-from .layers import AttentionLayer
-from ..logs import log
+from ..core import patching
+from ..core.layers import AttentionLayer
+from ...logs import log
 from .reference import POLICIES, STORE, ReferenceKV, ReferenceStore, cached
 
 

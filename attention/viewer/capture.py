@@ -29,12 +29,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..artifacts import InversionChainError, user_text
+from ...artifacts import InversionChainError, user_text
 from . import capture_budget
-from .controller import CallContext, Editor, attention_probs
-from .layers import AttentionLayer
-from . import tokens as tokens_mod
-from ..logs import log
+from ..core.controller import CallContext, Editor, attention_probs
+from ..core.layers import AttentionLayer
+from ..core import tokens as tokens_mod
+from ...logs import log
 
 
 ATTN_MAPS = "ATTN_MAPS"

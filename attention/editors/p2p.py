@@ -43,11 +43,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from ..artifacts import InversionChainError
-from .controller import CallContext, Editor, attention_probs
+from ...artifacts import InversionChainError
+from ..core.controller import CallContext, Editor, attention_probs
 from .edit_plan import EditPlan
 from .local_blend import LocalBlend
-from .schedule import Schedule
+from ..core.schedule import Schedule
 
 DEFAULT_SELF_MAX_RES = 32
 

@@ -15,11 +15,11 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..artifacts import InversionChainError
-from ..compat import PatchObject
+from ...artifacts import InversionChainError
+from ...compat import PatchObject
 from .controller import REFERENCE_PASS_KEY
 from .schedule import Schedule
-from ..logs import log
+from ...logs import log
 
 RowMap = Optional[Tuple[torch.Tensor, torch.Tensor]]   # (source token per target token, 1 = aligned / 0 = own)
 COND, UNCOND = 0, 1

@@ -8,8 +8,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..artifacts import InversionChainError, user_text
-from .tokens import align_tokens, describe_tokens, prompt_tokens, token_count, word_positions
+from ...artifacts import InversionChainError, user_text
+from ..core.tokens import align_tokens, describe_tokens, prompt_tokens, token_count, word_positions
 
 MODES = ("replace", "refine", "reweight")
 REWEIGHT_RANGE = (-2.0, 2.0)

@@ -7,8 +7,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..compat import PatchObject
-from .schedule import Schedule, locate
+from ...compat import PatchObject
+from ..core.schedule import Schedule, locate
 
 BLEND_LEVEL = 2          # cross-attention maps at latent / 4 (16x16 for SD1.x at 512 px), as Prompt-to-Prompt
 

@@ -8,8 +8,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..artifacts import InversionChainError, user_text
-from . import tokens as tokens_mod
+from ...artifacts import InversionChainError, user_text
+from ..core import tokens as tokens_mod
 from .capture import (BRANCH_NAMES, BRANCHES, AttentionMaps, describe_layers, point_fractions, resolution_levels,
                       resolution_name)
 

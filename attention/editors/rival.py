@@ -5,8 +5,8 @@ from typing import Callable, List, Tuple
 
 import torch
 
-from .controller import CallContext, Editor
-from .schedule import Schedule
+from ..core.controller import CallContext, Editor
+from ..core.schedule import Schedule
 
 
 class RowPieces:

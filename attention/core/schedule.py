@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..artifacts import InversionChainError
+from ...artifacts import InversionChainError
 
 SIGMA_RTOL = 1e-4
 

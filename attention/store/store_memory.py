@@ -16,8 +16,8 @@ from typing import Iterable, List
 
 import torch
 
-from .. import compat
-from ..logs import log
+from ... import compat
+from ...logs import log
 
 RECORDED = ("store", "eps", "cross_maps", "features", "qk")   # an entry's dicts of recorded tensors
 KEPT = ("recompute_conds", "conds", "conds_uncond")            # conditioning an entry keeps for recompute forwards

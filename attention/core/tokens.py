@@ -5,7 +5,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..artifacts import InversionChainError, user_text
+from ...artifacts import InversionChainError, user_text
 
 START, END = 49406, 49407
 MAX_TOKENS = 77

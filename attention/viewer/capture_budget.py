@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from typing import List, Sequence
 
-from ..artifacts import InversionChainError
-from .layers import AttentionLayer
+from ...artifacts import InversionChainError
+from ..core.layers import AttentionLayer
 
 WHAT = "Attention Capture"
 SETTING = "max_mb"

@@ -16,8 +16,8 @@ matmul order; tests/test_reference_store.py). Recompute mode keeps K and V (one 
 Ownership: every cache lives in the one process-wide ``STORE`` (KV Inject and RIVAL alike), keyed by what the
 K/V depend on (the MODEL's identity, the inversion's fingerprint, the conditioning's fingerprint, the layers and
 steps recorded). Its lifetime is explicit: an entry stays until the store needs its bytes for a newer one (least
-recently used first), until ComfyUI frees memory (``/free``, or room for a model on the GPU:
-attention/store_memory.py) or until ``STORE.clear()`` (the Free Inversion Chain Caches node). The store never holds
+recently used first), until ComfyUI frees memory (``/free``, or room for a model on the GPU: store_memory.py)
+or until ``STORE.clear()`` (the Free Inversion Chain Caches node). The store never holds
 more than its budget: a fraction of the memory free on the storage device (headroom for sampling and decoding),
 counting the bytes it already holds as free; what it holds counts every tensor an entry keeps alive, the
 inversion's chain included.
@@ -31,15 +31,16 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 import psutil
 import torch
 
-from .. import compat
-from ..artifacts import Inversion, InversionChainError, digest, inversion_fingerprint, user_text
-from ..model_info import model_identity
-from ..conditioning import first_row
-from .controller import CallContext, attention_probs
-from .layers import AttentionLayer
-from .schedule import locate
-from . import patching, store_memory
-from ..logs import log
+from ... import compat
+from ...artifacts import Inversion, InversionChainError, digest, inversion_fingerprint, user_text
+from ...model_info import model_identity
+from ...conditioning import first_row
+from ..core.controller import CallContext, attention_probs
+from ..core.layers import AttentionLayer
+from ..core.schedule import locate
+from ..core import patching
+from . import store_memory
+from ...logs import log
 
 POLICIES = ("auto", "gpu", "cpu", "recompute")
 BUDGET_FRACTION = 0.4   # of the free memory of the storage device; the rest is headroom for sampling/decoding

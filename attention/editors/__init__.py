@@ -1,0 +1,1 @@
+"""Attention editors: P2Plus, KV Inject, RIVAL, StyleDiffusion and decoder feature injection."""
