@@ -279,6 +279,27 @@ def test_partial_inversion_samples_back_with_stock_samplercustom_and_ksampler_ad
         assert error(custom, source) < TARGET
 
 
+def test_qwen_image_samples_back_from_the_stock_empty_latent(flow):
+    """Qwen-Image graphs start from EmptySD3LatentImage ([B, 16, H, W]); SamplerCustomAdvanced makes it
+    [B, 16, 1, H, W] before asking Inverted Noise, so the inversion of a VAE-encoded [B, 16, 1, H, W] latent
+    samples back the same from it."""
+    if flow["family"] != "qwen_image":
+        pytest.skip("only Qwen-Image's VAE gives 5-D latents")
+    import comfy_extras.nodes_sd3 as nsd3
+    _, sigmas, inv = cached_inversion(flow, "simple", 20)
+    h, w = flow["latent"]["samples"].shape[-2:]
+    empty = nsd3.EmptySD3LatentImage.execute(w * 8, h * 8, 1).result[0]
+    assert empty["samples"].ndim == 4
+    with torch.inference_mode():
+        import comfy_extras.nodes_custom_sampler as ncs
+        noise = ICInvertedNoise().noise(flow["model"], inv)["result"][0]
+        guider = ncs.BasicGuider.execute(flow["model"], flow["positive"]).result[0]
+        sampler = ncs.KSamplerSelect.execute("euler").result[0]
+        back = ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, empty).result[0]["samples"]
+    assert back.shape == flow["latent"]["samples"].shape
+    assert error(back, sample_back(flow, inv, sigmas)) == 0.0
+
+
 def test_other_nodes_refuse_flow_models_naming_the_family(flow):
     from inversion_chain.nodes.kv_inject import ICKVInject
     from inversion_chain.model_info import check_supported
