@@ -1,4 +1,5 @@
-"""Small random-weight rectified-flow DiT models (Flux dev-style, Chroma) built from ComfyUI's own classes.
+"""Small random-weight rectified-flow DiT models (Flux dev-style, Chroma) built from ComfyUI's own classes; Qwen-Image
+and SD3.5 are built by flow_models_more.py, and this module's functions dispatch those two families there.
 
 Only ComfyUI trees that have these families (0.3x) can build them; ``missing_family(family)`` says why not otherwise,
 for the tests' skip reasons. What each piece is and how it loads:
