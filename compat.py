@@ -398,6 +398,16 @@ def _flux_attention_patch() -> bool:
     return "attn1_patch" in inspect.getsource(flux_layers)
 
 
+def _sd35_mmdit() -> bool:
+    """ComfyUI's MMDiT builds SD3.5's layouts: q/k RMSNorm and SD3.5-medium's second image self-attention."""
+    try:
+        import inspect
+        from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+    except ImportError:
+        return False
+    return "x_block_self_attn_layers" in inspect.signature(MMDiT.__init__).parameters
+
+
 def _module_exists(name: str) -> bool:
     import importlib.util
     try:
@@ -412,6 +422,8 @@ FEATURES = {
                                "blocks (SD1.x, SD2.x, SDXL)", lambda: True),
     "flux-models": ("0.3.31", "the Flux and Chroma model classes (comfy.ldm.flux, comfy.ldm.chroma)",
                     lambda: _module_exists("comfy.ldm.flux.model") and _module_exists("comfy.ldm.chroma.model")),
+    "sd3-models": ("2024-10 (13b0ff8a)", "the SD3 / SD3.5 MMDiT model class with SD3.5's layouts (q/k RMSNorm, "
+                   "SD3.5-medium's dual image attention; comfy.ldm.modules.diffusionmodules.mmdit)", _sd35_mmdit),
     "qwen-image-models": ("0.3.49", "the Qwen-Image model class (comfy.ldm.qwen_image)",
                           lambda: _module_exists("comfy.ldm.qwen_image.model")),
     "dit-attention-patches": ("0.17.0", "attn1_patch inside Flux/Chroma/Qwen-Image joint attention (q, k, v before "

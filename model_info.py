@@ -56,8 +56,10 @@ def model_key(model_patcher) -> ModelKey:
         context_dim = int(getattr(unet, "context_dim", 0) or _context_dim(unet))
     else:  # DiT families (flow models): their width and text-input width
         dit_params = getattr(net, "params", None)
-        channels = int(getattr(net, "hidden_size", 0) or getattr(dit_params, "hidden_size", 0) or 0)
-        context_dim = int(getattr(dit_params, "context_in_dim", 0) or 0)
+        channels = int(getattr(net, "hidden_size", 0) or getattr(dit_params, "hidden_size", 0)
+                       or getattr(net, "inner_dim", 0) or 0)   # Flux/Chroma: params; SD3: hidden_size; Qwen: inner_dim
+        text_in = getattr(net, "txt_in", None) or getattr(net, "context_embedder", None)   # Qwen-Image / SD3
+        context_dim = int(getattr(dit_params, "context_in_dim", 0) or getattr(text_in, "in_features", 0) or 0)
     return ModelKey(model_class=type(model_patcher.model.model_config).__name__,
                     prediction=prediction_name(compat.model_sampling(model_patcher)),
                     channels=channels, context_dim=context_dim, weight_fingerprint=fingerprint)

@@ -54,6 +54,11 @@ def _is_tensor(ndims):
     return lambda v: torch.is_tensor(v) and v.ndim in ndims
 
 
+def _is_image_latent(t) -> bool:
+    """[B, C, H, W], or [B, C, 1, H, W]: what VAE Encode gives for models with a video VAE (Qwen-Image, Wan 2.1)."""
+    return t.ndim == 4 or (t.ndim == 5 and t.shape[2] == 1)
+
+
 def _is_conditioning(v):
     return (isinstance(v, list) and len(v) > 0 and all(isinstance(c, (list, tuple)) and len(c) >= 2
                                                        and torch.is_tensor(c[0]) and isinstance(c[1], dict)
@@ -72,9 +77,9 @@ WIRED = {
              "a CLIP (e.g. from Load Checkpoint)"),
     "CLIP_VISION": (lambda v: hasattr(v, "encode_image"), "a CLIP_VISION from Load CLIP Vision"),
     "CONDITIONING": (_is_conditioning, "a CONDITIONING (e.g. from CLIP Text Encode)"),
-    "LATENT": (lambda v: isinstance(v, dict) and torch.is_tensor(v.get("samples")) and v["samples"].ndim == 4,
+    "LATENT": (lambda v: isinstance(v, dict) and torch.is_tensor(v.get("samples")) and _is_image_latent(v["samples"]),
                "a LATENT: a dict whose 'samples' is a [B, C, H, W] tensor (e.g. from VAE Encode or Empty Latent "
-               "Image)"),
+               "Image), or [B, C, 1, H, W] (one frame of a video-VAE latent: Qwen-Image's VAE Encode)"),
     "IMAGE": (lambda v: torch.is_tensor(v) and v.ndim == 4 and v.shape[-1] == 3 and v.shape[0] > 0,
               "an IMAGE: a [B, H, W, 3] tensor (e.g. from Load Image or VAE Decode)"),
     "MASK": (_is_tensor((2, 3)), "a MASK: a [H, W] or [B, H, W] tensor"),

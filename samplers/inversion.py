@@ -29,9 +29,13 @@ def timesteps_for(model_patcher, sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def check_latent(samples: torch.Tensor, what: str):
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
-        raise InversionChainError(f"{what}: expected a LATENT with samples of shape [batch, channels, height, width], "
-                                  f"got {getattr(samples, 'shape', type(samples).__name__)}.")
+    image_latent = isinstance(samples, torch.Tensor) and (samples.ndim == 4 or (samples.ndim == 5
+                                                                                and samples.shape[2] == 1))
+    if not image_latent:
+        raise InversionChainError(f"{what}: expected a LATENT with samples of shape [batch, channels, height, width] "
+                                  f"(or [batch, channels, 1, height, width], one frame of a video-VAE latent as "
+                                  f"Qwen-Image's VAE Encode gives), got "
+                                  f"{getattr(samples, 'shape', type(samples).__name__)}.")
     bad = ~torch.isfinite(samples)
     if bad.any():
         raise InversionChainError(

@@ -1,11 +1,12 @@
-"""DDIM Invert on rectified-flow DiT models (Flux dev-style, Chroma): the small random-weight layouts of
-tests/harness/flow_models.py, loaded through the stock loaders, inverted by the pack and sampled back by the stock
-SamplerCustomAdvanced (euler / ddim) from Inverted Noise. These families exist only in 0.3x trees: on others every
-test here skips and says the tree lacks the family."""
+"""DDIM Invert on rectified-flow DiT models (Flux dev-style, Chroma, Qwen-Image, SD3.5): the small random-weight
+layouts of tests/harness/flow_models.py (and flow_models_more.py), loaded through the stock loaders, inverted by the
+pack and sampled back by the stock SamplerCustomAdvanced (euler / ddim) from Inverted Noise. These families exist
+only in 0.3x trees: on others every test here skips and says the tree lacks the family."""
 import pytest
 import torch
 
 from inversion_chain.artifacts import InversionChainError
+from inversion_chain.model_info import model_key
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.inverted_noise import ICInvertedNoise
 from tests.harness import flow_models, photos
@@ -19,6 +20,12 @@ SCHEDULES = [(s, n) for s in ("simple", "beta") for n in (20, 28, 50)]
 # lowest sigmas with these step sizes). strict: a case that starts passing fails, so the list stays true.
 ERROR_NOT_YET = {("chroma", "simple", 20), ("chroma", "simple", 28), ("chroma", "simple", 50), ("chroma", "beta", 20),
                  ("chroma", "beta", 28)}
+FAMILY_CLASS = {"flux": "Flux", "chroma": "Chroma", "qwen_image": "QwenImage", "sd3": "SD3"}
+TRUE_CFG = ("chroma", "qwen_image", "sd3")    # families with a real unconditional branch
+# the families' usual true-CFG values (Chroma's and Qwen-Image's templates use about 4, SD3.5's 4.5)
+TRUE_CFG_VALUE = {"chroma": 4.0, "qwen_image": 4.0, "sd3": 4.5}
+CFG_NOT_YET = {("chroma", 20): "6.9e-1", ("chroma", 50): "6.9e-2", ("qwen_image", 20): "1.8e-3"}   # measured
+SHIFT_NODE_NOT_YET = set()
 _inversions = {}
 
 
@@ -44,10 +51,10 @@ def flow(request):
     return dict(family=family, model=model, clip=clip, vae=vae, latent=latent, positive=positive)
 
 
-def invert(f, steps, scheduler, refine_iters=6, model=None, **kw):
+def invert(f, steps, scheduler, refine_iters=6, model=None, inversion_cfg=1.0, **kw):
     with torch.inference_mode():
-        return ICDDIMInvert().invert(model or f["model"], f["latent"], f["positive"], steps, 1.0, refine_iters,
-                                     scheduler=scheduler, **kw)
+        return ICDDIMInvert().invert(model or f["model"], f["latent"], f["positive"], steps, inversion_cfg,
+                                     refine_iters, scheduler=scheduler, **kw)
 
 
 def sample_back(f, inv, sigmas, sampler_name="euler", positive=None, model=None):
@@ -76,9 +83,11 @@ def test_test_models_load_through_the_stock_loaders(flow):
     assert set(loaded) == set(built)
     assert all(torch.equal(loaded[k].float(), built[k]) for k in built)
     assert isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
-    assert type(model.model.model_config).__name__.endswith({"flux": "Flux", "chroma": "Chroma"}[family])
+    assert type(model.model.model_config).__name__.endswith(FAMILY_CLASS[family])
     assert sum(v.numel() for v in built.values()) < 2_000_000
     assert flow["vae"].latent_channels == 16 and flow["latent"]["samples"].shape[1] == 16
+    key = model_key(model)   # what an INVERSION records to match its model: the DiT's width and text width
+    assert key.channels == 128 and key.context_dim == {"sd3": 4096}.get(family, 32)
 
 
 def cached_inversion(f, scheduler, steps):
@@ -155,19 +164,80 @@ def test_flux_guidance_is_the_graphs_and_inversion_runs_one_forward_per_evaluati
     assert same_err * 10 < other_err
 
 
-def test_stock_model_sampling_flux_node_shift(flow):
-    """With the stock ModelSamplingFlux node (resolution-dependent shift) the inversion follows the patched schedule."""
-    if flow["family"] != "flux":
-        pytest.skip("ModelSamplingFlux is Flux's node")
+def stock_shift_node(family, model):
+    """The family's stock model-sampling node as its workflows use it: Flux's resolution-dependent shift, SD3's
+    ModelSamplingSD3 at another shift than the config's 3.0, Qwen-Image's ModelSamplingAuraFlow at 3.1 (the value of
+    ComfyUI's Qwen-Image template). (patched MODEL, label), or None for Chroma."""
     import comfy_extras.nodes_model_advanced as nma
-    model = nma.ModelSamplingFlux().patch(flow["model"], 1.15, 0.5, 128, 128)[0]
+    if family == "flux":
+        return nma.ModelSamplingFlux().patch(model, 1.15, 0.5, 128, 128)[0], "ModelSamplingFlux(128x128)"
+    if family == "sd3":
+        return nma.ModelSamplingSD3().patch(model, 6.0)[0], "ModelSamplingSD3(shift 6.0)"
+    if family == "qwen_image":
+        return nma.ModelSamplingAuraFlow().patch_aura(model, 3.1)[0], "ModelSamplingAuraFlow(shift 3.1)"
+    return None
+
+
+def test_stock_model_sampling_node_shift(flow, request):
+    """With the family's stock shift node the inversion follows the patched schedule and still reconstructs."""
+    patched = stock_shift_node(flow["family"], flow["model"])
+    if patched is None:
+        pytest.skip("Chroma's workflows use its config's schedule; no stock shift node to follow")
+    if flow["family"] in SHIFT_NODE_NOT_YET:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="round trip above issue 25's target with this "
+                                              "shift on this random-weight layout"))
+    model, label = patched
     steps = 50
     _, sigmas, inv = invert(flow, steps, "simple", model=model)
     _, plain_sigmas, _ = invert(flow, 4, "simple")
     assert not torch.allclose(sigmas[1:2], plain_sigmas[1:2])
     err = error(sample_back(flow, inv, sigmas, model=model), flow["latent"]["samples"])
-    print(f"flux with ModelSamplingFlux(128x128) simple {steps}: round trip {err:.3e}, "
+    print(f"{flow['family']} with {label} simple {steps}: round trip {err:.3e}, "
           f"{inv.unet_calls / steps:.2f} calls/step")
+    assert err < TARGET
+
+
+@pytest.mark.parametrize("steps", [20, 50])
+def test_true_cfg_inversion_round_trip(flow, steps, request):
+    """Families with a real unconditional branch invert at their usual cfg with a negative prompt: every evaluation
+    runs the cond and the uncond row (one batched forward, or two where ComfyUI cannot batch them: Qwen-Image's
+    prompts of different token counts), and the stock CFGGuider at the same cfg samples back the source."""
+    import comfy_extras.nodes_custom_sampler as ncs
+    family = flow["family"]
+    if family not in TRUE_CFG:
+        pytest.skip("guidance-distilled Flux has no unconditional branch: it inverts at cfg 1 with the FluxGuidance "
+                    "value")
+    if (family, steps) in CFG_NOT_YET:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"round trip at true cfg measured "
+                                              f"{CFG_NOT_YET[family, steps]}, above issue 25's target on this "
+                                              f"random-weight layout"))
+    cfg = TRUE_CFG_VALUE[family]
+    clip = flow["clip"]
+    with torch.inference_mode():
+        out = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True, return_dict=True)
+    negative = [[out.pop("cond"), out]]
+    model = flow["model"].clone()
+    rows = []
+
+    def count(apply_model, args):
+        rows.append(int(args["input"].shape[0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(count)
+    _, sigmas, inv = invert(flow, steps, "simple", model=model, inversion_cfg=cfg, negative=negative)
+    assert sum(rows) == 2 * inv.unet_calls and len(rows) in (inv.unet_calls, 2 * inv.unet_calls)
+    with torch.inference_mode():
+        noise = ICInvertedNoise().noise(flow["model"], inv)["result"][0]
+        guider = ncs.CFGGuider.execute(flow["model"], flow["positive"], negative, cfg).result[0]
+        sampler = ncs.KSamplerSelect.execute("euler").result[0]
+        empty = {"samples": torch.zeros_like(flow["latent"]["samples"])}
+        back = ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, empty).result[0]["samples"]
+    source = flow["latent"]["samples"]
+    err = error(back, source)
+    at_cfg1 = error(sample_back(flow, inv, sigmas), source)   # the same chain sampled back without the negative
+    print(f"{family} cfg {cfg} simple {steps}: round trip {err:.3e} ({inv.unet_calls / steps:.2f} calls/step); "
+          f"sampled back at cfg 1 instead: {at_cfg1:.3e}")
+    assert err * 10 < at_cfg1      # control: the check sees which guidance the chain was made with
     assert err < TARGET
 
 
@@ -209,11 +279,32 @@ def test_partial_inversion_samples_back_with_stock_samplercustom_and_ksampler_ad
         assert error(custom, source) < TARGET
 
 
+def test_qwen_image_samples_back_from_the_stock_empty_latent(flow):
+    """Qwen-Image graphs start from EmptySD3LatentImage ([B, 16, H, W]); SamplerCustomAdvanced makes it
+    [B, 16, 1, H, W] before asking Inverted Noise, so the inversion of a VAE-encoded [B, 16, 1, H, W] latent
+    samples back the same from it."""
+    if flow["family"] != "qwen_image":
+        pytest.skip("only Qwen-Image's VAE gives 5-D latents")
+    import comfy_extras.nodes_sd3 as nsd3
+    _, sigmas, inv = cached_inversion(flow, "simple", 20)
+    h, w = flow["latent"]["samples"].shape[-2:]
+    empty = nsd3.EmptySD3LatentImage.execute(w * 8, h * 8, 1).result[0]
+    assert empty["samples"].ndim == 4
+    with torch.inference_mode():
+        import comfy_extras.nodes_custom_sampler as ncs
+        noise = ICInvertedNoise().noise(flow["model"], inv)["result"][0]
+        guider = ncs.BasicGuider.execute(flow["model"], flow["positive"]).result[0]
+        sampler = ncs.KSamplerSelect.execute("euler").result[0]
+        back = ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, empty).result[0]["samples"]
+    assert back.shape == flow["latent"]["samples"].shape
+    assert error(back, sample_back(flow, inv, sigmas)) == 0.0
+
+
 def test_other_nodes_refuse_flow_models_naming_the_family(flow):
     from inversion_chain.nodes.kv_inject import ICKVInject
     from inversion_chain.model_info import check_supported
     _, _, inv = invert(flow, 4, "simple", refine_iters=1)
-    name = {"flux": "Flux", "chroma": "Chroma"}[flow["family"]]
+    name = FAMILY_CLASS[flow["family"]]
     with pytest.raises(InversionChainError) as err:
         ICKVInject().patch(flow["model"], inv, 0.0, 10, "mutual")
     text = str(err.value)
@@ -243,3 +334,20 @@ def test_inverted_noise_on_sd_starts_where_samplercustom_does(small_model, astro
                                            noise["samples"], seed=0)
     assert error(ours, stock) < 1e-4
     assert error(stock, astronaut_latent["samples"]) < 1e-2
+
+
+@pytest.mark.fast
+def test_latent_contract_takes_one_frame_of_a_video_vae_latent_only():
+    """Qwen-Image's VAE Encode gives [B, 16, 1, H, W]: DDIM Invert's LATENT input takes it (every tree; the check does
+    not need the family); more frames, or a 3-D tensor, are refused naming the input and what is accepted."""
+    from inversion_chain.nodes.contract import validate
+    from inversion_chain.samplers.inversion import check_latent
+    one_frame = torch.zeros(1, 16, 1, 8, 8)
+    validate(ICDDIMInvert, {"latent": {"samples": one_frame}})
+    check_latent(one_frame, "DDIM Invert")
+    for bad in (torch.zeros(1, 16, 2, 8, 8), torch.zeros(16, 8, 8)):
+        with pytest.raises(InversionChainError, match=r"(?s)DDIM Invert: input `latent` got .*accepted: a LATENT: .*"
+                                                      r"\[B, C, 1, H, W\]"):
+            validate(ICDDIMInvert, {"latent": {"samples": bad}})
+        with pytest.raises(InversionChainError, match=r"DDIM Invert: expected a LATENT .*\[batch, channels, 1, height"):
+            check_latent(bad, "DDIM Invert")

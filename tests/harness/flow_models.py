@@ -1,4 +1,5 @@
-"""Small random-weight rectified-flow DiT models (Flux dev-style, Chroma) built from ComfyUI's own classes.
+"""Small random-weight rectified-flow DiT models (Flux dev-style, Chroma) built from ComfyUI's own classes; Qwen-Image
+and SD3.5 are built by flow_models_more.py, and this module's functions dispatch those two families there.
 
 Only ComfyUI trees that have these families (0.3x) can build them; ``missing_family(family)`` says why not otherwise,
 for the tests' skip reasons. What each piece is and how it loads:
@@ -30,9 +31,10 @@ import torch
 from . import models
 from .comfy_env import CACHE_DIR, comfy_version, setup_comfy
 
-FAMILIES = ("flux", "chroma")
-SUPPORTED_CLASS = {"flux": "Flux", "chroma": "Chroma"}
-FILE_NAMES = {"flux": "ic_test_flux_dev_small.safetensors", "chroma": "ic_test_chroma_small.safetensors"}
+FAMILIES = ("flux", "chroma", "qwen_image", "sd3")    # the last two built by flow_models_more.py
+SUPPORTED_CLASS = {"flux": "Flux", "chroma": "Chroma", "qwen_image": "QwenImage", "sd3": "SD3"}
+FILE_NAMES = {"flux": "ic_test_flux_dev_small.safetensors", "chroma": "ic_test_chroma_small.safetensors",
+              "qwen_image": "ic_test_qwen_image_small.safetensors", "sd3": "ic_test_sd35_small.safetensors"}
 VAE_NAME = "ic_test_taef1_small.safetensors"
 SEEDS = {"flux": models.SEED + 40, "chroma": models.SEED + 41, "vae": models.SEED + 42, "te": models.SEED + 43}
 
@@ -60,7 +62,7 @@ def missing_family(family: str) -> str | None:
     if not hasattr(sm, SUPPORTED_CLASS[family]):
         return (f"this ComfyUI tree ({comfy_version()}) lacks the {SUPPORTED_CLASS[family]} model family "
                 f"(comfy.supported_models.{SUPPORTED_CLASS[family]}); run with COMFYUI_PATH at a 0.3x tree")
-    return None
+    return _more().missing_layout(family) if family in _more().FAMILIES else None
 
 
 def fill_flow_seeded_(module: torch.nn.Module, seed: int):
@@ -115,6 +117,8 @@ def build_state_dict(family: str) -> dict:
     reason = missing_family(family)
     if reason:
         raise RuntimeError(reason)
+    if family in _more().FAMILIES:
+        return _more().build_state_dict(family)
     import comfy.supported_models as sm
     cls = register_test_chroma() if family == "chroma" else getattr(sm, SUPPORTED_CLASS[family])
     with torch.inference_mode(False):
@@ -137,6 +141,8 @@ def load_model(family: str):
     import comfy.sd
     if family == "chroma":
         register_test_chroma()
+    if family in _more().FAMILIES:
+        _more().before_load(family)
     path = model_path(family)
     with torch.inference_mode():
         return comfy.sd.load_diffusion_model(str(path))
@@ -170,6 +176,8 @@ def load_clip(family: str):
     reason = missing_family(family)
     if reason:
         raise RuntimeError(reason)
+    if family in _more().FAMILIES:
+        return _more().load_clip(family)
     import comfy.sd
     import comfy.supported_models_base as smb
     if family == "flux":
@@ -188,4 +196,10 @@ def load_clip(family: str):
 
 def load_family(family: str):
     """(MODEL, CLIP, VAE) of a flow family's test model."""
-    return load_model(family), load_clip(family), load_vae()
+    vae = _more().load_vae(family) if family in _more().FAMILIES else load_vae()
+    return load_model(family), load_clip(family), vae
+
+
+def _more():
+    from . import flow_models_more
+    return flow_models_more
