@@ -6,6 +6,7 @@ returns numbers, never asserts.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,4 +279,301 @@ def guidance_inversion_figures(m: Loaded, inv: Inverted, cfg: float = 7.5) -> di
         model, p2, n2, latent, sigmas = call(ICP2PlusController, model=m.model, clip=m.clip, source_prompt=caption,
                                              target_prompt=caption, inversion=inv.inversion, null_text=nt)
         out[method] = psnr(m.vae.decode(sample(model, p2, n2, latent["samples"], sigmas, cfg))[:1], ref)
+    return out
+
+
+# -- map paths: the viewer's branches and tiles, P2Plus's local-blend maps, KV Inject's masked-mode maps ---------------
+def upsampled(attn: torch.Tensor) -> torch.Tensor:
+    """A map of any grid at SIZE x SIZE (bilinear, as the viewer upsamples), non-negative, summing to 1."""
+    from inversion_chain.attention.viewer.map_view import upsample
+    a = upsample(attn.float(), (SIZE, SIZE)).double().clamp_min(0)
+    return a / a.sum()
+
+
+def top_mask(attn: torch.Tensor, share: float) -> torch.Tensor:
+    """The ``share`` of the pixels where the map is highest (bool [H, W])."""
+    k = max(1, int(round(share * attn.numel())))
+    cut = attn.flatten().topk(k).values[-1]
+    return attn >= cut
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor, share: float = 0.2) -> dict:
+    """Two maps (summing to 1, same size) on the same picture: centroid distance (px), IoU of their top ``share``
+    of pixels, and Pearson correlation of their values (1: the same map up to scale)."""
+    (ax, ay), (bx, by) = centroid(a), centroid(b)
+    ma, mb = top_mask(a, share), top_mask(b, share)
+    da, db = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return {"centroid_px": float(((ax - bx) ** 2 + (ay - by) ** 2) ** 0.5),
+            "iou": float((ma & mb).sum() / (ma | mb).sum()),
+            "corr": float((da * db).sum() / (da.norm() * db.norm()).clamp_min(1e-30))}
+
+
+def tile_map(grid: torch.Tensor, tile_hw=(SIZE, SIZE)) -> torch.Tensor:
+    """The first tile of an Attention Map Viewer grid (no background image), read back into values 0..1 through its
+    colour scale: what a user sees, as a map."""
+    from inversion_chain.attention.viewer.map_view import colorize, layout
+    x, y = layout(1, tile_hw).tile_origin(0)
+    tile = grid[0, y:y + tile_hw[0], x:x + tile_hw[1]].float()
+    ramp = colorize(torch.linspace(0, 1, 256))                              # (256, 3)
+    index = torch.cdist(tile.reshape(-1, 3), ramp).argmin(-1)
+    return (index.float() / 255).reshape(tile_hw)
+
+
+def map_paths(m: Loaded, where: str = "left", word: str = "circle", negative_prompt: str = "a circle",
+              cfg: float = 1.5, control_word: str = "background") -> dict:
+    """The same scene's ``word`` map from every family-independent path, each upsampled to SIZE x SIZE:
+    viewer MASK of the cond and uncond branches (the uncond branch's prompt ``negative_prompt`` also names the word;
+    sampled at ``cfg`` so the uncond half runs), the viewer's rendered tile read back, P2Plus's local-blend maps
+    (source row, summed over steps and layers) and KV Inject masked mode's source and target maps (summed over
+    steps). Returns the maps (key "maps") and the scene."""
+    from inversion_chain.attention.core.patching import controller_of
+    from inversion_chain.attention.editors.kv_inject import KVInjectEditor
+    from inversion_chain.attention.editors.local_blend import LocalBlend
+    from inversion_chain.nodes.attention_maps import ICAttentionCapture, ICAttentionMapViewer
+    from inversion_chain.nodes.kv_inject import ICKVInject
+    from inversion_chain.nodes.p2plus import ICP2PlusController
+    scene = placed_scene(where)
+    inv = invert(m, scene)
+    caption = scene.caption
+    pos, neg = m.encode(caption), m.encode(negative_prompt)
+    maps = {}
+    patched, captured = call(ICAttentionCapture, model=m.model, kinds="cross", resolution="all", clip=m.clip,
+                             prompt=caption, negative_prompt=negative_prompt)
+    out = {"samples": sample(patched, pos, neg, inv.noise, inv.sigmas, cfg)}
+    for name, tokens, branch in (("viewer cond", word, "cond"), ("viewer uncond", word, "uncond"),
+                                 (f"viewer cond '{control_word}' (control)", control_word, "cond")):
+        grid, mask = call(ICAttentionMapViewer, attn_maps=captured, latent=out, tokens=tokens, branch=branch)
+        maps[name] = upsampled(mask[0])
+        if name == "viewer cond":
+            maps["viewer tile"] = upsampled(tile_map(grid))
+    # the viewer at cfg 1 (the P2Plus and KV runs below are at cfg 1 too), each resolution alone
+    patched, captured = call(ICAttentionCapture, model=m.model, kinds="cross", resolution="all", clip=m.clip,
+                             prompt=caption)
+    out = {"samples": sample(patched, pos, m.encode(""), inv.noise, inv.sigmas, 1.0)}
+    for resolution in ("latent/1", "latent/2"):          # the 16x16 and the 8x8 layers
+        mask = call(ICAttentionMapViewer, attn_maps=captured, latent=out, tokens=word, resolution=resolution)[1]
+        maps[f"viewer cond {resolution}"] = upsampled(mask[0])
+    # P2Plus: the local blend's own record of the word (row 0: the source prompt)
+    model, p2pos, p2neg, latent, sigmas = call(ICP2PlusController, model=m.model, clip=m.clip, source_prompt=caption,
+                                               target_prompt=caption, blend_words=word, inversion=inv.inversion)
+    sample(model, p2pos, p2neg, latent["samples"], sigmas, 1.0)
+    blend = next(f for f in model.model_options.get("sampler_post_cfg_function", []) if isinstance(f, LocalBlend))
+    maps["p2plus local blend"] = upsampled(torch.stack(list(blend.maps.values())).sum(0)[0])
+    # KV Inject masked mode: the source's maps (reference) and the target's own maps, step by step
+    kv = call(ICKVInject, model=m.model, inversion=inv.inversion, mode="masked", mask_words=word, clip=m.clip,
+              source_prompt=caption, target_prompt=caption, start_percent=0.0, start_layer=0)[0]
+    editor = next(e for e in controller_of(kv).editors if isinstance(e, KVInjectEditor))
+    seen = {}
+    original = editor.masks
+
+    def masks(step, ctx):                      # observe the target's maps the masks are made from
+        current = editor.target_maps.current(step)
+        if current is not None:
+            seen[step] = current[0].clone()
+        return original(step, ctx)
+    editor.masks = masks
+    sample(kv, pos, m.encode(""), inv.noise, inv.sigmas, 1.0)
+    maps["kv masked source"] = upsampled(torch.stack(list(editor.reference.cross_maps.values())).sum((0, 1)).float())
+    maps["kv masked target"] = upsampled(torch.stack(list(seen.values())).sum(0))
+    return {"scene": scene, "maps": maps, "blend_mask": blend.last_mask}
+
+
+LATENT4_PATHS = ("p2plus local blend", "kv masked source", "kv masked target")
+
+
+def map_path_figures(m: Loaded, where: str = "left", share: float = 0.2) -> dict:
+    """Each path's agreement (centroid distance, IoU of the top ``share``) with the viewer's cond map at the same
+    resolution: all captured layers for the viewer's own paths, the 8x8 (latent/2) layers for P2Plus's local blend
+    and KV Inject's masked mode (which read the layers at min(latent/4, the coarsest)); and each map's mass ratio
+    inside the object. Controls: the viewer map mirrored (both axes), and another word's map."""
+    got = map_paths(m, where)
+    maps, obj = got["maps"], got["scene"].objects[0].mask
+    out = {}
+    for name, attn in maps.items():
+        ref = maps["viewer cond latent/2" if name in LATENT4_PATHS else "viewer cond"]
+        out[name] = dict(agreement(ref, attn, share), ratio=mass_ratio(attn, obj))
+    ref = maps["viewer cond"]
+    mirrored = ref.flip(0, 1)
+    out["viewer cond mirrored (control)"] = dict(agreement(ref, mirrored, share), ratio=mass_ratio(mirrored, obj))
+    flipped = maps["p2plus local blend"].flip(0, 1)
+    out["p2plus local blend mirrored (control)"] = dict(agreement(maps["viewer cond latent/2"], flipped, share),
+                                                        ratio=mass_ratio(flipped, obj))
+    return out
+
+
+# -- P2Plus: local blend over thresholds, reweight, refine ------------------------------------------------------------
+def p2plus_run(m: Loaded, inv: Inverted, target: str, cfg: float = 5.0, **controller):
+    """(reconstruction row, edited row, the local blend's last mask or None): P2Plus on the inverted scene with
+    negative-prompt inversion at ``cfg``."""
+    from inversion_chain.attention.editors.local_blend import LocalBlend
+    from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
+    caption = inv.scene.caption
+    null_text = call(ICNullTextInversion, model=m.model, inversion=inv.inversion, positive=m.encode(caption),
+                     negative=m.encode(""), cfg=cfg, method="negative-prompt")[0]
+    model, pos, neg, latent, sigmas = call(ICP2PlusController, model=m.model, clip=m.clip, source_prompt=caption,
+                                           target_prompt=target, inversion=inv.inversion, null_text=null_text,
+                                           **controller)
+    images = m.vae.decode(sample(model, pos, neg, latent["samples"], sigmas, cfg))
+    blend = [f for f in model.model_options.get("sampler_post_cfg_function", []) if isinstance(f, LocalBlend)]
+    mask = None
+    if blend and blend[0].last_mask is not None:
+        mask = torch.nn.functional.interpolate(blend[0].last_mask.float().reshape(1, 1, *blend[0].last_mask.shape[-2:]),
+                                               size=(SIZE, SIZE), mode="nearest")[0, 0].bool().numpy()
+    return images[:1], images[1:2], mask
+
+
+def region_figures(inv: Inverted, recon, edit, colour_to: str | None = None, mask=None) -> dict:
+    """An edit's change inside the object, in rings of 12 and 24 px around it, outside those; with a local-blend
+    ``mask`` also outside it (where the blend keeps the source row) and the share of the picture it covers."""
+    obj = inv.scene.objects[0].mask
+    out = {"inside_change": mean_abs(edit, recon, obj), "outside_12px": mean_abs(edit, recon, ~grow(obj, 12)),
+           "outside_24px": mean_abs(edit, recon, ~grow(obj, 24))}
+    if colour_to is not None:
+        out["to_target_before"] = float((mean_colour(recon, obj) - rgb(colour_to)).norm())
+        out["to_target_after"] = float((mean_colour(edit, obj) - rgb(colour_to)).norm())
+    if mask is not None:
+        out["blend_mask_share"] = float(mask.mean())
+        out["blend_mask_covers_object"] = float(mask[obj].mean())
+        out["outside_blend_mask"] = mean_abs(edit, recon, ~mask) if (~mask).any() else None
+    return out
+
+
+def local_blend_figures(m: Loaded, inv: Inverted, thresholds=(0.3, 0.5, 0.7, 0.9), cfg: float = 5.0) -> dict:
+    """'red circle' -> 'green circle' with local blend on the object word 'circle', per ``blend_threshold``; and
+    without local blend (the reference; "no_blend_outside_blend_mask": its change where that threshold's mask
+    keeps the source row)."""
+    target = inv.scene.caption.replace("red", "green")
+    recon, free, _ = p2plus_run(m, inv, target, cfg)
+    out = {"no blend": region_figures(inv, recon, free, "green")}
+    for t in thresholds:
+        recon, edit, mask = p2plus_run(m, inv, target, cfg, blend_words="circle", blend_threshold=t)
+        fig = out[f"blend circle {t}"] = region_figures(inv, recon, edit, "green", mask)
+        fig["no_blend_outside_blend_mask"] = mean_abs(free, recon, ~mask) if (~mask).any() else None
+    return out
+
+
+def reweight_refine_figures(m: Loaded, inv: Inverted, cfg: float = 5.0,
+                            reweights=("circle:-2", "circle:0", "circle:2", "red:-2", "red:0", "red:2")) -> dict:
+    """Reweight of the shape and colour words (inside vs outside the object), and refine: the scene inverted with
+    'a circle on a yellow background' (no colour word), edited to '... green circle ...' (the word applies to the
+    circle) and, as the control, to '... on a green background' (it applies outside)."""
+    caption = inv.scene.caption
+    out = {}
+    for rw in reweights:
+        recon, edit, _ = p2plus_run(m, inv, caption, cfg, mode="reweight", reweight=rw)
+        out[f"reweight {rw}"] = region_figures(inv, recon, edit)
+    bare = caption.replace("red ", "")
+    inv_bare = invert(m, dataclasses.replace(inv.scene, caption=bare))
+    for name, target, colour in (("refine 'green' on the circle", bare.replace("a circle", "a green circle"), "green"),
+                                 ("refine 'green' on the background (control)",
+                                  bare.replace("yellow background", "green background"), "green")):
+        recon, edit, _ = p2plus_run(m, inv_bare, target, cfg, mode="refine")
+        out[name] = region_figures(inv_bare, recon, edit, colour)
+        out[name]["background_to_green_before"] = float((mean_colour(recon, ~grow(inv.scene.objects[0].mask, 12))
+                                                         - rgb("green")).norm())
+        out[name]["background_to_green_after"] = float((mean_colour(edit, ~grow(inv.scene.objects[0].mask, 12))
+                                                        - rgb("green")).norm())
+    return out
+
+
+# -- KV Inject masked mode: the object moves, its colours come from the source -----------------------------------------
+def object_region(image: torch.Tensor, background: str, tol: float = 0.3) -> np.ndarray:
+    """Where a picture is not its background colour (bool [H, W]): the object(s) it drew."""
+    return ((image.reshape(SIZE, SIZE, 3).float() - rgb(background)).norm(dim=-1) > tol).numpy()
+
+
+def kv_masked_figures(m: Loaded, inv: Inverted, target: str | None = None, seeds=(0, 1, 2), cfg: float = 5.0,
+                      settings: dict | None = None, modes=("masked", "mutual", "plain")) -> dict:
+    """New generations from seeded noise (the object lands elsewhere) with ``target`` (default: the source caption)
+    and the source's K/V in masked mode, mutual mode, or plain sampling. Per seed: the object's pixels (those nearer
+    the source object's colour than the source background's), their centroid and their mean colour's distance to
+    the source object's colour, and the colour-histogram distance of the picture to the source."""
+    from inversion_chain.nodes.kv_inject import ICKVInject
+    settings = settings or {}
+    obj = inv.scene.objects[0]
+    target = target or inv.scene.caption
+    pos, neg = m.encode(target), m.encode("")
+    models = {"plain": m.model}
+    if "masked" in modes:
+        models["masked"] = call(ICKVInject, model=m.model, inversion=inv.inversion, negative=neg, mode="masked",
+                                clip=m.clip, mask_words=obj.shape, source_prompt=inv.scene.caption,
+                                target_prompt=target, **settings)[0]
+    if "mutual" in modes:
+        models["mutual"] = call(ICKVInject, model=m.model, inversion=inv.inversion, negative=neg, mode="mutual",
+                                **settings)[0]
+    source_hist = colour_histogram(inv.recon[0])
+    out = {"source_centre": ((obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2)}
+    for name in modes:
+        rows = []
+        for seed in seeds:
+            start = torch.randn(inv.noise.shape, generator=torch.Generator().manual_seed(seed)) * inv.sigmas[0]
+            image = m.vae.decode(sample(models[name], pos, neg, start, inv.sigmas, cfg))
+            px = image.reshape(SIZE, SIZE, 3).float()
+            near = ((px - rgb(obj.colour)).norm(dim=-1) < (px - rgb(inv.scene.background)).norm(dim=-1)).numpy()
+            row = {"object_px": int(near.sum()), "hist_to_source": float((colour_histogram(image[0])
+                                                                          - source_hist).abs().sum())}
+            if near.sum() > 0:
+                row["centre"] = centroid(mask_tensor(near).double() / near.sum())
+                row["colour_to_source"] = float((mean_colour(image, near) - rgb(obj.colour)).norm())
+            rows.append(row)
+        out[name] = rows
+    return out
+
+
+# -- StyleDiffusion: reconstruction and a colour-word edit keep the layout --------------------------------------------
+def style_figures(m: Loaded, inv: Inverted, cfg: float = 5.0, inner_steps: int = 4, colour_to: str = "green") -> dict:
+    """StyleDiffusion Mapper on the inverted scene (test CLIP vision encoder), then P2Plus with the STYLE:
+    reconstruction (source prompt as target) and a colour-word swap; the control is the same two without the
+    STYLE (plain DDIM at ``cfg``). Layout: IoU of the pixels away from the background colour with the object's
+    mask; change outside the object's 12 px ring; the object's colour distance to ``colour_to``."""
+    from inversion_chain.nodes.p2plus import ICP2PlusController
+    from inversion_chain.nodes.style_diffusion import ICStyleDiffusionMapper
+
+    from . import models
+    obj = inv.scene.objects[0]
+    caption = inv.scene.caption
+    target = caption.replace(obj.colour, colour_to)
+    pos, neg = m.encode(caption), m.encode("")
+    style = call(ICStyleDiffusionMapper, model=m.model, clip_vision=models.load_clip_vision(), image=inv.scene.tensor(),
+                 inversion=inv.inversion, positive=pos, negative=neg, cfg=cfg, inner_steps=inner_steps)[0]
+    ref = m.vae.decode(inv.latent)
+    outside = ~grow(obj.mask, 12)
+
+    def iou(image):
+        drawn = object_region(image, inv.scene.background)
+        return float((drawn & obj.mask).sum() / max(1, (drawn | obj.mask).sum()))
+    out = {}
+    for name, extra in (("style", {"style": style}), ("no style (control)", {})):
+        model, p2pos, p2neg, latent, sigmas = call(ICP2PlusController, model=m.model, clip=m.clip,
+                                                   source_prompt=caption, target_prompt=target,
+                                                   inversion=inv.inversion, **extra)
+        recon, edit = m.vae.decode(sample(model, p2pos, p2neg, latent["samples"], sigmas, cfg)).split(1)
+        out[name] = {"recon_psnr": psnr(recon, ref), "recon_layout_iou": iou(recon),
+                     "recon_outside_change": mean_abs(recon, ref, outside),
+                     "edit_layout_iou": iou(edit), "edit_outside_change": mean_abs(edit, recon, outside),
+                     "edit_to_target_before": float((mean_colour(recon, obj.mask) - rgb(colour_to)).norm()),
+                     "edit_to_target": float((mean_colour(edit, obj.mask) - rgb(colour_to)).norm())}
+    return out
+
+
+# -- two objects: each word's map on its own object -------------------------------------------------------------------
+TWO_OBJECTS = (("red", "circle", (8, 40, 48)), ("blue", "square", (72, 40, 48)))
+
+
+def two_object_figures(m: Loaded, swapped: bool = False) -> dict:
+    """'a red circle and a blue square on a yellow background', the circle on the left (``swapped``: on the right,
+    the square on the left, the same caption): each word's mass ratio inside its own object and inside the other."""
+    objects = TWO_OBJECTS
+    if swapped:
+        (c0, s0, p0), (c1, s1, p1) = objects
+        objects = ((c0, s0, p1), (c1, s1, p0))
+    scene = scenes.render("yellow", list(objects))
+    inv = invert(m, scene)
+    a, b = scene.objects
+    maps = word_maps(m, inv, [a.colour, a.shape, b.colour, b.shape])
+    out = {"caption": scene.caption}
+    for own, other in ((a, b), (b, a)):
+        for word in (own.colour, own.shape):
+            out[word] = {"own": mass_ratio(maps[word], own.mask), "other": mass_ratio(maps[word], other.mask),
+                         "centroid": centroid(maps[word])}
     return out
