@@ -201,6 +201,18 @@ def add_attn2_patch(model, patch):
     return model
 
 
+def add_attn1_patch(model, patch):
+    """Add an ``attn1_patch`` (in place: call on a clone). On Flux-layout DiTs ComfyUI calls it in every double and
+    single block as ``patch(q, k, v, pe=, attn_mask=, extra_options=) -> dict`` (q, k before RoPE); the patch lists
+    are copied, never shared with the MODEL this one was cloned from."""
+    to = dict(model.model_options.get("transformer_options", {}))
+    patches = {name: list(entries) for name, entries in to.get("patches", {}).items()}
+    patches["attn1_patch"] = patches.get("attn1_patch", []) + [patch]
+    to["patches"] = patches
+    model.model_options["transformer_options"] = to
+    return model
+
+
 def add_decoder_resblock_hook(model, block: int, hook):
     """Let ``hook(x, out, skip, transformer_options) -> out | None`` see (and replace) the output of the ResNet block
     of decoder block ``block`` in every UNet forward of ``model`` (in place: call on a clone). ``skip()`` is the
