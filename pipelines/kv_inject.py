@@ -134,20 +134,26 @@ def patch_dit(model, inversion, blocks, steps, negative=None, cache: str = "auto
     """A ``model.clone()`` whose ``blocks`` take the source's image-token K/V at chain ``steps`` (cached in the one
     reference store, or recomputed next to each sampling call)."""
     branches = 1 if negative is None else 2
-    reference = DiTReferenceKV(inversion, blocks, steps, image_tokens(model, inversion.latent_shape),
-                               compute_dtype(model), branches, what=WHAT)
+    tokens = image_tokens(model, inversion.latent_shape)
+    reference = DiTReferenceKV(inversion, blocks, steps, tokens, compute_dtype(model), branches, what=WHAT)
     latent = torch.zeros(inversion.latent_shape)
     positive = conditioning.first_row(inversion.positive)
     negative = None if negative is None else conditioning.first_row(negative)
     key = conditioning.fingerprint(positive) + ("" if negative is None else conditioning.fingerprint(negative))
-    reference, mode = reference_store.cached(
-        "dit_kv_inject", model, reference, key, cache, lambda ref: ref.fill(model, latent, negative=negative),
-        extra=(tuple(b.key for b in blocks),))
+    # "partial": the first steps that fit the store's budget cached, the others recomputed next to their calls
+    if reference.estimate_bytes() == 0:   # no block or no step chosen: nothing to record, the patch never acts
+        mode = "cache"
+    else:
+        reference, mode = cached_steps(
+            "dit_kv_inject", model, reference, key, cache, lambda ref: ref.fill(model, latent, negative=negative),
+            positive, negative, extra=(tuple(b.key for b in blocks),))
     patched = patching.add_attn1_patch(model.clone(), DiTRecorder())
-    patching.add_attn1_patch(patched, DiTKVInject(reference, blocks, steps, what=WHAT))
+    patching.add_attn1_patch(patched, DiTKVInject(reference, blocks, steps, tokens, what=WHAT))
     if negative is not None:
         patching.add_unet_wrapper(patched, negative_check(negative[0][0], WHAT))
-    if mode == "cache":
+    if mode == "partial":
+        reference.install(patched)
+    elif mode == "cache":
         log.info(f"[Inversion Chain] {WHAT}: source image-token K/V for {len(reference.steps)} steps x {len(blocks)} "
                  f"blocks x {branches} CFG half(s): {reference.nbytes() / 2 ** 20:.1f} MB on "
                  f"{reference.storage_device} (cache holds {reference_store.STORE.held_bytes() / 2 ** 20:.1f} MB "

@@ -162,7 +162,8 @@ def test_injection_moves_the_edit_toward_the_source(flow, store, request):
 
 
 def test_cache_equals_recompute(flow, store):
-    """Cached K/V and K/V recomputed next to each sampling call give the same edit, bit for bit; on Chroma
+    """Cached K/V, K/V recomputed next to each sampling call, and a partial cache (the first steps that fit the
+    budget cached, the others recomputed) give the same edit, bit for bit; on Chroma
     (true CFG) also at cfg 2 with a negative prompt (both CFG halves recorded)."""
     cases = [dict(cfg=1.0)]
     if flow["family"] == "chroma":
@@ -174,6 +175,17 @@ def test_cache_equals_recompute(flow, store):
         a = sample(flow, cached, positive=flow["target"], negative=neg, cfg=case["cfg"])
         b = sample(flow, recomputed, positive=flow["target"], negative=neg, cfg=case["cfg"])
         assert torch.equal(a, b), (case["cfg"], error(a, b))
+        # a budget that holds two of the six steps: those cached, the other four recomputed (partial)
+        (entry,) = store.entries.values()
+        store.clear()
+        store.max_bytes = int(entry.estimate_bytes() / len(entry.steps) * 2.5)
+        partial = inject(flow, start_percent=0.25, negative=neg)
+        (held,) = store.entries.values()
+        assert len(held.steps) == 2 and held.nbytes() == held.estimate_bytes() == entry.estimate_bytes() // 3
+        c = sample(flow, partial, positive=flow["target"], negative=neg, cfg=case["cfg"])
+        assert torch.equal(a, c), (case["cfg"], error(a, c))
+        store.max_bytes = None
+        store.clear()
         if neg is not None:
             plain = sample(flow, positive=flow["target"], negative=neg, cfg=case["cfg"])
             assert error(a, plain) > 1e-4

@@ -18,9 +18,11 @@ from ..store.dit_reference import RECORDING_KEY, step_of
 
 
 class DiTKVInject(compat.PatchObject):
-    def __init__(self, reference, blocks: Sequence[DiTBlock], steps: Iterable[int], what: str = "KV Inject"):
-        self.reference = reference
-        self.block_keys = {b.key for b in blocks}
+    def __init__(self, reference, blocks: Sequence[DiTBlock], steps: Iterable[int], tokens: int,
+                 what: str = "KV Inject"):
+        self.reference = reference    # a DiTReferenceKV, or a PartialReference of one
+        self.blocks = {b.key: b for b in blocks}
+        self.tokens = int(tokens)
         self.steps = set(int(s) for s in steps)
         self.what = what
 
@@ -29,17 +31,17 @@ class DiTKVInject(compat.PatchObject):
         if options.get(RECORDING_KEY) is not None:   # the source's own forward (recompute mode): record, not edit
             return {}
         key = (options.get("block_type"), options.get("block_index"))
-        if key not in self.block_keys:
+        if key not in self.blocks:
             return {}
         step = step_of(options, self.reference.inversion.sigmas)
         if step is None or step not in self.steps:
             return {}
         s0, s1 = options["img_slice"]
-        if s1 - s0 != self.reference.tokens:
+        if s1 - s0 != self.tokens:
             h, w = self.reference.inversion.latent_shape[-2:]
             raise InversionChainError(
                 f"{self.what}: the sampled latent has {s1 - s0} image tokens, the inversion's latent ({w * 8}x{h * 8} "
-                f"px) has {self.reference.tokens}; sample at the inverted image's size.")
+                f"px) has {self.tokens}; sample at the inverted image's size.")
         branches = list(options.get("cond_or_uncond") or [0])
         if 1 in branches and self.reference.branches < 2:
             raise InversionChainError(
@@ -49,7 +51,7 @@ class DiTKVInject(compat.PatchObject):
         rows = k.shape[0] // len(branches)
         k, v = k.clone(), v.clone()
         for chunk, branch in enumerate(branches):
-            k_ref, v_ref = self.reference.get(step, key[0], int(key[1]), int(branch), k.device, k.dtype)
+            k_ref, v_ref = self.reference.get(step, self.blocks[key], k.device, k.dtype, int(branch))
             r = chunk * rows
             k[r:r + rows, :, s0:s1] = k_ref
             v[r:r + rows, :, s0:s1] = v_ref

@@ -73,6 +73,16 @@ class DiTReferenceKV:
         self.mode = "cache"
         self.conds = None            # recompute mode: model-ready conditioning of the source (and of the negative)
         self.conds_uncond = None
+        self.recompute_conds = None  # a partial entry: (conds, conds_uncond) for the steps it does not hold
+        self.eps: Dict[int, torch.Tensor] = {}          # nothing recorded here: the partial entry's interface
+        self.cross_maps: Dict[int, torch.Tensor] = {}
+        self.cross_tokens: list = []
+        self.cross_level = 0
+
+    def with_steps(self, steps: Iterable[int]) -> "DiTReferenceKV":
+        """An empty entry like this one for other chain steps (partial caching)."""
+        return DiTReferenceKV(self.inversion, self.layers, steps, self.tokens, self.storage_dtype, self.branches,
+                              self.what)
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def estimate_bytes(self) -> int:
@@ -101,11 +111,11 @@ class DiTReferenceKV:
                 k[r:r + 1, :, s0:s1].detach().to(self.storage_device, self.storage_dtype).clone(),
                 v[r:r + 1, :, s0:s1].detach().to(self.storage_device, self.storage_dtype).clone())
 
-    def get(self, step: int, kind: str, index: int, branch: int, device, dtype):
-        kept = self.store.get((step, kind, index, branch))
+    def get(self, step: int, block: DiTBlock, device, dtype, branch: int = 0):
+        kept = self.store.get((step, block.kind, block.index, branch))
         if kept is None:
             raise InversionChainError(
-                f"{self.what}: no source keys/values for step {step}, {kind} block {index}, CFG half {branch}. If "
+                f"{self.what}: no source keys/values for step {step}, {block.describe()}, CFG half {branch}. If "
                 f"another node set a model function wrapper after {self.what}, put {self.what} after it or use "
                 f"cache mode.")
         return kept[0].to(device, dtype), kept[1].to(device, dtype)
