@@ -96,8 +96,9 @@ def test_identity_edit_reproduces_the_reconstruction(flow, store):
 
 def test_at_the_chain_latents_the_patched_model_predicts_bit_identically(flow, store):
     """Exactness without the sampler's drift: on the chain latent of each step the injected K/V are the very
-    values the block computes, so the prediction is the stock one bit for bit (and RoPE rotates the injected keys
-    as it rotated the source's: a wrong rotation would show here)."""
+    values the block computes, so the prediction is the stock one bit for bit (recorded and injected at the same
+    hook, before RoPE, the injected keys are rotated once, as the block's own: a record taken after the rotation
+    would be rotated twice and show here)."""
     import comfy.samplers
     inv, patched = flow["inv"], inject(flow)
     for model in (flow["model"], patched):
