@@ -23,6 +23,8 @@ STEPS = 8
 PX = 256
 FAMILIES = ("flux", "chroma")
 WHO = "KV Inject on Flux and Chroma"
+NEGATIVES = ("a blurry photo of a cat", "a dark photo of an astronaut", "a blurry photo of an astronaut",
+             "a photo of an astronaut")
 # Identity edit (source prompt, the inversion's noise, every block from step 0) against the plain reconstruction:
 # the injected K/V are the source's at the chain latents, which the sampled trajectory misses by the round trip's
 # error only (at the chain latents themselves the prediction is bit-identical: the next test). Measured at 256 px,
@@ -59,9 +61,11 @@ def flow(request):
     with torch.inference_mode():
         latent = {"samples": vae.encode(photos.photo("astronaut", PX))}
         positive, target, empty = encode(SOURCE), encode(TARGET), encode("")
+        # a negative prompt as long as the source's: ComfyUI batches the two CFG halves in one forward
+        same_length = next(n for n in (encode(t) for t in NEGATIVES) if n[0][0].shape == positive[0][0].shape)
         noise, sigmas, inv = ICDDIMInvert().invert(model, latent, positive, STEPS, 1.0, 6, scheduler="simple")
     return dict(family=family, model=model, latent=latent, positive=positive, target=target, empty=empty,
-                sigmas=sigmas, inv=inv)
+                same_length=same_length, sigmas=sigmas, inv=inv)
 
 
 def sample(f, model=None, positive=None, negative=None, cfg=1.0):
@@ -164,11 +168,11 @@ def test_injection_moves_the_edit_toward_the_source(flow, store, request):
 
 def test_cache_equals_recompute(flow, store):
     """Cached K/V, K/V recomputed next to each sampling call, and a partial cache (the first steps that fit the
-    budget cached, the others recomputed) give the same edit, bit for bit; on Chroma
-    (true CFG) also at cfg 2 with a negative prompt (both CFG halves recorded)."""
+    budget cached, the others recomputed) give the same edit, bit for bit; on Chroma (true CFG) also at cfg 2 with a
+    negative prompt (both CFG halves recorded), batched with the positive by ComfyUI or not."""
     cases = [dict(cfg=1.0)]
-    if flow["family"] == "chroma":
-        cases.append(dict(cfg=2.0, negative=flow["empty"]))
+    if flow["family"] == "chroma":   # the halves in two forwards ("" is too short to batch), and in one
+        cases += [dict(cfg=2.0, negative=flow["empty"]), dict(cfg=2.0, negative=flow["same_length"])]
     for case in cases:
         neg = case.get("negative")
         cached = inject(flow, start_percent=0.25, negative=neg)

@@ -39,10 +39,15 @@ def diffusion_model_of(model_patcher):
     return getattr(base, "diffusion_model", None)
 
 
+# the diffusion-model classes this addressing is for (HunyuanVideo reuses Flux's blocks on video latents: not here)
+FLUX_LAYOUT_CLASSES = {("comfy.ldm.flux.model", "Flux"), ("comfy.ldm.chroma.model", "Chroma")}
+
+
 def is_flux_layout(model_patcher) -> bool:
     """A Flux-layout DiT whose joint attention calls ``attn1_patch`` (Flux and Chroma in ComfyUI 0.3x)."""
     dm = diffusion_model_of(model_patcher)
-    return dm is not None and hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks")
+    return (dm is not None and (type(dm).__module__, type(dm).__name__) in FLUX_LAYOUT_CLASSES
+            and hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks"))
 
 
 def enumerate_blocks(model_patcher) -> List[DiTBlock]:

@@ -137,7 +137,8 @@ def reference_call(apply_model, x, timestep, conds, transformer_options, recorde
 def stack_conds(conds_per_row):
     """Model-ready conds of one row each (as ``capture_conds`` returns them) as one batch, row by row, the way
     ComfyUI batches a cond with an uncond (text contexts of different lengths repeated to a common multiple); None
-    when they cannot share a batch (other keys, shapes or non-tensor values)."""
+    when they cannot share a batch (other keys, shapes or non-tensor values, or texts whose common multiple is more
+    than 4 times the shorter, which ComfyUI does not batch either)."""
     first = conds_per_row[0]
     if any(set(c) != set(first) for c in conds_per_row):
         return None
@@ -151,6 +152,8 @@ def stack_conds(conds_per_row):
             continue
         if key == "c_crossattn" and all(v.ndim == 3 for v in values):
             tokens = math.lcm(*(int(v.shape[1]) for v in values))
+            if tokens // min(int(v.shape[1]) for v in values) > 4:   # ComfyUI's CONDCrossAttn.can_concat limit
+                return None
             values = [v.repeat(1, tokens // v.shape[1], 1) for v in values]
         if any(v.shape != values[0].shape or v.shape[0] != 1 for v in values):
             return None

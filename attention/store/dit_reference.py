@@ -143,9 +143,16 @@ class DiTReferenceKV:
                 x_ref = self.inversion.latent_at(i, x.device, x.dtype)[:1]
                 options = dict(args["c"].get("transformer_options", {}))
                 options[RECORDING_KEY] = self
-                for branch, conds in enumerate((self.conds, self.conds_uncond)[:self.branches]):
+                made = list((self.conds, self.conds_uncond)[:self.branches])
+                both = patching.stack_conds(made) if len(made) == 2 else None
+                # both CFG halves in one forward where ComfyUI would batch them (texts of different lengths
+                # repeated to a common multiple, as in the cache's fill), else one forward per half
+                calls = [([0, 1], both)] if both is not None else list(enumerate(made))
+                for branch, conds in calls:
+                    rows = len(branch) if isinstance(branch, list) else 1
                     conds = {k: (c.to(x.device) if torch.is_tensor(c) else c) for k, c in conds.items()}
-                    patching.reference_call(apply_model, x_ref, t[:1], conds, options, None, branch)
+                    patching.reference_call(apply_model, x_ref.repeat(rows, 1, 1, 1), t[:1].repeat(rows), conds,
+                                            options, None, branch)
             return patching.call_unet(apply_model, args, previous)
         return wrapper
 
