@@ -107,6 +107,8 @@ def build_dit(model, inversion, start_percent: float, start_layer: int, mode: st
     if missing:
         raise InversionChainError(missing)
     family = compat.family_name(model)
+    if mode not in MODES:
+        raise InversionChainError(f"{WHAT}: unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
     if mode != "mutual":
         raise InversionChainError(
             f"{WHAT}: mode '{user_text(mode)}' is not available on {family} yet; use mutual (the source's image-token "
@@ -114,7 +116,7 @@ def build_dit(model, inversion, start_percent: float, start_layer: int, mode: st
             f"joint sequence with their own rotary positions, and masked needs the image-to-text attention maps of "
             f"joint attention: neither is built for DiT models yet.")
     blocks = dit_layers.enumerate_blocks(model)
-    doubles, singles = dit_layers.depths(blocks)
+    doubles, _ = dit_layers.depths(blocks)
     if not (start_layer == -1 or 0 <= start_layer < len(blocks)):
         raise InversionChainError(
             f"{WHAT}: start_layer {start_layer} is outside this {family} model's {len(blocks)} blocks; on DiT models "
