@@ -26,7 +26,8 @@ def check_supported(model_patcher, what: str, allow_flow: bool = False):
             return
         raise InversionChainError(
             f"{what}: the model family '{family}' (a rectified-flow / DiT model) is not supported yet by this node; "
-            f"of this pack's nodes only DDIM Invert runs on it so far. Supported here: {SUPPORTED}.")
+            f"so far DDIM Invert runs on every rectified-flow family, KV Inject on Flux and Chroma. Supported here: "
+            f"{SUPPORTED}.")
     if unet_of(model_patcher) is None:
         raise InversionChainError(
             f"{what}: the model family '{family}' is not supported yet. Supported: {SUPPORTED}.")
@@ -100,10 +101,11 @@ def _context_dim(unet) -> int:
     return 0
 
 
-def require_inversion(model_patcher, inversion, what: str):
-    """The one check every consumer of an INVERSION makes: it came from DDIM Invert, with this model."""
+def require_inversion(model_patcher, inversion, what: str, allow_flow: bool = False):
+    """The one check every consumer of an INVERSION makes: it came from DDIM Invert, with this model (``allow_flow``:
+    the caller also runs on rectified-flow models, see ``check_supported``)."""
     from .artifacts import Inversion
-    check_supported(model_patcher, what)
+    check_supported(model_patcher, what, allow_flow=allow_flow)
     if not isinstance(inversion, Inversion):
         raise InversionChainError(f"{what}: `inversion` must come from DDIM Invert.")
     inversion.check_matches(model_key(model_patcher), what=what)

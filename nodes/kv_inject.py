@@ -14,7 +14,10 @@ class ICKVInject:
                    "inversion chain, each CFG half those of the same half (conditional: the source prompt; "
                    "unconditional: `negative`). "
                    "Sample with the stock KSampler (sampler ddim, scheduler and steps of the inversion) or "
-                   "SamplerCustom with DDIM Invert's sigmas; start from the inversion's noise to keep the layout.")
+                   "SamplerCustom with DDIM Invert's sigmas; start from the inversion's noise to keep the layout. "
+                   "Flux and Chroma: in the chosen double/single blocks the target's image-token keys/values in joint "
+                   "attention are replaced by the source's (Stable Flow's attention injection); text tokens keep "
+                   "their own.")
     CATEGORY = CATEGORY + "/attention"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
@@ -28,18 +31,24 @@ class ICKVInject:
                 "inversion": tip(INVERSION, "The source image's inversion (DDIM Invert)."),
                 "start_percent": tip("FLOAT", "Fraction of the sampling steps from which to inject: step i of N "
                                      "injects when i/N >= start_percent. MasaCtrl's START_STEP 4 of 50 = 0.08. "
-                                     "Earlier steps let the new prompt set the layout.",
+                                     "Earlier steps let the new prompt set the layout. Flux/Chroma: Stable Flow "
+                                     "injects from the first step (0.0); RF-Edit shares the source's attention "
+                                     "features only in the first steps.",
                                      default=0.08, min=0.0, max=1.0, step=0.01),
                 "start_layer": tip("INT", "First self-attention layer to inject, in execution order (SD1.x/2.x: "
                                    "16 layers, down 0-5, mid 6, up 7-15; SDXL: 70, down 0-23, mid 24-33, up 34-69). "
                                    "-1 (default) = the first decoder layer at the second-finest attention "
                                    "resolution, which means the same on every family: 10 on SD1.x/2.x (MasaCtrl's "
-                                   "default), 34 on SDXL.", default=-1, min=-1, max=200),
+                                   "default), 34 on SDXL. Flux/Chroma: a block position, double blocks first "
+                                   "then single blocks (0-18 double, 19-56 single on FLUX.1 and Chroma); n injects "
+                                   "every block from n on, -1 Stable Flow's vital layers (positions 0, 1, 2, 17, 18, "
+                                   "25, 28, 53, 54, 56).", default=-1, min=-1, max=200),
                 "mode": tip(list(MODES), "mutual: queries attend to the source's K/V (MasaCtrl); union: to the "
                             "source's and their own K/V concatenated; masked (MasaCtrl's mask-auto): the target's "
                             "foreground queries attend only to the source's foreground keys, background to "
                             "background; the source's foreground from its cross-attention of `mask_words`, the "
-                            "target's from its own cross-attention of `target_words` in the same step.",
+                            "target's from its own cross-attention of `target_words` in the same step. "
+                            "Flux/Chroma: mutual only.",
                             default="mutual"),
             },
             "optional": {
@@ -47,7 +56,8 @@ class ICKVInject:
                                 "MasaCtrl, the unconditional CFG half attends to the source image run with it, the "
                                 "conditional half to the source run with its own prompt. Needed when sampling with "
                                 "cfg != 1; a new negative records the source once more (cached per inversion and "
-                                "negative)."),
+                                "negative). Chroma at cfg > 1 likewise; guidance-distilled Flux samples at cfg 1 "
+                                "and needs none."),
                 "mask_words": tip("STRING", "masked mode: comma-separated words of the source prompt marking the "
                                   "source's foreground (its cross-attention at latent/4, min-max normalised, >= "
                                   "0.1, as MasaCtrl's 16x16 maps at 512 px).", default=""),

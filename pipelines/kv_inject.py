@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import conditioning
+from .. import compat, conditioning
 from ..artifacts import InversionChainError, user_text
-from ..attention.core import patching
+from ..attention.core import dit_layers, patching
 from ..attention.core.layers import decoder_start, select_layers
 from ..attention.core.schedule import check_percents, steps_within
 from ..attention.core.tokens import locate_words, parse_words
+from ..attention.editors.dit_kv_inject import DiTKVInject
 from ..attention.editors.kv_inject import MODES, KVInjectEditor, TargetMapObserver, negative_check
+from ..attention.store.dit_reference import DiTRecorder, DiTReferenceKV, compute_dtype, image_tokens
 from ..attention.store import reference as reference_store
 from ..attention.store.partial_reference import cached_steps
 from ..attention.store.reference import ReferenceKV
@@ -24,7 +26,9 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
                     mask_words: str = "", clip=None, source_prompt: str = "", cache: str = "auto",
                     target_prompt: str = "", target_words: str = ""):
     """A ``model.clone()`` whose self-attention takes the source's K/V from ``start_percent`` on (layers >=
-    ``start_layer``; -1 = the family's default decoder layer)."""
+    ``start_layer``; -1 = the family's default decoder layer). Flux-layout DiTs (Flux, Chroma): ``build_dit``."""
+    if dit_layers.is_flux_layout(model):
+        return build_dit(model, inversion, start_percent, start_layer, mode, negative=negative, cache=cache)
     require_inversion(model, inversion, WHAT)
     if mode not in MODES:
         raise InversionChainError(f"{WHAT}: unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
@@ -91,5 +95,78 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
             reference.conds_uncond = patching.capture_conds(model, negative, latent[:1])
         patching.add_unet_wrapper(patched, reference.recompute_wrapper)
         log.info(f"[Inversion Chain] {WHAT}: recomputing reference K/V at every step"
+                 f"{' (' + reference.budget_message + ')' if getattr(reference, 'budget_message', '') else ''}")
+    return patched
+
+
+def build_dit(model, inversion, start_percent: float, start_layer: int, mode: str, negative=None, cache: str = "auto"):
+    """KV Inject on a Flux-layout DiT: ``start_layer`` -1 = Stable Flow's vital layers, n >= 0 = every block at
+    position >= n (double blocks first, then single blocks; dit_layers.py)."""
+    require_inversion(model, inversion, WHAT, allow_flow=True)
+    missing = compat.missing_feature_message("dit-attention-patches", WHAT)
+    if missing:
+        raise InversionChainError(missing)
+    family = compat.family_name(model)
+    if mode not in MODES:
+        raise InversionChainError(f"{WHAT}: unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
+    if mode != "mutual":
+        raise InversionChainError(
+            f"{WHAT}: mode '{user_text(mode)}' is not available on {family} yet; use mutual (the source's image-token "
+            f"K/V replace the target's, Stable Flow's injection). union would append the source's image tokens to the "
+            f"joint sequence with their own rotary positions, and masked needs the image-to-text attention maps of "
+            f"joint attention: neither is built for DiT models yet.")
+    blocks = dit_layers.enumerate_blocks(model)
+    doubles, _ = dit_layers.depths(blocks)
+    if not (start_layer == -1 or 0 <= start_layer < len(blocks)):
+        raise InversionChainError(
+            f"{WHAT}: start_layer {start_layer} is outside this {family} model's {len(blocks)} blocks; on DiT models "
+            f"start_layer is a block position: 0..{doubles - 1} the double blocks, {doubles}..{len(blocks) - 1} the "
+            f"single blocks (valid: 0..{len(blocks) - 1}), or -1 for Stable Flow's vital layers.")
+    check_percents(WHAT, start_percent=start_percent)
+    steps = steps_within(inversion.steps, start_percent)
+    if not steps:
+        raise InversionChainError(f"{WHAT}: start_percent {start_percent:g} leaves none of the inversion's "
+                                  f"{inversion.steps} steps, so nothing would be injected; use a value below "
+                                  f"{(inversion.steps - 1) / inversion.steps:g} (Stable Flow injects from the first "
+                                  f"step: 0).")
+    return patch_dit(model, inversion, dit_layers.select_blocks(blocks, start_layer), steps, negative, cache)
+
+
+def patch_dit(model, inversion, blocks, steps, negative=None, cache: str = "auto"):
+    """A ``model.clone()`` whose ``blocks`` take the source's image-token K/V at chain ``steps`` (cached in the one
+    reference store, or recomputed next to each sampling call)."""
+    branches = 1 if negative is None else 2
+    tokens = image_tokens(model, inversion.latent_shape)
+    reference = DiTReferenceKV(inversion, blocks, steps, tokens, compute_dtype(model), branches, what=WHAT)
+    latent = torch.zeros(inversion.latent_shape)
+    positive = conditioning.first_row(inversion.positive)
+    negative = None if negative is None else conditioning.first_row(negative)
+    key = conditioning.fingerprint(positive) + ("" if negative is None else conditioning.fingerprint(negative))
+    # "partial": the first steps that fit the store's budget cached, the others recomputed next to their calls
+    if reference.estimate_bytes() == 0:   # no block or no step chosen: nothing to record, the patch never acts
+        mode = "cache"
+    else:
+        reference, mode = cached_steps(
+            "dit_kv_inject", model, reference, key, cache, lambda ref: ref.fill(model, latent, negative=negative),
+            positive, negative, extra=(tuple(b.key for b in blocks),))
+    patched = patching.add_attn1_patch(model.clone(), DiTRecorder())
+    patching.add_attn1_patch(patched, DiTKVInject(reference, blocks, steps, tokens, what=WHAT))
+    if negative is not None:
+        patching.add_unet_wrapper(patched, negative_check(negative[0][0], WHAT))
+    if mode == "partial":
+        reference.install(patched)
+    elif mode == "cache":
+        log.info(f"[Inversion Chain] {WHAT}: source image-token K/V for {len(reference.steps)} steps x {len(blocks)} "
+                 f"blocks x {branches} CFG half(s): {reference.nbytes() / 2 ** 20:.1f} MB on "
+                 f"{reference.storage_device} (cache holds {reference_store.STORE.held_bytes() / 2 ** 20:.1f} MB "
+                 f"in {len(reference_store.STORE.entries)} entries)")
+    else:
+        reference.mode = "recompute"
+        reference.storage_device = model.load_device
+        reference.conds = patching.capture_conds(model, positive, latent[:1])
+        if negative is not None:
+            reference.conds_uncond = patching.capture_conds(model, negative, latent[:1])
+        patching.add_unet_wrapper(patched, reference.recompute_wrapper)
+        log.info(f"[Inversion Chain] {WHAT}: recomputing the source's K/V next to every sampling step"
                  f"{' (' + reference.budget_message + ')' if getattr(reference, 'budget_message', '') else ''}")
     return patched

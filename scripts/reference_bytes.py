@@ -10,6 +10,12 @@ Then what ``cache=auto`` decides (``partial_reference.cached_steps``): cache the
 that fit (the rest recomputed), or recompute; the store's budget is 40% of free memory on the device (GPU, then
 CPU RAM).
 
+Flux (FLUX.1-dev at 1024 px): ComfyUI's own ``comfy.ldm.flux.model.Flux`` built on the meta device with FLUX.1-dev's
+sizes (19 double + 38 single blocks, hidden 3072, 24 heads), walked by the pack's ``dit_layers.enumerate_blocks``;
+the bytes are ``DiTReferenceKV.estimate_bytes`` (image-token K and V, bf16 as the model computes, 28 steps: the
+usual Flux-dev count): KV Inject's default (Stable Flow's vital layers, start_percent 0.08) and every block, and what
+``cache=auto`` decides, by the same rule as for the UNets.
+
     .venv/bin/python scripts/reference_bytes.py [--gpu-gib 24] [--json]
 """
 from __future__ import annotations
@@ -86,6 +92,42 @@ def reference_bytes(family: str, keep: str = "inputs") -> dict:
     }
 
 
+FLUX_DEV = {"in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
+            "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
+            "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True, "txt_ids_dims": []}
+FLUX_STEPS, FLUX_PX = 28, 1024
+FLUX_WEIGHTS_GIB = 22.2 + 0.5   # bf16 FLUX.1-dev transformer kept on the GPU while sampling, + CUDA context
+
+
+def flux_reference_bytes() -> dict:
+    """KV Inject's reference bytes on FLUX.1-dev at 1024 px, from the real block shapes (meta device)."""
+    comfy_env.setup_comfy()
+    pack = comfy_env.load_pack()
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    with torch.device("meta"):
+        dm = Flux(dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init, **FLUX_DEV)
+    patcher = SimpleNamespace(model=SimpleNamespace(diffusion_model=dm))
+    dit_layers = pack.attention.core.dit_layers
+    store = pack.attention.store.dit_reference
+    blocks = dit_layers.enumerate_blocks(patcher)
+    latent_shape = (1, 16, FLUX_PX // 8, FLUX_PX // 8)
+    tokens = store.image_tokens(patcher, latent_shape)
+    steps = pack.attention.core.schedule.steps_within(FLUX_STEPS, 0.08)
+    inversion = SimpleNamespace(latent_shape=latent_shape)
+
+    def estimate(chosen, branches):
+        return store.DiTReferenceKV(inversion, chosen, steps, tokens, torch.bfloat16, branches).estimate_bytes()
+
+    vital = dit_layers.select_blocks(blocks, -1)
+    return {"family": "flux-dev", "image_px": FLUX_PX, "blocks": len(blocks), "image_tokens": tokens,
+            "steps": len(steps), "per_block_per_step_per_branch": estimate(blocks[:1], 1) // len(steps),
+            "kv_inject_default": {"blocks": [b.position for b in vital], "bytes": estimate(vital, 1)},
+            "kv_inject_every_block": {"blocks": len(blocks), "bytes": estimate(blocks, 1)},
+            "kv_inject_default_two_halves": {"blocks": [b.position for b in vital], "bytes": estimate(vital, 2)}}
+
+
 def auto_decision(need: int, steps: int, free_bytes: float) -> str:
     """What the store does with an entry of ``need`` bytes over ``steps`` steps (``partial_reference.cached_steps``):
     cache it whole, cache the first steps that fit and recompute the rest, or recompute every step."""
@@ -115,9 +157,14 @@ def main(argv=None):
                 r[editor]["auto_gpu"] = auto_decision(need, steps, gpu_free)
                 r[editor]["auto_this_cpu"] = auto_decision(need, steps, ram_free)
             rows.append(r)
+    flux = flux_reference_bytes()
+    flux_gpu_free = max(0.0, (args.gpu_gib - FLUX_WEIGHTS_GIB) * 2 ** 30)
+    for editor in ("kv_inject_default", "kv_inject_every_block", "kv_inject_default_two_halves"):
+        flux[editor]["auto_gpu"] = auto_decision(flux[editor]["bytes"], flux["steps"], flux_gpu_free)
+        flux[editor]["auto_this_cpu"] = auto_decision(flux[editor]["bytes"], flux["steps"], ram_free)
     if args.json:
-        print(json.dumps({"gpu_gib": args.gpu_gib, "this_machine_free_ram_gib": ram_free / 2 ** 30, "rows": rows},
-                         indent=1))
+        print(json.dumps({"gpu_gib": args.gpu_gib, "this_machine_free_ram_gib": ram_free / 2 ** 30, "rows": rows,
+                          "flux": flux}, indent=1))
         return
     print(f"GPU {args.gpu_gib:g} GiB (free = total - fp16 UNet - 0.5 GiB context); this machine: "
           f"{ram_free / 2 ** 30:.1f} GiB RAM available. Budget = 40% of free. {STEPS} steps, fp16 storage.")
@@ -134,6 +181,20 @@ def main(argv=None):
                   f"{r['per_step_per_branch_all_layers'] / 2 ** 20:.0f} | {label} | "
                   f"{e['bytes'] / 2 ** 30:.2f} GiB ({where}{e['steps']} steps) | {e['auto_gpu']} "
                   f"| {e['auto_this_cpu']} |")
+
+    print(f"\nFLUX.1-dev {flux['image_px']} px: {flux['blocks']} blocks, {flux['image_tokens']} image tokens, "
+          f"{flux['steps']} of {FLUX_STEPS} steps (start_percent 0.08), bf16 K and V: "
+          f"{flux['per_block_per_step_per_branch'] / 2 ** 20:.1f} MiB per block, step and CFG half. GPU free = "
+          f"{args.gpu_gib:g} GiB - {FLUX_WEIGHTS_GIB:g} GiB (bf16 transformer + context).")
+    print("| Flux editor | blocks | bytes | auto, GPU | auto, this CPU |")
+    print("|---|---|---|---|---|")
+    labels = {"kv_inject_default": "KV Inject default (vital layers), 1 half (cfg 1)",
+              "kv_inject_every_block": "KV Inject, every block, 1 half",
+              "kv_inject_default_two_halves": "KV Inject default, 2 halves (true CFG)"}
+    for editor, label in labels.items():
+        e = flux[editor]
+        print(f"| {label} | {e['blocks']} | {e['bytes'] / 2 ** 30:.2f} GiB | {e['auto_gpu']} | {e['auto_this_cpu']} |")
+
 
 if __name__ == "__main__":
     main()

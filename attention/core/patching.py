@@ -137,7 +137,8 @@ def reference_call(apply_model, x, timestep, conds, transformer_options, recorde
 def stack_conds(conds_per_row):
     """Model-ready conds of one row each (as ``capture_conds`` returns them) as one batch, row by row, the way
     ComfyUI batches a cond with an uncond (text contexts of different lengths repeated to a common multiple); None
-    when they cannot share a batch (other keys, shapes or non-tensor values)."""
+    when they cannot share a batch (other keys, shapes or non-tensor values, or texts whose common multiple is more
+    than 4 times the shorter, which ComfyUI does not batch either)."""
     first = conds_per_row[0]
     if any(set(c) != set(first) for c in conds_per_row):
         return None
@@ -151,6 +152,8 @@ def stack_conds(conds_per_row):
             continue
         if key == "c_crossattn" and all(v.ndim == 3 for v in values):
             tokens = math.lcm(*(int(v.shape[1]) for v in values))
+            if tokens // min(int(v.shape[1]) for v in values) > 4:   # ComfyUI's CONDCrossAttn.can_concat limit
+                return None
             values = [v.repeat(1, tokens // v.shape[1], 1) for v in values]
         if any(v.shape != values[0].shape or v.shape[0] != 1 for v in values):
             return None
@@ -196,6 +199,18 @@ def add_attn2_patch(model, patch):
     to = dict(model.model_options.get("transformer_options", {}))
     patches = {name: list(entries) for name, entries in to.get("patches", {}).items()}
     patches["attn2_patch"] = patches.get("attn2_patch", []) + [patch]
+    to["patches"] = patches
+    model.model_options["transformer_options"] = to
+    return model
+
+
+def add_attn1_patch(model, patch):
+    """Add an ``attn1_patch`` (in place: call on a clone). On Flux-layout DiTs ComfyUI calls it in every double and
+    single block as ``patch(q, k, v, pe=, attn_mask=, extra_options=) -> dict`` (q, k before RoPE); the patch lists
+    are copied, never shared with the MODEL this one was cloned from."""
+    to = dict(model.model_options.get("transformer_options", {}))
+    patches = {name: list(entries) for name, entries in to.get("patches", {}).items()}
+    patches["attn1_patch"] = patches.get("attn1_patch", []) + [patch]
     to["patches"] = patches
     model.model_options["transformer_options"] = to
     return model

@@ -1,0 +1,58 @@
+"""KV injection in the joint attention of Flux-layout DiTs (Flux, Chroma): in the chosen double/single blocks, from
+the chosen step on, the target's image-token keys and values are replaced by the source's at the same step and CFG
+half (Stable Flow's attention injection, MasaCtrl's mutual self-attention). Text tokens keep their own K/V, and
+every query (text and image) attends over the joint sequence as usual.
+
+Installed as an ``attn1_patch`` (ComfyUI's hook in comfy/ldm/flux/layers.py): it returns a new k and v, never
+edits the tensors it is given; ComfyUI applies RoPE afterwards by position, so the source's keys at the same image
+positions are rotated exactly as in the source's own pass (dit_reference.py says why).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from ... import compat
+from ...artifacts import InversionChainError
+from ..core.dit_layers import DiTBlock
+from ..store.dit_reference import RECORDING_KEY, step_of
+
+
+class DiTKVInject(compat.PatchObject):
+    def __init__(self, reference, blocks: Sequence[DiTBlock], steps: Iterable[int], tokens: int,
+                 what: str = "KV Inject"):
+        self.reference = reference    # a DiTReferenceKV, or a PartialReference of one
+        self.blocks = {b.key: b for b in blocks}
+        self.tokens = int(tokens)
+        self.steps = set(int(s) for s in steps)
+        self.what = what
+
+    def __call__(self, q, k, v, pe=None, attn_mask=None, extra_options=None):
+        options = extra_options or {}
+        if options.get(RECORDING_KEY) is not None:   # the source's own forward (recompute mode): record, not edit
+            return {}
+        key = (options.get("block_type"), options.get("block_index"))
+        if key not in self.blocks:
+            return {}
+        step = step_of(options, self.reference.inversion.sigmas)
+        if step is None or step not in self.steps:
+            return {}
+        s0, s1 = options["img_slice"]
+        if s1 - s0 != self.tokens:
+            h, w = self.reference.inversion.latent_shape[-2:]
+            raise InversionChainError(
+                f"{self.what}: the sampled latent has {s1 - s0} image tokens, the inversion's latent ({w * 8}x{h * 8} "
+                f"px) has {self.tokens}; sample at the inverted image's size.")
+        branches = list(options.get("cond_or_uncond") or [0])
+        if 1 in branches and self.reference.branches < 2:
+            raise InversionChainError(
+                f"{self.what}: the sampler runs classifier-free guidance (an unconditional half) but `negative` is "
+                f"not connected. Each CFG half attends to the source run with that half's prompt: connect the same "
+                f"negative conditioning the sampler gets (or sample at cfg 1, as guidance-distilled Flux does).")
+        rows = k.shape[0] // len(branches)
+        k, v = k.clone(), v.clone()
+        for chunk, branch in enumerate(branches):
+            k_ref, v_ref = self.reference.get(step, self.blocks[key], k.device, k.dtype, int(branch))
+            r = chunk * rows
+            k[r:r + rows, :, s0:s1] = k_ref
+            v[r:r + rows, :, s0:s1] = v_ref
+        return {"k": k, "v": v}
