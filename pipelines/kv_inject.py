@@ -79,24 +79,8 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
     patched = patching.install(model, editor, WHAT)
     if mode == "masked":
         patched = patching.install(patched, TargetMapObserver(editor), WHAT)
-    if negative is not None:
-        patching.add_unet_wrapper(patched, negative_check(negative[0][0], WHAT))
-    if reference.mode == "partial":
-        reference.install(patched)
-    elif reference.mode == "cache":
-        log.info(f"[Inversion Chain] {WHAT}: reference K/V for {len(reference.steps)} steps x {len(selected)} "
-                 f"layers x {branches} CFG branch(es): {reference.nbytes() / 2 ** 20:.1f} MB on "
-                 f"{reference.storage_device} (cache holds {reference_store.STORE.held_bytes() / 2 ** 20:.1f} MB "
-                 f"in {len(reference_store.STORE.entries)} entries)")
-    else:
-        reference.storage_device = model.load_device
-        reference.conds = patching.capture_conds(model, positive, latent[:1])
-        if negative is not None:
-            reference.conds_uncond = patching.capture_conds(model, negative, latent[:1])
-        patching.add_unet_wrapper(patched, reference.recompute_wrapper)
-        log.info(f"[Inversion Chain] {WHAT}: recomputing reference K/V at every step"
-                 f"{' (' + reference.budget_message + ')' if getattr(reference, 'budget_message', '') else ''}")
-    return patched
+    return serve_reference(patched, model, reference, reference.mode, positive, negative, latent,
+                           f"{len(selected)} layers x {branches} CFG branch(es)")
 
 
 def build_dit(model, inversion, start_percent: float, start_layer: int, mode: str, negative=None, cache: str = "auto"):
@@ -151,15 +135,22 @@ def patch_dit(model, inversion, blocks, steps, negative=None, cache: str = "auto
             positive, negative, extra=(tuple(b.key for b in blocks),))
     patched = patching.add_attn1_patch(model.clone(), DiTRecorder())
     patching.add_attn1_patch(patched, DiTKVInject(reference, blocks, steps, tokens, what=WHAT))
+    return serve_reference(patched, model, reference, mode, positive, negative, latent,
+                           f"{len(blocks)} blocks x {branches} CFG half(s)")
+
+
+def serve_reference(patched, model, reference, mode: str, positive, negative, latent, what_is_held: str):
+    """The shared tail of both paths: the negative check, then the reference served from the store (``cache``),
+    partly from it (``partial``) or recomputed next to every sampling call (``recompute``)."""
     if negative is not None:
         patching.add_unet_wrapper(patched, negative_check(negative[0][0], WHAT))
     if mode == "partial":
         reference.install(patched)
     elif mode == "cache":
-        log.info(f"[Inversion Chain] {WHAT}: source image-token K/V for {len(reference.steps)} steps x {len(blocks)} "
-                 f"blocks x {branches} CFG half(s): {reference.nbytes() / 2 ** 20:.1f} MB on "
-                 f"{reference.storage_device} (cache holds {reference_store.STORE.held_bytes() / 2 ** 20:.1f} MB "
-                 f"in {len(reference_store.STORE.entries)} entries)")
+        log.info(f"[Inversion Chain] {WHAT}: source K/V for {len(reference.steps)} steps x {what_is_held}: "
+                 f"{reference.nbytes() / 2 ** 20:.1f} MB on {reference.storage_device} (cache holds "
+                 f"{reference_store.STORE.held_bytes() / 2 ** 20:.1f} MB in {len(reference_store.STORE.entries)} "
+                 f"entries)")
     else:
         reference.mode = "recompute"
         reference.storage_device = model.load_device
