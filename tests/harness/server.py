@@ -108,7 +108,8 @@ class ComfyServer:
                     photos.save_png(name, target, size)
         extra = self.workdir / "extra_model_paths.yaml"
         extra.write_text(f"ic_test:\n  base_path: {json.dumps(str(self.workdir))}\n  checkpoints: checkpoints\n"
-                         f"  clip_vision: clip_vision\n  controlnet: controlnet\n  loras: loras\n  custom_nodes: test_nodes\n")
+                         f"  clip_vision: clip_vision\n  controlnet: controlnet\n  loras: loras\n"
+                         f"  custom_nodes: test_nodes\n")
         env = dict(os.environ, IC_REPO_ROOT=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),

@@ -3,8 +3,9 @@ pack's caches hold in the server process, in bytes. Registered by the test-only 
 (tests/comfy_test_node), never by the pack: the pack itself reports its cache only in MB, in its log and in the
 Free Inversion Chain Caches node's report (which also empties the caches).
 
-The pack's modules are found at request time (its store is imported on first use) (the test node may load before the pack), by the type of the object
-rather than by module path, so that moving modules within the pack does not break the probe."""
+The pack's modules are found at request time (the test node may load before the pack, which imports its store on
+first use), by the type of the object rather than by module path, so that moving modules within the pack does not
+break the probe."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ import types
 def _pack_objects():
     store = style = None
     for name, module in list(sys.modules.items()):
-        if not isinstance(module, types.ModuleType) or name.startswith(("torch", "comfy", "numpy")):
+        if not isinstance(module, types.ModuleType) or name.startswith(("torch", "numpy", "comfy.")) or name == "comfy":
             continue
         candidate = module.__dict__.get("STORE")
         if store is None and type(candidate).__name__ == "ReferenceStore" and hasattr(candidate, "held_bytes"):
