@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import types
 
 
@@ -28,6 +29,17 @@ def _pack_objects():
 
 
 def cache_bytes() -> dict:
+    """Read while the prompt worker may be changing the caches (another thread): a dict changed during the count
+    raises RuntimeError, and the count is simply taken again."""
+    for _ in range(100):
+        try:
+            return _cache_bytes()
+        except RuntimeError:
+            time.sleep(0.01)
+    return _cache_bytes()
+
+
+def _cache_bytes() -> dict:
     store, style = _pack_objects()
     out = {"pid": os.getpid(), "reference_loaded": store is not None, "reference_bytes": 0, "reference_entries": 0,
            "reference_budget_cpu": 0}
