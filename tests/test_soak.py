@@ -10,8 +10,8 @@ bytes later would be a leak); the server's RSS at the end of the second half of 
 at most RSS_GROWTH; a stock-only graph (KSampler + VAE Decode) gives bit-identical pixels before and after; no file
 appears in ComfyUI's output/temp/input/user folders that no prompt reported; the server still answers.
 
-Short form (CI): 2 rounds, 44 prompts. Long form: IC_SOAK_PROMPTS=300 (or ``scripts/soak.py --prompts 300``, which
-prints the figures as JSON; README "Reliability")."""
+Short form (CI): 2 rounds, 42 prompts (the two stock runs included). Long form: IC_SOAK_PROMPTS=300 (or
+``scripts/soak.py --prompts 300``, which prints the figures as JSON; README "Reliability")."""
 import math
 import os
 
