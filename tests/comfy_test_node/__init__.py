@@ -19,3 +19,7 @@ register_test_model_configs()
 register_demo_model_config()
 register_test_clip_vision()
 NODE_CLASS_MAPPINGS = {}
+
+from ic_test_harness.soak_probe import register_routes  # noqa: E402
+
+register_routes()   # GET /ic_test/cache_bytes (read-only; tests/test_soak.py)

@@ -74,7 +74,8 @@ class ComfyServer:
         nodes_dir = self.workdir / "test_nodes"
         vision_dir = self.workdir / "clip_vision"
         control_dir = self.workdir / "controlnet"
-        for d in (ckpt_dir, nodes_dir, vision_dir, control_dir, self.output_dir, self.input_dir):
+        lora_dir = self.workdir / "loras"
+        for d in (ckpt_dir, nodes_dir, vision_dir, control_dir, lora_dir, self.output_dir, self.input_dir):
             d.mkdir(parents=True, exist_ok=True)
         for size in self.checkpoints:
             self._link(ckpt_dir / models.CHECKPOINT_NAMES[size], models.checkpoint_path(size))
@@ -88,6 +89,8 @@ class ComfyServer:
         for size, name in extra_models.CONTROLNET_NAMES.items():
             if size in self.checkpoints:
                 self._link(control_dir / name, extra_models.controlnet_path(size))
+        if "small" in self.checkpoints:   # the small model's test LoRA (Load LoRA, its strengths)
+            self._link(lora_dir / extra_models.LORA_NAME, extra_models.lora_path())
         if self.shipped_names:
             for name, family in SHIPPED_CHECKPOINTS.items():
                 stand_in = (FAMILY_TEST_MODELS[family] or ("small",))[0]
@@ -105,7 +108,8 @@ class ComfyServer:
                     photos.save_png(name, target, size)
         extra = self.workdir / "extra_model_paths.yaml"
         extra.write_text(f"ic_test:\n  base_path: {json.dumps(str(self.workdir))}\n  checkpoints: checkpoints\n"
-                         f"  clip_vision: clip_vision\n  controlnet: controlnet\n  custom_nodes: test_nodes\n")
+                         f"  clip_vision: clip_vision\n  controlnet: controlnet\n  loras: loras\n"
+                         f"  custom_nodes: test_nodes\n")
         env = dict(os.environ, IC_REPO_ROOT=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
