@@ -222,3 +222,22 @@ def test_kv_inject_partial_cache_equals_the_full_cache(store, inverted, family, 
         diff = float((partial - full).abs().max())
         print(f"{family}: KV Inject {mode}, partial cache (2 of 3 steps) vs full cache: {diff:.2e}")
         assert diff < 1e-3
+
+
+def test_an_inputs_cache_whose_model_is_gone_is_dropped_before_a_new_entry(store, inverted, family_encode):
+    """An inputs cache needs its model's to_k / to_v to serve; once those modules are gone it can only be refilled,
+    so the store drops it when the next entry comes in (it held its bytes until ComfyUI next freed memory)."""
+    import weakref
+    model, clip, src, inv = inverted
+    negative = family_encode(clip, "blurry")
+    alive = _filled(model, inv, negative, "kv", torch.float16)
+    orphan = _filled(model, inv, negative, "inputs", torch.float16)
+    store.put(("kv", "alive"), alive)
+    store.put(("inputs", "orphan"), orphan)
+    assert orphan.usable() and len(store.entries) == 2
+    gone = torch.nn.Linear(1, 1)
+    orphan._attn = {index: weakref.ref(gone) for index in orphan._attn}   # the model's modules, collected
+    del gone
+    assert not orphan.usable() and alive.usable()
+    store.put(("kv", "newer"), _filled(model, inv, negative, "kv", torch.float16))
+    assert set(store.entries) == {("kv", "alive"), ("kv", "newer")}

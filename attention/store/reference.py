@@ -258,8 +258,18 @@ class ReferenceStore:
             self.entries.move_to_end(key)
         return ref
 
+    def drop_unusable(self) -> int:
+        """Drop the entries that can no longer serve (an inputs cache whose model is gone); returns their bytes."""
+        dead = [k for k, e in self.entries.items() if not e.usable()]
+        freed = store_memory.held_bytes([self.entries[k] for k in dead]) if dead else 0
+        for key in dead:
+            self.entries.pop(key)
+        return freed
+
     def make_room(self, need: int, device):
-        """Evict least recently used entries on ``device`` until ``need`` more bytes fit the budget."""
+        """Evict least recently used entries on ``device`` until ``need`` more bytes fit the budget (entries that
+        can no longer serve go first)."""
+        self.drop_unusable()
         device = torch.device(device)
         budget = self.budget(device)
         for key in list(self.entries):
@@ -271,6 +281,7 @@ class ReferenceStore:
                          evicted.nbytes() / 2 ** 20, key[0])
 
     def put(self, key, ref: ReferenceKV):
+        self.drop_unusable()
         self.entries[key] = ref
         self.entries.move_to_end(key)
 

@@ -79,12 +79,11 @@ def move_entry(entry, device):
 
 def release(store, reason: str, device=None, memory_required=None):
     """The store's answer to ComfyUI freeing memory (see the module docstring)."""
-    for key in [k for k, e in store.entries.items() if not e.usable()]:
-        store.entries.pop(key)
+    dead = store.drop_unusable()
     if reason == "unload_all":
-        if store.entries:
+        if store.entries or dead:
             log.info("[Inversion Chain] ComfyUI freed memory: releasing the reference cache (%.1f MB)",
-                     store.held_bytes() / 2 ** 20)
+                     (store.held_bytes() + dead) / 2 ** 20)
         store.clear()
         return
     if device is None or torch.device(device).type == "cpu":
