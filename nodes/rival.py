@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..artifacts import INVERSION
+from ..pipelines.rival import rival_sample
 from ..samplers import rival
 from .common import CATEGORY, tip
 from .contract import checked
@@ -71,9 +72,9 @@ class ICRIVALAlignSampler:
     @checked
     def sample(self, model, positive, negative, inversion, seed, batch_size, cfg, replace_end_percent,
                normalize_end_percent, init, normalize, reference_kv="cache", mask=None):
-        variations, reference = rival.rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,
-                                                   replace_end_percent, normalize_end_percent, init, normalize,
-                                                   reference_mode=reference_kv, what=WHAT, mask=mask)
+        variations, reference = rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,
+                                             replace_end_percent, normalize_end_percent, init, normalize,
+                                             reference_mode=reference_kv, what=WHAT, mask=mask)
         return ({"samples": variations}, {"samples": reference})
 
 
