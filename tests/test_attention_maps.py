@@ -4,8 +4,6 @@
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 
 from inversion_chain import compat
 from inversion_chain.artifacts import InversionChainError
@@ -19,6 +17,7 @@ from inversion_chain.attention.core.layers import enumerate_layers
 from inversion_chain.nodes.attention_maps import ICAttentionCapture, ICAttentionMapViewer
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
+from tests.harness.sampling import noised_sampler
 
 STEPS = 4
 PROMPT = "a photo of an astronaut"
@@ -26,11 +25,7 @@ WORDS = ["a", "photo", "of", "an", "astronaut"]
 LEVEL0 = "0,1,13-15"            # the small model's 16x16 layers (latent/1)
 
 
-def sample(model, positive, negative, noise, sigmas, cfg=3.0, latent=None):
-    """SamplerCustom semantics with sampler 'ddim' (the noise is scaled by sigma_max and added to ``latent``)."""
-    sampler = comfy.samplers.sampler_object("ddim")
-    latent = torch.zeros_like(noise) if latent is None else latent
-    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent, seed=0)
+sample = noised_sampler(cfg=3.0)
 
 
 @pytest.fixture(scope="module", autouse=True)

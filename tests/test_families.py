@@ -5,8 +5,6 @@ The per-node files check each node in depth on the SD1.5 layout; this file is th
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 
 from inversion_chain.attention.core import patching
 from inversion_chain.attention.core.layers import decoder_start
@@ -15,17 +13,13 @@ from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 from inversion_chain.nodes.rival import ICRIVALAlignSampler
+from tests.harness.sampling import sample
 
 STEPS = 5
 CFG = 7.5
 SOURCE = "a cat sitting on a wooden table"
 TARGET = "a dog sitting on a wooden table"
 
-
-def sample(model, positive, negative, latent, sigmas, cfg=1.0):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0)
 
 
 @pytest.fixture(scope="module")

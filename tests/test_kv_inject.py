@@ -2,23 +2,16 @@
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention.core import patching
 from inversion_chain.attention.core.controller import CONTROLLER_KEY, Editor
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
+from tests.harness.sampling import sample
 
 STEPS = 8
 
-
-def sample(model, positive, negative, latent, sigmas, cfg=1.0, callback=None):
-    """Stock sampling path: SamplerCustom semantics with add_noise off and sampler 'ddim'."""
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, callback=callback, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from inversion_chain.attention.core.controller import Editor, attention_probs
 from inversion_chain.attention.core.layers import decoder_start
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
+from tests.harness.sampling import sample
 
 STEPS = 4
 CFG = 3.0
@@ -22,11 +23,6 @@ SOURCE = "a photo of an astronaut"
 TARGET = "a watercolor painting of an astronaut"   # the word at another token position than in SOURCE
 WORD_AT = {"source": 5, "target": 6}              # after the start token: a photo of an astronaut
 
-
-def sample(model, positive, negative, latent, sigmas, cfg):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0)
 
 
 def one_call(model, x, sigma, cond, latent):

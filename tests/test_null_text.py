@@ -19,6 +19,7 @@ from inversion_chain.artifacts import InversionChainError, NullText
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 from inversion_chain.model_info import unet_of
+from tests.harness.sampling import sampler
 
 STEPS = 8
 CFG = 7.5
@@ -28,10 +29,7 @@ SOURCE = "a photo of an astronaut"
 TARGET = "a photo of a robot"
 
 
-def sample(model, positive, negative, latent, sigmas, cfg=CFG):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0)
+sample = sampler(cfg=CFG)
 
 
 def edit_row0(s, null_text=None, cfg=CFG, target=TARGET):

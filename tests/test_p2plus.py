@@ -3,8 +3,6 @@ sampled through ComfyUI's stock path (SamplerCustom semantics: add_noise off, sa
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention.core import patching
@@ -15,16 +13,14 @@ from inversion_chain.attention.core.tokens import prompt_tokens
 from inversion_chain.attention.core.tokens import END, START
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
+from tests.harness.sampling import sampler
 
 STEPS = 5
 SOURCE = "a photo of an astronaut"
 TARGET = "a photo of a robot"         # same token count (5): a word swap
 
 
-def sample(model, positive, negative, latent, sigmas, cfg=3.0, callback=None):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, callback=callback, seed=0)
+sample = sampler(cfg=3.0)
 
 
 @pytest.fixture(scope="module")

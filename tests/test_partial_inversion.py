@@ -4,8 +4,6 @@ either works on the partial chain (identity cases) or says why not."""
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 import nodes
 
 from inversion_chain.artifacts import InversionChainError
@@ -14,6 +12,7 @@ from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 from inversion_chain.nodes.rival import ICRIVALAlignSampler
+from tests.harness.sampling import sample
 
 STEPS = 8
 END = 0.5          # inverts steps j = 0..3 (j/8 < 0.5): the chain ends at the sigma of sampling step 4 of 8
@@ -22,12 +21,6 @@ CFG = 7.5
 SOURCE = "a cat sitting on a wooden table"
 TARGET = "a dog sitting on a wooden table"
 
-
-def sample(model, positive, negative, latent, sigmas, cfg=1.0, callback=None):
-    """SamplerCustom: add_noise off, sampler ddim, the given sigmas."""
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0, callback=callback)
 
 
 def ksampler_advanced(model, positive, negative, latent, start_at_step, cfg=1.0, add_noise="disable", seed=0):

@@ -16,6 +16,7 @@ from inversion_chain.nodes.style_diffusion import ICStyleDiffusionApply, ICStyle
 from inversion_chain.optimize import style_diffusion
 from inversion_chain.model_info import unet_of
 from tests.harness import models, photos
+from tests.harness.sampling import sampler
 
 STEPS = 8
 CFG = 7.5
@@ -25,10 +26,7 @@ SOURCE = "a photo of an astronaut"
 TARGET = "a photo of a robot"
 
 
-def sample(model, positive, negative, latent, sigmas, cfg=CFG):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0)
+sample = sampler(cfg=CFG)
 
 
 @pytest.fixture(scope="module")
