@@ -4,11 +4,11 @@ from __future__ import annotations
 from .. import compat
 from ..artifacts import INVERSION
 from ..pipelines.inversion import free_caches, invert_image, latent_difference
-from ..samplers import inversion as inversion_lib
+from ..samplers.inversion import DEFAULT_MAX_ITERS, DEFAULT_TOLERANCE
 from .common import CATEGORY, tip
 from .contract import checked
 
-DEFAULT_REFINE_ITERS = inversion_lib.DEFAULT_MAX_ITERS  # a cap: steps stop at `tolerance` (samplers/inversion.py)
+DEFAULT_REFINE_ITERS = DEFAULT_MAX_ITERS  # a cap: steps stop at `tolerance` (samplers/inversion.py)
 
 
 class ICDDIMInvert:
@@ -55,7 +55,7 @@ class ICDDIMInvert:
                 "negative": tip("CONDITIONING", "Unconditional prompt, used only when inversion_cfg != 1."),
                 "tolerance": tip("FLOAT", "A step stops iterating once its round-trip error (max abs, in the model's "
                                  "sampling space) is at most this. 0 = always run `refine_iters` iterations.",
-                                 default=inversion_lib.DEFAULT_TOLERANCE, min=0.0, max=1.0, step=1e-6, round=1e-7),
+                                 default=DEFAULT_TOLERANCE, min=0.0, max=1.0, step=1e-6, round=1e-7),
                 "end_percent": tip("FLOAT", "How far toward noise to invert, as a fraction of the `steps`-step "
                                    "schedule counted from the clean image (DiffEdit's encoding ratio, the Unsampler's "
                                    "end_at_step / steps). 1.0 = full inversion to x_T. 0.5 with 50 steps inverts 25 "
@@ -70,7 +70,7 @@ class ICDDIMInvert:
 
     @checked
     def invert(self, model, latent, positive, steps, inversion_cfg, refine_iters, scheduler="ddim_uniform",
-               negative=None, tolerance=inversion_lib.DEFAULT_TOLERANCE, end_percent=1.0):
+               negative=None, tolerance=DEFAULT_TOLERANCE, end_percent=1.0):
         noise, sigmas, inv = invert_image(model, latent["samples"], positive, negative, inversion_cfg, steps,
                                           scheduler, refine_iters, tolerance, end_percent, "DDIM Invert")
         return ({"samples": noise}, sigmas, inv)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..artifacts import INVERSION
 from ..pipelines.rival import rival_sample
-from ..samplers import rival
+from ..samplers.rival import INITS, NORMALIZE, REFERENCE_MODES
 from .common import CATEGORY, tip
 from .contract import checked
 
@@ -50,13 +50,13 @@ class ICRIVALAlignSampler:
                                          "text-driven, inpainting configs) = 0.4; t_early 400 (official ControlNet "
                                          "config) = 0.6. Larger -> closer colour statistics.", default=0.4,
                                          min=0.0, max=1.0, step=0.01),
-            "init": tip(list(rival.INITS), "permute: a random spatial permutation of x_T per variation (keeps its "
+            "init": tip(list(INITS), "permute: a random spatial permutation of x_T per variation (keeps its "
                         "statistics); adain: fresh noise normalised to x_T; inverted: x_T itself (editing mode).",
                         default="permute"),
-            "normalize": tip(list(rival.NORMALIZE), "eps: normalise the noise prediction (official code); latent: "
+            "normalize": tip(list(NORMALIZE), "eps: normalise the noise prediction (official code); latent: "
                              "normalise the latents (paper prose); off.", default="eps"),
         }, "optional": {
-            "reference_kv": tip(list(rival.REFERENCE_MODES), "cache: record the photo's keys/values once per "
+            "reference_kv": tip(list(REFERENCE_MODES), "cache: record the photo's keys/values once per "
                                 "inversion and negative prompt, then every run (new seeds) costs only the variations; "
                                 "when they would not all fit the memory budget (SDXL at 1024 px), the first steps "
                                 "that fit are cached and the others recomputed per step. batch: run the photo as an "

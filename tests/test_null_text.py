@@ -20,6 +20,7 @@ from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 from inversion_chain.model_info import unet_of
 from tests.harness.sampling import sampler
+from tests.harness.measure import measured
 
 STEPS = 8
 CFG = 7.5
@@ -64,8 +65,8 @@ def errors(setup):
         cfg1 = sample(s["model"], s["src"], s["empty"], s["noise"], s["sigmas"], 1.0)
     out = {name: err(row) for name, row in rows.items()}
     out["cfg1_round_trip"] = err(cfg1)
-    print(f"row-0 max latent error at cfg {CFG}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items())
-          + f"; plain/null-text = {out['plain'] / out['null_text']:.1f}x")
+    measured(f"row-0 max latent error at cfg {CFG}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items())
+             + f"; plain/null-text = {out['plain'] / out['null_text']:.1f}x")
     return dict(out, rows=rows, cfg1=cfg1)
 
 
