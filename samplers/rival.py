@@ -1,10 +1,13 @@
 """RIVAL (Real-world Image Variation by ALignment) as a sampling loop in ComfyUI's sigma space.
 
-Batch rows: [reference, variation 1..N]. Every step the reference row is overwritten with the inversion chain's
-latent at that step, so it always equals the real image's chain; its attention keys/values feed the variations
-(attention/editors/rival.py). For the first steps (t > t_early) the variations' noise prediction (after CFG) is
-AdaIN-normalised per channel over HxW to the reference's conditional noise prediction (``normalize='eps'``, the
-official code), or their latents to the chain latent's statistics (``'latent'``, the paper's prose).
+One loop (``sample_variations``, on ``ddim``'s step) for both places the reference can come from (a
+``ReferenceSource``): in the batch, rows [reference, variation 1..N], the reference row overwritten every step with
+the inversion chain's latent at that step, so it always equals the real image's chain; or the reference store,
+where the same row's keys/values and conditional eps were recorded once per inversion and only the variations are
+sampled. Either way its attention keys/values feed the variations (attention/editors/rival.py). For the first
+steps (t > t_early) the variations' noise prediction (after CFG) is AdaIN-normalised per channel over HxW to the
+reference's conditional noise prediction (``normalize='eps'``, the official code), or their latents to the chain
+latent's statistics (``'latent'``, the paper's prose).
 
 When: the paper's timesteps are fractions of the steps here (``schedule.percent_after_timestep``): attention
 replacement while ``i / N < replace_end_percent`` (t > t_align), normalisation while ``i / N <
