@@ -26,6 +26,7 @@ def run() -> dict:
     import comfy.sample
     import comfy.samplers
     from inversion_chain.nodes.invert import ICDDIMInvert
+    from inversion_chain.pipelines import rival as rival_pipeline
     from inversion_chain.samplers import rival
 
     model, clip, vae = common.load_models()
@@ -45,7 +46,7 @@ def run() -> dict:
                                           disable_pbar=True, seed=0)
 
     def ours(mode, m=model):
-        return rival.rival_sample(m, src, neg, inv, 0, N, CFG, preview=False, reference_mode=mode)
+        return rival_pipeline.rival_sample(m, src, neg, inv, 0, N, CFG, preview=False, reference_mode=mode)
 
     from inversion_chain.attention.store import reference as reference_store
     store = reference_store.STORE

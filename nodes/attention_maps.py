@@ -1,19 +1,14 @@
 """Attention Capture and Attention Map Viewer nodes."""
 from __future__ import annotations
 
-from ..artifacts import InversionChainError, user_text
-from ..attention.core import patching
-from ..attention.viewer.capture import (ATTN_MAPS, BRANCHES, DETAILS, KIND_CHOICES, RESOLUTIONS, AttentionCaptureEditor,
-                                 AttentionMaps, capture_layers, prompt_tokens)
-from ..attention.viewer.map_query import select
-from ..attention.viewer.map_view import NORMALIZE, render
+from ..attention.viewer.capture import ATTN_MAPS, BRANCHES, DETAILS, KIND_CHOICES, RESOLUTIONS
+from ..attention.viewer.map_view import NORMALIZE
+from ..pipelines.attention_maps import DEFAULT_MAX_MB, capture_maps, view_maps
 from .common import CATEGORY, tip
 from .contract import checked
 
 CAPTURE = "Attention Capture"
 VIEWER = "Attention Map Viewer"
-MAX_GRID_PIXELS = 64 * 2 ** 20  # ~0.8 GB of float RGB: bounds the grid an image size and token list can ask for
-DEFAULT_MAX_MB = 4096   # Attention Capture's max_mb default
 VIEW_RESOLUTIONS = ("all captured",) + tuple(r for r in RESOLUTIONS if r != "all")
 
 
@@ -62,27 +57,8 @@ class ICAttentionCapture:
     @checked
     def capture(self, model, kinds, resolution, detail, query_grid, clip=None, prompt="", negative_prompt="",
                 max_mb=None):
-        if kinds not in KIND_CHOICES:
-            raise InversionChainError(f"{CAPTURE}: unknown kinds '{user_text(kinds)}'; use one of "
-                                      f"{', '.join(KIND_CHOICES)}.")
-        if detail not in DETAILS:
-            raise InversionChainError(f"{CAPTURE}: unknown detail '{user_text(detail)}'; use one of "
-                                      f"{', '.join(DETAILS)}.")
-        if not 1 <= int(query_grid) <= 16:
-            raise InversionChainError(f"{CAPTURE}: query_grid must be 1..16, got {query_grid}.")
-        if clip is None and ((prompt or "").strip() or (negative_prompt or "").strip()):
-            raise InversionChainError(f"{CAPTURE}: the prompts name tokens only with the `clip` that encoded them; "
-                                      f"connect `clip`.")
-        prompts = {}
-        if clip is not None:
-            prompts[BRANCHES["cond"]] = prompt_tokens(clip, prompt or "")
-            prompts[BRANCHES["uncond"]] = prompt_tokens(clip, negative_prompt or "")
-        layers = capture_layers(patching.layers_of(model), resolution, CAPTURE)
-        maps = AttentionMaps(KIND_CHOICES[kinds], {l.level for l in layers}, detail, int(query_grid), prompts)
-        max_mb = DEFAULT_MAX_MB if max_mb is None else int(max_mb)
-        maps.max_bytes = max_mb * 2 ** 20 if max_mb > 0 else None
-        patched = patching.install(model, AttentionCaptureEditor(maps, layers), CAPTURE)
-        return (patched, maps)
+        return capture_maps(model, kinds, resolution, detail, query_grid, clip, prompt, negative_prompt, max_mb,
+                            CAPTURE)
 
 
 class ICAttentionMapViewer:
@@ -133,32 +109,9 @@ class ICAttentionMapViewer:
 
     @checked
     def view(self, attn_maps, latent, kind, tokens, start_percent, end_percent, layers, resolution, branch, row,
-             normalize,              columns, image=None):
-        if not hasattr(attn_maps, "steps"):
-            raise InversionChainError(f"{VIEWER}: `attn_maps` must come from {CAPTURE}.")
-        if kind not in ("cross", "self"):
-            raise InversionChainError(f"{VIEWER}: kind must be cross or self, got '{user_text(kind)}'.")
-        if normalize not in NORMALIZE:
-            raise InversionChainError(f"{VIEWER}: normalize must be one of {', '.join(NORMALIZE)}.")
-        if resolution not in VIEW_RESOLUTIONS:
-            raise InversionChainError(f"{VIEWER}: resolution must be one of {', '.join(VIEW_RESOLUTIONS)}.")
-        sel = select(attn_maps, kind, tokens, float(start_percent), float(end_percent), layers, resolution, branch,
-                     int(row),                      VIEWER)
-        samples = latent["samples"]
-        if image is not None:
-            background = image[min(int(row), image.shape[0] - 1)]
-            tile_hw = tuple(background.shape[:2])
-        else:
-            background = None
-            tile_hw = (int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8)
-        if len(sel.tiles) * tile_hw[0] * tile_hw[1] > MAX_GRID_PIXELS:
-            raise InversionChainError(f"{VIEWER}: {len(sel.tiles)} tiles of {tile_hw[0]}x{tile_hw[1]} px exceed the "
-                                      f"grid budget of {MAX_GRID_PIXELS // 2 ** 20} megapixels; pick fewer `tokens` "
-                                      f"or connect a smaller `image`.")
-        labels = [[t.label, sel.step_label, sel.layer_label] for t in sel.tiles]
-        grid, masks = render([t.map for t in sel.tiles], labels, tile_hw, background, normalize, int(columns),
-                             [t.point for t in sel.tiles])
-        return (grid, masks)
+             normalize, columns, image=None):
+        return view_maps(attn_maps, latent, kind, tokens, start_percent, end_percent, layers, resolution, branch,
+                         row, normalize, columns, image, VIEWER)
 
 
 NODE_CLASS_MAPPINGS = {"ICAttentionCapture": ICAttentionCapture, "ICAttentionMapViewer": ICAttentionMapViewer}

@@ -1,18 +1,14 @@
 """DDIM Invert and a small latent comparison node."""
 from __future__ import annotations
 
-import math
-
-import torch
-
 from .. import compat
-from ..artifacts import INVERSION, InversionChainError
-from ..samplers import inversion as inversion_lib
-from ..logs import log
+from ..artifacts import INVERSION
+from ..pipelines.inversion import free_caches, invert_image, latent_difference
+from ..samplers.inversion import DEFAULT_MAX_ITERS, DEFAULT_TOLERANCE
 from .common import CATEGORY, tip
 from .contract import checked
 
-DEFAULT_REFINE_ITERS = inversion_lib.DEFAULT_MAX_ITERS  # a cap: steps stop at `tolerance` (samplers/inversion.py)
+DEFAULT_REFINE_ITERS = DEFAULT_MAX_ITERS  # a cap: steps stop at `tolerance` (samplers/inversion.py)
 
 
 class ICDDIMInvert:
@@ -59,7 +55,7 @@ class ICDDIMInvert:
                 "negative": tip("CONDITIONING", "Unconditional prompt, used only when inversion_cfg != 1."),
                 "tolerance": tip("FLOAT", "A step stops iterating once its round-trip error (max abs, in the model's "
                                  "sampling space) is at most this. 0 = always run `refine_iters` iterations.",
-                                 default=inversion_lib.DEFAULT_TOLERANCE, min=0.0, max=1.0, step=1e-6, round=1e-7),
+                                 default=DEFAULT_TOLERANCE, min=0.0, max=1.0, step=1e-6, round=1e-7),
                 "end_percent": tip("FLOAT", "How far toward noise to invert, as a fraction of the `steps`-step "
                                    "schedule counted from the clean image (DiffEdit's encoding ratio, the Unsampler's "
                                    "end_at_step / steps). 1.0 = full inversion to x_T. 0.5 with 50 steps inverts 25 "
@@ -74,19 +70,10 @@ class ICDDIMInvert:
 
     @checked
     def invert(self, model, latent, positive, steps, inversion_cfg, refine_iters, scheduler="ddim_uniform",
-               negative=None, tolerance=inversion_lib.DEFAULT_TOLERANCE, end_percent=1.0):
-        if not isinstance(latent, dict) or "samples" not in latent:
-            raise InversionChainError("DDIM Invert: `latent` must be a LATENT (e.g. from VAEEncode).")
-        inv = inversion_lib.invert(model, latent["samples"], positive, negative, inversion_cfg, steps, scheduler,
-                                   refine_iters, what="DDIM Invert", tolerance=tolerance, end_percent=end_percent)
-        log.info("[Inversion Chain] %s", inv.summary())
-        # ComfyUI's mid-schedule LATENT convention (flow models: x / (1 - sigma)), so stock samplers start at the
-        # chain's first latent; flow models at sigma 1 have none: there the raw x_T (sample with Inverted Noise)
-        noise = compat.latent_for_start(model, inv.chain[0].clone(), float(inv.sigmas[0]))
-        if noise is None:
-            noise = inversion_lib.chain_latent_out(model, inv, 0)
-        noise = noise.cpu()
-        return ({"samples": noise}, inv.sigmas.clone(), inv)
+               negative=None, tolerance=DEFAULT_TOLERANCE, end_percent=1.0):
+        noise, sigmas, inv = invert_image(model, latent["samples"], positive, negative, inversion_cfg, steps,
+                                          scheduler, refine_iters, tolerance, end_percent, "DDIM Invert")
+        return ({"samples": noise}, sigmas, inv)
 
 
 class ICLatentDifference:
@@ -106,25 +93,10 @@ class ICLatentDifference:
 
     @checked
     def compare(self, latent_a, latent_b):
-        a, b = latent_a["samples"].float().cpu(), latent_b["samples"].float().cpu()
-        if a.shape != b.shape:
-            raise InversionChainError(f"Latent Difference: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}.")
-        if a.numel() == 0:
-            raise InversionChainError(f"Latent Difference: the latents are empty (shape {tuple(a.shape)}).")
-        diff = (a - b).abs()
-        max_abs, mean_abs = float(diff.max()), float(diff.mean())
-        report = f"max |a-b| = {max_abs:.3e}, mean |a-b| = {mean_abs:.3e} (latent std {float(b.std()):.3f})"
-        bad = int((~torch.isfinite(a)).sum() + (~torch.isfinite(b)).sum())
-        if bad:
-            report += f"; the latents hold {bad} NaN/inf value(s)"
-        # the ui dict goes to the browser as JSON, where NaN and inf are not valid: a non-finite number is sent as
-        # null (the node then shows the report text)
-        return {"ui": {"text": [report], "max_abs": [_json_number(max_abs)], "mean_abs": [_json_number(mean_abs)]},
+        max_abs, mean_abs, report, shown = latent_difference(latent_a["samples"], latent_b["samples"],
+                                                             "Latent Difference")
+        return {"ui": {"text": [report], "max_abs": [shown[0]], "mean_abs": [shown[1]]},
                 "result": (max_abs, mean_abs, report)}
-
-
-def _json_number(x: float):
-    return x if math.isfinite(x) else None
 
 
 class ICFreeCaches:
@@ -151,17 +123,7 @@ class ICFreeCaches:
 
     @checked
     def free(self, disk_cache=False):
-        from ..attention.store.reference import STORE
-        from ..optimize import style_diffusion
-        held, entries = STORE.held_bytes(), len(STORE.entries)
-        styles = len(style_diffusion._memory)
-        STORE.clear()
-        style_diffusion.clear_memory_cache()
-        files = style_diffusion.clear_disk_cache() if disk_cache else 0
-        compat.empty_device_cache()
-        report = (f"freed the reference store ({entries} entries, {held / 2 ** 20:.1f} MB) and {styles} cached "
-                  f"STYLE(s) in memory" + (f"; deleted {files} StyleDiffusion cache file(s)" if disk_cache else ""))
-        log.info("[Inversion Chain] %s", report)
+        report = free_caches(disk_cache)
         return {"ui": {"text": [report]}, "result": (report,)}
 
 

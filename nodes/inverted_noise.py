@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 from ..artifacts import INVERSION
-from ..samplers.inversion import InvertedNoise
-from ..model_info import check_supported, model_key
+from ..pipelines.inversion import inverted_noise
 from .common import CATEGORY, tip
 from .contract import checked
 
@@ -33,11 +32,8 @@ class ICInvertedNoise:
 
     @checked
     def noise(self, model, inversion):
-        check_supported(model, WHAT, allow_flow=True)
-        inversion.check_matches(model_key(model), what=WHAT)
-        report = (f"starts {inversion.steps} steps from sigma {float(inversion.sigmas[0]):.4g} at the inverted latent "
-                  f"(batch {inversion.latent_shape[0]}, latent {tuple(inversion.latent_shape[1:])})")
-        return {"ui": {"text": [report]}, "result": (InvertedNoise(model, inversion, WHAT),)}
+        noise, report = inverted_noise(model, inversion, WHAT)
+        return {"ui": {"text": [report]}, "result": (noise,)}
 
 
 NODE_CLASS_MAPPINGS = {"ICInvertedNoise": ICInvertedNoise}

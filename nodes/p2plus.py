@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from .. import compat
-from ..artifacts import INVERSION, NULL_TEXT, STYLE, InversionChainError, user_text
-from ..pipelines.p2plus import build_edit
+from ..artifacts import INVERSION, NULL_TEXT, STYLE
 from ..attention.editors.edit_plan import MODES
 from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES
 from ..logs import log
-from ..optimize import null_text as null_text_lib
+from ..optimize.null_text import LEARNING_RATE, METHODS
+from ..pipelines.null_text import null_text_inversion
+from ..pipelines.p2plus import build_edit
 from .common import CATEGORY, tip
 from .contract import checked
 
@@ -139,7 +140,7 @@ class ICNullTextInversion:
                            default=7.5, min=1.0, max=30.0, step=0.1, round=0.01),
                 "inner_steps": tip("INT", "Adam iterations per step at most (early stop at loss < 1e-5 + i*2e-5).",
                                    default=10, min=1, max=100),
-                "method": tip(list(null_text_lib.METHODS), "null-text: optimise one embedding per step (up to "
+                "method": tip(list(METHODS), "null-text: optimise one embedding per step (up to "
                               "inner_steps forward+backward passes each); negative-prompt: the source prompt is the "
                               "unconditional prompt (no cost; row 0 then samples exactly as at cfg 1, edits are "
                               "guided away from the source prompt).", default="null-text"),
@@ -147,24 +148,16 @@ class ICNullTextInversion:
             "optional": {
                 "learning_rate": tip("FLOAT", "Adam's base rate, decayed as lr * (1 - step/100). 0.01 is the "
                                      "paper's (Stable Diffusion); raise it if the reconstruction stays poor.",
-                                     default=null_text_lib.LEARNING_RATE, min=1e-5, max=10.0, step=0.001,
+                                     default=LEARNING_RATE, min=1e-5, max=10.0, step=0.001,
                                      round=0.00001),
             },
         }
 
     @checked
     def run(self, model, inversion, positive, negative, cfg=7.5, inner_steps=10, method="null-text",
-            learning_rate=null_text_lib.LEARNING_RATE):
-        if method not in null_text_lib.METHODS:
-            raise InversionChainError(f"{WHAT_NT}: unknown method '{user_text(method)}'; use one of "
-                                      f"{', '.join(null_text_lib.METHODS)}.")
-        if method == "negative-prompt":
-            result = null_text_lib.negative_prompt_inversion(model, inversion, positive, cfg, WHAT_NT)
-        else:
-            result = null_text_lib.optimize(model, inversion, positive, negative, cfg, inner_steps, learning_rate,
-                                            WHAT_NT)
-        log.info("[Inversion Chain] %s", result.summary())
-        return (result,)
+            learning_rate=LEARNING_RATE):
+        return (null_text_inversion(model, inversion, positive, negative, cfg, inner_steps, method, learning_rate,
+                                    WHAT_NT),)
 
 
 NODE_CLASS_MAPPINGS = {"ICP2PlusController": ICP2PlusController, "ICNullTextInversion": ICNullTextInversion}

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..artifacts import INVERSION
-from ..samplers import rival
+from ..pipelines.rival import rival_sample
+from ..samplers.rival import INITS, NORMALIZE, REFERENCE_MODES
 from .common import CATEGORY, tip
 from .contract import checked
 
@@ -49,13 +50,13 @@ class ICRIVALAlignSampler:
                                          "text-driven, inpainting configs) = 0.4; t_early 400 (official ControlNet "
                                          "config) = 0.6. Larger -> closer colour statistics.", default=0.4,
                                          min=0.0, max=1.0, step=0.01),
-            "init": tip(list(rival.INITS), "permute: a random spatial permutation of x_T per variation (keeps its "
+            "init": tip(list(INITS), "permute: a random spatial permutation of x_T per variation (keeps its "
                         "statistics); adain: fresh noise normalised to x_T; inverted: x_T itself (editing mode).",
                         default="permute"),
-            "normalize": tip(list(rival.NORMALIZE), "eps: normalise the noise prediction (official code); latent: "
+            "normalize": tip(list(NORMALIZE), "eps: normalise the noise prediction (official code); latent: "
                              "normalise the latents (paper prose); off.", default="eps"),
         }, "optional": {
-            "reference_kv": tip(list(rival.REFERENCE_MODES), "cache: record the photo's keys/values once per "
+            "reference_kv": tip(list(REFERENCE_MODES), "cache: record the photo's keys/values once per "
                                 "inversion and negative prompt, then every run (new seeds) costs only the variations; "
                                 "when they would not all fit the memory budget (SDXL at 1024 px), the first steps "
                                 "that fit are cached and the others recomputed per step. batch: run the photo as an "
@@ -71,9 +72,9 @@ class ICRIVALAlignSampler:
     @checked
     def sample(self, model, positive, negative, inversion, seed, batch_size, cfg, replace_end_percent,
                normalize_end_percent, init, normalize, reference_kv="cache", mask=None):
-        variations, reference = rival.rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,
-                                                   replace_end_percent, normalize_end_percent, init, normalize,
-                                                   reference_mode=reference_kv, what=WHAT, mask=mask)
+        variations, reference = rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,
+                                             replace_end_percent, normalize_end_percent, init, normalize,
+                                             reference_mode=reference_kv, what=WHAT, mask=mask)
         return ({"samples": variations}, {"samples": reference})
 
 

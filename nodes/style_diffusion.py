@@ -2,21 +2,10 @@
 Style Transfer (the STYLE plus a content image's decoder features, Plug-and-Play style)."""
 from __future__ import annotations
 
-import torch
 
-from ..artifacts import INVERSION, STYLE, InversionChainError, Style
-from .. import conditioning
-from ..attention.editors import feature_inject
-from ..attention.core import patching
-from ..attention.core.layers import enumerate_decoder_blocks, feature_block_default, select_layers
+from ..artifacts import INVERSION, STYLE
 from ..attention.store.reference import POLICIES
-from ..attention.core.schedule import Schedule, check_percents
-from ..attention.editors.style import value_injection
-from ..samplers.inversion import chain_latent_out
-from ..plots import loss_curve
-from ..optimize import style_diffusion
-from ..model_info import check_supported, model_key, require_inversion, unet_of
-from ..logs import log
+from ..pipelines.style_diffusion import apply_style, build_style_transfer, train_style
 from .common import CATEGORY, tip
 from .contract import checked
 
@@ -73,13 +62,8 @@ class ICStyleDiffusionMapper:
     @checked
     def train(self, model, clip_vision, image, inversion, positive, negative, cfg=7.5, inner_steps=100,
               learning_rate=1e-2, attention_loss_weight=1.0):
-        check_supported(model, WHAT)
-        style = style_diffusion.train(model, clip_vision, image, inversion, positive, negative, cfg, inner_steps,
-                                      learning_rate, attention_loss_weight, what=WHAT)
-        log.info("[Inversion Chain] %s", style.summary())
-        title = (f"StyleDiffusion loss: {style.steps} steps, {int(style.inner_iters.sum())} iterations"
-                 f"{' (cached)' if style.from_cache else ''}")
-        return (style, loss_curve(style.losses, title))
+        return train_style(model, clip_vision, image, inversion, positive, negative, cfg, inner_steps,
+                           learning_rate, attention_loss_weight, WHAT)
 
 
 class ICStyleDiffusionApply:
@@ -108,14 +92,7 @@ class ICStyleDiffusionApply:
 
     @checked
     def apply(self, model, style, style_end_percent=1.0):
-        check_supported(model, WHAT_APPLY)
-        if not isinstance(style, Style):
-            raise InversionChainError(f"{WHAT_APPLY}: `style` must come from StyleDiffusion Mapper.")
-        check_percents(WHAT_APPLY, style_end_percent=style_end_percent)
-        style.check(model_key(model), None, WHAT_APPLY)
-        schedule = Schedule(style.sigmas, style.scheduler, WHAT_APPLY)
-        patched = patching.add_attn2_patch(model.clone(), value_injection(style.values, schedule, style_end_percent))
-        return (patched, style.sigmas.clone())
+        return apply_style(model, style, style_end_percent, WHAT_APPLY)
 
 
 class ICStyleDiffusionStyleTransfer:
@@ -176,48 +153,8 @@ class ICStyleDiffusionStyleTransfer:
     @checked
     def build(self, model, style, content_inversion, feature_end_percent=0.8, attention_end_percent=0.5,
               style_end_percent=1.0, feature_block=-1, attention_start_layer=-1, cache="auto"):
-        inv = require_inversion(model, content_inversion, WHAT_TRANSFER)
-        if not isinstance(style, Style):
-            raise InversionChainError(f"{WHAT_TRANSFER}: `style` must come from StyleDiffusion Mapper.")
-        style.check(model_key(model), None, WHAT_TRANSFER)
-        check_percents(WHAT_TRANSFER, feature_end_percent=feature_end_percent,
-                       attention_end_percent=attention_end_percent, style_end_percent=style_end_percent)
-        if inv.latent_shape[0] != 1:
-            raise InversionChainError(f"{WHAT_TRANSFER}: `content_inversion` holds {inv.latent_shape[0]} images; "
-                                      f"invert one content image.")
-        if inv.sigmas.shape != style.sigmas.shape or not torch.allclose(inv.sigmas, style.sigmas, rtol=1e-4,
-                                                                        atol=1e-5):
-            raise InversionChainError(
-                f"{WHAT_TRANSFER}: the content inversion has {inv.steps} steps ({inv.scheduler}) but the STYLE was "
-                f"trained on {style.steps} steps ({style.scheduler}); invert the content with the same steps and "
-                f"scheduler as the style image.")
-        blocks = enumerate_decoder_blocks(unet_of(model))
-        if feature_block == -1:
-            feature_block = feature_block_default(blocks)
-        if not 0 <= feature_block < len(blocks):
-            raise InversionChainError(f"{WHAT_TRANSFER}: feature_block {feature_block} is beyond this model's "
-                                      f"{len(blocks)} decoder blocks (valid: 0..{len(blocks) - 1}, or -1 for the "
-                                      f"family default).")
-        layers = patching.layers_of(model)
-        if attention_start_layer == -1:
-            later = [l for l in layers if l.part == "up" and l.key[1] >= feature_block]
-            attention_start_layer = later[0].index if later else len(layers)
-        elif not 0 <= attention_start_layer < len(layers):
-            raise InversionChainError(f"{WHAT_TRANSFER}: attention_start_layer {attention_start_layer} is beyond "
-                                      f"this model's {len(layers)} self-attention layers (valid: 0..{len(layers) - 1}, "
-                                      f"or -1 for the family default).")
-        styled = patching.add_attn2_patch(model.clone(), value_injection(
-            style.values, Schedule(style.sigmas, style.scheduler, WHAT_TRANSFER), style_end_percent))
-        patched, features = feature_inject.build(
-            model, styled, inv, blocks[feature_block], select_layers(layers, start=attention_start_layer),
-            feature_end_percent, attention_end_percent, cache, conditioning.fingerprint(inv.positive), WHAT_TRANSFER)
-        log.info("[Inversion Chain] %s: features of decoder block %d at %d steps, self-attention maps of %d layers "
-                 "(from %d) at %d steps: %s", WHAT_TRANSFER, feature_block, len(features.feature_steps),
-                 len(features.layers), attention_start_layer, len(features.attention_steps),
-                 f"{features.nbytes() / 2 ** 20:.1f} MB cached on {features.storage_device}"
-                 if features.mode == "cache" else f"recomputed every step {features.budget_message}".strip())
-        latent = {"samples": chain_latent_out(model, inv, 0)}
-        return (patched, style.positive, style.negative, latent, inv.sigmas.clone())
+        return build_style_transfer(model, style, content_inversion, feature_end_percent, attention_end_percent,
+                                    style_end_percent, feature_block, attention_start_layer, cache, WHAT_TRANSFER)
 
 
 NODE_CLASS_MAPPINGS = {"ICStyleDiffusionMapper": ICStyleDiffusionMapper,

@@ -34,11 +34,10 @@ from .. import compat
 from ..artifacts import Inversion, InversionChainError, NullText, inversion_fingerprint
 from ..model_info import require_single_cfg1_inversion, unet_of
 from ..samplers import ddim
-from .training import forward_hooks, normal as _normal, text_conds, trainable_weights
+from .training import (ChainStep, chain_error, forward_hooks, minimise, normal as _normal, text_conds,
+                       trainable_weights, walk_chain)
 
 METHODS = ("null-text", "negative-prompt")
-EARLY_STOP_EPS = 1e-5
-EARLY_STOP_SLOPE = 2e-5
 LEARNING_RATE = 1e-2
 
 
@@ -71,12 +70,9 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
     conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "null-text inversion")
     compat.load_models([model])
     device = model.load_device
-    sigmas = inversion.sigmas
-    steps = inversion.steps
-    pbar = compat.progress_bar(steps * inner_steps)
+    pbar = compat.progress_bar(inversion.steps * inner_steps)
     embeddings: List[torch.Tensor] = []
-    losses, iters = [0.0] * steps, [0] * steps
-
+    losses, iters = [0.0] * inversion.steps, [0] * inversion.steps
     call = compat.unet_caller(model)
 
     def guided_step(x, s, s_next, d_cond, d_uncond):
@@ -85,42 +81,30 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
     with torch.inference_mode(False), trainable_weights(unet_of(model)):
         conds_c = {k: _normal(v) for k, v in conds_c.items()}
         conds_u = {k: _normal(v) for k, v in conds_u.items()}
-        uncond = conds_u.pop("c_crossattn").to(device).float()
-        x = inversion.latent_at(0, device, torch.float32).clone()
-        for i in range(steps):
-            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            sigma = torch.full((1,), s, device=device)
-            target = ddim.z_from_x(inversion.latent_at(i + 1, device, torch.float32).clone(), s_next)
+        carried = [conds_u.pop("c_crossattn").to(device).float()]   # u carries over from step to step
+
+        def step(c: ChainStep) -> torch.Tensor:
             with torch.no_grad():
-                d_cond = call(x, sigma, conds_c, 0)
-            uncond = uncond.detach().clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([uncond], lr=learning_rate * max(0.01, 1.0 - i / 100.0))
-            threshold = EARLY_STOP_EPS + i * EARLY_STOP_SLOPE
-            j = 0
-            for j in range(inner_steps):
-                compat.check_interrupt()
+                d_cond = call(c.x, c.sigma, conds_c, 0)
+            uncond = carried[0].detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([uncond], lr=learning_rate * c.lr_scale)
+
+            def loss_fn():
                 with torch.enable_grad(), forward_hooks():
-                    d_uncond = call(x, sigma, conds_u, 1, c_crossattn=uncond)
-                    x_next = guided_step(x, s, s_next, d_cond, d_uncond)
-                    loss = F.mse_loss(ddim.z_from_x(x_next, s_next), target)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                pbar.update(1)
-                losses[i] = float(loss.detach())
-                if losses[i] < threshold:
-                    break
-            iters[i] = j + 1
-            pbar.update(inner_steps - (j + 1))
-            uncond = uncond.detach()
+                    d_uncond = call(c.x, c.sigma, conds_u, 1, c_crossattn=uncond)
+                    x_next = guided_step(c.x, c.s, c.s_next, d_cond, d_uncond)
+                    return F.mse_loss(ddim.z_from_x(x_next, c.s_next), c.target)
+
+            step_losses, _ = minimise(loss_fn, optimizer, inner_steps, c.threshold, pbar, update_below_threshold=True)
+            losses[c.i], iters[c.i] = step_losses[-1], len(step_losses)
+            carried[0] = uncond = uncond.detach()
             embeddings.append(uncond.float().cpu().clone())
             with torch.no_grad():
-                x = guided_step(x, s, s_next, d_cond, call(x, sigma, conds_u, 1, c_crossattn=uncond))
-        source = inversion.latent_at(steps, device, torch.float32)
-        final_error = float((compat.latent_out(model, x.detach().clone())
-                             - compat.latent_out(model, source.clone())).abs().max())
+                return guided_step(c.x, c.s, c.s_next, d_cond, call(c.x, c.sigma, conds_u, 1, c_crossattn=uncond))
+
+        final_error = chain_error(model, walk_chain(inversion, device, step), inversion, device)
     return NullText(method="null-text", embeddings=torch.stack(embeddings), positive=positive, negative=negative,
-                    cfg=float(cfg), sigmas=sigmas.clone(), scheduler=inversion.scheduler,
+                    cfg=float(cfg), sigmas=inversion.sigmas.clone(), scheduler=inversion.scheduler,
                     inversion_fingerprint=inversion_fingerprint(inversion), losses=torch.tensor(losses),
                     inner_iters=torch.tensor(iters),
                     final_error=final_error, seconds=time.perf_counter() - started)

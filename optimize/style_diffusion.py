@@ -43,13 +43,11 @@ from ..attention.core.schedule import Schedule
 from ..attention.editors.style import CrossAttentionRecorder, recorder_level, value_injection
 from ..model_info import model_identity, model_key, require_single_cfg1_inversion, unet_of
 from ..samplers import ddim
-from .training import forward_hooks, normal, text_conds, trainable_weights
+from .training import ChainStep, chain_error, forward_hooks, minimise, normal, text_conds, trainable_weights, walk_chain
 from ..logs import log
 
 
 TECHNIQUE = "StyleDiffusion"   # default name in messages; the node passes its own
-EARLY_STOP_EPS = 1e-5
-EARLY_STOP_SLOPE = 2e-5
 INIT_STD = 0.01
 INIT_SEED = 0
 LATENT_FACTOR = 8          # SD-family VAEs: image pixels per latent cell
@@ -388,21 +386,21 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
     def guided_step(x, s, s_next, d_cond, d_uncond):
         return ddim.guided_ddim_step(x, s, s_next, d_cond, d_uncond, cfg)
 
-    def step_loss(x, s, s_next, sigma, d_uncond, target, target_maps):
+    def step_loss(c, d_uncond, target_maps):
         """(loss, its latent part, the guided next latent) with the injected value set by the caller."""
-        d_cond = call(x, sigma, conds_c, 0)
+        d_cond = call(c.x, c.sigma, conds_c, 0)
         maps = recorder.take()
-        x_next = guided_step(x, s, s_next, d_cond, d_uncond)
-        loss_latent = F.mse_loss(ddim.z_from_x(x_next, s_next), target)
+        x_next = guided_step(c.x, c.s, c.s_next, d_cond, d_uncond)
+        loss_latent = F.mse_loss(ddim.z_from_x(x_next, c.s_next), c.target)
         return loss_latent + attention_loss_weight * F.mse_loss(maps, target_maps), loss_latent, x_next
 
-    def finish(mapper, x, s, s_next, sigma, d_uncond, target, target_maps):
+    def finish(mapper, c, d_uncond, target_maps):
         """The mapper as it will be used (BatchNorm calibrated, eval mode): its value, loss, latent loss and the
         next latent."""
         mapper.calibrate(tokens_n)
         mapper.eval()
         value = injection.override = mapper(tokens_n, text).detach()
-        loss, loss_latent, x_next = step_loss(x, s, s_next, sigma, d_uncond, target, target_maps)
+        loss, loss_latent, x_next = step_loss(c, d_uncond, target_maps)
         injection.override = None
         mapper.train()
         return value, loss, loss_latent, x_next
@@ -414,60 +412,47 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
             text = conds_c["c_crossattn"].to(device).float()
             tokens_n = normal(tokens).to(device)
             mapper = ValueMapper(tokens_n.shape[1], tokens_n.shape[2], text.shape[1], text.shape[2]).to(device)
-            x = inversion.latent_at(0, device, torch.float32).clone()
-            for i in range(steps):
-                s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-                sigma = torch.full((1,), s, device=device)
-                target = ddim.z_from_x(inversion.latent_at(i + 1, device, torch.float32).clone(), s_next)
+
+            def step(c: ChainStep) -> torch.Tensor:
                 with torch.no_grad():
-                    d_uncond = call(x, sigma, conds_u, 1)
+                    d_uncond = call(c.x, c.sigma, conds_u, 1)
                     recorder.enabled = True
-                    call(inversion.latent_at(i, device, torch.float32).clone(), sigma, conds_c, 0)
+                    call(inversion.latent_at(c.i, device, torch.float32).clone(), c.sigma, conds_c, 0)
                     target_maps = recorder.take()
                 mapper.train()
-                optimizer = torch.optim.Adam(mapper.parameters(), lr=learning_rate * max(0.01, 1.0 - i / 100.0),
-                                             betas=(0.0, 0.999))
-                threshold = EARLY_STOP_EPS + i * EARLY_STOP_SLOPE
-                step_losses: List[float] = []
-                best_loss, best_state = float("inf"), None
-                updated = False     # weights changed since their loss was last measured
-                for j in range(plan[i]):
-                    compat.check_interrupt()
+                optimizer = torch.optim.Adam(mapper.parameters(), lr=learning_rate * c.lr_scale, betas=(0.0, 0.999))
+                best = {"loss": float("inf"), "state": None}
+
+                def loss_fn():
                     with torch.enable_grad(), forward_hooks():
                         injection.override = mapper(tokens_n, text)
-                        loss, _, _ = step_loss(x, s, s_next, sigma, d_uncond, target, target_maps)
+                        loss, _, _ = step_loss(c, d_uncond, target_maps)
                     injection.override = None
-                    pbar.update(1)
-                    iters[i] = j + 1
-                    step_losses.append(float(loss.detach()))
-                    if step_losses[-1] < best_loss:
-                        best_loss, best_state = step_losses[-1], copy.deepcopy(mapper.state_dict())
-                    if step_losses[-1] < threshold:
-                        updated = False
-                        break   # these weights are good enough: keep them, no further update
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    updated = True
-                pbar.update(plan[i] - iters[i])
+                    return loss
+
+                def keep_best(value):
+                    if value < best["loss"]:
+                        best["loss"], best["state"] = value, copy.deepcopy(mapper.state_dict())
+
+                # below the threshold the weights are good enough: kept, no further update
+                step_losses, updated = minimise(loss_fn, optimizer, plan[c.i], c.threshold, pbar,
+                                                update_below_threshold=False, on_loss=keep_best)
+                iters[c.i] = len(step_losses)
                 # Adam's first, sign-like updates can overshoot (the loss rises): the step keeps the best weights it
                 # measured, the last update's included, so it never ends worse than it started
                 with torch.no_grad():
-                    value, loss, loss_latent, x_next = finish(mapper, x, s, s_next, sigma, d_uncond, target,
-                                                              target_maps)
+                    value, loss, loss_latent, x_next = finish(mapper, c, d_uncond, target_maps)
                     if updated:   # the last update's weights: measured here for the first time
                         step_losses.append(float(loss))
-                    if updated and float(loss) > best_loss:
-                        mapper.load_state_dict(best_state)
-                        value, loss, loss_latent, x_next = finish(mapper, x, s, s_next, sigma, d_uncond, target,
-                                                                  target_maps)
+                    if updated and float(loss) > best["loss"]:
+                        mapper.load_state_dict(best["state"])
+                        value, loss, loss_latent, x_next = finish(mapper, c, d_uncond, target_maps)
                 values.append(value.float().cpu().clone())
-                x = x_next
                 losses.append(step_losses)
                 latent_losses.append(float(loss_latent))
-            source = inversion.latent_at(steps, device, torch.float32)
-            final_error = float((compat.latent_out(patched, x.detach().clone())
-                                 - compat.latent_out(patched, source.clone())).abs().max())
+                return x_next
+
+            final_error = chain_error(patched, walk_chain(inversion, device, step), inversion, device)
     finally:
         injection.override = None
         recorder.enabled = False

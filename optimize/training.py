@@ -9,11 +9,15 @@ because the 2024-03 transformer block adds its attention outputs in place (``x +
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 import torch
 
+from .. import compat
 from ..artifacts import InversionChainError
 from ..attention.core import patching
+from ..samplers import ddim
 
 
 @contextlib.contextmanager
@@ -63,3 +67,73 @@ def text_conds(model, positive, negative, latent_shape, what: str, method: str):
     if "c_crossattn" not in conds_c or "c_crossattn" not in conds_u:
         raise InversionChainError(f"{what}: this model takes no text context (c_crossattn); {method} does not apply.")
     return conds_c, conds_u
+
+
+# -- the per-step skeleton shared by null-text inversion and StyleDiffusion ---------------------------------------
+EARLY_STOP_EPS = 1e-5     # a step's iterations stop once the loss is below EARLY_STOP_EPS + i * EARLY_STOP_SLOPE
+EARLY_STOP_SLOPE = 2e-5   # (the null-text paper's code; StyleDiffusion's code uses the same)
+
+
+@dataclass
+class ChainStep:
+    """One sampling step of the walk down an inversion chain: step ``i`` from sigma ``s`` to ``s_next``, the
+    current latent ``x`` (float32, sampler space), ``sigma`` as the model takes it, ``target`` (the next chain
+    latent as the DDPM latent ``z``, which the losses compare against), the early-stop ``threshold`` and the
+    learning-rate decay ``lr_scale = max(0.01, 1 - i / 100)``."""
+    i: int
+    x: torch.Tensor
+    s: float
+    s_next: float
+    sigma: torch.Tensor
+    target: torch.Tensor
+    threshold: float
+    lr_scale: float
+
+
+def walk_chain(inversion, device, step: Callable[[ChainStep], torch.Tensor]) -> torch.Tensor:
+    """From the chain's first latent down every sampling step: ``step(c)`` optimises its per-step variable against
+    the next chain latent and returns the latent advanced with the result, from which the next step starts (so
+    later steps correct earlier drift). Returns the final latent."""
+    sigmas = inversion.sigmas
+    x = inversion.latent_at(0, device, torch.float32).clone()
+    for i in range(inversion.steps):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        target = ddim.z_from_x(inversion.latent_at(i + 1, device, torch.float32).clone(), s_next)
+        x = step(ChainStep(i, x, s, s_next, torch.full((1,), s, device=device), target,
+                           EARLY_STOP_EPS + i * EARLY_STOP_SLOPE, max(0.01, 1.0 - i / 100.0)))
+    return x
+
+
+def minimise(loss_fn: Callable[[], torch.Tensor], optimizer, iterations: int, threshold: float, pbar,
+             update_below_threshold: bool, on_loss: Optional[Callable[[float], None]] = None):
+    """At most ``iterations`` optimiser steps on ``loss_fn()`` (interruptible, one progress tick each, the ticks
+    of iterations not run added at the end), stopping once a loss is below ``threshold``: after that iteration's
+    update (``update_below_threshold``, null-text's code) or before it (StyleDiffusion: those weights are kept).
+    ``on_loss(value)`` sees every loss measured. Returns (the losses, whether the last iteration updated)."""
+    losses: List[float] = []
+    updated = False
+    for _ in range(iterations):
+        compat.check_interrupt()
+        loss = loss_fn()
+        pbar.update(1)
+        losses.append(float(loss.detach()))
+        if on_loss is not None:
+            on_loss(losses[-1])
+        below = losses[-1] < threshold
+        if below and not update_below_threshold:
+            updated = False
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        updated = True
+        if below:
+            break
+    pbar.update(iterations - len(losses))
+    return losses, updated
+
+
+def chain_error(model, x: torch.Tensor, inversion, device) -> float:
+    """Max abs difference, in LATENT space, between the walk's final latent and the chain's clean latent."""
+    source = inversion.latent_at(inversion.steps, device, torch.float32)
+    return float((compat.latent_out(model, x.detach().clone()) - compat.latent_out(model, source.clone())).abs().max())

@@ -1,10 +1,13 @@
 """RIVAL (Real-world Image Variation by ALignment) as a sampling loop in ComfyUI's sigma space.
 
-Batch rows: [reference, variation 1..N]. Every step the reference row is overwritten with the inversion chain's
-latent at that step, so it always equals the real image's chain; its attention keys/values feed the variations
-(attention/editors/rival.py). For the first steps (t > t_early) the variations' noise prediction (after CFG) is
-AdaIN-normalised per channel over HxW to the reference's conditional noise prediction (``normalize='eps'``, the
-official code), or their latents to the chain latent's statistics (``'latent'``, the paper's prose).
+One loop (``sample_variations``, on ``ddim``'s step) for both places the reference can come from (a
+``ReferenceSource``): in the batch, rows [reference, variation 1..N], the reference row overwritten every step with
+the inversion chain's latent at that step, so it always equals the real image's chain; or the reference store,
+where the same row's keys/values and conditional eps were recorded once per inversion and only the variations are
+sampled. Either way its attention keys/values feed the variations (attention/editors/rival.py). For the first
+steps (t > t_early) the variations' noise prediction (after CFG) is AdaIN-normalised per channel over HxW to the
+reference's conditional noise prediction (``normalize='eps'``, the official code), or their latents to the chain
+latent's statistics (``'latent'``, the paper's prose).
 
 When: the paper's timesteps are fractions of the steps here (``schedule.percent_after_timestep``): attention
 replacement while ``i / N < replace_end_percent`` (t > t_align), normalisation while ``i / N <
@@ -18,7 +21,8 @@ photo through the reference row's attention and statistics.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -26,12 +30,13 @@ from .. import compat
 from ..artifacts import Inversion, InversionChainError, user_text
 from ..attention.core import patching
 from ..attention.store import reference as reference_store
-from ..attention.store.partial_reference import PartialReference, cached_steps
+from ..attention.store.partial_reference import cached_steps
 from ..attention.store.reference import ReferenceKV
 from ..conditioning import first_row, fingerprint
 from ..attention.editors.rival import RivalAttentionEditor
 from ..attention.core.schedule import Schedule, check_percents
-from ..model_info import reads_pooled_output, require_inversion
+from ..model_info import require_inversion
+from . import ddim
 from ..logs import log
 
 INITS = ("permute", "adain", "inverted")
@@ -166,139 +171,82 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
     return entry
 
 
-def rival_sample(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float = 5.0,
-                 replace_end_percent: float = 0.4, normalize_end_percent: float = 0.4, init: str = "permute",
-                 normalize: str = "eps",
-                 preview: bool = True, reference_mode: str = "cache", what: str = TECHNIQUE, mask=None):
-    """Returns (variations [N, C, H, W], reference [1, C, H, W]) in LATENT space.
+@dataclass
+class ReferenceSource:
+    """Where the variations' reference comes from, the one thing the two layouts differ in.
 
-    ``reference_mode='cache'`` records the reference row once per inversion (and negative prompt) and keeps it out
-    of the batch; ``'batch'`` runs it as row 0 of every step (the official code's layout). ``mask`` (a ComfyUI
-    MASK, 1 = regenerate): example-based inpainting, see the module docstring."""
-    check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
-                 what)
-    region = latent_region(mask, inversion.latent_shape, what)
-    if reference_mode not in REFERENCE_MODES:
-        raise InversionChainError(f"{what}: unknown reference mode '{user_text(reference_mode)}'; use one of "
-                                  f"{', '.join(REFERENCE_MODES)}.")
-    replace_end, normalize_end = float(replace_end_percent), float(normalize_end_percent)
-    store = cached_reference(model, inversion, negative, what=what, partial=True) if reference_mode == "cache" \
-        else None
-    if store is not None:
-        return _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end,
-                                  normalize_end, init, normalize, preview, what, region)
-    steps = inversion.steps
-    sigmas = inversion.sigmas
-    schedule = Schedule(sigmas, inversion.scheduler, what)
-    m = patching.install(model, RivalAttentionEditor(replace_end, schedule), what)
-    ref_cond = {}
+    ``rows`` is how many reference rows run in the batch ahead of the variations: 1 when the photo's row is
+    sampled with them (its latent overwritten with the chain's at every step), 0 when its keys/values were recorded
+    beforehand (the reference store). ``eps(x, i, sigma)`` is the reference's conditional noise prediction at step
+    ``i`` (for ``normalize='eps'``), read from the batch's own prediction or from the store."""
+    rows: int
+    eps: Callable[[torch.Tensor, int, float], torch.Tensor]
 
-    def observe(args):  # the reference row's conditional prediction, for eps normalisation
-        ref_cond["denoised"] = args["cond_denoised"][:1]
-        return args["denoised"]
 
-    patching.add_post_cfg_function(m, observe)
-    ref_y = None
-    if reads_pooled_output(model):  # the reference row's ADM vector (SDXL sizes, unCLIP image embedding)
-        blank = torch.zeros((1,) + tuple(inversion.latent_shape[1:]))
-        ref_y = patching.capture_conds(model, first_row(inversion.positive), blank).get("y")
-    patching.add_unet_wrapper(m, lambda previous: _reference_rows(previous, ref_y))
-    preview_cb = compat.preview_callback(m, steps) if preview else None
+def in_batch_reference(ref_cond: dict) -> ReferenceSource:
+    """The photo's row runs as row 0; ``ref_cond['denoised']`` is filled every step by a post-CFG observer."""
+    return ReferenceSource(1, lambda x, i, s: ddim.eps_from_denoised(x[:1], ref_cond["denoised"].to(x), s))
+
+
+def cached_reference_source(store) -> ReferenceSource:
+    """The photo's keys/values and conditional eps come from ``store`` (a ReferenceKV or PartialReference)."""
+    return ReferenceSource(0, lambda x, i, s: store.eps[i].to(x))
+
+
+def sample_variations(patched, source: ReferenceSource, inversion: Inversion, inits: torch.Tensor, positive,
+                      negative, cfg: float, seed: int, schedule: Schedule, normalize: str, normalize_end: float,
+                      region: Optional[torch.Tensor], preview: bool, oom_hint: str, what: str = TECHNIQUE):
+    """The RIVAL sampling loop on ``patched`` (the editor already installed): the shared DDIM step, the
+    variations' eps (or latents) AdaIN-normalised to the reference while ``i / N < normalize_end``, and, with
+    ``region``, every row outside it set to the chain's latent after each step. Returns every row's final latent
+    (reference rows first) in sampler space."""
+    steps, sigmas = inversion.steps, inversion.sigmas
+    r = source.rows
+    preview_cb = compat.preview_callback(patched, steps) if preview else None
     pbar = None if preview else compat.progress_bar(steps)
-    x_T = inversion.chain[0][:1]
-    inits = torch.cat([initial_latent(x_T, seed + j, init, what, region) for j in range(batch_size)])
     keep = None if region is None else ~region
 
     def rival_loop(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         chain = lambda i: inversion.latent_at(i, x.device, x.dtype)[:1]  # noqa: E731
-        x = torch.cat([chain(0), inits.to(x.device, x.dtype)])
+        x = inits.to(x.device, x.dtype)
+        if r:
+            x = torch.cat([chain(0), x])
         ones = x.new_ones([x.shape[0]])
         for i in range(steps):
             compat.check_interrupt()
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            x[:1] = chain(i)
+            if r:   # the reference row follows the photo's chain
+                x[:r] = chain(i)
             denoised = model_k(x, ones * s, **extra_args)
-            eps = (x - denoised) / s
+            eps = ddim.eps_from_denoised(x, denoised, s)
             late = schedule.fraction(i) < normalize_end
             if normalize == "eps" and late:
-                eps_ref = (x[:1] - ref_cond["denoised"].to(x)) / s
-                eps[1:] = adain(eps[1:], eps_ref)
-            x_next = x + (s_next - s) * eps
+                eps[r:] = adain(eps[r:], source.eps(x, i, s))
+            x_next = ddim.ddim_step(x, eps, s, s_next)
             if normalize == "latent" and late:
-                x_next[1:] = adain(x_next[1:], chain(i + 1))
-            x_next[:1] = chain(i + 1)
+                x_next[r:] = adain(x_next[r:], chain(i + 1))
+            if r:
+                x_next[:r] = chain(i + 1)
             if keep is not None:  # inpainting: outside the mask every row is the chain's latent
                 x_next = torch.where(keep.to(x.device), chain(i + 1), x_next)
             if preview_cb is not None:
-                preview_cb(i, denoised[1:], x[1:], steps)
+                preview_cb(i, denoised[r:], x[r:], steps)
             else:
                 pbar.update(1)
             x = x_next
         return x
 
-    pos = stack_rows(inversion.positive, positive, batch_size, what)
-    neg = stack_rows(negative, negative, batch_size, what)
-    latent_image = torch.zeros((batch_size + 1,) + tuple(inversion.latent_shape[1:]))
+    latent_image = torch.zeros((r + inits.shape[0],) + tuple(inversion.latent_shape[1:]))
     try:
-        out = compat.sample_with_function(m, rival_loop, sigmas, pos, neg, cfg, latent_image, seed=seed)
+        return compat.sample_with_function(patched, rival_loop, sigmas, positive, negative, cfg, latent_image,
+                                           seed=seed)
     except compat.out_of_memory_errors() as e:
-        raise InversionChainError(f"{what}: out of memory with batch_size {batch_size} (+1 reference row); lower "
+        raise InversionChainError(f"{what}: out of memory with batch_size {inits.shape[0]}{oom_hint}; lower "
                                   f"batch_size or the image size. ({e})") from e
-    return out[1:].cpu(), out[:1].cpu()
 
 
-def _sample_with_cache(model, positive, negative, inversion, store, seed, batch_size, cfg, replace_end, normalize_end,
-                       init, normalize, preview, what, region=None):
-    """The same algorithm with the reference row's K/V and conditional eps read from ``store``."""
-    steps, sigmas = inversion.steps, inversion.sigmas
-    schedule = Schedule(sigmas, inversion.scheduler, what)
-    m = patching.install(model, RivalAttentionEditor(replace_end, schedule, reference=store), what)
-    if isinstance(store, PartialReference):
-        store.install(m)
-    preview_cb = compat.preview_callback(m, steps) if preview else None
-    pbar = None if preview else compat.progress_bar(steps)
-    x_T = inversion.chain[0][:1]
-    inits = torch.cat([initial_latent(x_T, seed + j, init, what, region) for j in range(batch_size)])
-    keep = None if region is None else ~region
-
-    def rival_loop(model_k, x, sigmas_in, extra_args=None, callback=None, disable=None):
-        extra_args = extra_args or {}
-        x = inits.to(x.device, x.dtype)
-        ones = x.new_ones([x.shape[0]])
-        for i in range(steps):
-            compat.check_interrupt()
-            s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-            denoised = model_k(x, ones * s, **extra_args)
-            eps = (x - denoised) / s
-            late = schedule.fraction(i) < normalize_end
-            if normalize == "eps" and late:
-                eps = adain(eps, store.eps[i].to(x))
-            x_next = x + (s_next - s) * eps
-            if normalize == "latent" and late:
-                x_next = adain(x_next, inversion.latent_at(i + 1, x.device, x.dtype)[:1])
-            if keep is not None:  # inpainting: outside the mask the chain's latent
-                x_next = torch.where(keep.to(x.device), inversion.latent_at(i + 1, x.device, x.dtype)[:1], x_next)
-            if preview_cb is not None:
-                preview_cb(i, denoised, x, steps)
-            else:
-                pbar.update(1)
-            x = x_next
-        return x
-
-    pos = [[torch.cat([positive[0][0][:1]] * batch_size), _repeat_pooled(positive[0][1], batch_size)]]
-    neg = [[torch.cat([negative[0][0][:1]] * batch_size), _repeat_pooled(negative[0][1], batch_size)]]
-    latent_image = torch.zeros((batch_size,) + tuple(inversion.latent_shape[1:]))
-    try:
-        out = compat.sample_with_function(m, rival_loop, sigmas, pos, neg, cfg, latent_image, seed=seed)
-    except compat.out_of_memory_errors() as e:
-        raise InversionChainError(f"{what}: out of memory with batch_size {batch_size}; lower batch_size or the "
-                                  f"image size. ({e})") from e
-    reference = compat.latent_out(model, inversion.chain[-1][:1].clone()).cpu()
-    return out.cpu(), reference
-
-
-def _reference_rows(previous, ref_y=None):
+def reference_rows(previous, ref_y=None):
     """UNet wrapper (batch layout): the reference row (row 0 of each CFG chunk) is conditioned as the photo's
     inversion, whatever else the generation's CONDITIONING carries, so its keys/values and eps equal the cached
     reference's. A ControlNet / T2I-Adapter on the conditioning acts on the variations only (zero residuals for the
@@ -334,7 +282,7 @@ def _reference_rows(previous, ref_y=None):
     return wrapper
 
 
-def _repeat_pooled(meta: dict, n: int) -> dict:
+def repeat_pooled(meta: dict, n: int) -> dict:
     meta = dict(meta)
     if meta.get("pooled_output") is not None:
         meta["pooled_output"] = torch.cat([meta["pooled_output"][:1]] * n)

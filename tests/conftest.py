@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.harness import comfy_env, models, photos, pure
+from tests.harness import comfy_env, measure, models, photos, pure
 
 UNIT_DIR = Path(__file__).resolve().parent / "unit"
 
@@ -26,6 +26,14 @@ def pytest_collectstart(collector):
     """Boot ComfyUI before the first test module that needs it is imported (every module outside tests/unit)."""
     if isinstance(collector, pytest.Module) and not Path(collector.path).resolve().is_relative_to(UNIT_DIR):
         boot_comfy()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """``measured(...)`` in a test (or a fixture it sets up) records onto this test (tests/harness/measure.py)."""
+    measure._running.append(item)
+    yield
+    measure._running.pop()
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,6 @@
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 
 from inversion_chain import compat
 from inversion_chain.artifacts import InversionChainError
@@ -19,6 +17,8 @@ from inversion_chain.attention.core.layers import enumerate_layers
 from inversion_chain.nodes.attention_maps import ICAttentionCapture, ICAttentionMapViewer
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
+from tests.harness.sampling import noised_sampler
+from tests.harness.measure import measured
 
 STEPS = 4
 PROMPT = "a photo of an astronaut"
@@ -26,11 +26,7 @@ WORDS = ["a", "photo", "of", "an", "astronaut"]
 LEVEL0 = "0,1,13-15"            # the small model's 16x16 layers (latent/1)
 
 
-def sample(model, positive, negative, noise, sigmas, cfg=3.0, latent=None):
-    """SamplerCustom semantics with sampler 'ddim' (the noise is scaled by sigma_max and added to ``latent``)."""
-    sampler = comfy.samplers.sampler_object("ddim")
-    latent = torch.zeros_like(noise) if latent is None else latent
-    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent, seed=0)
+sample = noised_sampler(cfg=3.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -217,7 +213,7 @@ def test_map_lights_up_where_an_editor_makes_the_token_dominate(s, mode):
     sample(m, s["pos"], s["neg"], s["noise"], s["sigmas"])
     _, masks = view(s, maps, tokens="astronaut, photo", layers=LEVEL0)
     inside, outside = masks[0, 8:56, 8:56].mean(), masks[0, 72:, 72:].mean()
-    print(f"{mode}: 'astronaut' attention inside the region {inside:.3f}, outside {outside:.3f}")
+    measured(f"{mode}: 'astronaut' attention inside the region {inside:.3f}, outside {outside:.3f}")
     assert inside > 0.85 and outside < 0.3
     assert masks[1, 8:56, 8:56].mean() < 0.1          # 'photo' lost the region
 
@@ -404,10 +400,10 @@ def test_capture_memory_for_sd15_at_512px_and_50_steps_stays_within_the_layout_b
         {"stored": stored, "pending": pending, "total": stored + pending}
     assert stored + pending < 25 * 2 ** 20
     per_res = storage_bytes(layers, (64, 64), 50, 2, 1, ('cross', 'self'), detail='per resolution')['total']
-    print(f"SD1.5 512px 50 steps, latent/4 cross+self per layer: {(stored + pending) / 2 ** 20:.1f} MB; "
-          f"all layers per layer: {storage_bytes(layers, (64, 64), 50, 2, 1, ('cross', 'self'))['total'] / 2**20:.0f}"
-          f" MB, per resolution: "
-          f"{per_res / 2**20:.0f} MB")
+    measured(f"SD1.5 512px 50 steps, latent/4 cross+self per layer: {(stored + pending) / 2 ** 20:.1f} MB; "
+             f"all layers per layer: "
+             f"{storage_bytes(layers, (64, 64), 50, 2, 1, ('cross', 'self'))['total'] / 2**20:.0f} MB, "
+             f"per resolution: {per_res / 2**20:.0f} MB")
 
     maps = AttentionMaps(("cross", "self"), (2,), "per layer", 4)
     editor = AttentionCaptureEditor(maps, chosen)

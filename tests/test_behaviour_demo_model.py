@@ -19,6 +19,7 @@ import comfy.samplers
 
 from tests.harness import demo_model, photos
 from tests.harness.scenes_behaviour import call
+from tests.harness.measure import measured
 
 PHOTOS = list(demo_model.CAPTIONS)
 STEPS = 20
@@ -61,7 +62,7 @@ def generate(m, name, seed, batch=len(SEEDS), cfg=5.0):
 
 def test_vae_reconstructs_each_training_photo(m):
     scores = [psnr(m["recon"][i], m["images"][i]) for i in range(len(PHOTOS))]
-    print("VAE round trip PSNR at 128 px: " + ", ".join(f"{n} {v:.1f} dB" for n, v in zip(PHOTOS, scores)))
+    measured("VAE round trip PSNR at 128 px: " + ", ".join(f"{n} {v:.1f} dB" for n, v in zip(PHOTOS, scores)))
     # measured 15.5 / 21.6 / 18.6 / 23.5 dB (a 16x16x4 colour code decoded: blurry but recognisable); the hand-set
     # decoder before fine-tuning gave 14.3 / 19.4 / 16.9 / 22.6, random TAESD weights give noise (< 10 dB)
     assert min(scores) > 14.5 and sum(scores) / len(scores) > 19
@@ -76,7 +77,7 @@ def test_text_to_image_draws_the_captioned_photo(m):
             scores = [psnr(img, ref) for ref in m["recon"]]
             nearest.append(PHOTOS[max(range(len(PHOTOS)), key=scores.__getitem__)])
         wins[name] = sum(n == name for n in nearest)
-        print(f"'{demo_model.CAPTIONS[name]}': nearest training photo per seed {nearest}")
+        measured(f"'{demo_model.CAPTIONS[name]}': nearest training photo per seed {nearest}")
     # measured (4 seeds, cfg 5, 20 steps): astronaut 3/4, cat 4/4, coffee 4/4, rocket 1/4 (3 seeds -> the cat):
     # 12/16 overall against 4/16 by chance; the rocket, a thin object on a dark sky, is the one not yet learned
     assert sum(wins.values()) >= 11, wins
@@ -98,8 +99,8 @@ def test_cfg1_inversion_round_trip_is_close_and_guidance_drift_is_restored(m):
                                                source_prompt=prompt, target_prompt=prompt, inversion=m["inv"],
                                                null_text=nt)
         restored[method] = psnr(decode(sample_custom(model, pos, neg, latent["samples"], sigmas, 7.5)[:1]), ref)
-    print(f"round trip PSNR vs the VAE reconstruction: cfg 1 {cfg1:.1f} dB, plain DDIM at cfg 7.5 {plain:.1f} dB, "
-          f"null-text {restored['null-text']:.1f} dB, negative-prompt {restored['negative-prompt']:.1f} dB")
+    measured(f"round trip PSNR vs the VAE reconstruction: cfg 1 {cfg1:.1f} dB, plain DDIM at cfg 7.5 {plain:.1f} dB, "
+             f"null-text {restored['null-text']:.1f} dB, negative-prompt {restored['negative-prompt']:.1f} dB")
     # measured: cfg 1 59.0 dB, plain cfg 7.5 25.6 dB, null-text 49.1 dB, negative-prompt 59.0 dB
     assert cfg1 > 50
     assert plain < cfg1 - 20
@@ -126,9 +127,9 @@ def test_rival_variations_keep_the_photos_palette_and_differ(m):
     pair = [float((rival_images[i] - rival_images[j]).abs().mean()) for i in range(len(SEEDS))
             for j in range(i + 1, len(SEEDS))]
     to_photo = [psnr(img, m["recon"][0]) for img in rival_images]
-    print(f"colour-statistics distance to the photo: RIVAL {d_rival.tolist()} (mean {d_rival.mean():.4f}), plain "
-          f"{d_plain.tolist()} (mean {d_plain.mean():.4f}); variations' pairwise mean |diff| {min(pair):.4f}.."
-          f"{max(pair):.4f}; PSNR to the photo {min(to_photo):.1f}..{max(to_photo):.1f} dB")
+    measured(f"colour-statistics distance to the photo: RIVAL {d_rival.tolist()} (mean {d_rival.mean():.4f}), plain "
+             f"{d_plain.tolist()} (mean {d_plain.mean():.4f}); variations' pairwise mean |diff| {min(pair):.4f}.."
+             f"{max(pair):.4f}; PSNR to the photo {min(to_photo):.1f}..{max(to_photo):.1f} dB")
     # measured: RIVAL 0.097-0.109 (mean 0.102) vs plain 0.098-0.479 (mean 0.198: three plain seeds are as close as
     # RIVAL's, one drifts to another palette); variations' pairwise mean |diff| 0.029-0.034; 26.7-27.3 dB to the photo
     assert d_rival.mean() < 0.8 * d_plain.mean() and d_rival.max() < d_plain.max()

@@ -10,6 +10,7 @@ import comfy.samplers
 from inversion_chain.artifacts import Inversion, InversionChainError
 from inversion_chain.nodes.invert import DEFAULT_REFINE_ITERS, ICDDIMInvert
 from inversion_chain.model_info import model_key
+from tests.harness.measure import measured
 
 STEPS = 10
 
@@ -42,8 +43,8 @@ def test_round_trip_with_default_refinement_is_100x_better_than_naive(family, fa
         noise, sigmas, inv = invert(model, family_latent, positive, iters)
         errors[iters] = float((sample_back(model, positive, noise, sigmas) - source).abs().max())
         calls[iters] = inv.unet_calls / STEPS
-    print(f"{family}: round-trip max latent error, {STEPS} steps: naive {errors[0]:.3e}, default "
-          f"{errors[DEFAULT_REFINE_ITERS]:.3e} ({calls[DEFAULT_REFINE_ITERS]:.2f} UNet calls per step)")
+    measured(f"{family}: round-trip max latent error, {STEPS} steps: naive {errors[0]:.3e}, default "
+             f"{errors[DEFAULT_REFINE_ITERS]:.3e} ({calls[DEFAULT_REFINE_ITERS]:.2f} UNet calls per step)")
     assert errors[DEFAULT_REFINE_ITERS] < 1e-3
     assert errors[0] / errors[DEFAULT_REFINE_ITERS] >= 100
 

@@ -5,8 +5,6 @@ The per-node files check each node in depth on the SD1.5 layout; this file is th
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 
 from inversion_chain.attention.core import patching
 from inversion_chain.attention.core.layers import decoder_start
@@ -15,17 +13,14 @@ from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 from inversion_chain.nodes.rival import ICRIVALAlignSampler
+from tests.harness.sampling import sample
+from tests.harness.measure import measured
 
 STEPS = 5
 CFG = 7.5
 SOURCE = "a cat sitting on a wooden table"
 TARGET = "a dog sitting on a wooden table"
 
-
-def sample(model, positive, negative, latent, sigmas, cfg=1.0):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +44,7 @@ def test_kv_inject_identity_and_masked_words(s):
     masked = ICKVInject().patch(s["model"], s["inv"], 0.0, 0, "masked", mask_words="cat", clip=s["clip"],
                                 source_prompt=SOURCE, target_prompt=SOURCE)[0]
     out = sample(masked, s["src"], s["src"], s["noise"], s["sigmas"])
-    print(f"{s['family']}: KV Inject identity {identity:.2e}, masked vs plain {err(out, plain):.2e}")
+    measured(f"{s['family']}: KV Inject identity {identity:.2e}, masked vs plain {err(out, plain):.2e}")
     assert identity < 1e-3 and torch.isfinite(out).all()
 
 
@@ -57,7 +52,7 @@ def test_rival_cached_reference_equals_the_in_batch_reference(s):
     runs = {mode: ICRIVALAlignSampler().sample(s["model"], s["src"], s["empty"], s["inv"], 3, 2, 5.0, 0.4, 0.4,
                                                "permute", "eps", mode)[0]["samples"] for mode in ("cache", "batch")}
     diff = err(runs["cache"], runs["batch"])
-    print(f"{s['family']}: RIVAL cache vs batch {diff:.2e}")
+    measured(f"{s['family']}: RIVAL cache vs batch {diff:.2e}")
     assert diff < 1e-3
 
 
@@ -75,9 +70,9 @@ def test_p2plus_same_prompt_rows_equal_and_negative_prompt_inversion_is_cfg_1(s)
                                                              0.6, 0.0, inversion=s["inv"], null_text=npi)
     row0 = sample(m, pos, neg, latent["samples"], sigmas, CFG)[:1]
     cfg1 = sample(s["model"], s["src"], s["empty"], s["noise"], s["sigmas"], 1.0)
-    print(f"{s['family']}: P2Plus NPI row 0 vs cfg-1 reconstruction {err(row0, cfg1):.2e}, vs source "
-          f"{err(row0, s['source']):.2e}; edit row 1 moved "
-          f"{err(sample(m, pos, neg, latent['samples'], sigmas, CFG)[1:], row0):.2e}")
+    measured(f"{s['family']}: P2Plus NPI row 0 vs cfg-1 reconstruction {err(row0, cfg1):.2e}, vs source "
+             f"{err(row0, s['source']):.2e}; edit row 1 moved "
+             f"{err(sample(m, pos, neg, latent['samples'], sigmas, CFG)[1:], row0):.2e}")
     assert err(row0, cfg1) < 1e-4 and err(row0, s["source"]) < 1e-3
 
 
@@ -90,7 +85,7 @@ def test_null_text_lowers_the_row_0_error_under_guidance(s):
                                                                  0.6, 0.6, 0.0, inversion=s["inv"],
                                                                  null_text=null_text)
         rows[name] = err(sample(m, pos, neg, latent["samples"], sigmas, CFG)[:1], s["source"])
-    print(f"{s['family']}: row 0 at cfg {CFG}: plain {rows['plain']:.3f}, null-text {rows['null-text']:.3f}")
+    measured(f"{s['family']}: row 0 at cfg {CFG}: plain {rows['plain']:.3f}, null-text {rows['null-text']:.3f}")
     assert rows["null-text"] < rows["plain"]
 
 

@@ -15,6 +15,7 @@ import torch
 
 from tests.contract_graphs import RAW_EXCEPTIONS, full_graph, outcome, with_input
 from tests.harness import models
+from tests.harness.measure import measured
 
 pytestmark = pytest.mark.server
 
@@ -126,9 +127,9 @@ def test_every_input_of_every_node(comfy_server):
             failures.append(f"{case[1]}.{case[3]} = {case[4]}: {why}")
         kind = {"rejected": "400/node_errors", "error": "pack error", "success": "accepted"}[out["kind"]]
         table[f"{case[1]}.{case[3]} ({case[2]})"][f"{case[4]}: {kind}"] += 1
-    print(f"\n{len(cases)} bad-input graphs over {len(covered)} inputs of {len(pack)} nodes")
+    measured(f"\n{len(cases)} bad-input graphs over {len(covered)} inputs of {len(pack)} nodes")
     for key in sorted(table):
-        print(f"  {key}: " + "; ".join(sorted(table[key])))
+        measured(f"  {key}: " + "; ".join(sorted(table[key])))
     assert not failures, "\n".join(failures)
 
     assert server.alive()

@@ -15,6 +15,7 @@ from inversion_chain.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPING
 from inversion_chain.nodes.contract import validate
 from inversion_chain.nodes.p2plus import ICP2PlusController
 from inversion_chain.optimize import style_diffusion
+from tests.harness.measure import measured
 
 pytestmark = pytest.mark.fast
 SOURCE, TARGET = "a photo of an astronaut", "a photo of a robot"
@@ -93,7 +94,7 @@ def test_p2plus_generated_row_0_is_the_stock_generation(small_model, encode, sch
     assert torch.equal(p2p_sigmas, sigmas)
     out = stock(m, pos, neg, latent, 0, steps, cfg, scheduler, "disable")
     err = float((out[:1] - reference).abs().max())
-    print(f"{scheduler}: |P2Plus row 0 - stock| max {err:.2e} (latent std {float(reference.std()):.2f})")
+    measured(f"{scheduler}: |P2Plus row 0 - stock| max {err:.2e} (latent std {float(reference.std()):.2f})")
     assert err < 1e-4
     assert float((out[1] - reference[0]).abs().max()) > 1e-2  # row 1 is the edit
 

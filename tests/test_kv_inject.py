@@ -2,23 +2,17 @@
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention.core import patching
 from inversion_chain.attention.core.controller import CONTROLLER_KEY, Editor
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
+from tests.harness.sampling import sample
+from tests.harness.measure import measured
 
 STEPS = 8
 
-
-def sample(model, positive, negative, latent, sigmas, cfg=1.0, callback=None):
-    """Stock sampling path: SamplerCustom semantics with add_noise off and sampler 'ddim'."""
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, callback=callback, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def test_identity_same_prompt_all_layers_from_step_0_reproduces_the_source(setup
     plain = sample(s["model"], s["src"], s["src"], s["noise"], s["sigmas"])
     err_kv = float((out - s["source"]).abs().max())
     err_plain = float((plain - s["source"]).abs().max())
-    print(f"reconstruction max error: plain {err_plain:.2e}, KV-injected {err_kv:.2e}")
+    measured(f"reconstruction max error: plain {err_plain:.2e}, KV-injected {err_kv:.2e}")
     # The generated row differs from the chain only by the inversion's round-trip residual (~1e-4 here), so
     # its own K/V and the chain's agree to that order; 1e-3 is the round-trip bound DDIM Invert guarantees.
     assert err_kv < 1e-3 and float((out - plain).abs().max()) < 1e-3
@@ -81,7 +75,7 @@ def test_cached_and_recomputed_reference_kv_agree(setup):
                                      cache=policy)[0]
         outs[policy] = sample(patched, s["tgt"], s["empty"], s["noise"], s["sigmas"], 3.0)
     diff = float((outs["cpu"] - outs["recompute"]).abs().max())
-    print(f"cached vs recomputed: max diff {diff:.2e}")
+    measured(f"cached vs recomputed: max diff {diff:.2e}")
     # the same batch-1 reference forward; the cache keeps the fp16 attention inputs (projected on use), recompute
     # fp16 K/V: they differ by fp16 rounding only (measured 3.6e-5)
     assert diff < 1e-4

@@ -15,6 +15,8 @@ from inversion_chain.attention.core.controller import Editor, attention_probs
 from inversion_chain.attention.core.layers import decoder_start
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
+from tests.harness.sampling import sample
+from tests.harness.measure import measured
 
 STEPS = 4
 CFG = 3.0
@@ -22,11 +24,6 @@ SOURCE = "a photo of an astronaut"
 TARGET = "a watercolor painting of an astronaut"   # the word at another token position than in SOURCE
 WORD_AT = {"source": 5, "target": 6}              # after the start token: a photo of an astronaut
 
-
-def sample(model, positive, negative, latent, sigmas, cfg):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0)
 
 
 def one_call(model, x, sigma, cond, latent):
@@ -95,8 +92,9 @@ def test_identity_reconstructs_the_source_in_both_modes(s):
     moved = sample(s["model"], s["tgt"], s["src"], s["noise"], s["sigmas"], CFG)   # scale: an unrelated edit
     means = {k: float((v - s["source"]).abs().mean()) for k, v in (("masked", out_masked), ("target prompt", moved))}
     differ = [float((m["target"][0] != m["source"]).float().mean()) for m in masks]
-    print(f"{s['family']}: identity max |x0 - source|: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
-          + f"; mean: {means}; target vs source mask: {max(differ):.3f} of the pixels differ (over {len(masks)} calls)")
+    measured(f"{s['family']}: identity max |x0 - source|: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+             + f"; mean: {means}; target vs source mask: {max(differ):.3f} of the pixels differ (over {len(masks)} "
+             f"calls)")
     assert errs["mutual"] < 1e-3   # the DDIM round trip's bound
     # the target is the source: its own maps give the source's mask (the masked attention itself still changes
     # the result a little: each query sees only its region's keys, where the source saw all)
@@ -129,8 +127,8 @@ def test_each_cfg_half_gets_the_source_kv_of_its_own_half(s):
             for branch in (0, 1):
                 for got_t, want in zip(got[branch], oracle[step, branch]):
                     worst = max(worst, err(got_t, want.expand_as(got_t)) / float(want.abs().max()))
-        print(f"{s['family']} ({cache}): each half vs its oracle: max relative error {worst:.2e} over {len(seen)} "
-              f"calls; cond vs uncond source K differ by {gap:.2e}")
+        measured(f"{s['family']} ({cache}): each half vs its oracle: max relative error {worst:.2e} over {len(seen)} "
+                 f"calls; cond vs uncond source K differ by {gap:.2e}")
         assert len(seen) == STEPS - 1 and all(sorted(o) == [0, 1] for _, o, _, _ in seen)
         assert worst < 2e-3 < 10 * 2e-3 < gap   # fp16 storage, and the two halves' K/V really differ
 
@@ -234,9 +232,9 @@ def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s
         across = probs.masked_select(~allowed[None, None].expand_as(probs))
         worst_leak = max(worst_leak, float(across.abs().max()) if across.numel() else 0.0)
         checked += 1
-    print(f"{s['family']}: {checked} masked calls; source fg {int(source_region.sum())}/{source_region.numel()} "
-          f"cells, forced target fg {int(moved.sum())}; source mask vs oracle: {src_disagree:.3f} of cells differ; "
-          f"attention mass across regions {worst_leak:.1e}")
+    measured(f"{s['family']}: {checked} masked calls; source fg {int(source_region.sum())}/{source_region.numel()} "
+             f"cells, forced target fg {int(moved.sum())}; source mask vs oracle: {src_disagree:.3f} of cells differ; "
+             f"attention mass across regions {worst_leak:.1e}")
     assert checked >= (STEPS - step) and src_disagree == 0.0 and worst_leak == 0.0
 
 

@@ -19,6 +19,8 @@ from inversion_chain.artifacts import InversionChainError, NullText
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 from inversion_chain.model_info import unet_of
+from tests.harness.sampling import sampler
+from tests.harness.measure import measured
 
 STEPS = 8
 CFG = 7.5
@@ -28,10 +30,7 @@ SOURCE = "a photo of an astronaut"
 TARGET = "a photo of a robot"
 
 
-def sample(model, positive, negative, latent, sigmas, cfg=CFG):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0)
+sample = sampler(cfg=CFG)
 
 
 def edit_row0(s, null_text=None, cfg=CFG, target=TARGET):
@@ -66,8 +65,8 @@ def errors(setup):
         cfg1 = sample(s["model"], s["src"], s["empty"], s["noise"], s["sigmas"], 1.0)
     out = {name: err(row) for name, row in rows.items()}
     out["cfg1_round_trip"] = err(cfg1)
-    print(f"row-0 max latent error at cfg {CFG}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items())
-          + f"; plain/null-text = {out['plain'] / out['null_text']:.1f}x")
+    measured(f"row-0 max latent error at cfg {CFG}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items())
+             + f"; plain/null-text = {out['plain'] / out['null_text']:.1f}x")
     return dict(out, rows=rows, cfg1=cfg1)
 
 

@@ -3,8 +3,6 @@ sampled through ComfyUI's stock path (SamplerCustom semantics: add_noise off, sa
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention.core import patching
@@ -15,16 +13,15 @@ from inversion_chain.attention.core.tokens import prompt_tokens
 from inversion_chain.attention.core.tokens import END, START
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
+from tests.harness.sampling import sampler
+from tests.harness.measure import measured
 
 STEPS = 5
 SOURCE = "a photo of an astronaut"
 TARGET = "a photo of a robot"         # same token count (5): a word swap
 
 
-def sample(model, positive, negative, latent, sigmas, cfg=3.0, callback=None):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, callback=callback, seed=0)
+sample = sampler(cfg=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +106,7 @@ def test_tau_u_zero_is_exactly_prompt_to_prompt(setup, encode):
     p2plus, _ = run(s, cfg=5.0, tau_c=0.5, tau_s=0.5, tau_u=0.5)
     diff_ref = float((ours - reference).abs().max())
     diff_p2plus = float((p2plus - reference).abs().max())
-    print(f"tau_u=0 vs reference P2P: {diff_ref:.2e}; tau_u=0.5 vs reference: {diff_p2plus:.2e}")
+    measured(f"tau_u=0 vs reference P2P: {diff_ref:.2e}; tau_u=0.5 vs reference: {diff_p2plus:.2e}")
     assert diff_ref < 1e-4 and diff_p2plus > 100 * max(diff_ref, 1e-6)
 
 
@@ -139,7 +136,7 @@ def test_other_families_tau_u_zero_is_exactly_prompt_to_prompt(fsetup):
     reference = sample(reference_model, pos, neg, s["noise"].repeat(2, 1, 1, 1), s["sigmas"], 5.0)
     diff = float((ours - reference).abs().max())
     moved = float((ours[1] - ours[0]).abs().max())
-    print(f"tau_u=0 vs reference P2P: {diff:.2e} (edit row moved {moved:.2e})")
+    measured(f"tau_u=0 vs reference P2P: {diff:.2e} (edit row moved {moved:.2e})")
     assert diff < 1e-4 and moved > 1e-2
 
 
@@ -228,7 +225,7 @@ def test_local_blend_keeps_the_target_equal_to_the_source_outside_the_mask(setup
     coverage = float(mask.float().mean())
     outside = float((out[1] - out[0]).abs()[:, ~mask].max())
     inside = float((out[1] - out[0]).abs()[:, mask].max())
-    print(f"local blend: mask covers {coverage:.0%}; |row1 - row0| outside {outside:.2e}, inside {inside:.2e}")
+    measured(f"local blend: mask covers {coverage:.0%}; |row1 - row0| outside {outside:.2e}, inside {inside:.2e}")
     assert 0 < coverage < 1
     assert outside < 1e-4 and inside > 1e-2
     unblended, _ = run(s, tau_c=0.3, tau_s=0.3)
@@ -321,5 +318,5 @@ def test_p2plus_edit_real_workflow_runs_headless(comfy_server):
     for nid in nodes_of(plain_graph, "ICP2PlusController"):
         del plain_graph[nid]["inputs"]["null_text"]
     plain = ui_output(comfy_server.run_once(plain_graph), "ICLatentDifference", plain_graph)["max_abs"][0]
-    print(f"workflow row-0 max latent error: with NULL_TEXT {with_null_text:.4f}, without {plain:.4f}")
+    measured(f"workflow row-0 max latent error: with NULL_TEXT {with_null_text:.4f}, without {plain:.4f}")
     assert with_null_text < plain

@@ -4,8 +4,6 @@ either works on the partial chain (identity cases) or says why not."""
 import pytest
 import torch
 
-import comfy.sample
-import comfy.samplers
 import nodes
 
 from inversion_chain.artifacts import InversionChainError
@@ -14,6 +12,8 @@ from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
 from inversion_chain.nodes.rival import ICRIVALAlignSampler
+from tests.harness.sampling import sample
+from tests.harness.measure import measured
 
 STEPS = 8
 END = 0.5          # inverts steps j = 0..3 (j/8 < 0.5): the chain ends at the sigma of sampling step 4 of 8
@@ -22,12 +22,6 @@ CFG = 7.5
 SOURCE = "a cat sitting on a wooden table"
 TARGET = "a dog sitting on a wooden table"
 
-
-def sample(model, positive, negative, latent, sigmas, cfg=1.0, callback=None):
-    """SamplerCustom: add_noise off, sampler ddim, the given sigmas."""
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0, callback=callback)
 
 
 def ksampler_advanced(model, positive, negative, latent, start_at_step, cfg=1.0, add_noise="disable", seed=0):
@@ -65,10 +59,10 @@ def test_partial_chain_is_the_full_chains_clean_end_and_stock_samplers_reconstru
     custom = sample(p["model"], p["src"], p["src"], noise, sigmas)
     advanced = ksampler_advanced(p["model"], p["src"], p["src"], noise, inv.start_step)
     rt_full = err(sample(p["model"], p["src"], p["src"], p["full"][0]["samples"], p["full"][1]), p["source"])
-    print(f"{p['family']}: round trip ({STEPS} ddim_uniform steps) end_percent 1.0: {rt_full:.2e} "
-          f"({full.unet_calls} UNet calls); end_percent {END}: SamplerCustom {err(custom, p['source']):.2e}, "
-          f"KSampler Advanced start_at_step {inv.start_step}: {err(advanced, p['source']):.2e} "
-          f"({inv.unet_calls} UNet calls)")
+    measured(f"{p['family']}: round trip ({STEPS} ddim_uniform steps) end_percent 1.0: {rt_full:.2e} "
+             f"({full.unet_calls} UNet calls); end_percent {END}: SamplerCustom {err(custom, p['source']):.2e}, "
+             f"KSampler Advanced start_at_step {inv.start_step}: {err(advanced, p['source']):.2e} "
+             f"({inv.unet_calls} UNet calls)")
     assert err(custom, p["source"]) < 1e-3 and err(advanced, custom) < 1e-5
 
 
@@ -114,8 +108,8 @@ def test_kv_inject_identity_and_start_percent_counts_the_sampled_steps(q):
     late = ICKVInject().patch(q["model"], q["inv"], 0.5, 0, "mutual")[0]
     own, injected = denoised_per_step(q["model"], q["tgt"], q), denoised_per_step(late, q["tgt"], q)
     same = [torch.equal(a, b) for a, b in zip(own, injected)]
-    print(f"{q['family']}: KV Inject on the partial chain: identity {identity:.2e}; steps equal to the plain run: "
-          f"{same}")
+    measured(f"{q['family']}: KV Inject on the partial chain: identity {identity:.2e}; steps equal to the plain run: "
+             f"{same}")
     assert identity < 1e-3 and same == [True, True, False, False]
 
 
@@ -123,7 +117,7 @@ def test_rival_edits_from_the_partial_level_and_refuses_new_noise(q):
     out, ref = ICRIVALAlignSampler().sample(q["model"], q["src"], q["src"], q["inv"], 0, 1, 1.0, 0.4, 0.4,
                                             "inverted", "eps", "batch")
     identity = err(out["samples"], q["source"])   # same prompt, cfg 1: every row stays on the chain
-    print(f"{q['family']}: RIVAL init inverted on the partial chain, cfg 1: variation vs photo {identity:.2e}")
+    measured(f"{q['family']}: RIVAL init inverted on the partial chain, cfg 1: variation vs photo {identity:.2e}")
     assert identity < 1e-3 and err(ref["samples"], q["source"]) < 1e-5
     with pytest.raises(InversionChainError, match=r"(?s)`inversion` is partial.*init 'permute'.*end_percent 1"):
         ICRIVALAlignSampler().sample(q["model"], q["src"], q["empty"], q["inv"], 0, 1, 5.0, 0.4, 0.4, "permute",
@@ -149,7 +143,7 @@ def test_p2plus_and_null_text_on_the_partial_chain(q):
                                                                  null_text=null_text)
         rows[name] = sample(m, pos, neg, latent["samples"], sigmas, CFG)[:1]
     errors = {k: err(v, q["source"]) for k, v in rows.items()}
-    print(f"{q['family']}: P2Plus row 0 vs photo on the partial chain, cfg 7.5: " + ", ".join(f"{k} {v:.3g}"
+    measured(f"{q['family']}: P2Plus row 0 vs photo on the partial chain, cfg 7.5: " + ", ".join(f"{k} {v:.3g}"
                                                                           for k, v in errors.items()))
     assert err(rows["negative-prompt"], cfg1) < 1e-4
     assert errors["null-text"] < errors["plain"]

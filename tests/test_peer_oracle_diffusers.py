@@ -16,6 +16,7 @@ import comfy.utils
 
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.samplers import ddim
+from tests.harness.measure import measured
 
 STEPS = 10
 
@@ -73,7 +74,7 @@ def test_node_chain_equals_diffusers_inverse_scheduler(setup):
     # same timesteps on both sides: diffusers' leading+offset-1 schedule is ComfyUI's ddim_uniform
     assert torch.equal(sched.timesteps, inv.timesteps.flip(0)[1:].round().long())
     err = (ours_z - theirs_z).abs().amax(dim=(1, 2, 3, 4))
-    print("per-step max |z_ours - z_diffusers|:", [f"{e:.2e}" for e in err.tolist()])
+    measured("per-step max |z_ours - z_diffusers|:", [f"{e:.2e}" for e in err.tolist()])
     # Measured: <= 4.2e-7 per step (float32 round-off of two implementations of one UNet). 1e-5 leaves 20x margin,
     # while a plausible bug is far above it: feeding the UNet x_lo scaled for the target sigma instead of z_lo
     # (another "naive" step) already differs by 1.7e-4 at step 2 on this model.

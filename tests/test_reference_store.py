@@ -11,6 +11,7 @@ from inversion_chain.model_info import unet_of
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.samplers import rival
+from tests.harness.measure import measured
 
 STEPS = 4
 
@@ -39,7 +40,7 @@ def test_estimate_equals_stored_bytes_for_both_users(store, inverted, family, fa
     kv, rv = entries
     assert rv.branches == 2 and len(rv.steps) == STEPS and kv.branches == 1 and kv.steps == list(range(1, STEPS))
     assert len({key for key in rv.store if key[2] == 1}) == len(rv.layers) * STEPS
-    print(f"{family}: KV Inject entry {kv.nbytes()} B, RIVAL entry {rv.nbytes()} B")
+    measured(f"{family}: KV Inject entry {kv.nbytes()} B, RIVAL entry {rv.nbytes()} B")
 
 
 def test_ten_negative_prompts_stay_within_the_budget(store, inverted, family_encode):
@@ -102,7 +103,7 @@ def test_stored_inputs_project_to_the_recorded_keys_and_values(store, inverted, 
                 got = ref.get(step, layers[index], "cpu", torch.float32, branch)
                 err = max(float((g - t).abs().max()) for g, t in zip(got, truth)) / scale
                 worst[name] = max(worst[name], err)
-    print(f"{family}: worst relative K/V error vs float32 K/V storage: {worst}")
+    measured(f"{family}: worst relative K/V error vs float32 K/V storage: {worst}")
     assert worst[("inputs", "torch.float32")] < 1e-5
     assert 0 < worst[("kv", "torch.float16")] < 2e-3
     assert worst[("inputs", "torch.float16")] < 4 * worst[("kv", "torch.float16")]
@@ -172,7 +173,7 @@ def test_partial_cache_holds_the_first_steps_that_fit_and_recomputes_the_rest(st
     assert sum(rows) == 2 * 2 + STEPS * 4 + 2 * 2, rows
     assert rows[-4:] == [2, 4, 2, 4], rows
     diff = float((partial - full).abs().max())
-    print(f"{family}: RIVAL partial cache (2 of {STEPS} steps, {entry.nbytes()} B) vs full cache: {diff:.2e}")
+    measured(f"{family}: RIVAL partial cache (2 of {STEPS} steps, {entry.nbytes()} B) vs full cache: {diff:.2e}")
     assert diff < 1e-3
     # a second run finds the partial entry: no refill
     with torch.inference_mode():
@@ -220,7 +221,7 @@ def test_kv_inject_partial_cache_equals_the_full_cache(store, inverted, family, 
         (entry,) = store.entries.values()
         assert entry.steps == [1, 2] and entry.nbytes() == entry.estimate_bytes() <= store.max_bytes
         diff = float((partial - full).abs().max())
-        print(f"{family}: KV Inject {mode}, partial cache (2 of 3 steps) vs full cache: {diff:.2e}")
+        measured(f"{family}: KV Inject {mode}, partial cache (2 of 3 steps) vs full cache: {diff:.2e}")
         assert diff < 1e-3
 
 

@@ -6,6 +6,7 @@ from inversion_chain.artifacts import InversionChainError
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.rival import ICRIVALAlignSampler
 from inversion_chain.samplers import rival
+from tests.harness.measure import measured
 
 STEPS = 10
 
@@ -36,7 +37,7 @@ def test_degenerate_identity_reproduces_the_reference(setup):
     s = setup
     variations, reference = run(s, cfg=1.0, replace_end=1.0, normalize_end=0.0, init="inverted")
     err = float((variations["samples"] - s["source"]).abs().max())
-    print(f"identity: max |variation - source latent| = {err:.2e}")
+    measured(f"identity: max |variation - source latent| = {err:.2e}")
     # the variation row follows the chain up to the inversion's round-trip residual (DDIM Invert: < 1e-3)
     assert err < 1e-3
     assert torch.allclose(reference["samples"], s["source"], atol=1e-5)
@@ -65,7 +66,7 @@ def test_batch_equals_single_runs_with_per_variation_seeds(setup):
     batch = run(s, seed=10, batch_size=3, positive=s["tgt"])[0]["samples"]
     singles = torch.cat([run(s, seed=10 + j, batch_size=1, positive=s["tgt"])[0]["samples"] for j in range(3)])
     diff = float((batch - singles).abs().max())
-    print(f"batch of 3 vs 3 single runs: max diff {diff:.2e}")
+    measured(f"batch of 3 vs 3 single runs: max diff {diff:.2e}")
     # rows only interact through the shared reference row; differences are float round-off of batched kernels
     assert diff < 1e-4
 
@@ -130,8 +131,8 @@ def test_second_independent_implementation_agrees(setup, reference_kv):
                normalize_end=after_timestep(s, t_early), reference_kv=reference_kv)[0]["samples"]
     theirs = reference_rival(s, s["tgt"], 5.0, t_align, t_early, init, STEPS)
     diff = float((ours - theirs).abs().max())
-    print(f"RIVAL ({reference_kv}) vs independent reference loop: max diff {diff:.2e} "
-          f"(latent std {float(theirs.std()):.2f})")
+    measured(f"RIVAL ({reference_kv}) vs independent reference loop: max diff {diff:.2e} "
+             f"(latent std {float(theirs.std()):.2f})")
     # different attention kernels (ComfyUI's vs plain softmax) and batching; 1e-3 on O(1) latents
     assert diff < 1e-3
 
@@ -141,7 +142,7 @@ def test_cached_and_in_batch_reference_agree(setup):
     a = run(s, positive=s["tgt"], seed=4, batch_size=2, reference_kv="cache")[0]["samples"]
     b = run(s, positive=s["tgt"], seed=4, batch_size=2, reference_kv="batch")[0]["samples"]
     diff = float((a - b).abs().max())
-    print(f"RIVAL cached vs in-batch reference: max diff {diff:.2e}")
+    measured(f"RIVAL cached vs in-batch reference: max diff {diff:.2e}")
     # cached K/V are stored in fp16 (half the memory); that rounding (~5e-4 relative) is the whole difference
     assert diff < 5e-3
 

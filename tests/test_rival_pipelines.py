@@ -14,6 +14,7 @@ from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.rival import ICRIVALAlignSampler
 from tests.conftest import encode_as_stock, family_models
 from tests.harness import extra_models, photos
+from tests.harness.measure import measured
 
 STEPS = 5
 PROMPT = "a photo of an astronaut"
@@ -101,9 +102,9 @@ def test_inpainting_keeps_the_unmasked_region_exactly_and_regenerates_the_masked
     for sigma, x_in in inputs:
         i = min(range(STEPS), key=lambda j: abs(sigmas[j] - sigma))
         chain_err = max(chain_err, err(x_in[:, :, keep], s["inv"].chain[i][:1, :, keep].expand(x_in.shape[0], -1, -1)))
-    print(f"{s['family']} inpainting ({reference_kv}): kept region vs source latent {kept_vs_source:.2e}, vs "
-          f"reference output {kept_vs_reference:.1e}; UNet input outside the mask vs chain {chain_err:.1e} over "
-          f"{len(inputs)} calls; masked region mean |change| {changed:.3f}")
+    measured(f"{s['family']} inpainting ({reference_kv}): kept region vs source latent {kept_vs_source:.2e}, vs "
+             f"reference output {kept_vs_reference:.1e}; UNet input outside the mask vs chain {chain_err:.1e} over "
+             f"{len(inputs)} calls; masked region mean |change| {changed:.3f}")
     assert kept_vs_reference == 0.0           # the chain's last latent, copied: bit-exact
     assert kept_vs_source < 1e-5              # the encoded photo, through the model's latent scaling and back
     assert chain_err == 0.0 and len(inputs) >= STEPS
@@ -117,8 +118,8 @@ def test_inpainting_mask_identity_cases(inpaint):
     kept = rival(s["model"], s["src"], s["empty"], s["inv"], seed=2, mask=zeros, batch_size=1)[0]["samples"]
     full = rival(s["model"], s["src"], s["empty"], s["inv"], seed=2, mask=ones, batch_size=1)[0]["samples"]
     plain = rival(s["model"], s["src"], s["empty"], s["inv"], seed=2, batch_size=1)[0]["samples"]
-    print(f"{s['family']}: all-zeros mask vs source latent {err(kept, s['source']):.2e}; all-ones mask vs no mask "
-          f"{err(full, plain):.1e}")
+    measured(f"{s['family']}: all-zeros mask vs source latent {err(kept, s['source']):.2e}; all-ones mask vs no mask "
+             f"{err(full, plain):.1e}")
     assert err(kept, s["source"]) < 1e-5        # nothing regenerated: the photo itself
     assert torch.equal(full, plain)             # everything regenerated: plain RIVAL, same draw
 
@@ -173,9 +174,9 @@ def test_rival_under_a_controlnet(small):
     idle = apply.apply_controlnet(s["src"], s["empty"], net, hint, 1.0, 1.0, 1.0)[:2]
     idle_out = rival(s["model"], idle[0], idle[1], s["inv"], seed=3, batch_size=1)[0]["samples"]
     cache_vs_batch = err(controlled, runs["batch"][0]["samples"])
-    print(f"ControlNet: controlled vs plain {err(controlled, plain):.3f}; cache vs batch reference under control "
-          f"{cache_vs_batch:.1e}; inactive control vs plain {err(idle_out, plain):.1e}; reference vs source "
-          f"{err(runs['batch'][1]['samples'], s['source']):.1e}")
+    measured(f"ControlNet: controlled vs plain {err(controlled, plain):.3f}; cache vs batch reference under control "
+             f"{cache_vs_batch:.1e}; inactive control vs plain {err(idle_out, plain):.1e}; reference vs source "
+             f"{err(runs['batch'][1]['samples'], s['source']):.1e}")
     assert err(controlled, plain) > 0.05
     # the control steers the variations only: the reference row (in the batch) reads the photo's K/V without
     # control residuals, as the cached reference (recorded from the inversion); fp16 K/V cache is the difference
@@ -204,9 +205,9 @@ def test_rival_with_a_lora_from_the_stock_loader(small):
     chain_change = err(inv_lora.chain[0], s["inv"].chain[0])
     variations, reference = rival(lora_model, s["src"], s["empty"], inv_lora, seed=4, batch_size=1)
     base = rival(s["model"], s["src"], s["empty"], s["inv"], seed=4, batch_size=1)[0]["samples"]
-    print(f"LoRA: x0 prediction change {unet_change:.3f}; x_T of the LoRA'd inversion vs base {chain_change:.3f}; "
-          f"RIVAL LoRA vs base {err(variations['samples'], base):.3f}; reference vs source "
-          f"{err(reference['samples'], s['source']):.1e}")
+    measured(f"LoRA: x0 prediction change {unet_change:.3f}; x_T of the LoRA'd inversion vs base {chain_change:.3f}; "
+             f"RIVAL LoRA vs base {err(variations['samples'], base):.3f}; reference vs source "
+             f"{err(reference['samples'], s['source']):.1e}")
     assert unet_change > 0.05 and chain_change > 0.05
     assert err(variations["samples"], base) > 0.05 and torch.isfinite(variations["samples"]).all()
     assert err(reference["samples"], s["source"]) < 1e-5
@@ -232,9 +233,9 @@ def test_rival_on_an_unclip_model_with_stock_unclip_conditioning():
     text_only = rival(model, text, empty, inv, seed=5, batch_size=1)[0]["samples"]
     out = runs["cache"][0]["samples"]
     cache_vs_batch = err(out, runs["batch"][0]["samples"])
-    print(f"unCLIP: x0 prediction with vs without the image embedding {adm_change:.3f}; RIVAL chelsea-embedding vs "
-          f"text-only {err(out, text_only):.4f}; cache vs batch {cache_vs_batch:.1e}; reference vs source "
-          f"{err(runs['batch'][1]['samples'], latent['samples']):.1e}")
+    measured(f"unCLIP: x0 prediction with vs without the image embedding {adm_change:.3f}; RIVAL chelsea-embedding vs "
+             f"text-only {err(out, text_only):.4f}; cache vs batch {cache_vs_batch:.1e}; reference vs source "
+             f"{err(runs['batch'][1]['samples'], latent['samples']):.1e}")
     assert type(model.model).__name__ == "SD21UNCLIP"
     # small on this test model: at width 32 the UNet's GroupNorm has one channel per group, which removes most of
     # the per-channel embedding offset a ResBlock adds (the timestep's too); the ADM input does reach the model

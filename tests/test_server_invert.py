@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.harness.server import ComfyServer, for_test_model, load_api_workflow, nodes_of, ui_output
+from tests.harness.measure import measured
 
 pytestmark = pytest.mark.server
 
@@ -56,7 +57,7 @@ def test_reconstruct_workflow_round_trips(comfy_server, base, size):
     ui = ui_output(entry, "ICLatentDifference", graph)
     max_abs, mean_abs = ui["max_abs"][0], ui["mean_abs"][0]
     inv = graph[node_id(graph, "ICDDIMInvert")]["inputs"]
-    print(f"{size}: {inv['steps']} steps, refine_iters {inv['refine_iters']}: {ui['text'][0]}")
+    measured(f"{size}: {inv['steps']} steps, refine_iters {inv['refine_iters']}: {ui['text'][0]}")
     assert math.isfinite(max_abs) and math.isfinite(mean_abs)
     assert 0 <= mean_abs <= max_abs < MAX_ABS_BOUND[size]
     if size == "small":

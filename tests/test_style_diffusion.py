@@ -16,6 +16,8 @@ from inversion_chain.nodes.style_diffusion import ICStyleDiffusionApply, ICStyle
 from inversion_chain.optimize import style_diffusion
 from inversion_chain.model_info import unet_of
 from tests.harness import models, photos
+from tests.harness.sampling import sampler
+from tests.harness.measure import measured
 
 STEPS = 8
 CFG = 7.5
@@ -25,10 +27,7 @@ SOURCE = "a photo of an astronaut"
 TARGET = "a photo of a robot"
 
 
-def sample(model, positive, negative, latent, sigmas, cfg=CFG):
-    sampler = comfy.samplers.sampler_object("ddim")
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, sampler, sigmas, positive, negative,
-                                      latent, seed=0)
+sample = sampler(cfg=CFG)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +55,8 @@ def test_training_lowers_the_loss(setup):
     # step 0: ceil(10 * e^0) iterations, no early stop hit; each iteration measures the weights it then updates,
     # and the weights after the last update are measured once more (to keep the best)
     assert len(losses) == STEPS and len(losses[0]) == INNER + 1
-    print("per-step first -> kept (best measured) loss: "
-          + ", ".join(f"{s[0]:.3g}->{min(s):.3g}" for s in losses))
+    measured("per-step first -> kept (best measured) loss: "
+             + ", ".join(f"{s[0]:.3g}->{min(s):.3g}" for s in losses))
     # every step after the first starts off the chain; the optimiser lowers its loss there, and a step keeps the
     # best weights it measured (Adam's first sign-like updates overshoot: step 0, which starts on the chain with a
     # mapper close to the prompt, measured 2.5e-4 -> 6e-4 when it kept its last weights)
@@ -103,9 +102,9 @@ def reconstruction(setup):
                                                                  0.0, 0.0, 0.0, inversion=s["inv"], null_text=nt)
         out["null_text"] = err(sample(m, pos, neg, latent["samples"], sigmas)[:1])
     iters = {"style": int(s["style"].inner_iters.sum()), "null_text": int(nt.inner_iters.sum())}
-    print(f"reconstruction max latent error at cfg {CFG}, {STEPS} steps, lr {LR}: plain DDIM {out['plain']:.4f}, "
-          f"StyleDiffusion {out['style']:.4f} ({iters['style']} iterations), null-text {out['null_text']:.4f} "
-          f"({iters['null_text']} iterations); training final error {s['style'].final_error:.4f}")
+    measured(f"reconstruction max latent error at cfg {CFG}, {STEPS} steps, lr {LR}: plain DDIM {out['plain']:.4f}, "
+             f"StyleDiffusion {out['style']:.4f} ({iters['style']} iterations), null-text {out['null_text']:.4f} "
+             f"({iters['null_text']} iterations); training final error {s['style'].final_error:.4f}")
     return dict(out, iters=iters)
 
 
@@ -296,9 +295,9 @@ def other(family, family_model, family_encode, family_latent, clip_vision):
         source = family_latent["samples"]
         errors = {name: float((sample(m, src, empty, noise["samples"], sigmas) - source).abs().max())
                   for name, m in (("plain", model), ("style", styled))}
-    print(f"{family}: StyleDiffusion at cfg {CFG}, {OTHER_STEPS} steps x {OTHER_INNER} iterations: plain DDIM "
-          f"{errors['plain']:.4f}, Apply {errors['style']:.4f}, training final {style.final_error:.4f}; losses "
-          + ", ".join(f"{s[0]:.3g}->{min(s):.3g}" for s in style.losses))
+    measured(f"{family}: StyleDiffusion at cfg {CFG}, {OTHER_STEPS} steps x {OTHER_INNER} iterations: plain DDIM "
+             f"{errors['plain']:.4f}, Apply {errors['style']:.4f}, training final {style.final_error:.4f}; losses "
+             + ", ".join(f"{s[0]:.3g}->{min(s):.3g}" for s in style.losses))
     return dict(family=family, model=model, src=src, empty=empty, noise=noise["samples"], sigmas=sigmas,
                 style=style, styled=styled, errors=errors)
 

@@ -15,6 +15,7 @@ from inversion_chain.nodes.p2plus import ICP2PlusController
 from inversion_chain.nodes.style_diffusion import ICStyleDiffusionApply
 from inversion_chain.optimize import style_diffusion
 from tests.harness import demo_model, models, photos
+from tests.harness.measure import measured
 
 STEPS = 10
 END = 0.5                  # the last 5 of 10 steps: SDEdit strength 0.5
@@ -75,14 +76,14 @@ def measures(run, key, latent):
 
 def test_stylediffusion_reconstructs_from_the_partial_level_closer_than_sdedit(run):
     res = {k: measures(run, k, v) for k, v in run["out"].items()}
-    print(f"\nreconstruction from sigma {float(run['inv'].sigmas[0]):.3f} (the last {run['inv'].steps} of {STEPS} "
-          f"steps, cfg {CFG}; mean latent error / PSNR to the photo): "
-          + "; ".join(f"{k} {e:.4f} / {a:.1f} dB" for k, (e, a, _) in res.items()))
+    measured(f"\nreconstruction from sigma {float(run['inv'].sigmas[0]):.3f} (the last {run['inv'].steps} of {STEPS} "
+             f"steps, cfg {CFG}; mean latent error / PSNR to the photo): "
+             + "; ".join(f"{k} {e:.4f} / {a:.1f} dB" for k, (e, a, _) in res.items()))
     sdedit = [v for k, v in res.items() if k.startswith("SDEdit")]
     sd = res["stylediffusion"]
     best_error, best_psnr = min(v[0] for v in sdedit), max(v[1] for v in sdedit)
-    print(f"StyleDiffusion vs best plain SDEdit of {len(sdedit)} seeds: latent error {sd[0]:.4f} vs {best_error:.4f} "
-          f"(ratio {sd[0] / best_error:.2f}), PSNR {sd[1]:.1f} vs {best_psnr:.1f} dB")
+    measured(f"StyleDiffusion vs best plain SDEdit of {len(sdedit)} seeds: latent error {sd[0]:.4f} vs "
+             f"{best_error:.4f} (ratio {sd[0] / best_error:.2f}), PSNR {sd[1]:.1f} vs {best_psnr:.1f} dB")
     assert sd[0] < 0.5 * best_error
     assert sd[1] > best_psnr + 3
 
@@ -96,9 +97,9 @@ def test_edit_from_the_partial_level_moves_toward_the_target_and_row_0_keeps_the
     keeps reconstructing the photo better than SDEdit does with the source prompt."""
     res = {k: measures(run, f"edit: {k}", v) for k, v in run["edits"].items()}
     row0 = measures(run, "edit: P2Plus row 0", run["row0"])
-    print(f"\nedit '{SOURCE}' -> '{TARGET}' from the same level (mean latent change / PSNR to the astronaut / PSNR "
-          f"to the cat): " + "; ".join(f"{k} {e:.4f} / {a:.1f} / {c:.1f} dB" for k, (e, a, c) in res.items())
-          + f"; P2Plus row 0 (reconstruction) {row0[0]:.4f} / {row0[1]:.1f} / {row0[2]:.1f} dB")
+    measured(f"\nedit '{SOURCE}' -> '{TARGET}' from the same level (mean latent change / PSNR to the astronaut / PSNR "
+             f"to the cat): " + "; ".join(f"{k} {e:.4f} / {a:.1f} / {c:.1f} dB" for k, (e, a, c) in res.items())
+             + f"; P2Plus row 0 (reconstruction) {row0[0]:.4f} / {row0[1]:.1f} / {row0[2]:.1f} dB")
     edit = res["stylediffusion + P2Plus"]
     assert edit[2] > row0[2] + 3                 # moved toward the cat
     sdedit_reconstruction = max(measures(run, k, v)[1] for k, v in run["out"].items() if k.startswith("SDEdit"))

@@ -345,15 +345,14 @@ def copy_outputs(server: ComfyServer, entry: dict, dest: Path) -> list[Path]:
 # runs. Shipped names, each with the test files that stand in for it:
 SHIPPED_CHECKPOINTS = {
     "v1-5-pruned-emaonly-fp16.safetensors": "sd15",   # SD1.5 layout: test models "small" and "sd15"
-    "sd_xl_base_1.0.safetensors": "sdxl",             # SDXL layout: test model pending (see FAMILY_TEST_MODELS)
+    "sd_xl_base_1.0.safetensors": "sdxl",             # SDXL layout: test model "sdxl"
 }
 SHIPPED_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 # ControlNets (canny, the official RIVAL ControlNet example's), each standing in with the test ControlNet of its
 # family's test model (tests/harness/extra_models.py)
 SHIPPED_CONTROLNETS = {"control_v11p_sd15_canny.pth": "sd15", "diffusers_xl_canny_full.safetensors": "sdxl"}
 SHIPPED_IMAGE = "example.png"  # ComfyUI's own input/example.png; the user puts a photo in its place
-# Test models that run each family's workflows. The SDXL-layout test model is built on the sdxl branch; once
-# models.CHECKPOINT_NAMES has "sdxl", setting "sdxl": ("sdxl",) here makes the SDXL workflows run too.
+# Test models that run each family's workflows.
 FAMILY_TEST_MODELS = {"sd15": ("small", "sd15"), "sdxl": ("sdxl",)}
 # Per test model: the checkpoint file, the photo size, and caps on step-like inputs (the full-size SD1.5 UNet
 # costs seconds per call on 2 CPU cores). "small" keeps the step counts the test suite measured its numbers at.
@@ -362,10 +361,9 @@ TEST_MODELS = {
               "caps": {"steps": 10, "inner_steps": 20}},
     "sd15": {"ckpt": models.CHECKPOINT_NAMES["sd15"], "image_size": 64,
              "caps": {"steps": 3, "refine_iters": 2, "inner_steps": 1, "batch_size": 2}},
+    "sdxl": {"ckpt": models.CHECKPOINT_NAMES["sdxl"], "image_size": 128,   # the small SDXL-layout test model
+             "caps": {"steps": 10, "inner_steps": 20}},
 }
-if "sdxl" in models.CHECKPOINT_NAMES:   # the small SDXL-layout test model (sdxl branch)
-    TEST_MODELS["sdxl"] = {"ckpt": models.CHECKPOINT_NAMES["sdxl"], "image_size": 128,
-                           "caps": {"steps": 10, "inner_steps": 20}}
 
 
 def workflow_family(graph: dict) -> str:

@@ -141,6 +141,43 @@ def test_no_attention_module_over_400_lines():
     assert not long, f"attention modules over {MAX_ATTENTION_LINES} lines: {long}"
 
 
+def names_imported_from(module: str, path: Path) -> Dict[str, Set[str]]:
+    """Pack module imported from -> the names ``module`` takes from it (``*`` for the module itself)."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    out: Dict[str, Set[str]] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = package[:len(package) - (node.level - 1)] if node.level > 1 else list(package)
+            target = base + (node.module.split(".") if node.module else [])
+            for alias in node.names:
+                sub = ".".join(target + [alias.name])
+                if sub in MODULES:
+                    out.setdefault(sub, set()).add("*")
+                else:
+                    out.setdefault(".".join(target), set()).add(alias.name)
+    return out
+
+
+def test_nodes_call_only_the_pipelines():
+    """A node declares its inputs, calls one function of pipelines/ and returns: from the layers under pipelines/
+    (attention, samplers, optimize) it takes only vocabulary for its INPUT_TYPES (UPPER_CASE choices and defaults),
+    never a module, function or class. The input contract (nodes.contract) may name the artefact types it checks."""
+    below = {"attention", "samplers", "optimize"}
+    found = []
+    for m, path in MODULES.items():
+        if layer_of(m) != "nodes" or m == "nodes.contract":
+            continue
+        for source, names in names_imported_from(m, path).items():
+            if layer_of(source) in below:
+                bad = sorted(n for n in names if n == "*" or not n.isupper())
+                if bad:
+                    found.append(f"{m} takes {', '.join(bad)} from {source}")
+    assert not found, "nodes reaching past pipelines/:\n" + "\n".join(found)
+    calls = {m for m, (inside, _) in GRAPH.items() if layer_of(m) == "nodes"
+             for t in inside if layer_of(t) == "pipelines"}
+    assert len(calls) >= 7   # every technique's node module: the check above saw the real imports
+
+
 def test_the_graph_is_read_from_the_real_files():
     """The walk sees the layout it checks (a renamed folder must not make the other tests vacuous)."""
     assert {"compat", "attention.core.controller", "attention.core.patching", "attention.core.schedule",
