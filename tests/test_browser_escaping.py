@@ -15,6 +15,7 @@ import json
 
 import pytest
 
+from tests.harness.measure import measured
 from tests.harness.server import for_test_model, load_api_workflow, nodes_of
 from tests.test_browser_workflows import drop_workflow, live_state, page, ui_server  # noqa: F401  (fixtures)
 
@@ -113,7 +114,7 @@ def test_markup_in_mask_words_is_shown_as_text_and_runs_nothing(page, ui_server)
     page.wait_for_timeout(500)   # an <img src=x> would have failed to load and fired onerror by now
     report = shown_report(page)
     shown = report["text"]
-    print(f"\nshown in {report['where']}: {shown[:600]!r}")
+    measured(f"\nshown in {report['where']}: {shown[:600]!r}")
     # the words, as text: the 2024-03 dialog decodes the escaped message back to the typed characters (innerHTML);
     # the 0.3x frontend shows the message's characters as they are, so the escaped form is what it shows
     assert (MARKUP if "comfy-modal" in report["where"] else MARKUP.replace("<", "&lt;").replace(">", "&gt;")) \

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.measure import measured
 from tests.harness.comfy_env import REPO_ROOT
 from tests.harness.server import ComfyServer, api_workflow_names, for_test_model, load_api_workflow, nodes_of
 
@@ -204,7 +205,7 @@ def test_queue_ddim_reconstruction_from_the_ui_and_read_latent_difference(page, 
     shown = f"max {max_abs:.2e}  mean {mean_abs:.2e}".replace("e-0", "e-").replace("e+0", "e+")
     page.wait_for_function("([id, text]) => app.graph.getNodeById(id).widgets?.some(w => w.value === text)",
                            arg=[int(diff_id), shown], timeout=30_000)
-    print(f"\nUI-queued {name} on the small test model: {time.time() - t0:.1f} s, {shown}")
+    measured(f"\nUI-queued {name} on the small test model: {time.time() - t0:.1f} s, {shown}")
     state = live_state(page)
     assert not overlaps(state["nodes"]), "the numbers made Latent Difference cover a neighbour"
     saved = {n["id"]: n["size"] for n in json.loads((REPO_ROOT / "workflows" / f"{name}.json").read_text())["nodes"]}

@@ -9,6 +9,7 @@ from inversion_chain.artifacts import InversionChainError
 from inversion_chain.model_info import model_key
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.inverted_noise import ICInvertedNoise
+from tests.harness.measure import measured
 from tests.harness import flow_models, photos
 
 SOURCE = "a photo of an astronaut"
@@ -106,7 +107,7 @@ def test_round_trip_within_the_issue_target(flow, scheduler, steps, request):
     _, sigmas, inv = cached_inversion(flow, scheduler, steps)
     source = flow["latent"]["samples"]
     errs = {name: error(sample_back(flow, inv, sigmas, name), source) for name in ("euler", "ddim")}
-    print(f"{flow['family']} {scheduler} {steps} steps: round trip euler {errs['euler']:.3e}, ddim "
+    measured(f"{flow['family']} {scheduler} {steps} steps: round trip euler {errs['euler']:.3e}, ddim "
           f"{errs['ddim']:.3e}, {inv.unet_calls / steps:.2f} model calls per step")
     assert errs["euler"] == errs["ddim"]   # ComfyUI's ddim sampler is its euler on these models
     assert errs["euler"] < TARGET
@@ -130,7 +131,7 @@ def test_exact_inversion_beats_naive_and_the_flux_schedule_is_used(flow, schedul
     _, naive_sigmas, naive = invert(flow, steps, scheduler, refine_iters=0)
     exact_err, naive_err = error(sample_back(flow, inv, sigmas), source), error(sample_back(flow, naive, naive_sigmas),
                                                                                 source)
-    print(f"{flow['family']} {scheduler} {steps}: exact {exact_err:.3e} ({inv.unet_calls / steps:.2f} calls/step), "
+    measured(f"{flow['family']} {scheduler} {steps}: exact {exact_err:.3e} ({inv.unet_calls / steps:.2f} calls/step), "
           f"naive {naive_err:.3e}")
     assert exact_err * 20 < naive_err
     ms = flow["model"].get_model_object("model_sampling")
@@ -192,7 +193,7 @@ def test_stock_model_sampling_node_shift(flow, request):
     _, plain_sigmas, _ = invert(flow, 4, "simple")
     assert not torch.allclose(sigmas[1:2], plain_sigmas[1:2])
     err = error(sample_back(flow, inv, sigmas, model=model), flow["latent"]["samples"])
-    print(f"{flow['family']} with {label} simple {steps}: round trip {err:.3e}, "
+    measured(f"{flow['family']} with {label} simple {steps}: round trip {err:.3e}, "
           f"{inv.unet_calls / steps:.2f} calls/step")
     assert err < TARGET
 
@@ -242,7 +243,7 @@ def test_true_cfg_inversion_round_trip(flow, steps, request):
                                               f"{CFG_NOT_YET[family, steps]}, above issue 25's target on this "
                                               f"random-weight layout"))
     err, at_cfg1, inv = true_cfg_round_trip(flow, steps)
-    print(f"{family} cfg {TRUE_CFG_VALUE[family]} simple {steps}: round trip {err:.3e} "
+    measured(f"{family} cfg {TRUE_CFG_VALUE[family]} simple {steps}: round trip {err:.3e} "
           f"({inv.unet_calls / steps:.2f} calls/step); sampled back at cfg 1 instead: {at_cfg1:.3e}")
     assert err * 10 < at_cfg1      # control: the check sees which guidance the chain was made with
     assert err < TARGET
@@ -269,7 +270,7 @@ def test_tight_settings_reach_the_target_where_the_defaults_miss(flow, scheduler
     else:
         err, at_cfg1, inv = true_cfg_round_trip(flow, steps, **TIGHT)
         assert err * 10 < at_cfg1
-    print(f"{family} {scheduler} {steps} cfg {cfg}: tight round trip {err:.3e} ({inv.unet_calls / steps:.2f} "
+    measured(f"{family} {scheduler} {steps} cfg {cfg}: tight round trip {err:.3e} ({inv.unet_calls / steps:.2f} "
           f"calls/step)")
     assert err < TARGET
 
@@ -305,7 +306,7 @@ def test_partial_inversion_samples_back_with_stock_samplercustom_and_ksampler_ad
                                                    flow["positive"], flow["positive"], noise, steps - inv.steps,
                                                    10000, "disable")[0]["samples"]
     reference = sample_back(flow, inv, sigmas)
-    print(f"{flow['family']} partial {inv.steps}/{steps}: round trip SamplerCustom {error(custom, source):.3e}, "
+    measured(f"{flow['family']} partial {inv.steps}/{steps}: round trip SamplerCustom {error(custom, source):.3e}, "
           f"KSampler Advanced {error(advanced, source):.3e}, SamplerCustomAdvanced {error(reference, source):.3e}")
     assert error(custom, reference) < 1e-5 and error(advanced, reference) < 1e-5
     if flow["family"] == "flux":

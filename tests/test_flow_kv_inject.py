@@ -14,6 +14,7 @@ from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.inverted_noise import ICInvertedNoise
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.pipelines import kv_inject as pipeline
+from tests.harness.measure import measured
 from tests.harness import flow_models, photos
 
 SOURCE = "a photo of an astronaut"
@@ -94,7 +95,7 @@ def test_identity_edit_reproduces_the_reconstruction(flow, store):
     plain = sample(flow)
     injected = sample(flow, inject(flow))
     err, round_trip = error(injected, plain), error(plain, flow["latent"]["samples"])
-    print(f"{flow['family']}: identity edit vs reconstruction {err:.3e} (round trip {round_trip:.3e})")
+    measured(f"{flow['family']}: identity edit vs reconstruction {err:.3e} (round trip {round_trip:.3e})")
     assert err < IDENTITY_TOL and err < IDENTITY_OF_ROUND_TRIP * round_trip
 
 
@@ -159,7 +160,7 @@ def test_injection_moves_the_edit_toward_the_source(flow, store, request):
     plain = rms(sample(flow, positive=flow["target"]), reconstruction)
     every = rms(sample(flow, inject(flow), positive=flow["target"]), reconstruction)
     vital = rms(sample(flow, inject(flow, start_layer=-1), positive=flow["target"]), reconstruction)
-    print(f"{flow['family']}: RMS to the reconstruction: target plain {plain:.3f}, injected (every block) "
+    measured(f"{flow['family']}: RMS to the reconstruction: target plain {plain:.3f}, injected (every block) "
           f"{every:.3f}, injected (vital layers) {vital:.3f}")
     assert plain > 0.5                       # the control: the target prompt does change the result
     # Chroma at 256 px: 1.82 -> 1.20 (both selections are every block on this two-block layout)

@@ -17,6 +17,7 @@ import os
 
 import pytest
 
+from tests.harness.measure import measured
 from tests.harness.server import ComfyServer
 from tests.harness.soak import Soak, image_pixels_digest, round_plan, stock_graph
 from tests.harness import extra_models
@@ -45,7 +46,7 @@ def soak(tmp_path_factory):
     try:
         run = Soak(server, ROUNDS, log=print)
         result = run.run()
-        print(result.summary())
+        measured(result.summary())
         yield server, run, result
     finally:
         server.stop()
