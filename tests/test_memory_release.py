@@ -33,6 +33,7 @@ def fill(model, inv, start=0.25):
         ICKVInject().patch(model, inv, start, 0, "mutual", cache="cpu")
 
 
+@pytest.mark.fast
 def test_unload_all_models_empties_the_pack_memory_caches(store, inverted):
     model, clip, src, inv = inverted
     fill(model, inv)
@@ -56,6 +57,7 @@ def test_free_memory_hook_keeps_comfyui_behaviour_and_reports(monkeypatch):
         compat._release_callbacks.pop()
 
 
+@pytest.mark.fast
 def test_entries_on_a_device_short_of_memory_move_to_the_cpu_or_go(store, inverted, monkeypatch):
     model, clip, src, inv = inverted
     fill(model, inv)
@@ -79,6 +81,7 @@ def test_entries_on_a_device_short_of_memory_move_to_the_cpu_or_go(store, invert
     assert entry.storage_device == gpu
 
 
+@pytest.mark.fast
 def test_store_counts_the_inversion_it_holds_once(store, inverted):
     model, clip, src, inv = inverted
     fill(model, inv, 0.25)
@@ -92,6 +95,7 @@ def test_store_counts_the_inversion_it_holds_once(store, inverted):
     assert store.held_bytes() == sum(e.nbytes() for e in entries) + shared_bytes
 
 
+@pytest.mark.fast
 def test_free_caches_node_empties_every_cache(store, inverted, monkeypatch, tmp_path):
     model, clip, src, inv = inverted
     monkeypatch.setattr(style_diffusion, "cache_dir", lambda: str(tmp_path))
