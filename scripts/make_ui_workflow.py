@@ -6,6 +6,11 @@ frontend loads by drag-and-drop or "Load": workflows/<name>.json.
     .venv/bin/python scripts/make_ui_workflow.py --check           # exit 1 if a UI copy is missing or stale
     .venv/bin/python scripts/make_ui_workflow.py --migrate         # rewrite renamed widgets in workflows/api first
 
+The snapshot is taken on the oldest supported tree (its "_tree"). Run on a newer tree (COMFYUI_PATH=... or
+scripts/run_tests.sh's tree), the script only ADDS to it: the definitions, from that tree, of the node types that
+the workflows the snapshot's tree cannot run need and the snapshot lacks (the flow-model graphs: UNETLoader,
+FluxGuidance, SamplerCustomAdvanced, ...), each recorded in "_added" with its tree; the other definitions stay.
+
 The API copy is the source of truth (tests run it); the UI copy is generated from it. Widget conventions follow
 the ComfyUI frontend (checked against the 2024-03 web/ code, unchanged in later frontends):
 - a node's inputs are its ``required`` then ``optional`` inputs in /object_info order; an input whose type is a
@@ -121,6 +126,8 @@ STAGE_OF = {
     "ICStyleDiffusionMapper": "invert",
     "VAEDecode": "decode", "SaveImage": "decode", "PreviewImage": "decode", "ICLatentDifference": "decode",
     "LatentFromBatch": "decode", "ICAttentionMapViewer": "decode",
+    "UNETLoader": "inputs", "DualCLIPLoader": "inputs", "CLIPLoader": "inputs", "VAELoader": "inputs",
+    "FluxGuidance": "inputs", "ICInvertedNoise": "invert",
 }   # every other node (patches, samplers) is in "edit"
 STAGE_COLORS = {"inputs": "#3f789e", "invert": "#8A8", "edit": "#b58b2a", "decode": "#a1309b"}
 NOTE_W = 400
@@ -341,6 +348,26 @@ TECHNIQUE_NOTES = {
         "of the second decoder block at latent/4 for the first 80% of the steps, the self-attention maps of the "
         "decoder layers from there on for the first 50%. Lower feature_end_percent / attention_end_percent for "
         "more style, less content. cfg 7.5 = the Mapper's cfg. Both photos are example.png until you choose."),
+    "ddim_invert_reconstruct_flux": (
+        "DDIM inversion round trip on FLUX.1-dev.\n"
+        "DDIM Invert runs the sampler backwards from your photo to the noise it came from, at cfg 1 with the "
+        "prompt's FluxGuidance (3.5: Flux-dev is guidance-distilled, it has no unconditional branch). Inverted "
+        "Noise hands that latent to SamplerCustomAdvanced as its noise (a flow model's sampler would otherwise "
+        "start from zeros), which samples it forwards with euler and the same sigmas. The result should be your "
+        "photo again: Reconstruction error shows max/mean |latent difference| on the node after a run."),
+    "kv_inject_edit_flux": (
+        "KV Inject on FLUX.1-dev (mutual, Stable Flow's vital layers).\n"
+        "The photo is inverted as in the reconstruction graph; sampling its inverted noise with a target prompt, "
+        "the image tokens of the injected blocks attend to the source's image-token keys/values from the first "
+        "step (start_percent 0, as Stable Flow). start_layer -1 = Stable Flow's vital layers (block positions "
+        "0, 1, 2, 17, 18, 25, 28, 53, 54, 56; 0-18 double, 19-56 single); n injects every block from n on. "
+        "cfg 1 with FluxGuidance 3.5 on both prompts."),
+    "ddim_invert_reconstruct_qwen": (
+        "DDIM inversion round trip on Qwen-Image (true cfg).\n"
+        "Qwen-Image has a real unconditional branch: DDIM Invert inverts at inversion_cfg 4 with the negative "
+        "prompt, and CFGGuider samples back at the same cfg 4 with the same prompts; Inverted Noise hands the "
+        "inverted latent to SamplerCustomAdvanced (euler, DDIM Invert's sigmas). Keep the cfg, the prompts and "
+        "the steps equal in both. Reconstruction error shows max/mean |latent difference| after a run."),
     "attention_maps": (
         "Attention maps.\n"
         "Attention Capture records cross- and self-attention while the KSampler runs (img2img from your "
@@ -349,9 +376,21 @@ TECHNIQUE_NOTES = {
 }
 
 
+FLOW_SUFFIXES = ("_flux", "_qwen")   # graphs for flow models (current ComfyUI only)
+FLOW_LOADERS = (("UNETLoader", ("unet_name",), "diffusion_models"),
+                ("DualCLIPLoader", ("clip_name1", "clip_name2"), "text_encoders"),
+                ("CLIPLoader", ("clip_name",), "text_encoders"), ("VAELoader", ("vae_name",), "vae"))
+
+
+def technique_of(name: str) -> str:
+    for suffix in ("_sdxl",) + FLOW_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
 def notes_for(name: str, graph: dict) -> list[str]:
     """The Note texts of a shipped workflow: what it does, then what to put where (read from the graph itself)."""
-    text = TECHNIQUE_NOTES.get(name.removesuffix("_sdxl"))
+    text = TECHNIQUE_NOTES.get(name) or TECHNIQUE_NOTES.get(name.removesuffix("_sdxl"))
     if text is None:
         return []
     ckpts = sorted({n["inputs"]["ckpt_name"] for n in graph.values() if n["class_type"] == "CheckpointLoaderSimple"})
@@ -361,13 +400,19 @@ def notes_for(name: str, graph: dict) -> list[str]:
     images = sorted({n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"})
     sizes = sorted({n["inputs"]["width"] for n in graph.values() if n["class_type"] == "ImageScale"})
     steps = sorted({n["inputs"]["steps"] for n in graph.values() if isinstance(n["inputs"].get("steps"), int)})
-    setup = ["Models: " + ", ".join(f"models/checkpoints/{c}" for c in ckpts)
+    files = [f"models/checkpoints/{c}" for c in ckpts]
+    for kind, key, folder in FLOW_LOADERS:   # the flow-model graphs' own loaders
+        files += [f"models/{folder}/{n['inputs'][k]}" for n in graph.values() if n["class_type"] == kind
+                  for k in key]
+    setup = ["Models: " + ", ".join(files)
              + "".join(f", models/clip_vision/{v}" for v in visions)
              + "".join(f", models/controlnet/{c}" for c in controls) + "."]
     if images:
         setup.append(f"Photo: replace {', '.join(images)} with yours (Load Image > choose file) and describe it "
                      f"in the source prompt; it is resized and centre-cropped to {'/'.join(map(str, sizes))} px.")
-    if steps:
+    if steps and name.endswith(FLOW_SUFFIXES):
+        setup.append(f"Steps: {'/'.join(map(str, steps))}; sampling uses DDIM Invert's sigmas, so the same count.")
+    elif steps:
         setup.append(f"Steps: {'/'.join(map(str, steps))} (the paper's); keep the same count in every node.")
     return [text + "\n\n" + "\n".join(setup)]
 
@@ -468,7 +513,7 @@ def api_to_ui(graph: dict, object_info: dict, name: str | None = None) -> dict:
                            "flags": {}, "order": len(order_ids) + len(note_nodes), "mode": 0,
                            "properties": {"text": ""}, "widgets_values": [text],
                            "color": "#432", "bgcolor": "#653"})
-    technique = (workflow_name or "").removesuffix("_sdxl")
+    technique = technique_of(workflow_name or "")
     groups, ds = layout(nodes, graph, topo, note_nodes, STAGE_TITLES.get(technique, {}))
 
     return {
@@ -586,11 +631,38 @@ def without_choices(defn: dict) -> dict:
     return out
 
 
-def snapshot_of(object_info: dict, tree: str) -> dict:
-    """The definitions (without combo choices) of the node types the workflows use, and the tree they came from."""
-    used = sorted({node["class_type"] for p in API_DIR.glob("*.json")
-                   for node in json.loads(p.read_text()).values()})
-    return {"_tree": tree, "nodes": {t: without_choices(object_info[t]) for t in used if t in object_info}}
+def types_by_workflow() -> dict[str, set]:
+    return {p.stem: {node["class_type"] for node in json.loads(p.read_text()).values()}
+            for p in sorted(API_DIR.glob("*.json"))}
+
+
+def used_types() -> set:
+    return set().union(*types_by_workflow().values())
+
+
+def snapshot_of(object_info: dict, tree: str, previous: dict | None = None) -> dict:
+    """The definitions (without combo choices) of the node types the workflows use, and the tree they came from.
+    On the snapshot's own tree (or with no ``previous``): every type of the workflows that tree can run, from it;
+    the definitions ``previous`` had added from a newer tree stay. On another tree: ``previous`` plus, from this
+    tree, the types it lacks that the workflows ``previous``'s tree cannot run need (recorded in "_added")."""
+    if previous is None or previous["_tree"] == tree:
+        runnable = [t for t in types_by_workflow().values() if t <= set(object_info)]
+        nodes = {t: without_choices(object_info[t]) for t in sorted(set().union(*runnable))}
+        added = {t: v for t, v in (previous or {}).get("_added", {}).items() if t not in nodes}
+        nodes.update({t: previous["nodes"][t] for t in added})
+    else:
+        added = dict(previous.get("_added", {}))
+        base = {t for t in previous["nodes"] if t not in added}
+        newer = set().union(*[t for t in types_by_workflow().values() if not t <= base]) - base
+        added.update({t: tree for t in newer if t in object_info and (t not in added or added[t] == tree)})
+        nodes = {t: d for t, d in previous["nodes"].items() if t in base}
+        nodes.update({t: without_choices(object_info[t]) if added[t] == tree else previous["nodes"][t]
+                      for t in added if t in newer})
+        added = {t: v for t, v in added.items() if t in nodes}
+    out = {"_tree": previous["_tree"] if previous else tree, "nodes": dict(sorted(nodes.items()))}
+    if added:
+        out["_added"] = dict(sorted(added.items()))
+    return out
 
 
 def convert_all(object_info: dict, names=None) -> dict[str, str | Exception]:
@@ -625,6 +697,9 @@ def main(argv=None) -> int:
         info = fetch_object_info(args.url)
     else:
         info, tree = object_info_from_headless_server()
+        previous = json.loads(SNAPSHOT.read_text()) if SNAPSHOT.is_file() else None
+        snapshot = snapshot_of(info, tree, previous)
+        info = snapshot["nodes"]   # the UI copies are made from the snapshot: its tree's definitions first
     if args.migrate:
         for path in sorted(API_DIR.glob("*.json")):
             graph = json.loads(path.read_text())
@@ -649,8 +724,9 @@ def main(argv=None) -> int:
             target.write_text(text)
             print(f"wrote {target.relative_to(REPO_ROOT)}")
     if tree is not None and not args.check and not args.names:
-        SNAPSHOT.write_text(json.dumps(snapshot_of(info, tree), indent=1) + "\n")
-        print(f"wrote {SNAPSHOT.relative_to(REPO_ROOT)} (node definitions of {tree})")
+        SNAPSHOT.write_text(json.dumps(snapshot, indent=1) + "\n")
+        print(f"wrote {SNAPSHOT.relative_to(REPO_ROOT)} (node definitions of {snapshot['_tree']}"
+              + (f"; added: {snapshot['_added']})" if snapshot.get("_added") else ")"))
     return 1 if stale else 0
 
 

@@ -144,7 +144,10 @@ def screenshot(page, name: str, shot: str | None = None):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_loads_cleanly_in_the_frontend(page, name):
+def test_workflow_loads_cleanly_in_the_frontend(page, ui_server, name):
+    missing = sorted({n["class_type"] for n in load_api_workflow(name).values()} - set(ui_server.object_info))
+    if missing:   # the flow-model graphs (Flux, Qwen-Image) on trees before 0.3x
+        pytest.skip(f"ComfyUI {ui_server.tree_version()} lacks the nodes {name} uses: {missing}")
     errors_before = len(page.console_errors), len(page.page_errors)
     drop_workflow(page, name)
     state = live_state(page)

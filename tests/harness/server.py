@@ -99,6 +99,10 @@ class ComfyServer:
             for name, family in SHIPPED_CONTROLNETS.items():
                 stand_in = next(s for s in FAMILY_TEST_MODELS[family] if s in extra_models.CONTROLNET_NAMES)
                 self._link(control_dir / name, extra_models.controlnet_path(stand_in))
+            for folder, names in SHIPPED_FLOW_FILES.items():   # names only: the flow graphs load, never run here
+                (self.workdir / folder).mkdir(exist_ok=True)
+                for name in names:
+                    (self.workdir / folder / name).touch()
             if not (self.input_dir / SHIPPED_IMAGE).exists():
                 photos.save_png("astronaut", self.input_dir / SHIPPED_IMAGE, 512)
         for name in PHOTOS:
@@ -109,7 +113,8 @@ class ComfyServer:
         extra = self.workdir / "extra_model_paths.yaml"
         extra.write_text(f"ic_test:\n  base_path: {json.dumps(str(self.workdir))}\n  checkpoints: checkpoints\n"
                          f"  clip_vision: clip_vision\n  controlnet: controlnet\n  loras: loras\n"
-                         f"  custom_nodes: test_nodes\n")
+                         f"  custom_nodes: test_nodes\n"
+                         + "".join(f"  {folder}: {folder}\n" for folder in SHIPPED_FLOW_FILES if self.shipped_names))
         env = dict(os.environ, IC_REPO_ROOT=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
@@ -352,8 +357,18 @@ SHIPPED_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 # family's test model (tests/harness/extra_models.py)
 SHIPPED_CONTROLNETS = {"control_v11p_sd15_canny.pth": "sd15", "diffusers_xl_canny_full.safetensors": "sdxl"}
 SHIPPED_IMAGE = "example.png"  # ComfyUI's own input/example.png; the user puts a photo in its place
-# Test models that run each family's workflows.
-FAMILY_TEST_MODELS = {"sd15": ("small", "sd15"), "sdxl": ("sdxl",)}
+# The flow-model graphs (current ComfyUI only) load diffusion model, text encoders and VAE by their own loaders: the
+# files of Comfy-Org's Flux and Qwen-Image repackages (ComfyUI's own templates name the same), by folder. No test
+# model stands in for them (the flow test layouts build their text encoders in-process): the browser server offers
+# the names as empty files, so the graphs load in the frontend; they are validated, not run (tests/test_workflows.py).
+SHIPPED_DIFFUSION_MODELS = {"flux1-dev.safetensors": "flux", "qwen_image_fp8_e4m3fn.safetensors": "qwen"}
+SHIPPED_FLOW_FILES = {
+    "diffusion_models": tuple(SHIPPED_DIFFUSION_MODELS),
+    "text_encoders": ("t5xxl_fp16.safetensors", "clip_l.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
+    "vae": ("ae.safetensors", "qwen_image_vae.safetensors"),
+}
+# Test models that run each family's workflows (none for the flow families: their graphs are validated, not run).
+FAMILY_TEST_MODELS = {"sd15": ("small", "sd15"), "sdxl": ("sdxl",), "flux": (), "qwen": ()}
 # Per test model: the checkpoint file, the photo size, and caps on step-like inputs (the full-size SD1.5 UNet
 # costs seconds per call on 2 CPU cores). "small" keeps the step counts the test suite measured its numbers at.
 TEST_MODELS = {
@@ -367,12 +382,13 @@ TEST_MODELS = {
 
 
 def workflow_family(graph: dict) -> str:
-    """"sd15" or "sdxl": the family of the checkpoint the (shipped) graph loads."""
+    """"sd15", "sdxl", "flux" or "qwen": the family of the checkpoint or diffusion model the (shipped) graph loads."""
     names = {graph[nid]["inputs"]["ckpt_name"] for nid in nodes_of(graph, "CheckpointLoaderSimple")}
-    families = {SHIPPED_CHECKPOINTS.get(n) for n in names}
+    names |= {graph[nid]["inputs"]["unet_name"] for nid in nodes_of(graph, "UNETLoader")}
+    families = {{**SHIPPED_CHECKPOINTS, **SHIPPED_DIFFUSION_MODELS}.get(n) for n in names}
     if len(families) != 1 or None in families:
         raise ValueError(f"the graph loads {sorted(names)}; a shipped workflow loads one of "
-                         f"{sorted(SHIPPED_CHECKPOINTS)}")
+                         f"{sorted(SHIPPED_CHECKPOINTS) + sorted(SHIPPED_DIFFUSION_MODELS)}")
     return families.pop()
 
 

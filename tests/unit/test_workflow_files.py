@@ -47,7 +47,9 @@ def test_ui_copy_is_up_to_date_with_the_converter(name):
 
 
 # -- what a user gets ------------------------------------------------------------------------------------------
-FAMILY_SETTINGS = {"sd15": 512, "sdxl": 1024}
+FAMILY_SETTINGS = {"sd15": 512, "sdxl": 1024, "flux": 1024, "qwen": 1024}
+# the papers' 50 steps; Flux-dev's usual 28 (ComfyUI's Flux templates use 20-28; the round trip is tested at 28)
+FAMILY_STEPS = {"flux": 28}
 
 
 def test_every_technique_ships_for_sd15_and_sdxl_with_the_same_graph():
@@ -86,7 +88,7 @@ def test_shipped_workflow_names_real_files_and_the_papers_settings(name):
         assert size == (FAMILY_SETTINGS[family],) * 2
     for nid, node in graph.items():
         if isinstance(node["inputs"].get("steps"), int) and node["class_type"] != "ICAttentionCapture":
-            assert node["inputs"]["steps"] == 50, (nid, node["class_type"])
+            assert node["inputs"]["steps"] == FAMILY_STEPS.get(family, 50), (nid, node["class_type"])
         title = (node.get("_meta") or {}).get("title", "")
         assert len(title) <= 24, f"node {nid}: title {title!r} is long; explanations go in a Note"
 
