@@ -17,7 +17,8 @@ import pytest
 
 from tests.harness.measure import measured
 from tests.harness.server import for_test_model, load_api_workflow, nodes_of
-from tests.test_browser_workflows import drop_workflow, live_state, page, ui_server  # noqa: F401  (fixtures)
+from tests.test_browser_workflows import (drop_workflow, live_state, page, ui_server,  # noqa: F401  (fixtures)
+                                          wait_until_unblocked)
 
 pytestmark = pytest.mark.server
 
@@ -92,6 +93,7 @@ def test_markup_in_mask_words_is_shown_as_text_and_runs_nothing(page, ui_server)
     assert not set_widgets(page, graph)
     assert not live_state(page)["dialogs"]
     assert not page.evaluate(f"needle => ({SHOWN_JS})(needle) !== null", NEEDLE)
+    wait_until_unblocked(page)
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as resp_info:
         page.locator("#queue-button:visible, [data-testid='queue-button']:visible").first.click()
     response = resp_info.value

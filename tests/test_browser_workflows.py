@@ -89,8 +89,15 @@ def drop_workflow(page, name: str) -> None:
     }""", [f"{name}.json", text])
     page.wait_for_function("ids => JSON.stringify(app.graph._nodes.map(n => Number(n.id))"
                            ".sort((a, b) => a - b)) === ids",
-                           arg=json.dumps(expected, separators=(",", ":")), timeout=30_000)
+                           arg=json.dumps(expected, separators=(",", ":")), timeout=90_000)
     page.wait_for_timeout(300)   # image previews and DOM widgets settle
+    wait_until_unblocked(page)
+
+
+def wait_until_unblocked(page) -> None:
+    """The 0.3x frontend blocks the page with a PrimeVue mask while it loads a graph; its leave animation can take
+    long on a busy machine, and a click then lands on the mask. Wait until no mask is left (none on 2024-03)."""
+    page.wait_for_function("() => !document.querySelector('.p-blockui-mask')", timeout=90_000)
 
 
 def live_state(page) -> dict:
@@ -184,6 +191,7 @@ def test_queue_ddim_reconstruction_from_the_ui_and_read_latent_difference(page, 
     state = live_state(page)
     assert not invalid_widgets(state["nodes"])
     assert not state["dialogs"], f"a dialog is open over the canvas: {state['dialogs']}"
+    wait_until_unblocked(page)
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as resp_info:
         page.locator("#queue-button:visible, [data-testid='queue-button']:visible").first.click()
     response = resp_info.value
