@@ -17,8 +17,8 @@ import pytest
 
 from tests.harness.measure import measured
 from tests.harness.server import for_test_model, load_api_workflow, nodes_of
-from tests.test_browser_workflows import (drop_workflow, live_state, page, ui_server,  # noqa: F401  (fixtures)
-                                          wait_until_unblocked)
+from tests.test_browser_workflows import (drop_workflow, live_state, page, set_widgets,  # noqa: F401  (fixtures)
+                                          ui_server, wait_until_unblocked)
 
 pytestmark = pytest.mark.server
 
@@ -38,24 +38,6 @@ SHOWN_JS = """needle => {
     return best.closest(".comfy-modal, .p-dialog, [role='dialog'], .p-toast-message, [role='alert'], aside")
         || best.parentElement;
 }"""
-
-
-def set_widgets(pg, graph: dict) -> list:
-    changes = {nid: {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
-               for nid, node in graph.items()}
-    return pg.evaluate("""changes => {
-        const missing = [];
-        for (const [id, inputs] of Object.entries(changes)) {
-            const node = app.graph.getNodeById(Number(id));
-            for (const [k, v] of Object.entries(inputs)) {
-                const w = node?.widgets?.find(w => w.name === k);
-                if (!w) { missing.push(id + "." + k); continue; }
-                w.value = v;
-                w.callback?.(v);
-            }
-        }
-        return missing;
-    }""", changes)
 
 
 def shown_report(pg) -> dict:

@@ -100,6 +100,25 @@ def wait_until_unblocked(page) -> None:
     page.wait_for_function("() => !document.querySelector('.p-blockui-mask')", timeout=90_000)
 
 
+def set_widgets(pg, graph: dict) -> list:
+    """Set every widget value of an API graph on the loaded graph, as a user would; returns the widgets not found."""
+    changes = {nid: {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+               for nid, node in graph.items()}
+    return pg.evaluate("""changes => {
+        const missing = [];
+        for (const [id, inputs] of Object.entries(changes)) {
+            const node = app.graph.getNodeById(Number(id));
+            for (const [k, v] of Object.entries(inputs)) {
+                const w = node?.widgets?.find(w => w.name === k);
+                if (!w) { missing.push(id + "." + k); continue; }
+                w.value = v;
+                w.callback?.(v);
+            }
+        }
+        return missing;
+    }""", changes)
+
+
 def live_state(page) -> dict:
     return page.evaluate("""() => {
         const nodes = app.graph._nodes.map(n => ({id: Number(n.id), type: n.type, pos: [...n.pos], size: [...n.size],
@@ -172,21 +191,7 @@ def test_queue_ddim_reconstruction_from_the_ui_and_read_latent_difference(page, 
     name = "ddim_invert_reconstruct"
     drop_workflow(page, name)
     graph = for_test_model(load_api_workflow(name), "small")   # the one substitution the API tests use
-    # switch the loaded graph to the test model as a user would, widget by widget
-    changes = {nid: {k: v for k, v in node["inputs"].items() if not isinstance(v, list)} for nid, node in graph.items()}
-    missing = page.evaluate("""changes => {
-        const missing = [];
-        for (const [id, inputs] of Object.entries(changes)) {
-            const node = app.graph.getNodeById(Number(id));
-            for (const [k, v] of Object.entries(inputs)) {
-                const w = node?.widgets?.find(w => w.name === k);
-                if (!w) { missing.push(id + "." + k); continue; }
-                w.value = v;
-                w.callback?.(v);
-            }
-        }
-        return missing;
-    }""", changes)
+    missing = set_widgets(page, graph)   # switch the loaded graph to the test model as a user would
     assert not missing, f"widgets not found in the UI: {missing}"
     state = live_state(page)
     assert not invalid_widgets(state["nodes"])

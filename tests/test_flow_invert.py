@@ -141,18 +141,23 @@ def test_exact_inversion_beats_naive_and_the_flux_schedule_is_used(flow, schedul
         assert torch.allclose(sigmas[:-1], ms.sigmas.flip(0)[::len(ms.sigmas) // steps][:steps].float(), atol=1e-6)
 
 
-def test_flux_guidance_is_the_graphs_and_inversion_runs_one_forward_per_evaluation(flow):
-    """cfg 1: one model forward of one row per evaluation (no unconditional branch); Flux reads the FluxGuidance
-    value of `positive`, so sampling back at another guidance does not reconstruct."""
-    import node_helpers
-    model = flow["model"].clone()
-    rows = []
+def row_counting_clone(model):
+    """A clone of ``model`` that records the batch rows of every model forward: (clone, rows)."""
+    model, rows = model.clone(), []
 
     def count(apply_model, args):
         rows.append(int(args["input"].shape[0]))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     model.set_model_unet_function_wrapper(count)
+    return model, rows
+
+
+def test_flux_guidance_is_the_graphs_and_inversion_runs_one_forward_per_evaluation(flow):
+    """cfg 1: one model forward of one row per evaluation (no unconditional branch); Flux reads the FluxGuidance
+    value of `positive`, so sampling back at another guidance does not reconstruct."""
+    import node_helpers
+    model, rows = row_counting_clone(flow["model"])
     steps = 20
     _, sigmas, inv = invert(flow, steps, "simple", model=model)
     assert len(rows) == inv.unet_calls and set(rows) == {1}
@@ -209,14 +214,7 @@ def true_cfg_round_trip(flow, steps, **invert_kw):
     with torch.inference_mode():
         out = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True, return_dict=True)
     negative = [[out.pop("cond"), out]]
-    model = flow["model"].clone()
-    rows = []
-
-    def count(apply_model, args):
-        rows.append(int(args["input"].shape[0]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    model.set_model_unet_function_wrapper(count)
+    model, rows = row_counting_clone(flow["model"])
     _, sigmas, inv = invert(flow, steps, "simple", model=model, inversion_cfg=cfg, negative=negative, **invert_kw)
     assert sum(rows) == 2 * inv.unet_calls and len(rows) in (inv.unet_calls, 2 * inv.unet_calls)
     with torch.inference_mode():
