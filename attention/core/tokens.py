@@ -171,3 +171,64 @@ def word_positions(clip, ids: Sequence[int], word: str) -> List[int]:
 def describe_tokens(clip, ids: Sequence[int]) -> str:
     """The readable tokens of a 77-token sequence up to its end token, for error messages (HTML-escaped)."""
     return user_text(", ".join(readable_tokens(clip, list(ids[:token_count(ids)]))))
+
+
+# -- T5 (the text stream Flux and Chroma read): sentencepiece pieces, no start token, one window -------------------
+T5_KEY = "t5xxl"   # the key of the T5 stream in ``clip.tokenize``'s dict (FluxTokenizer, PixArtTokenizer, SD3Tokenizer)
+
+
+def t5_tokenizer(clip):
+    """The T5 ``SDTokenizer`` of a Flux / Chroma / SD3 CLIP (its ``end_token`` and HF tokenizer), or None."""
+    tok = getattr(clip, "tokenizer", None)
+    for name in (T5_KEY, "clip_" + T5_KEY):
+        sub = getattr(tok, name, None)
+        if sub is not None and hasattr(sub, "tokenizer"):
+            return sub
+    return None
+
+
+def t5_ids(clip, text: str) -> List[int]:
+    """Every id of ``text``'s T5 stream, in the order the DiT reads the text tokens (ComfyUI's T5 tokenizers keep
+    one window; Flux pads it to 256 tokens, Chroma does not pad): position p here is text token p of the model."""
+    tokens = clip.tokenize(text)
+    if not isinstance(tokens, dict) or T5_KEY not in tokens:
+        raise InversionChainError(f"a T5 text stream was expected from this CLIP; it tokenizes for "
+                                  f"{', '.join(sorted(tokens)) if isinstance(tokens, dict) else 'one CLIP'} only.")
+    ids: List[int] = []
+    for chunk in tokens[T5_KEY]:
+        ids.extend(_id_of(t, len(ids) + i) for i, t in enumerate(chunk))
+    return ids
+
+
+def t5_word_count(clip, ids: Sequence[int]) -> int:
+    """Tokens before the first end token (``</s>``): the prompt's pieces."""
+    end = getattr(t5_tokenizer(clip), "end_token", None)
+    ids = list(ids)
+    return ids.index(end) if end in ids else len(ids)
+
+
+def t5_readable(clip, ids: Sequence[int]) -> List[str]:
+    """Sentencepiece pieces of ``ids`` with the word-start mark removed."""
+    inner = getattr(t5_tokenizer(clip), "tokenizer", None)
+    if inner is None:
+        return [str(t) for t in ids]
+    return [s.replace("\u2581", "") or s for s in inner.convert_ids_to_tokens([int(t) for t in ids])]
+
+
+def t5_locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str, List[int]]:
+    """Positions (text token p of the DiT) of each word's T5 pieces in ``prompt``, first occurrence; ComfyUI
+    tokenizes every space-separated word alone, so a word's pieces are the same alone and in the prompt."""
+    ids = t5_ids(clip, prompt)
+    end = t5_word_count(clip, ids)
+    found: Dict[str, List[int]] = {}
+    for word in words:
+        pieces = t5_ids(clip, word)
+        pieces = pieces[:t5_word_count(clip, pieces)]
+        hit = next((list(range(s, s + len(pieces))) for s in range(0, end - len(pieces) + 1)
+                    if pieces and ids[s:s + len(pieces)] == pieces), None)
+        if hit is None:
+            valid = user_text(", ".join(t5_readable(clip, ids[:end])))
+            raise InversionChainError(f"{what}: the word '{user_text(word)}' is not in the prompt '{_cut(prompt)}'. "
+                                      f"Its T5 tokens are: {valid}.")
+        found[word] = hit
+    return found
