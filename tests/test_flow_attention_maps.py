@@ -18,7 +18,7 @@ from tests.harness.measure import measured
 from tests.harness import flow_models
 
 PROMPT = "a watercolor painting of a red fox in the snow"
-NEGATIVE = "a blurry photo"
+NEGATIVE = "a blurry dark photo"
 PX = 128              # latent 16x16: an 8x8 token grid
 STEPS = 2
 FAMILIES = ("flux", "chroma")
@@ -160,3 +160,142 @@ def test_captured_image_to_text_maps_equal_the_blocks_joint_attention_by_hand(fl
                  f"controls: text-only softmax {text_only:.2e}, no RoPE {no_rope:.2e}; mean text share of an image "
                  f"query {share:.3f}")
         assert text_only > 100 * err + 1e-4 and no_rope > 10 * err + 1e-6, (text_only, no_rope, err, bound)
+
+
+@pytest.mark.fast
+def test_joint_maps_chunked_multi_head_and_masked_equal_the_full_matrix():
+    """The map code on more than the test models' one head (every tree: no model needed): 3 heads, a boolean key
+    mask, and one image query per chunk (a 1-byte chunk budget) or one chunk, give the full-matrix joint softmax,
+    mean over heads, to float32 rounding; a text-only normaliser (the control) does not."""
+    g = torch.Generator().manual_seed(11)
+    b, heads, t, n_img, d = 2, 3, 7, 24, 16
+    q, k = (torch.randn(b, heads, t + n_img, d, generator=g) for _ in range(2))
+    mask = torch.ones(t + n_img, t + n_img, dtype=torch.bool)
+    mask[:, 2] = False                                  # a text key no query may see
+    pe = None                                           # RoPE is the oracle test's; here the softmax and the chunks
+    points = torch.tensor([0, 5, 23])
+    full = (torch.matmul(q, k.transpose(-1, -2)) * d ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+    want_cross = full[:, :, t:, :t].mean(1).transpose(1, 2)
+    want_self = full[:, :, t + points, t:].mean(1)
+    for chunk_bytes in (1, 2 ** 30):
+        cross, own = dit_capture.joint_maps(q, k, pe, mask, t, n_img, points, True, chunk_bytes=chunk_bytes)
+        assert torch.allclose(cross, want_cross, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(own, want_self, rtol=1e-5, atol=1e-7)
+        assert float(cross[:, 2].abs().max()) == 0.0
+    # a text batched with a longer one (ComfyUI repeats a context to a common multiple): the copies summed
+    doubled = torch.cat([want_cross, want_cross], 1) / 2
+    assert torch.allclose(dit_capture.fold_repeats(doubled, t), want_cross)
+    assert dit_capture.fold_repeats(want_cross, t) is want_cross and dit_capture.fold_repeats(doubled, 5) is doubled
+    # the control: a text-only normaliser is not this
+    text_only = full.new_tensor(0) + (torch.matmul(q, k.transpose(-1, -2))[:, :, t:, :t] * d ** -0.5).masked_fill(
+        ~mask[t:, :t], float("-inf")).softmax(-1).mean(1).transpose(1, 2)
+    assert float((text_only - want_cross).abs().max()) > 1e-2
+
+
+def hf_word_positions(clip, prompt, word):
+    """Oracle: the T5 pieces of ``word`` (with the word-start piece before it) by the HF tokenizer's character
+    offsets on the whole prompt, independent of ComfyUI's per-word tokenization."""
+    hf = tokens_mod.t5_tokenizer(clip).tokenizer
+    offsets = hf(prompt, return_offsets_mapping=True)["offset_mapping"]
+    start = prompt.index(word)
+    lo, hi = max(0, start - 1), start + len(word)
+    return [i for i, (s, e) in enumerate(offsets) if e > s and lo <= s and e <= hi]
+
+
+def test_word_lookup_maps_the_words_t5_tokens(flow):
+    """A word's T5 positions (Flux pads the stream to 256, Chroma does not) are the text tokens the model reads:
+    position p of the captured map is ids[p]. Control: a neighbouring word gives other positions; a word that is not
+    in the prompt is a clear error listing the T5 tokens."""
+    clip = flow["clip"]
+    ids = tokens_mod.t5_ids(clip, PROMPT)
+    found = tokens_mod.t5_locate_words(clip, PROMPT, ["fox", "red", "watercolor", "snow"], "test")
+    for word, positions in found.items():
+        assert positions == hf_word_positions(clip, PROMPT, word), word
+    assert found["fox"] != found["red"] and not set(found["fox"]) & set(found["red"])
+    with torch.inference_mode():
+        cond = flow["positive"][0][0]
+    assert cond.shape[1] == len(ids)   # one text token per T5 id: the map's positions are the ids' positions
+    measured(f"{flow['family']}: T5 stream {len(ids)} tokens; fox -> {found['fox']}, red -> {found['red']}, "
+             f"watercolor -> {found['watercolor']}")
+    with pytest.raises(InversionChainError, match=r"^test: the word 'wolf' is not in the prompt .* Its T5 tokens "
+                                                  r"are: .*watercolor"):
+        tokens_mod.t5_locate_words(clip, PROMPT, ["wolf"], "test")
+
+
+def test_capture_changes_nothing_and_its_memory_is_bounded(flow):
+    """Sampling through the capture equals stock sampling bit for bit (Chroma also with true CFG: both branches
+    captured); the maps take exactly the bytes capture.storage_bytes counts, under max_mb; a second run replaces the
+    first (no growth); a budget below the run's need stops it before anything is stored, naming settings that fit."""
+    cfg = 2.0 if flow["family"] == "chroma" else 1.0
+    stock = sample(flow, cfg=cfg)
+    patched, maps = capture(flow, max_mb=1)
+    assert torch.equal(sample(flow, patched, cfg=cfg), stock)
+    maps.flush()
+    branches = 2 if cfg > 1 else 1
+    assert sorted(maps.branches("cross")) == list(range(branches))
+    # per branch, the prompt's own T5 length (Chroma does not pad: 14 and 7 tokens)
+    lengths = [maps.steps[0].maps[("cross", "L0", b)].shape[1] for b in range(branches)]
+    assert lengths == [len(tokens_mod.t5_ids(flow["clip"], p)) for p in (PROMPT, NEGATIVE)[:branches]]
+    layers = dit_capture.dit_layers(flow["model"])
+    need = {key: sum(capture_mod.storage_bytes(layers, (PX // 8, PX // 8), STEPS, 1, 1, ("cross", "self"), t, 2)[key]
+                     for t in lengths) for key in ("stored", "total")}
+    tokens = lengths[0]
+    first = maps.nbytes()
+    assert first == need["stored"] <= 2 ** 20
+    assert torch.equal(sample(flow, patched, cfg=cfg), stock)
+    maps.flush()
+    assert maps.nbytes() == first and len(maps.steps) == STEPS
+    measured(f"{flow['family']}: {tokens} text tokens, {len(layers)} blocks, {STEPS} steps x {branches} branch(es): "
+             f"{first} bytes stored (storage_bytes total with one step's float32 sums: {need['total']})")
+    patched, maps = capture(flow, max_mb=1)
+    maps.max_bytes = need["total"] // 4   # below one branch's need: refused at the run's first call
+    with pytest.raises(InversionChainError, match=r"^Attention Capture: the maps of this run .* over max_mb .*"
+                                                  r"Settings that fit: .*max_mb \d+ or more"):
+        sample(flow, patched, cfg=cfg)
+    assert maps.nbytes() == 0
+
+
+def test_viewer_renders_flow_maps_through_the_nodes(flow):
+    """Attention Map Viewer (the real node) on a flow capture: a word's tile is the sum of its T5 positions' maps
+    (no start token dropped, no renormalisation: joint probabilities), every prompt token gets a tile when `tokens`
+    is empty, self-attention tiles per query point; a word absent from the prompt is an error naming T5's tokens."""
+    patched, maps = capture(flow)
+    out = sample(flow, patched)
+    viewer = ICAttentionMapViewer()
+    with torch.inference_mode():
+        grid, masks = viewer.view(maps, {"samples": out}, "cross", "fox, red", 0.0, 1.0, "all", "all captured",
+                                  "cond", 0, "per tile", 0)
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3 and masks.shape == (2, PX, PX)
+    assert bool(torch.isfinite(grid).all()) and float(grid.std()) > 0
+    fox = tokens_mod.t5_locate_words(flow["clip"], PROMPT, ["fox"], "test")["fox"]
+    mean = sum(maps.steps[i].maps[("cross", f"L{j}", 0)][0].float() for i in range(STEPS) for j in (0, 1)) / (2 * STEPS)
+    want = torch.nn.functional.interpolate(mean[fox].sum(0)[None, None], size=(PX, PX), mode="bilinear",
+                                           align_corners=False)[0, 0]
+    assert torch.allclose(masks[0], want, atol=1e-6), float((masks[0] - want).abs().max())
+    with torch.inference_mode():
+        _, every = viewer.view(maps, {"samples": out}, "cross", "", 0.0, 1.0, "all", "all captured", "cond", 0,
+                               "per tile", 0)
+        _, points = viewer.view(maps, {"samples": out}, "self", "", 0.0, 1.0, "1", "all captured", "cond", 0,
+                                "shared", 0)
+    assert every.shape[0] == tokens_mod.t5_word_count(flow["clip"], tokens_mod.t5_ids(flow["clip"], PROMPT))
+    assert points.shape[0] == 4
+    with pytest.raises(InversionChainError, match=r"^Attention Map Viewer `tokens`: the word 'wolf' is not in the "
+                                                  r"prompt .*T5 tokens"):
+        viewer.view(maps, {"samples": out}, "cross", "wolf", 0.0, 1.0, "all", "all captured", "cond", 0,
+                    "per tile", 0)
+
+
+def test_flow_capture_refusals_name_the_fix(flow):
+    """A UNet resolution on a DiT names the one grid; SD3.5's MMDiT is refused saying it reads no patch."""
+    with pytest.raises(InversionChainError, match=r"^Attention Capture: every block of this .* model attends on one "
+                                                  r"token grid, latent/2 \(2 blocks.*Set resolution to latent/2 or all"):
+        ICAttentionCapture().capture(flow["model"], "cross", "latent/4", "per layer", 2)
+    if flow["family"] == "chroma":
+        reason = flow_models.missing_family("sd3")
+        if reason:
+            pytest.skip(reason)
+        sd3 = flow_models.load_model("sd3")
+        with pytest.raises(InversionChainError, match=r"^Attention Capture: the model family 'SD3[^']*' is not "
+                                                      r"supported yet by this node \(SD3.5's MMDiT calls no attention "
+                                                      r"patch"):
+            ICAttentionCapture().capture(sd3, "cross", "all", "per layer", 2)
