@@ -301,3 +301,32 @@ def test_flow_capture_refusals_name_the_fix(flow):
     with pytest.raises(InversionChainError, match=rf"^Attention Capture: the model family '[^']*{name}[^']*' is not "
                                                   rf"supported yet by this node \({why}"):
         ICAttentionCapture().capture(flow_models.load_model(other), "cross", "all", "per layer", 2)
+
+
+def test_capture_sees_kv_inject_whichever_node_comes_first(flow):
+    """Capture -> KV Inject and KV Inject -> Capture record the same maps (the observer stays after KV Inject's
+    patch), and they differ from a capture without KV Inject (the control: the injection does change the maps)."""
+    from inversion_chain.nodes.invert import ICDDIMInvert
+    from inversion_chain.nodes.kv_inject import ICKVInject
+    with torch.inference_mode():
+        _noise, _sigmas, inv = ICDDIMInvert().invert(flow["model"], flow["latent"], flow["negative"], STEPS, 1.0, 1,
+                                                     scheduler="simple")
+
+    def kv(model):
+        with torch.inference_mode():
+            return ICKVInject().patch(model, inv, 0.0, 0, "mutual")[0]
+
+    def cross(maps):
+        maps.flush()
+        return torch.stack([s.maps[("cross", "L1", 0)].float() for s in maps.steps])
+
+    captured, first = capture(flow, kinds="cross")
+    sample(flow, kv(captured))
+    with torch.inference_mode():
+        after, second = ICAttentionCapture().capture(kv(flow["model"]), "cross", "all", "per layer", 2,
+                                                     clip=flow["clip"], prompt=PROMPT, max_mb=64)
+    sample(flow, after)
+    plain_model, plain = capture(flow, kinds="cross")
+    sample(flow, plain_model)
+    assert torch.equal(cross(first), cross(second))
+    assert float((cross(first) - cross(plain)).abs().max()) > 1e-4

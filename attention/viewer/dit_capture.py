@@ -3,10 +3,11 @@ attention, into the same ATTN_MAPS the UNet capture fills (capture.py), read by 
 
 Hook: an ``attn1_patch`` (ComfyUI calls it in every double and single block with q, k, v of the joint sequence
 [text tokens, image tokens] after the QK norm and before RoPE, plus ``pe``, ``attn_mask`` and ``img_slice``),
-added last so it sees what other patches (KV Inject) hand on. It rotates q and k with the block's own ``pe``
-(``compat.flux_rope``, the call the block's attention makes), so the logits are the block's; it returns nothing to
-change, so sampling is bit-identical. (``optimized_attention_override`` would see q and k after RoPE too, but it
-replaces the attention kernel and in double blocks does not get ``img_slice``.)
+kept after every other attn1 patch so it sees what they (KV Inject) hand on, whichever node came first. It
+rotates q and k with the block's own ``pe`` (``compat.flux_rope``, the call the block's attention makes), so the
+logits are the block's; it returns nothing to change, so sampling is bit-identical. (``optimized_attention_override``
+would see q and k after RoPE too, but it replaces the attention kernel and in double blocks does not get
+``img_slice``.)
 
 Per captured block call, never the full joint matrix: the image queries go in chunks of rows (at most
 ``CHUNK_BYTES`` of float32 scores at once); each row's softmax runs over every key, text and image (the joint
@@ -128,7 +129,10 @@ def fold_repeats(m: torch.Tensor, length: Optional[int]) -> torch.Tensor:
 
 
 class DiTCaptureObserver(compat.PatchObject):
-    """attn1_patch (installed last): records the chosen blocks' maps into an ``AttentionMaps``; changes nothing."""
+    """attn1_patch: records the chosen blocks' maps into an ``AttentionMaps``; changes nothing. ``runs_last``: kept
+    after every other attn1 patch (patching.add_attn1_patch), also those added after it (KV Inject)."""
+
+    runs_last = True
 
     def __init__(self, maps: AttentionMaps, layers: Sequence[AttentionLayer]):
         self.maps = maps
