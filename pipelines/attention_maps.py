@@ -39,15 +39,16 @@ def capture_maps(model, kinds: str, resolution: str, detail: str, query_grid: in
 
 def capture_dit(model, kinds: str, resolution: str, detail: str, query_grid: int, clip=None, prompt: str = "",
                 negative_prompt: str = "", max_mb=None):
-    """Capture on a Flux-layout DiT: an attn1_patch observer of every block's joint attention (dit_capture.py), the
-    prompts named by their T5 tokens. Other flow families are refused naming why."""
+    """Capture on a Flux-layout DiT or Qwen-Image: an attn1_patch observer of every block's joint attention
+    (dit_capture.py), the prompts named by their T5 / Qwen2.5 tokens. Other flow families are refused naming why."""
     what = CAPTURE
     family = compat.family_name(model)
-    if not dit_layers.is_flux_layout(model):
+    qwen = dit_capture.is_qwen_image(model)
+    if not (dit_layers.is_flux_layout(model) or qwen):
         why = ("SD3.5's MMDiT calls no attention patch, so its joint attention cannot be observed without replacing "
                "model code" if "SD3" in family else "its blocks are not wired to the capture yet")
         raise InversionChainError(f"{what}: the model family '{family}' is not supported yet by this node ({why}). "
-                                  f"Attention Capture runs on SD1.x, SD2.x, SDXL, Flux and Chroma.")
+                                  f"Attention Capture runs on SD1.x, SD2.x, SDXL, Flux, Chroma and Qwen-Image.")
     missing = compat.missing_feature_message("dit-attention-patches", what)
     if missing:
         raise InversionChainError(missing)
@@ -60,16 +61,17 @@ def capture_dit(model, kinds: str, resolution: str, detail: str, query_grid: int
             f"'{user_text(resolution)}'. Set resolution to {grid} or all ({RESOLUTIONS[0]} is the UNet default).")
     prompts = {}
     if clip is not None:
-        if tokens_mod.t5_tokenizer(clip) is None:
-            raise InversionChainError(f"{what}: {family} reads the prompt as T5 tokens, and this `clip` has no T5 "
-                                      f"tokenizer; connect the CLIP that encoded the prompts (Flux: CLIP-L + T5, "
-                                      f"Chroma: T5).")
-        prompts[BRANCHES["cond"]] = dit_capture.t5_prompt_tokens(clip, prompt or "")
-        prompts[BRANCHES["uncond"]] = dit_capture.t5_prompt_tokens(clip, negative_prompt or "")
+        ours = tokens_mod.qwen_tokenizer(clip) if qwen else tokens_mod.t5_tokenizer(clip)
+        if ours is None:
+            raise InversionChainError(f"{what}: {family} reads the prompt as {'Qwen2.5' if qwen else 'T5'} tokens, and "
+                                      f"this `clip` has no such tokenizer; connect the CLIP that encoded the prompts "
+                                      f"(Flux: CLIP-L + T5, Chroma: T5, Qwen-Image: Qwen2.5-VL).")
+        prompts[BRANCHES["cond"]] = dit_capture.prompt_tokens_for(clip, prompt or "")
+        prompts[BRANCHES["uncond"]] = dit_capture.prompt_tokens_for(clip, negative_prompt or "")
     maps = AttentionMaps(KIND_CHOICES[kinds], {layers[0].level}, detail, int(query_grid), prompts)
     max_mb = DEFAULT_MAX_MB if max_mb is None else int(max_mb)
     maps.max_bytes = max_mb * 2 ** 20 if max_mb > 0 else None
-    patched = patching.add_attn1_patch(model.clone(), dit_capture.DiTCaptureObserver(maps, layers))
+    patched = patching.add_attn1_patch(model.clone(), dit_capture.DiTCaptureObserver(maps, layers, text_mask=qwen))
     patching.add_unet_wrapper(patched, dit_capture.shape_wrapper)
     return patched, maps
 

@@ -1,10 +1,10 @@
-"""Attention Capture + Attention Map Viewer on Flux-layout DiTs (Flux dev-style, Chroma): image-to-text maps of the
-joint attention per T5 token, image self-attention maps at a query grid.
+"""Attention Capture + Attention Map Viewer on Flux-layout DiTs (Flux dev-style, Chroma) and Qwen-Image: image-to-text
+maps of the joint attention per text token (T5 / Qwen2.5), image self-attention maps at a query grid.
 
-The models are tests/harness/flow_models.py's random-weight layouts (one double and one single block, one head of
-128) loaded through the stock UNETLoader, with the real T5 tokenizer; claims here are about exactness, memory and
-plumbing: random weights cannot put a word's map on its object, and nothing here says they do. On trees without
-Flux/Chroma every test skips and names the missing family."""
+The models are tests/harness/flow_models.py's random-weight layouts (Flux/Chroma: one double and one single block,
+one head of 128; Qwen-Image: two joint blocks) loaded through the stock UNETLoader, with the real tokenizers; claims
+here are about exactness, memory and plumbing: random weights cannot put a word's map on its object, and nothing
+here says they do. On trees without these families every test that needs one skips and names the missing family."""
 import pytest
 import torch
 
@@ -21,15 +21,15 @@ PROMPT = "a watercolor painting of a red fox in the snow"
 NEGATIVE = "a blurry dark photo"
 PX = 128              # latent 16x16: an 8x8 token grid
 STEPS = 2
-FAMILIES = ("flux", "chroma")
-WHO = "Attention Capture on Flux and Chroma"
+FAMILIES = ("flux", "chroma", "qwen_image")
+WHO = "Attention Capture on Flux, Chroma and Qwen-Image"
 # float16 storage: a stored probability is within half an ulp (2^-11 relative) of the float32 one; plus the
 # difference between two float32 summation orders (~1e-6 of the largest value)
 REL_TOL, ABS_TOL = 2 ** -10, 1e-6
 
 
-def missing() -> str | None:
-    for feature in ("flux-models", "dit-attention-patches"):
+def missing(family) -> str | None:
+    for feature in ("qwen-image-models" if family == "qwen_image" else "flux-models", "dit-attention-patches"):
         reason = compat.missing_feature_message(feature, WHO)
         if reason:
             return reason
@@ -38,11 +38,11 @@ def missing() -> str | None:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def flow(request):
-    reason = missing()
+    family = request.param
+    reason = missing(family) or flow_models.missing_family(family)
     if reason:
         pytest.skip(reason)
     import node_helpers
-    family = request.param
     model, clip, _vae = flow_models.load_family(family)
 
     def encode(text):
@@ -55,7 +55,8 @@ def flow(request):
 
     with torch.inference_mode():
         positive, negative = encode(PROMPT), encode(NEGATIVE)
-    latent = {"samples": torch.randn(1, 16, PX // 8, PX // 8, generator=torch.Generator().manual_seed(5))}
+    frames = (1,) if family == "qwen_image" else ()   # Qwen-Image's latent has one frame: [B, 16, 1, H, W]
+    latent = {"samples": torch.randn(1, 16, *frames, PX // 8, PX // 8, generator=torch.Generator().manual_seed(5))}
     return dict(family=family, model=model, clip=clip, positive=positive, negative=negative, latent=latent)
 
 
@@ -84,28 +85,48 @@ def rotate(x, pe):
     return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(*x.shape)
 
 
+def blocks_of(dm):
+    """(unit kind, block, the projections to hook) of the blocks the oracle recomputes."""
+    if hasattr(dm, "transformer_blocks"):   # Qwen-Image: two joint blocks
+        return [("qwen", b, ("attn.to_q", "attn.to_k", "attn.add_q_proj", "attn.add_k_proj"))
+                for b in dm.transformer_blocks[:2]]
+    return [("double", dm.double_blocks[0], ("img_attn.qkv", "txt_attn.qkv")),
+            ("single", dm.single_blocks[0], ("linear1",))]
+
+
 def record_block_inputs(dm):
-    """Forward hooks (torch's, not ComfyUI's patches) on the first double and single block: the qkv projections'
-    outputs, pe and the text length of every call."""
-    calls = {"double": [], "single": []}
+    """Forward hooks (torch's, not ComfyUI's patches) on the first blocks: the q/k projections' outputs, pe and the
+    text length of every call, per block position."""
+    calls = {i: [] for i in range(2)}
     handles = []
-    for kind, block, linears in (("double", dm.double_blocks[0], ("img_attn.qkv", "txt_attn.qkv")),
-                                 ("single", dm.single_blocks[0], ("linear1",))):
-        def pre(_m, args, kwargs, kind=kind):
-            calls[kind].append({"pe": kwargs["pe"].clone(),
-                                "txt": kwargs["txt"].shape[1] if "txt" in kwargs else None,
-                                "img_slice": kwargs["transformer_options"].get("img_slice")})
+    for position, (_kind, block, linears) in enumerate(blocks_of(dm)):
+        def pre(_m, args, kwargs, position=position):
+            pe = kwargs.get("pe", kwargs.get("image_rotary_emb"))
+            txt = kwargs.get("txt", kwargs.get("encoder_hidden_states"))
+            calls[position].append({"pe": pe.clone(), "txt": txt.shape[1] if txt is not None else None,
+                                    "img_slice": kwargs["transformer_options"].get("img_slice")})
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         for name in linears:
-            def post(_m, _inp, out, kind=kind, name=name):
-                calls[kind][-1][name] = out.detach().clone()
+            def post(_m, _inp, out, position=position, name=name):
+                calls[position][-1][name] = out.detach().clone()
             handles.append(block.get_submodule(name).register_forward_hook(post))
     return calls, handles
 
 
-def oracle_maps(dm, kind, call, text_only=False, rope=True):
+def oracle_maps(dm, position, call, text_only=False, rope=True):
     """(B, T, N_img) image-to-text probabilities of the joint attention, mean over heads, from the block's weights."""
-    if kind == "double":
+    kind, block, _ = blocks_of(dm)[position]
+    if kind == "qwen":
+        attn = block.attn
+        heads = attn.heads
+
+        def split(name, norm):
+            x = call[name]
+            return rms_norm(x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2), norm.weight, 1e-5)
+        q = torch.cat([split("attn.add_q_proj", attn.norm_added_q), split("attn.to_q", attn.norm_q)], 2)
+        k = torch.cat([split("attn.add_k_proj", attn.norm_added_k), split("attn.to_k", attn.norm_k)], 2)
+        t = call["txt"]
+    elif kind == "double":
         block = dm.double_blocks[0]
         heads = block.num_heads
         parts = []
@@ -145,18 +166,20 @@ def test_captured_image_to_text_maps_equal_the_blocks_joint_attention_by_hand(fl
     finally:
         for h in handles:
             h.remove()
-    for position, kind in enumerate(("double", "single")):
-        call = calls[kind][0]                          # step 0 (cfg 1: one call per step)
-        want = oracle_maps(dm, kind, call)[0]          # (T, N_img)
+    for position in range(2):
+        kind = blocks_of(dm)[position][0]
+        call = calls[position][0]                      # step 0 (cfg 1: one call per step)
+        want = oracle_maps(dm, position, call)[0]      # (T, N_img)
         got = maps.steps[0].maps[("cross", f"L{position}", 0)][0].float().flatten(1)
         assert got.shape == want.shape
         err = float((got - want).abs().max())
         bound = float((REL_TOL * want.abs() + ABS_TOL).min())
         assert torch.all((got - want).abs() <= REL_TOL * want.abs() + ABS_TOL), (kind, err)
-        text_only = float((oracle_maps(dm, kind, call, text_only=True)[0] - got).abs().max())
-        no_rope = float((oracle_maps(dm, kind, call, rope=False)[0] - got).abs().max())
+        text_only = float((oracle_maps(dm, position, call, text_only=True)[0] - got).abs().max())
+        no_rope = float((oracle_maps(dm, position, call, rope=False)[0] - got).abs().max())
         share = float(want.sum(0).mean())
-        measured(f"{flow['family']} {kind} block: |captured - by hand| {err:.2e} (max prob {float(want.max()):.3e}); "
+        measured(f"{flow['family']} {kind} block (position {position}): |captured - by hand| {err:.2e} (max prob "
+                 f"{float(want.max()):.3e}); "
                  f"controls: text-only softmax {text_only:.2e}, no RoPE {no_rope:.2e}; mean text share of an image "
                  f"query {share:.3f}")
         assert text_only > 100 * err + 1e-4 and no_rope > 10 * err + 1e-6, (text_only, no_rope, err, bound)
@@ -202,24 +225,36 @@ def hf_word_positions(clip, prompt, word):
     return [i for i, (s, e) in enumerate(offsets) if e > s and lo <= s and e <= hi]
 
 
-def test_word_lookup_maps_the_words_t5_tokens(flow):
-    """A word's T5 positions (Flux pads the stream to 256, Chroma does not) are the text tokens the model reads:
-    position p of the captured map is ids[p]. Control: a neighbouring word gives other positions; a word that is not
-    in the prompt is a clear error listing the T5 tokens."""
+def bpe_word_positions(clip, prompt, word):
+    """Oracle for Qwen's byte-level BPE (the space belongs to the next word): the tokens the prompt gains from the
+    text before the word's space to the word's end, by the HF tokenizer on prefixes of the prompt."""
+    hf = tokens_mod.qwen_tokenizer(clip).tokenizer
+    start = prompt.index(word)
+    lo = len(hf.encode(prompt[:max(0, start - 1)], add_special_tokens=False))
+    return list(range(lo, len(hf.encode(prompt[:start + len(word)], add_special_tokens=False))))
+
+
+def test_word_lookup_maps_the_words_tokens(flow):
+    """A word's positions in the text stream the model reads (T5: Flux pads it to 256, Chroma does not; Qwen-Image:
+    Qwen2.5 BPE after the chat template's dropped head): position p of the captured map is ids[p]. Control: a
+    neighbouring word gives other positions; a word that is not in the prompt is a clear error listing the tokens."""
     clip = flow["clip"]
-    ids = tokens_mod.t5_ids(clip, PROMPT)
-    found = tokens_mod.t5_locate_words(clip, PROMPT, ["fox", "red", "watercolor", "snow"], "test")
+    qwen = flow["family"] == "qwen_image"
+    prompt = dit_capture.prompt_tokens_for(clip, PROMPT)
+    ids = prompt.ids
+    found = {w: prompt.locate(w, "test") for w in ("fox", "red", "watercolor", "snow")}
     for word, positions in found.items():
-        assert positions == hf_word_positions(clip, PROMPT, word), word
+        oracle = bpe_word_positions if qwen else hf_word_positions
+        assert positions == oracle(clip, PROMPT, word), word
     assert found["fox"] != found["red"] and not set(found["fox"]) & set(found["red"])
     with torch.inference_mode():
         cond = flow["positive"][0][0]
     assert cond.shape[1] == len(ids)   # one text token per T5 id: the map's positions are the ids' positions
-    measured(f"{flow['family']}: T5 stream {len(ids)} tokens; fox -> {found['fox']}, red -> {found['red']}, "
+    measured(f"{flow['family']}: text stream {len(ids)} tokens; fox -> {found['fox']}, red -> {found['red']}, "
              f"watercolor -> {found['watercolor']}")
-    with pytest.raises(InversionChainError, match=r"^test: the word 'wolf' is not in the prompt .* Its T5 tokens "
-                                                  r"are: .*watercolor"):
-        tokens_mod.t5_locate_words(clip, PROMPT, ["wolf"], "test")
+    with pytest.raises(InversionChainError, match=r"^test: the word 'wolf' is not in the prompt .* Its (T5|Qwen) "
+                                                  r"tokens are: .*water"):
+        prompt.locate("wolf", "test")
 
 
 def test_capture_changes_nothing_and_its_memory_is_bounded(flow):
@@ -235,7 +270,7 @@ def test_capture_changes_nothing_and_its_memory_is_bounded(flow):
     assert sorted(maps.branches("cross")) == list(range(branches))
     # per branch, the prompt's own T5 length (Chroma does not pad: 14 and 7 tokens)
     lengths = [maps.steps[0].maps[("cross", "L0", b)].shape[1] for b in range(branches)]
-    assert lengths == [len(tokens_mod.t5_ids(flow["clip"], p)) for p in (PROMPT, NEGATIVE)[:branches]]
+    assert lengths == [len(dit_capture.prompt_tokens_for(flow["clip"], p).ids) for p in (PROMPT, NEGATIVE)[:branches]]
     layers = dit_capture.dit_layers(flow["model"])
     need = {key: sum(capture_mod.storage_bytes(layers, (PX // 8, PX // 8), STEPS, 1, 1, ("cross", "self"), t, 2)[key]
                      for t in lengths) for key in ("stored", "total")}
@@ -267,7 +302,7 @@ def test_viewer_renders_flow_maps_through_the_nodes(flow):
                                   "cond", 0, "per tile", 0)
     assert grid.shape[0] == 1 and grid.shape[-1] == 3 and masks.shape == (2, PX, PX)
     assert bool(torch.isfinite(grid).all()) and float(grid.std()) > 0
-    fox = tokens_mod.t5_locate_words(flow["clip"], PROMPT, ["fox"], "test")["fox"]
+    fox = dit_capture.prompt_tokens_for(flow["clip"], PROMPT).locate("fox", "test")
     mean = sum(maps.steps[i].maps[("cross", f"L{j}", 0)][0].float() for i in range(STEPS) for j in (0, 1)) / (2 * STEPS)
     want = torch.nn.functional.interpolate(mean[fox].sum(0)[None, None], size=(PX, PX), mode="bilinear",
                                            align_corners=False)[0, 0]
@@ -277,24 +312,23 @@ def test_viewer_renders_flow_maps_through_the_nodes(flow):
                                "per tile", 0)
         _, points = viewer.view(maps, {"samples": out}, "self", "", 0.0, 1.0, "1", "all captured", "cond", 0,
                                 "shared", 0)
-    assert every.shape[0] == tokens_mod.t5_word_count(flow["clip"], tokens_mod.t5_ids(flow["clip"], PROMPT))
+    assert every.shape[0] == dit_capture.prompt_tokens_for(flow["clip"], PROMPT).end
     assert points.shape[0] == 4
     with pytest.raises(InversionChainError, match=r"^Attention Map Viewer `tokens`: the word 'wolf' is not in the "
-                                                  r"prompt .*T5 tokens"):
+                                                  r"prompt .*(T5|Qwen) tokens"):
         viewer.view(maps, {"samples": out}, "cross", "wolf", 0.0, 1.0, "all", "all captured", "cond", 0,
                     "per tile", 0)
 
 
 def test_flow_capture_refusals_name_the_fix(flow):
-    """A UNet resolution on a DiT names the one grid; SD3.5's MMDiT is refused saying it reads no patch, Qwen-Image
-    saying it is not wired yet."""
+    """A UNet resolution on a DiT names the one grid; SD3.5's MMDiT is refused saying it reads no patch."""
     with pytest.raises(InversionChainError, match=r"^Attention Capture: every block of this .* model attends on "
                                                   r"one token grid, latent/2 \(2 blocks.*Set resolution to latent/2 "
                                                   r"or all"):
         ICAttentionCapture().capture(flow["model"], "cross", "latent/4", "per layer", 2)
-    other, name, why = {"chroma": ("sd3", "SD3", r"SD3.5's MMDiT calls no attention patch"),
-                        "flux": ("qwen_image", "QwenImage", r"its blocks are not wired to the capture yet")
-                        }[flow["family"]]
+    if flow["family"] != "chroma":
+        return
+    other, name, why = "sd3", "SD3", r"SD3.5's MMDiT calls no attention patch"
     reason = flow_models.missing_family(other)
     if reason:
         pytest.skip(reason)
@@ -306,6 +340,8 @@ def test_flow_capture_refusals_name_the_fix(flow):
 def test_capture_sees_kv_inject_whichever_node_comes_first(flow):
     """Capture -> KV Inject and KV Inject -> Capture record the same maps (the observer stays after KV Inject's
     patch), and they differ from a capture without KV Inject (the control: the injection does change the maps)."""
+    if flow["family"] == "qwen_image":
+        pytest.skip("KV Inject is not built on Qwen-Image (it refuses the family): nothing to order")
     from inversion_chain.nodes.invert import ICDDIMInvert
     from inversion_chain.nodes.kv_inject import ICKVInject
     with torch.inference_mode():

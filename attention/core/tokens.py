@@ -232,3 +232,62 @@ def t5_locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[
                                       f"Its T5 tokens are: {valid}.")
         found[word] = hit
     return found
+
+
+# -- Qwen2.5 (the text stream Qwen-Image reads): byte-level BPE in ComfyUI's chat template ------------------------
+QWEN_KEY = "qwen25_7b"
+IM_START, IM_END, USER, NEWLINE = 151644, 151645, 872, 198
+
+
+def qwen_tokenizer(clip):
+    """The Qwen2.5 ``SDTokenizer`` of a Qwen-Image CLIP, or None."""
+    sub = getattr(getattr(clip, "tokenizer", None), QWEN_KEY, None)
+    return sub if sub is not None and hasattr(sub, "tokenizer") else None
+
+
+def qwen_ids(clip, text: str) -> List[int]:
+    """The ids the Qwen-Image DiT reads as text tokens: ComfyUI's template-wrapped tokens from the user turn on
+    (its text encoder drops the system turn and ``<|im_start|>user``, the rule in comfy/text_encoders/qwen_image.py)."""
+    tokens = clip.tokenize(text)
+    ids = [_id_of(t, i) for chunk in tokens[QWEN_KEY] for i, t in enumerate(chunk)]
+    starts = [i for i, t in enumerate(ids) if t == IM_START][:2]
+    cut = starts[-1] if starts else 0
+    if ids[cut + 1:cut + 3] == [USER, NEWLINE]:
+        cut += 3
+    return ids[cut:]
+
+
+def qwen_word_count(ids: Sequence[int]) -> int:
+    """The user prompt's tokens: those before the template's ``<|im_end|>``."""
+    ids = list(ids)
+    return ids.index(IM_END) if IM_END in ids else len(ids)
+
+
+def qwen_readable(clip, ids: Sequence[int]) -> List[str]:
+    inner = getattr(qwen_tokenizer(clip), "tokenizer", None)
+    if inner is None:
+        return [str(t) for t in ids]
+    return [s.replace("\u0120", "") or s for s in inner.convert_ids_to_tokens([int(t) for t in ids])]
+
+
+def qwen_locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str, List[int]]:
+    """Positions (text token p of the DiT) of each word's BPE pieces in ``prompt``, first occurrence: a word is
+    looked for with its leading space (inside the prompt) and without (at its start)."""
+    ids = qwen_ids(clip, prompt)
+    end = qwen_word_count(ids)
+    inner = qwen_tokenizer(clip).tokenizer
+    found: Dict[str, List[int]] = {}
+    for word in words:
+        hit = None
+        for variant in (" " + word.strip(), word.strip()):
+            pieces = inner.encode(variant, add_special_tokens=False)
+            hit = next((list(range(s, s + len(pieces))) for s in range(0, end - len(pieces) + 1)
+                        if pieces and ids[s:s + len(pieces)] == pieces), None)
+            if hit is not None:
+                break
+        if hit is None:
+            valid = user_text(", ".join(qwen_readable(clip, ids[:end])))
+            raise InversionChainError(f"{what}: the word '{user_text(word)}' is not in the prompt '{_cut(prompt)}'. "
+                                      f"Its Qwen tokens are: {valid}.")
+        found[word] = hit
+    return found

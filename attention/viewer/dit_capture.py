@@ -41,11 +41,24 @@ CHUNK_BYTES = 2 ** 26          # float32 scores of one chunk of image queries (6
 SHAPE_KEY = "inversion_chain_latent_shape"   # transformer_options: the latent's shape (set by ``shape_wrapper``)
 
 
+QWEN_IMAGE_CLASS = ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel")
+
+
+def is_qwen_image(model_patcher) -> bool:
+    """Qwen-Image: one stack of joint blocks (ComfyUI's block_type "double"), text tokens first, as Flux's."""
+    dm = diffusion_model_of(model_patcher)
+    return dm is not None and (type(dm).__module__, type(dm).__name__) == QWEN_IMAGE_CLASS
+
+
 def dit_layers(model_patcher) -> List[AttentionLayer]:
     """Every joint-attention block as a capture layer: index = block position, key = (block_type, block_index, 0),
     level = log2(patch size) (the token grid is latent / patch size)."""
-    patch = int(getattr(diffusion_model_of(model_patcher), "patch_size", 2))
-    level = int(round(math.log2(patch)))
+    dm = diffusion_model_of(model_patcher)
+    level = int(round(math.log2(int(getattr(dm, "patch_size", 2)))))
+    if is_qwen_image(model_patcher):
+        return [AttentionLayer(index=i, key=("double", i, 0), part="double", level=level,
+                               channels=int(b.attn.inner_dim), heads=int(b.attn.heads))
+                for i, b in enumerate(dm.transformer_blocks)]
     return [AttentionLayer(index=b.position, key=(b.kind, b.index, 0), part=b.kind, level=level,
                            channels=b.heads * b.head_dim, heads=b.heads) for b in enumerate_blocks(model_patcher)]
 
@@ -73,6 +86,38 @@ class T5PromptTokens:
 
 def t5_prompt_tokens(clip, prompt: str) -> T5PromptTokens:
     return T5PromptTokens(clip=clip, text=prompt, ids=tokens_mod.t5_ids(clip, prompt))
+
+
+@dataclass
+class QwenPromptTokens:
+    """A branch's prompt as the Qwen2.5 tokens the Qwen-Image DiT reads: the chat template's system and user header
+    are dropped by ComfyUI's text encoder, so text token p = ``ids[p]`` here (the prompt's pieces, then the template's
+    closing tokens)."""
+    clip: object
+    text: str
+    ids: List[int]
+
+    @property
+    def end(self) -> int:
+        return tokens_mod.qwen_word_count(self.ids)
+
+    def meaningful(self) -> List[int]:
+        return list(range(0, self.end))
+
+    def labels(self) -> Dict[int, str]:
+        return dict(enumerate(tokens_mod.qwen_readable(self.clip, self.ids[:self.end])))
+
+    def locate(self, word: str, what: str) -> List[int]:
+        return tokens_mod.qwen_locate_words(self.clip, self.text, [word], what)[word]
+
+
+def prompt_tokens_for(clip, prompt: str):
+    """The prompt's tokens in the stream the DiT reads: T5 (Flux, Chroma) or Qwen2.5 (Qwen-Image); None if neither."""
+    if tokens_mod.t5_tokenizer(clip) is not None:
+        return t5_prompt_tokens(clip, prompt)
+    if tokens_mod.qwen_tokenizer(clip) is not None:
+        return QwenPromptTokens(clip=clip, text=prompt, ids=tokens_mod.qwen_ids(clip, prompt))
+    return None
 
 
 def _additive(mask, device) -> Optional[torch.Tensor]:
@@ -134,8 +179,9 @@ class DiTCaptureObserver(compat.PatchObject):
 
     runs_last = True
 
-    def __init__(self, maps: AttentionMaps, layers: Sequence[AttentionLayer]):
+    def __init__(self, maps: AttentionMaps, layers: Sequence[AttentionLayer], text_mask: bool = False):
         self.maps = maps
+        self.text_mask = text_mask   # Qwen-Image hands the patch the text mask, not the joint mask it attends with
         self.layers = list(layers)
         self.by_key = {(l.key[0], l.key[1]): l for l in self.layers}
         self.runs = RunTracker()
@@ -163,6 +209,10 @@ class DiTCaptureObserver(compat.PatchObject):
         latent_hw = tuple(int(x) for x in opts[SHAPE_KEY][-2:])
         h, w = layer.grid(*latent_hw)
         s0, s1 = opts["img_slice"]
+        if self.text_mask and attn_mask is not None:
+            self.maps.warn_once(("mask", layer.index), "a text attention mask is set; its joint form is not handed "
+                                                       "to the patch, so maps are not captured")
+            return
         if s1 - s0 < h * w:
             self.maps.warn_once(("tokens", layer.index), f"block {layer.index} has {s1 - s0} image tokens, fewer "
                                                          f"than its {h}x{w} grid; not captured")
