@@ -66,6 +66,14 @@ def attention(q, k, v, extra_options):
     return attn.optimized_attention(q, k, v, heads)
 
 
+def flux_rope(q, k, pe):
+    """q and k rotated by the rotary embedding ``pe`` exactly as Flux/Chroma's joint attention rotates them before
+    its kernel (comfy/ldm/flux/math.py ``apply_rope``; 0.3x only): what an ``attn1_patch`` observer needs to see
+    the logits the block computes. New tensors; the inputs are not changed."""
+    from comfy.ldm.flux.math import apply_rope
+    return apply_rope(q, k, pe)
+
+
 def _attention_takes_options() -> bool:
     import inspect
     import comfy.ldm.modules.attention as attn

@@ -33,7 +33,8 @@ class ICAttentionCapture:
                 "resolution": tip(list(RESOLUTIONS), "Which attention layers to record, by token grid relative to "
                                   "the latent: latent/4 is 16x16 for SD1.5 at 512 px (P2P's choice; SDXL at 1024 px: "
                                   "32x32), latent/8 is SD1.5's 8x8 middle block, latent/2 and latent/1 are finer "
-                                  "and cost more (CPU memory grows with the grid; docs/memory.md has figures).",
+                                  "and cost more (CPU memory grows with the grid; docs/memory.md has figures). "
+                                  "Flux, Chroma, Qwen-Image: every block attends at latent/2, so latent/2 or all.",
                                   default="latent/4"),
                 "detail": tip(list(DETAILS), "per layer keeps each layer apart (viewer can filter layers); per "
                               "resolution keeps only the mean over the layers of each resolution (less memory, "
@@ -81,7 +82,8 @@ class ICAttentionMapViewer:
                               "sets the tile size when no image is given: latent x 8)."),
                 "kind": tip(["cross", "self"], "cross: one tile per token; self: one tile per query point.",
                             default="cross"),
-                "tokens": tip("STRING", "cross: comma-separated words of the prompt (multi-token words are summed), "
+                "tokens": tip("STRING", "cross: comma-separated words of the prompt (multi-token words are summed; "
+                              "DiT models: T5 / Qwen tokens, positions from #0), "
                               "or positions like #5; empty = every token of the prompt. self: query points like "
                               "#0, #5; empty = all.", default=""),
                 "start_percent": tip("FLOAT", "First step to average, as a fraction of the sampling steps (step i "
@@ -90,7 +92,8 @@ class ICAttentionMapViewer:
                 "end_percent": tip("FLOAT", "End of the steps to average, as a fraction of the sampling steps "
                                    "(exclusive; 1 = through the last step).", default=1.0, min=0.0, max=1.0,
                                    step=0.01),
-                "layers": tip("STRING", "Layers to average, in execution order (SD1.x: down 0-5, mid 6, up 7-15), "
+                "layers": tip("STRING", "Layers to average, in execution order (SD1.x: down 0-5, mid 6, up 7-15; "
+                              "DiT models: block positions, Flux/Chroma double blocks 0-18 then single 19-56), "
                               "e.g. '4,5,7-9'; 'all' = every captured layer.", default="all"),
                 "resolution": tip(list(VIEW_RESOLUTIONS), "Only layers of this token grid (relative to the latent); "
                                   "maps of coarser layers are upsampled before averaging.", default="all captured"),

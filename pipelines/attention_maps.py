@@ -2,23 +2,30 @@
 capture editor on a patched clone) and Attention Map Viewer's (``view_maps``: the selection rendered as a grid)."""
 from __future__ import annotations
 
-from ..artifacts import InversionChainError
-from ..attention.core import patching
-from ..attention.viewer.capture import (BRANCHES, KIND_CHOICES, AttentionCaptureEditor, AttentionMaps, capture_layers,
-                                        prompt_tokens)
+from .. import compat
+from ..artifacts import InversionChainError, user_text
+from ..attention.core import dit_layers, patching
+from ..attention.core import tokens as tokens_mod
+from ..attention.viewer import dit_capture
+from ..attention.viewer.capture import (BRANCHES, KIND_CHOICES, RESOLUTIONS, AttentionCaptureEditor, AttentionMaps,
+                                        capture_layers, prompt_tokens, resolution_name)
 from ..attention.viewer.map_query import select
 from ..attention.viewer.map_view import render
 
 MAX_GRID_PIXELS = 64 * 2 ** 20  # ~0.8 GB of float RGB: bounds the grid an image size and token list can ask for
 DEFAULT_MAX_MB = 4096   # Attention Capture's max_mb default
+CAPTURE = "Attention Capture"
 
 
 def capture_maps(model, kinds: str, resolution: str, detail: str, query_grid: int, clip=None, prompt: str = "",
                  negative_prompt: str = "", max_mb=None, what: str = "Attention Capture"):
-    """(the model with the capture editor, the AttentionMaps it fills while sampling)."""
+    """(the model with the capture editor, the AttentionMaps it fills while sampling). Flux-layout DiTs (Flux,
+    Chroma): ``capture_dit``."""
     if clip is None and ((prompt or "").strip() or (negative_prompt or "").strip()):
         raise InversionChainError(f"{what}: the prompts name tokens only with the `clip` that encoded them; "
                                   f"connect `clip`.")
+    if compat.is_flow_family(compat.model_sampling(model)):
+        return capture_dit(model, kinds, resolution, detail, query_grid, clip, prompt, negative_prompt, max_mb)
     prompts = {}
     if clip is not None:
         prompts[BRANCHES["cond"]] = prompt_tokens(clip, prompt or "")
@@ -28,6 +35,45 @@ def capture_maps(model, kinds: str, resolution: str, detail: str, query_grid: in
     max_mb = DEFAULT_MAX_MB if max_mb is None else int(max_mb)
     maps.max_bytes = max_mb * 2 ** 20 if max_mb > 0 else None
     return patching.install(model, AttentionCaptureEditor(maps, layers), what), maps
+
+
+def capture_dit(model, kinds: str, resolution: str, detail: str, query_grid: int, clip=None, prompt: str = "",
+                negative_prompt: str = "", max_mb=None):
+    """Capture on a Flux-layout DiT or Qwen-Image: an attn1_patch observer of every block's joint attention
+    (dit_capture.py), the prompts named by their T5 / Qwen2.5 tokens. Other flow families are refused naming why."""
+    what = CAPTURE
+    family = compat.family_name(model)
+    qwen = dit_capture.is_qwen_image(model)
+    if not (dit_layers.is_flux_layout(model) or qwen):
+        why = ("SD3.5's MMDiT calls no attention patch, so its joint attention cannot be observed without replacing "
+               "model code" if "SD3" in family else "its blocks are not wired to the capture yet")
+        raise InversionChainError(f"{what}: the model family '{family}' is not supported yet by this node ({why}). "
+                                  f"Attention Capture runs on SD1.x, SD2.x, SDXL, Flux, Chroma and Qwen-Image.")
+    missing = compat.missing_feature_message("dit-attention-patches", what)
+    if missing:
+        raise InversionChainError(missing)
+    layers = dit_capture.dit_layers(model)
+    grid = resolution_name(layers[0].level)
+    if resolution not in ("all", grid):
+        raise InversionChainError(
+            f"{what}: every block of this {family} model attends on one token grid, {grid} ({len(layers)} blocks: "
+            f"layers 0-{len(layers) - 1} in execution order, double blocks first); got resolution "
+            f"'{user_text(resolution)}'. Set resolution to {grid} or all ({RESOLUTIONS[0]} is the UNet default).")
+    prompts = {}
+    if clip is not None:
+        ours = tokens_mod.qwen_tokenizer(clip) if qwen else tokens_mod.t5_tokenizer(clip)
+        if ours is None:
+            raise InversionChainError(f"{what}: {family} reads the prompt as {'Qwen2.5' if qwen else 'T5'} tokens, and "
+                                      f"this `clip` has no such tokenizer; connect the CLIP that encoded the prompts "
+                                      f"(Flux: CLIP-L + T5, Chroma: T5, Qwen-Image: Qwen2.5-VL).")
+        prompts[BRANCHES["cond"]] = dit_capture.prompt_tokens_for(clip, prompt or "")
+        prompts[BRANCHES["uncond"]] = dit_capture.prompt_tokens_for(clip, negative_prompt or "")
+    maps = AttentionMaps(KIND_CHOICES[kinds], {layers[0].level}, detail, int(query_grid), prompts)
+    max_mb = DEFAULT_MAX_MB if max_mb is None else int(max_mb)
+    maps.max_bytes = max_mb * 2 ** 20 if max_mb > 0 else None
+    patched = patching.add_attn1_patch(model.clone(), dit_capture.DiTCaptureObserver(maps, layers, text_mask=qwen))
+    patching.add_unet_wrapper(patched, dit_capture.shape_wrapper)
+    return patched, maps
 
 
 def view_maps(attn_maps, latent, kind: str, tokens: str, start_percent: float, end_percent: float, layers: str,

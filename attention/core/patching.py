@@ -207,10 +207,13 @@ def add_attn2_patch(model, patch):
 def add_attn1_patch(model, patch):
     """Add an ``attn1_patch`` (in place: call on a clone). On Flux-layout DiTs ComfyUI calls it in every double and
     single block as ``patch(q, k, v, pe=, attn_mask=, extra_options=) -> dict`` (q, k before RoPE); the patch lists
-    are copied, never shared with the MODEL this one was cloned from."""
+    are copied, never shared with the MODEL this one was cloned from. Patches with ``runs_last`` (observers such as
+    the attention capture) stay after the others whenever they were added, so they see what every editor hands on."""
     to = dict(model.model_options.get("transformer_options", {}))
     patches = {name: list(entries) for name, entries in to.get("patches", {}).items()}
-    patches["attn1_patch"] = patches.get("attn1_patch", []) + [patch]
+    entries = patches.get("attn1_patch", []) + [patch]
+    patches["attn1_patch"] = ([p for p in entries if not getattr(p, "runs_last", False)]
+                              + [p for p in entries if getattr(p, "runs_last", False)])
     to["patches"] = patches
     model.model_options["transformer_options"] = to
     return model

@@ -171,3 +171,123 @@ def word_positions(clip, ids: Sequence[int], word: str) -> List[int]:
 def describe_tokens(clip, ids: Sequence[int]) -> str:
     """The readable tokens of a 77-token sequence up to its end token, for error messages (HTML-escaped)."""
     return user_text(", ".join(readable_tokens(clip, list(ids[:token_count(ids)]))))
+
+
+# -- T5 (the text stream Flux and Chroma read): sentencepiece pieces, no start token, one window -------------------
+T5_KEY = "t5xxl"   # the key of the T5 stream in ``clip.tokenize``'s dict (FluxTokenizer, PixArtTokenizer, SD3Tokenizer)
+
+
+def t5_tokenizer(clip):
+    """The T5 ``SDTokenizer`` of a Flux / Chroma / SD3 CLIP (its ``end_token`` and HF tokenizer), or None."""
+    tok = getattr(clip, "tokenizer", None)
+    for name in (T5_KEY, "clip_" + T5_KEY):
+        sub = getattr(tok, name, None)
+        if sub is not None and hasattr(sub, "tokenizer"):
+            return sub
+    return None
+
+
+def t5_ids(clip, text: str) -> List[int]:
+    """Every id of ``text``'s T5 stream, in the order the DiT reads the text tokens (ComfyUI's T5 tokenizers keep
+    one window; Flux pads it to 256 tokens, Chroma does not pad): position p here is text token p of the model."""
+    tokens = clip.tokenize(text)
+    if not isinstance(tokens, dict) or T5_KEY not in tokens:
+        raise InversionChainError(f"a T5 text stream was expected from this CLIP; it tokenizes for "
+                                  f"{', '.join(sorted(tokens)) if isinstance(tokens, dict) else 'one CLIP'} only.")
+    ids: List[int] = []
+    for chunk in tokens[T5_KEY]:
+        ids.extend(_id_of(t, len(ids) + i) for i, t in enumerate(chunk))
+    return ids
+
+
+def t5_word_count(clip, ids: Sequence[int]) -> int:
+    """Tokens before the first end token (``</s>``): the prompt's pieces."""
+    end = getattr(t5_tokenizer(clip), "end_token", None)
+    ids = list(ids)
+    return ids.index(end) if end in ids else len(ids)
+
+
+def t5_readable(clip, ids: Sequence[int]) -> List[str]:
+    """Sentencepiece pieces of ``ids`` with the word-start mark removed."""
+    inner = getattr(t5_tokenizer(clip), "tokenizer", None)
+    if inner is None:
+        return [str(t) for t in ids]
+    return [s.replace("\u2581", "") or s for s in inner.convert_ids_to_tokens([int(t) for t in ids])]
+
+
+def t5_locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str, List[int]]:
+    """Positions (text token p of the DiT) of each word's T5 pieces in ``prompt``, first occurrence; ComfyUI
+    tokenizes every space-separated word alone, so a word's pieces are the same alone and in the prompt."""
+    ids = t5_ids(clip, prompt)
+    end = t5_word_count(clip, ids)
+    found: Dict[str, List[int]] = {}
+    for word in words:
+        pieces = t5_ids(clip, word)
+        pieces = pieces[:t5_word_count(clip, pieces)]
+        hit = next((list(range(s, s + len(pieces))) for s in range(0, end - len(pieces) + 1)
+                    if pieces and ids[s:s + len(pieces)] == pieces), None)
+        if hit is None:
+            valid = user_text(", ".join(t5_readable(clip, ids[:end])))
+            raise InversionChainError(f"{what}: the word '{user_text(word)}' is not in the prompt '{_cut(prompt)}'. "
+                                      f"Its T5 tokens are: {valid}.")
+        found[word] = hit
+    return found
+
+
+# -- Qwen2.5 (the text stream Qwen-Image reads): byte-level BPE in ComfyUI's chat template ------------------------
+QWEN_KEY = "qwen25_7b"
+IM_START, IM_END, USER, NEWLINE = 151644, 151645, 872, 198
+
+
+def qwen_tokenizer(clip):
+    """The Qwen2.5 ``SDTokenizer`` of a Qwen-Image CLIP, or None."""
+    sub = getattr(getattr(clip, "tokenizer", None), QWEN_KEY, None)
+    return sub if sub is not None and hasattr(sub, "tokenizer") else None
+
+
+def qwen_ids(clip, text: str) -> List[int]:
+    """The ids the Qwen-Image DiT reads as text tokens: ComfyUI's template-wrapped tokens from the user turn on
+    (its text encoder drops the system turn and ``<|im_start|>user``, the rule in comfy/text_encoders/qwen_image.py)."""
+    tokens = clip.tokenize(text)
+    ids = [_id_of(t, i) for chunk in tokens[QWEN_KEY] for i, t in enumerate(chunk)]
+    starts = [i for i, t in enumerate(ids) if t == IM_START][:2]
+    cut = starts[-1] if starts else 0
+    if ids[cut + 1:cut + 3] == [USER, NEWLINE]:
+        cut += 3
+    return ids[cut:]
+
+
+def qwen_word_count(ids: Sequence[int]) -> int:
+    """The user prompt's tokens: those before the template's ``<|im_end|>``."""
+    ids = list(ids)
+    return ids.index(IM_END) if IM_END in ids else len(ids)
+
+
+def qwen_readable(clip, ids: Sequence[int]) -> List[str]:
+    inner = getattr(qwen_tokenizer(clip), "tokenizer", None)
+    if inner is None:
+        return [str(t) for t in ids]
+    return [s.replace("\u0120", "") or s for s in inner.convert_ids_to_tokens([int(t) for t in ids])]
+
+
+def qwen_locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str, List[int]]:
+    """Positions (text token p of the DiT) of each word's BPE pieces in ``prompt``, first occurrence: a word is
+    looked for with its leading space (inside the prompt) and without (at its start)."""
+    ids = qwen_ids(clip, prompt)
+    end = qwen_word_count(ids)
+    inner = qwen_tokenizer(clip).tokenizer
+    found: Dict[str, List[int]] = {}
+    for word in words:
+        hit = None
+        for variant in (" " + word.strip(), word.strip()):
+            pieces = inner.encode(variant, add_special_tokens=False)
+            hit = next((list(range(s, s + len(pieces))) for s in range(0, end - len(pieces) + 1)
+                        if pieces and ids[s:s + len(pieces)] == pieces), None)
+            if hit is not None:
+                break
+        if hit is None:
+            valid = user_text(", ".join(qwen_readable(clip, ids[:end])))
+            raise InversionChainError(f"{what}: the word '{user_text(word)}' is not in the prompt '{_cut(prompt)}'. "
+                                      f"Its Qwen tokens are: {valid}.")
+        found[word] = hit
+    return found

@@ -113,6 +113,9 @@ class PromptTokens:
         readable = tokens_mod.readable_tokens(self.clip, self.ids[:self.end])
         return {p: readable[p - 1] for p in self.meaningful() if p - 1 < len(readable)}
 
+    def locate(self, word: str, what: str) -> List[int]:
+        return tokens_mod.locate_words(self.clip, self.text, [word], what)[word]
+
 
 @dataclass
 class StepRecord:
@@ -144,6 +147,7 @@ class AttentionMaps:
         self._warned = set()
         self.max_bytes: Optional[int] = None   # the node's max_mb (None: no limit); see capture_budget.py
         self.sizing = None                     # (layers, latent_hw, branches, rows, tokens) of the current run
+        self.start_token = True   # cross maps: key 0 is CLIP's start token (the viewer drops it); False on DiTs
 
     # -- recording ---------------------------------------------------------------------------------------------
     def set_units(self, layers: Sequence[AttentionLayer]):

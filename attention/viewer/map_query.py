@@ -9,7 +9,6 @@ from typing import List, Optional, Tuple
 import torch
 
 from ...artifacts import InversionChainError, user_text
-from ..core import tokens as tokens_mod
 from .capture import (BRANCH_NAMES, BRANCHES, AttentionMaps, describe_layers, point_fractions, resolution_levels,
                       resolution_name)
 
@@ -137,7 +136,7 @@ def select(maps: AttentionMaps, kind: str, tokens_text: str, start_percent: floa
             if t is None:
                 continue
             m = t[row].float()                                                  # (T, h, w)
-            if kind == "cross":
+            if kind == "cross" and maps.start_token:
                 m = m[1:] / m[1:].sum(0, keepdim=True).clamp_min(1e-12)         # drop the start token, renormalise
                 m = torch.cat([torch.zeros_like(m[:1]), m], 0)
             if tuple(m.shape[-2:]) != tuple(grid):
@@ -178,33 +177,34 @@ def _tiles(maps: AttentionMaps, kind: str, tokens_text: str, mean: torch.Tensor,
                 for i in chosen]
 
     n_tok = mean.shape[0]
+    lo = 1 if maps.start_token else 0   # CLIP's start token #0 is never a tile; T5 (DiTs) has none
     prompt = maps.prompts.get(branch)
     where = "prompt" if branch == 0 else "negative_prompt"
     if not parts:
         if prompt is None:
             raise InversionChainError(f"{what}: to show every token of the prompt, give Attention Capture `clip` and "
-                                      f"`{where}`; or list token positions as #1..#{n_tok - 1}.")
+                                      f"`{where}`; or list token positions as #{lo}..#{n_tok - 1}.")
         labels = prompt.labels()
         positions = [p for p in prompt.meaningful() if p < n_tok]
         if not positions:
             raise InversionChainError(f"{what}: the {BRANCH_NAMES[branch]} prompt '{user_text(prompt.text)}' has no "
                                       f"tokens; "
-                                      f"list token positions as #1..#{n_tok - 1} instead.")
+                                      f"list token positions as #{lo}..#{n_tok - 1} instead.")
         return [Tile(label=f"{labels.get(p, p)} (#{p})", map=mean[p]) for p in positions]
     tiles = []
     for p in parts:
         i = _point_spec(p)
         if i is not None:
-            if not 1 <= i < n_tok:
-                raise InversionChainError(f"{what}: token position #{i} is outside 1..#{n_tok - 1} (#0, the start "
-                                          f"token, is excluded).")
+            if not lo <= i < n_tok:
+                raise InversionChainError(f"{what}: token position #{i} is outside {lo}..#{n_tok - 1}"
+                                          + (" (#0, the start token, is excluded)." if lo else "."))
             label = prompt.labels().get(i, f"#{i}") if prompt is not None else f"#{i}"
             tiles.append(Tile(label=f"{label} (#{i})", map=mean[i]))
             continue
         if prompt is None:
             raise InversionChainError(f"{what}: to name tokens by words, give Attention Capture `clip` and "
-                                      f"`{where}`; or list token positions as #1..#{n_tok - 1}.")
-        found = tokens_mod.locate_words(prompt.clip, prompt.text, [p], f"{what} `tokens`")[p]
+                                      f"`{where}`; or list token positions as #{lo}..#{n_tok - 1}.")
+        found = prompt.locate(p, f"{what} `tokens`")
         found = [i for i in found if i < n_tok]
         tiles.append(Tile(label=p, map=mean[found].sum(0)))
     return tiles
