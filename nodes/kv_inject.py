@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..artifacts import INVERSION
+from ..attention.core.layers import MAP_SIZE_AUTO, MAP_SIZES
 from ..attention.editors.kv_inject import MODES
 from ..attention.store.reference import POLICIES
 from ..pipelines.kv_inject import build_kv_inject
@@ -75,15 +76,23 @@ class ICKVInject:
                                     "target's foreground (MasaCtrl's cur_token_idx). Empty: `mask_words` (when the "
                                     "object keeps its name, e.g. 'cat' in both prompts); set it when the edit renames "
                                     "the object, e.g. mask_words 'cat', target_words 'dog'.", default=""),
+                "mask_map_size": tip(list(MAP_SIZES), "masked mode: which cross-attention maps the source's and "
+                                     "the target's masks are drawn from, by their size relative to the latent. auto "
+                                     "= latent/4, as MasaCtrl (16x16 maps for SD1.5 at 512 px, 32x32 for SDXL at "
+                                     "1024 px; on a smaller UNet its coarsest level). Pick a finer size (latent/2, "
+                                     "latent/1) when the masks miss the object: finer maps follow outlines more "
+                                     "closely but can be noisier. SD1.x/SD2.x have latent/1 to latent/8, SDXL "
+                                     "latent/2 and latent/4.", default=MAP_SIZE_AUTO),
             },
         }
 
     @checked
     def patch(self, model, inversion, start_percent, start_layer, mode, negative=None, mask_words="", clip=None,
-              source_prompt="", cache="auto", target_prompt="", target_words=""):
+              source_prompt="", cache="auto", target_prompt="", target_words="", mask_map_size=MAP_SIZE_AUTO):
         return (build_kv_inject(model, inversion, start_percent, start_layer, mode, negative=negative,
                                 mask_words=mask_words, clip=clip, source_prompt=source_prompt, cache=cache,
-                                target_prompt=target_prompt, target_words=target_words),)
+                                target_prompt=target_prompt, target_words=target_words,
+                                mask_map_size=mask_map_size),)
 
 
 NODE_CLASS_MAPPINGS = {"ICKVInject": ICKVInject}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .. import compat
 from ..artifacts import INVERSION, NULL_TEXT, STYLE
+from ..attention.core.layers import MAP_SIZE_AUTO, MAP_SIZES
 from ..attention.editors.edit_plan import MODES
 from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES
 from ..logs import log
@@ -99,6 +100,13 @@ class ICP2PlusController:
                                          "value input comes from the STYLE; afterwards each row uses its own "
                                          "prompt. 0 = no style (plain P2Plus); paper default 0.5, 0.2-0.5 for "
                                          "large structural changes.", default=0.5, min=0.0, max=1.0, step=0.01),
+                "blend_map_size": tip(list(MAP_SIZES), "Local blend: which cross-attention maps the mask is drawn "
+                                      "from, by their size relative to the latent. auto = latent/4, as "
+                                      "Prompt-to-Prompt (16x16 maps for SD1.5 at 512 px, 32x32 for SDXL at 1024 px; "
+                                      "on a smaller UNet its coarsest level). Pick a finer size (latent/2, latent/1) "
+                                      "when the mask misses the object or spills over the picture: finer maps follow "
+                                      "outlines more closely but can be noisier. SD1.x/SD2.x have latent/1 to "
+                                      "latent/8, SDXL latent/2 and latent/4.", default=MAP_SIZE_AUTO),
             },
         }
 
@@ -107,11 +115,11 @@ class ICP2PlusController:
               self_replace_end_percent, uncond_self_replace_end_percent, reweight="", blend_words="",
               blend_threshold=0.3, blend_start_percent=0.2, inversion=None, null_text=None, latent=None, seed=0,
               steps=50, scheduler="ddim_uniform", self_replace_max_res=DEFAULT_SELF_MAX_RES, style=None,
-              style_end_percent=0.5):
+              style_end_percent=0.5, blend_map_size=MAP_SIZE_AUTO):
         edit = build_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
                           self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words,
                           blend_threshold, blend_start_percent, inversion, null_text, latent, seed, steps, scheduler,
-                          self_replace_max_res, style, style_end_percent, what=WHAT)
+                          self_replace_max_res, style, style_end_percent, blend_map_size, what=WHAT)
         log.info("[Inversion Chain] %s", edit.description)
         return (edit.model, edit.positive, edit.negative, edit.latent, edit.sigmas)
 

@@ -7,7 +7,7 @@ import torch
 from .. import compat, conditioning
 from ..artifacts import InversionChainError, user_text
 from ..attention.core import dit_layers, patching
-from ..attention.core.layers import decoder_start, select_layers
+from ..attention.core.layers import MAP_SIZE_AUTO, decoder_start, map_level, map_size_problem, select_layers
 from ..attention.core.schedule import check_percents, steps_within
 from ..attention.core.tokens import locate_words, parse_words
 from ..attention.editors.dit_kv_inject import DiTKVInject
@@ -24,9 +24,10 @@ WHAT = "KV Inject"
 
 def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mode: str, negative=None,
                     mask_words: str = "", clip=None, source_prompt: str = "", cache: str = "auto",
-                    target_prompt: str = "", target_words: str = ""):
+                    target_prompt: str = "", target_words: str = "", mask_map_size: str = MAP_SIZE_AUTO):
     """A ``model.clone()`` whose self-attention takes the source's K/V from ``start_percent`` on (layers >=
-    ``start_layer``; -1 = the family's default decoder layer). Flux-layout DiTs (Flux, Chroma): ``build_dit``."""
+    ``start_layer``; -1 = the family's default decoder layer); masked mode reads its masks from the cross-attention
+    maps at ``mask_map_size``. Flux-layout DiTs (Flux, Chroma): ``build_dit``."""
     if dit_layers.is_flux_layout(model):
         return build_dit(model, inversion, start_percent, start_layer, mode, negative=negative, cache=cache)
     require_inversion(model, inversion, WHAT)
@@ -54,7 +55,9 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
                                       f"positive prompt: the target's mask comes from its own cross-attention).")
         found = locate_words(clip, source_prompt, words, f"{WHAT} `mask_words`")
         cross_tokens = sorted({i for ids in found.values() for i in ids})
-        cross_level = min(2, max(l.level for l in layers))
+        cross_level = map_level(layers, mask_map_size)
+        if cross_level is None:
+            raise InversionChainError(f"{WHAT}: {map_size_problem(layers, 'mask_map_size', user_text(mask_map_size))}")
         found = locate_words(clip, target_prompt, parse_words(target_words) or words,
                              f"{WHAT} `target_words`" if parse_words(target_words) else
                              f"{WHAT} `mask_words` (in `target_prompt`; set `target_words` for the target's "

@@ -14,7 +14,8 @@ from ..model_info import check_supported, model_key, reads_pooled_output, requir
 from ..attention.core import patching
 from ..attention.core.context import UNCOND, CfgCheck, ContextPatch
 from ..attention.editors.edit_plan import build_plan
-from ..attention.editors.local_blend import BLEND_LEVEL, LocalBlend
+from ..attention.core.layers import MAP_SIZE_AUTO, map_level, map_size_problem
+from ..attention.editors.local_blend import LocalBlend
 from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES, P2PlusEditor
 from ..attention.core.schedule import Schedule, check_percents
 from ..attention.editors.style import value_injection
@@ -73,7 +74,8 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
                blend_words: str = "", blend_threshold: float = 0.3, blend_start_percent: float = 0.2,
                inversion=None, null_text: Optional[NullText] = None, latent: Optional[dict] = None, seed: int = 0,
                steps: int = 50, scheduler: str = "ddim_uniform", self_replace_max_res: int = DEFAULT_SELF_MAX_RES,
-               style: Optional[Style] = None, style_end_percent: float = 0.5, what: str = "Prompt-to-Prompt") -> Edit:
+               style: Optional[Style] = None, style_end_percent: float = 0.5, blend_map_size: str = MAP_SIZE_AUTO,
+               what: str = "Prompt-to-Prompt") -> Edit:
     check_supported(model, what)
     check_percents(what, cross_replace_end_percent=cross_replace_end_percent,
                    self_replace_end_percent=self_replace_end_percent,
@@ -135,7 +137,11 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
                                           f"'{user_text(target_prompt)}'.")
             src_pos += in_src
             tgt_pos += in_tgt
-        level = min(BLEND_LEVEL, max(l.level for l in patching.layers_of(model)))
+        layers = patching.layers_of(model)
+        level = map_level(layers, blend_map_size)
+        if level is None:
+            problem = map_size_problem(layers, "blend_map_size", user_text(blend_map_size))
+            raise InversionChainError(f"{what}: {problem}")
         blend = LocalBlend(sorted(set(src_pos)), sorted(set(tgt_pos)), blend_threshold, blend_start_percent, level,
                            schedule)
 

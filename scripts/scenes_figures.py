@@ -49,12 +49,19 @@ def main() -> int:
         out["kv_inject circle->square"] = sb.kv_inject_figures(m, centre, "a red square on a yellow background")
         out["rival"] = sb.rival_figures(m, inv)
         out["guidance inversion cfg 7.5"] = sb.guidance_inversion_figures(m, centre)
-        out["map paths 'circle'"] = {w: sb.map_path_figures(m, w) for w in ("left", "top")}
-        out["p2plus local blend on 'circle' by threshold, swap red->green, cfg 5"] = sb.local_blend_figures(m, centre)
+        out["map paths 'circle' (map size auto and latent/1)"] = {
+            w: sb.map_path_figures(m, w, map_sizes=("auto", "latent/1")) for w in ("left", "top")}
+        out["p2plus local blend on 'circle' by blend_map_size and threshold, swap red->green, cfg 5"] = \
+            sb.local_blend_figures(m, centre, map_sizes=("auto", "latent/1"))
         out["p2plus reweight and refine, cfg 5"] = sb.reweight_refine_figures(m, centre)
         out["kv_inject masked, new generations, defaults"] = sb.kv_masked_figures(m, inv)
         out["kv_inject masked, new generations, start_layer 0 start_percent 0"] = sb.kv_masked_figures(
             m, inv, settings=dict(start_layer=0, start_percent=0.0))
+        out["kv_inject masked at mask_map_size latent/1, new generations, defaults"] = sb.kv_masked_figures(
+            m, inv, modes=("masked",), mask_map_size="latent/1")
+        out["kv_inject masked at mask_map_size latent/1, new generations, start_layer 0 start_percent 0"] = \
+            sb.kv_masked_figures(m, inv, settings=dict(start_layer=0, start_percent=0.0), modes=("masked",),
+                                 mask_map_size="latent/1")
         out["kv_inject circle->square, defaults, seeds 0-2"] = [
             sb.kv_inject_figures(m, centre, "a red square on a yellow background", seed=s) for s in (0, 1, 2)]
         out["style_diffusion, cfg 5"] = sb.style_figures(m, centre)

@@ -12,7 +12,7 @@ import comfy.samplers
 from inversion_chain.attention.core import patching
 from inversion_chain.attention.store import reference as reference_store
 from inversion_chain.attention.core.controller import Editor, attention_probs
-from inversion_chain.attention.core.layers import decoder_start
+from inversion_chain.attention.core.layers import MAP_SIZE_LEVELS, decoder_start
 from inversion_chain.nodes.invert import ICDDIMInvert
 from inversion_chain.nodes.kv_inject import ICKVInject
 from tests.harness.sampling import sample
@@ -187,9 +187,12 @@ def grid_mask(region, grid):
     return F.interpolate(region.float()[None, None], size=grid, mode="nearest")[0, 0].flatten().bool()
 
 
-def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s):
+@pytest.mark.parametrize("map_size", ["auto", "latent/2"])
+def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s, map_size):
+    """At `mask_map_size` auto (latent/4, or the coarsest level below it: MasaCtrl's 16x16 maps at 512 px) and at
+    latent/2, which every SD layout has: the masks come from that level's maps (the oracle reads them itself)."""
     reference_store.STORE.clear()
-    level = min(2, max(l.level for l in s["layers"]))
+    level = min(2, max(l.level for l in s["layers"])) if map_size == "auto" else 1
     h, w = s["latent"].shape[-2:]
     gh, gw = (h + 2 ** level - 1) // 2 ** level, (w + 2 ** level - 1) // 2 ** level
     # independent oracle of the source's mask at step 1: its word map at the mask level (mean over heads and layers)
@@ -206,7 +209,8 @@ def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s
     moved = left if source_region[left].sum() <= source_region[~left].sum() else ~left
 
     kv = ICKVInject().patch(s["model"], s["inv"], step / STEPS, s["start"], "masked", negative=s["empty"],
-                            mask_words="astronaut", clip=s["clip"], source_prompt=SOURCE, target_prompt=TARGET)[0]
+                            mask_words="astronaut", clip=s["clip"], source_prompt=SOURCE, target_prompt=TARGET,
+                            mask_map_size=map_size)[0]
     kv = patching.install(kv, ForceWordMap(level, WORD_AT["target"], moved), "force")
     probe = BiasProbe([l.index for l in s["layers"] if l.index >= s["start"]])
     kv = patching.install(kv, probe, "probe")
@@ -232,10 +236,28 @@ def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s
         across = probs.masked_select(~allowed[None, None].expand_as(probs))
         worst_leak = max(worst_leak, float(across.abs().max()) if across.numel() else 0.0)
         checked += 1
-    measured(f"{s['family']}: {checked} masked calls; source fg {int(source_region.sum())}/{source_region.numel()} "
+    measured(f"{s['family']} {map_size}: {checked} masked calls; source fg "
+             f"{int(source_region.sum())}/{source_region.numel()} "
              f"cells, forced target fg {int(moved.sum())}; source mask vs oracle: {src_disagree:.3f} of cells differ; "
              f"attention mass across regions {worst_leak:.1e}")
     assert checked >= (STEPS - step) and src_disagree == 0.0 and worst_leak == 0.0
+
+
+@pytest.mark.fast
+def test_mask_map_size_the_model_lacks_is_refused_naming_the_sizes_it_has(s):
+    """SDXL has no cross-attention at latent/1 or latent/8 (SD1.x/SD2.x have all four sizes)."""
+    from inversion_chain.artifacts import InversionChainError
+    have = {l.level for l in s["layers"]}
+    assert have == ({1, 2} if s["family"] == "sdxl" else {0, 1, 2, 3}), have
+    for size, level in MAP_SIZE_LEVELS.items():
+        if level in have:
+            continue
+        with pytest.raises(InversionChainError, match=rf"`mask_map_size` is '{size}', but this model has no "
+                                                      rf"cross-attention layers at that size\. It has maps at "
+                                                      rf"latent/2, latent/4 .*auto \(here latent/4\)"):
+            ICKVInject().patch(s["model"], s["inv"], 0.25, s["start"], "masked", negative=s["empty"],
+                               mask_words="astronaut", clip=s["clip"], source_prompt=SOURCE, target_prompt=TARGET,
+                               mask_map_size=size)
 
 
 @pytest.mark.fast

@@ -7,6 +7,7 @@ import torch
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention.core import patching
 from inversion_chain.attention.core.controller import CONTROLLER_KEY, Editor
+from inversion_chain.attention.core.layers import MAP_SIZE_LEVELS
 from inversion_chain.attention.editors.edit_plan import build_plan
 from inversion_chain.attention.editors.p2p import P2PlusEditor
 from inversion_chain.attention.core.tokens import prompt_tokens
@@ -138,6 +139,31 @@ def test_other_families_tau_u_zero_is_exactly_prompt_to_prompt(fsetup):
     moved = float((ours[1] - ours[0]).abs().max())
     measured(f"tau_u=0 vs reference P2P: {diff:.2e} (edit row moved {moved:.2e})")
     assert diff < 1e-4 and moved > 1e-2
+
+
+# the cross-attention map sizes each layout has: SD1.x/SD2.x attention at latent/1, /2, /4 and the 8x8 middle block;
+# SDXL none at full latent size and none in a latent/8 level (its UNet downsamples twice)
+MAP_SIZES_OF = {"sd15": ("latent/1", "latent/2", "latent/4", "latent/8"),
+                "sd2v": ("latent/1", "latent/2", "latent/4", "latent/8"), "sdxl": ("latent/2", "latent/4")}
+
+
+def test_blend_map_size_reads_the_chosen_maps_and_names_the_sizes_a_model_has(fsetup, family):
+    """The local blend records its words' maps on the grid of `blend_map_size` (auto: latent/4, the 4x4 grid of this
+    16x16 latent); a size the model lacks is refused, naming the input, what arrived and the sizes it has."""
+    s = fsetup
+    latent_side = s["source"].shape[-1]
+    have = MAP_SIZES_OF[family]
+    for size in ("auto",) + tuple(MAP_SIZE_LEVELS):
+        if size != "auto" and size not in have:
+            with pytest.raises(InversionChainError, match=rf"`blend_map_size` is '{size}', but this model has no "
+                                                          rf"cross-attention layers at that size\. It has maps at "
+                                                          rf"{', '.join(have)} .*auto \(here latent/4\)"):
+                edit(s, blend_words="astronaut, robot", blend_map_size=size)
+            continue
+        _, m = run(s, blend_words="astronaut, robot", blend_map_size=size)
+        blend = next(e for e in patching.controller_of(m).editors if isinstance(e, P2PlusEditor)).blend
+        side = latent_side // int((size if size != "auto" else "latent/4").split("/")[1])
+        assert blend.maps and {tuple(v.shape[-2:]) for v in blend.maps.values()} == {(side, side)}, size
 
 
 class CrossMapProbe(Editor):

@@ -57,6 +57,41 @@ def enumerate_layers(unet) -> List[AttentionLayer]:
     return layers
 
 
+# The cross-attention maps a mask is read from (P2Plus's local blend, KV Inject's masked mode), by token grid relative
+# to the latent; "auto" is the papers' latent/4 (16x16 maps at 512 px on SD1.x), or the coarsest level a model with
+# fewer levels has.
+MAP_SIZE_AUTO = "auto"
+MAP_SIZE_LEVELS = {"latent/1": 0, "latent/2": 1, "latent/4": 2, "latent/8": 3}
+MAP_SIZES = (MAP_SIZE_AUTO,) + tuple(MAP_SIZE_LEVELS)
+AUTO_MAP_LEVEL = MAP_SIZE_LEVELS["latent/4"]
+
+
+def map_size_name(level: int) -> str:
+    return f"latent/{2 ** level}"
+
+
+def map_level(layers: Sequence[AttentionLayer], size: str) -> Optional[int]:
+    """The level of a ``MAP_SIZES`` choice on a model with ``layers``: ``auto`` -> min(latent/4, the coarsest level
+    with attention); an explicit size -> its level if the model has attention layers there, else None."""
+    if size == MAP_SIZE_AUTO:
+        return min(AUTO_MAP_LEVEL, max(l.level for l in layers))
+    level = MAP_SIZE_LEVELS.get(size)
+    return level if level is not None and any(l.level == level for l in layers) else None
+
+
+def map_sizes_of(layers: Sequence[AttentionLayer]) -> List[str]:
+    """The explicit ``MAP_SIZES`` a model offers (levels with attention layers), finest first."""
+    return [map_size_name(level) for level in sorted({l.level for l in layers})]
+
+
+def map_size_problem(layers: Sequence[AttentionLayer], name: str, size: str) -> str:
+    """Why ``size`` (given to the input ``name``) has no level on this model, and what it offers."""
+    auto = map_size_name(map_level(layers, MAP_SIZE_AUTO))
+    return (f"`{name}` is '{size}', but this model has no cross-attention layers at that size. It has maps at "
+            f"{', '.join(map_sizes_of(layers))} (of the latent); choose one of those, or {MAP_SIZE_AUTO} "
+            f"(here {auto}).")
+
+
 def self_attention_of(unet, layer: AttentionLayer):
     """The attn1 module (ComfyUI's CrossAttention: to_q, to_k, to_v, to_out) of ``layer`` in ``unet``."""
     SpatialTransformer = compat.unet_block_classes()[0]

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from ...compat import PatchObject
+from ..core.layers import AUTO_MAP_LEVEL
 from ..core.schedule import Schedule, locate
 
-BLEND_LEVEL = 2          # cross-attention maps at latent / 4 (16x16 for SD1.x at 512 px), as Prompt-to-Prompt
+BLEND_LEVEL = AUTO_MAP_LEVEL  # cross-attention maps at latent / 4 (16x16 for SD1.x at 512 px), as Prompt-to-Prompt;
+                              # P2Plus Controller's `blend_map_size` picks another level
 
 
 class LocalBlend(PatchObject):

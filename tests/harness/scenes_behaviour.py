@@ -320,12 +320,13 @@ def tile_map(grid: torch.Tensor, tile_hw=(SIZE, SIZE)) -> torch.Tensor:
 
 
 def map_paths(m: Loaded, where: str = "left", word: str = "circle", negative_prompt: str = "a circle",
-              cfg: float = 1.5, control_word: str = "background") -> dict:
+              cfg: float = 1.5, control_word: str = "background", map_sizes=("auto",)) -> dict:
     """The same scene's ``word`` map from every family-independent path, each upsampled to SIZE x SIZE:
     viewer MASK of the cond and uncond branches (the uncond branch's prompt ``negative_prompt`` also names the word;
     sampled at ``cfg`` so the uncond half runs), the viewer's rendered tile read back, P2Plus's local-blend maps
     (source row, summed over steps and layers) and KV Inject masked mode's source and target maps (summed over
-    steps). Returns the maps (key "maps") and the scene."""
+    steps), once per ``map_sizes`` (their inputs blend_map_size / mask_map_size; keys "p2plus local blend" for
+    auto, "p2plus local blend latent/1" for latent/1). Returns the maps (key "maps") and the scene."""
     from inversion_chain.attention.core.patching import controller_of
     from inversion_chain.attention.editors.kv_inject import KVInjectEditor
     from inversion_chain.attention.editors.local_blend import LocalBlend
@@ -353,51 +354,64 @@ def map_paths(m: Loaded, where: str = "left", word: str = "circle", negative_pro
     for resolution in ("latent/1", "latent/2"):          # the 16x16 and the 8x8 layers
         mask = call(ICAttentionMapViewer, attn_maps=captured, latent=out, tokens=word, resolution=resolution)[1]
         maps[f"viewer cond {resolution}"] = upsampled(mask[0])
-    # P2Plus: the local blend's own record of the word (row 0: the source prompt)
-    model, p2pos, p2neg, latent, sigmas = call(ICP2PlusController, model=m.model, clip=m.clip, source_prompt=caption,
-                                               target_prompt=caption, blend_words=word, inversion=inv.inversion)
-    sample(model, p2pos, p2neg, latent["samples"], sigmas, 1.0)
-    blend = next(f for f in model.model_options.get("sampler_post_cfg_function", []) if isinstance(f, LocalBlend))
-    maps["p2plus local blend"] = upsampled(torch.stack(list(blend.maps.values())).sum(0)[0])
-    # KV Inject masked mode: the source's maps (reference) and the target's own maps, step by step
-    kv = call(ICKVInject, model=m.model, inversion=inv.inversion, mode="masked", mask_words=word, clip=m.clip,
-              source_prompt=caption, target_prompt=caption, start_percent=0.0, start_layer=0)[0]
-    editor = next(e for e in controller_of(kv).editors if isinstance(e, KVInjectEditor))
-    seen = {}
-    original = editor.masks
+    for size in map_sizes:
+        # P2Plus: the local blend's own record of the word (row 0: the source prompt), at blend_map_size ``size``
+        suffix = "" if size == "auto" else f" {size}"
+        model, p2pos, p2neg, latent, sigmas = call(ICP2PlusController, model=m.model, clip=m.clip,
+                                                   source_prompt=caption, target_prompt=caption, blend_words=word,
+                                                   inversion=inv.inversion, blend_map_size=size)
+        sample(model, p2pos, p2neg, latent["samples"], sigmas, 1.0)
+        blend = next(f for f in model.model_options.get("sampler_post_cfg_function", []) if isinstance(f, LocalBlend))
+        maps["p2plus local blend" + suffix] = upsampled(torch.stack(list(blend.maps.values())).sum(0)[0])
+        # KV Inject masked mode: the source's maps (reference) and the target's own maps, step by step
+        kv = call(ICKVInject, model=m.model, inversion=inv.inversion, mode="masked", mask_words=word, clip=m.clip,
+                  source_prompt=caption, target_prompt=caption, start_percent=0.0, start_layer=0,
+                  mask_map_size=size)[0]
+        editor = next(e for e in controller_of(kv).editors if isinstance(e, KVInjectEditor))
+        seen = {}
 
-    def masks(step, ctx):                      # observe the target's maps the masks are made from
-        current = editor.target_maps.current(step)
-        if current is not None:
-            seen[step] = current[0].clone()
-        return original(step, ctx)
-    editor.masks = masks
-    sample(kv, pos, m.encode(""), inv.noise, inv.sigmas, 1.0)
-    maps["kv masked source"] = upsampled(torch.stack(list(editor.reference.cross_maps.values())).sum((0, 1)).float())
-    maps["kv masked target"] = upsampled(torch.stack(list(seen.values())).sum(0))
-    return {"scene": scene, "maps": maps, "blend_mask": blend.last_mask}
+        def masks(step, ctx, editor=editor, seen=seen, original=editor.masks):   # the target's maps, observed
+            current = editor.target_maps.current(step)
+            if current is not None:
+                seen[step] = current[0].clone()
+            return original(step, ctx)
+        editor.masks = masks
+        sample(kv, pos, m.encode(""), inv.noise, inv.sigmas, 1.0)
+        source = torch.stack(list(editor.reference.cross_maps.values())).sum((0, 1)).float()
+        maps["kv masked source" + suffix] = upsampled(source)
+        maps["kv masked target" + suffix] = upsampled(torch.stack(list(seen.values())).sum(0))
+    return {"scene": scene, "maps": maps}
 
 
 LATENT4_PATHS = ("p2plus local blend", "kv masked source", "kv masked target")
+AUTO_LEVEL_SIZE = "latent/2"    # what blend_map_size / mask_map_size auto (min(latent/4, the coarsest)) reads here
 
 
-def map_path_figures(m: Loaded, where: str = "left", share: float = 0.2) -> dict:
+def map_path_figures(m: Loaded, where: str = "left", share: float = 0.2, map_sizes=("auto",)) -> dict:
     """Each path's agreement (centroid distance, IoU of the top ``share``) with the viewer's cond map at the same
-    resolution: all captured layers for the viewer's own paths, the 8x8 (latent/2) layers for P2Plus's local blend
-    and KV Inject's masked mode (which read the layers at min(latent/4, the coarsest)); and each map's mass ratio
-    inside the object. Controls: the viewer map mirrored (both axes), and another word's map."""
-    got = map_paths(m, where)
+    resolution: all captured layers for the viewer's own paths, the layers of the map size for P2Plus's local blend
+    and KV Inject's masked mode (auto: min(latent/4, the coarsest) = the 8x8 latent/2 layers here; keys with the
+    size appended for the other ``map_sizes``); and each map's mass ratio inside the object. Controls: the viewer
+    map mirrored (both axes), another word's map, each size's local-blend map mirrored."""
+    got = map_paths(m, where, map_sizes=map_sizes)
     maps, obj = got["maps"], got["scene"].objects[0].mask
+    viewer_of = {}
+    for size in map_sizes:
+        suffix = "" if size == "auto" else f" {size}"
+        for path in LATENT4_PATHS:
+            viewer_of[path + suffix] = f"viewer cond {AUTO_LEVEL_SIZE if size == 'auto' else size}"
     out = {}
     for name, attn in maps.items():
-        ref = maps["viewer cond latent/2" if name in LATENT4_PATHS else "viewer cond"]
+        ref = maps[viewer_of.get(name, "viewer cond")]
         out[name] = dict(agreement(ref, attn, share), ratio=mass_ratio(attn, obj))
     ref = maps["viewer cond"]
     mirrored = ref.flip(0, 1)
     out["viewer cond mirrored (control)"] = dict(agreement(ref, mirrored, share), ratio=mass_ratio(mirrored, obj))
-    flipped = maps["p2plus local blend"].flip(0, 1)
-    out["p2plus local blend mirrored (control)"] = dict(agreement(maps["viewer cond latent/2"], flipped, share),
-                                                        ratio=mass_ratio(flipped, obj))
+    for size in map_sizes:
+        suffix = "" if size == "auto" else f" {size}"
+        flipped = maps["p2plus local blend" + suffix].flip(0, 1)
+        out[f"p2plus local blend{suffix} mirrored (control)"] = dict(
+            agreement(maps[viewer_of["p2plus local blend" + suffix]], flipped, share), ratio=mass_ratio(flipped, obj))
     return out
 
 
@@ -438,16 +452,20 @@ def region_figures(inv: Inverted, recon, edit, colour_to: str | None = None, mas
     return out
 
 
-def local_blend_figures(m: Loaded, inv: Inverted, thresholds=(0.3, 0.5, 0.7, 0.9), cfg: float = 5.0) -> dict:
-    """'red circle' -> 'green circle' with local blend on the object word 'circle', per ``blend_threshold``; and
-    without local blend (the reference; "no_blend_outside_blend_mask": its change where that threshold's mask
-    keeps the source row)."""
+def local_blend_figures(m: Loaded, inv: Inverted, thresholds=(0.3, 0.5, 0.7, 0.9), cfg: float = 5.0,
+                        map_sizes=("auto",)) -> dict:
+    """'red circle' -> 'green circle' with local blend on the object word 'circle', per ``blend_map_size`` and
+    ``blend_threshold`` (keys "blend circle 0.7" for auto, "blend circle latent/1 0.7" for the others); and without
+    local blend (the reference; "no_blend_outside_blend_mask": its change where that threshold's mask keeps the
+    source row)."""
     target = inv.scene.caption.replace("red", "green")
     recon, free, _ = p2plus_run(m, inv, target, cfg)
     out = {"no blend": region_figures(inv, recon, free, "green")}
-    for t in thresholds:
-        recon, edit, mask = p2plus_run(m, inv, target, cfg, blend_words="circle", blend_threshold=t)
-        fig = out[f"blend circle {t}"] = region_figures(inv, recon, edit, "green", mask)
+    for size, t in ((size, t) for size in map_sizes for t in thresholds):
+        recon, edit, mask = p2plus_run(m, inv, target, cfg, blend_words="circle", blend_threshold=t,
+                                       blend_map_size=size)
+        name = f"blend circle {t}" if size == "auto" else f"blend circle {size} {t}"
+        fig = out[name] = region_figures(inv, recon, edit, "green", mask)
         fig["no_blend_outside_blend_mask"] = mean_abs(free, recon, ~mask) if (~mask).any() else None
     return out
 
@@ -483,11 +501,13 @@ def object_region(image: torch.Tensor, background: str, tol: float = 0.3) -> np.
 
 
 def kv_masked_figures(m: Loaded, inv: Inverted, target: str | None = None, seeds=(0, 1, 2), cfg: float = 5.0,
-                      settings: dict | None = None, modes=("masked", "mutual", "plain")) -> dict:
+                      settings: dict | None = None, modes=("masked", "mutual", "plain"),
+                      mask_map_size: str = "auto") -> dict:
     """New generations from seeded noise (the object lands elsewhere) with ``target`` (default: the source caption)
     and the source's K/V in masked mode, mutual mode, or plain sampling. Per seed: the object's pixels (those nearer
     the source object's colour than the source background's), their centroid and their mean colour's distance to
-    the source object's colour, and the colour-histogram distance of the picture to the source."""
+    the source object's colour, and the colour-histogram distance of the picture to the source. ``mask_map_size``:
+    the masked mode's map size (KV Inject's input)."""
     from inversion_chain.nodes.kv_inject import ICKVInject
     settings = settings or {}
     obj = inv.scene.objects[0]
@@ -497,7 +517,7 @@ def kv_masked_figures(m: Loaded, inv: Inverted, target: str | None = None, seeds
     if "masked" in modes:
         models["masked"] = call(ICKVInject, model=m.model, inversion=inv.inversion, negative=neg, mode="masked",
                                 clip=m.clip, mask_words=obj.shape, source_prompt=inv.scene.caption,
-                                target_prompt=target, **settings)[0]
+                                target_prompt=target, mask_map_size=mask_map_size, **settings)[0]
     if "mutual" in modes:
         models["mutual"] = call(ICKVInject, model=m.model, inversion=inv.inversion, negative=neg, mode="mutual",
                                 **settings)[0]
