@@ -112,9 +112,46 @@ def require_inversion(model_patcher, inversion, what: str, allow_flow: bool = Fa
     return inversion
 
 
-def require_single_cfg1_inversion(model_patcher, inversion, what: str, method: str):
-    """Per-image optimisers (null-text, StyleDiffusion) pivot on the cfg-1 chain of one image."""
-    require_inversion(model_patcher, inversion, what)
+# Rectified-flow families (supported-model config classes, subclasses included) that sample with true CFG: a real
+# unconditional branch whose context null-text / negative-prompt inversion can act on.
+TRUE_CFG_FLOW = ("Chroma", "QwenImage", "SD3")
+TRUE_CFG_FLOW_NAMES = "Chroma, Qwen-Image, SD3.5"
+
+
+def _config_classes(model_patcher) -> set:
+    config = getattr(getattr(model_patcher, "model", None), "model_config", None)
+    return {c.__name__ for c in type(config).__mro__} if config is not None else set()
+
+
+def require_uncond_branch(model_patcher, what: str, method: str):
+    """For per-step unconditional-context methods (null-text, negative-prompt inversion): the UNet families, and the
+    rectified-flow families with true CFG (``TRUE_CFG_FLOW``). Flux (guidance-distilled dev, step-distilled schnell)
+    gets an error saying why it has nothing to optimise and what to use instead; other flow families are not
+    supported yet. Returns whether the model is a flow model."""
+    check_supported(model_patcher, what, allow_flow=True)
+    if not compat.is_flow_family(compat.model_sampling(model_patcher)):
+        check_supported(model_patcher, what)
+        return False
+    classes = _config_classes(model_patcher)
+    family = compat.family_name(model_patcher)
+    if classes & set(TRUE_CFG_FLOW):
+        return True
+    if "Flux" in classes:
+        raise InversionChainError(
+            f"{what}: input `model` is a {family} model. Flux is guidance-distilled (Flux-dev reads the FluxGuidance "
+            f"value as an input and runs one forward per step at cfg 1; schnell is step-distilled): it has no real "
+            f"unconditional branch, so {method} has no unconditional embedding to act on. Use DDIM Invert at "
+            f"inversion_cfg 1 with FluxGuidance on `positive` and sample back at cfg 1 with the same guidance (that "
+            f"reconstructs without {method}). {method} runs on {TRUE_CFG_FLOW_NAMES} and the SD UNet families.")
+    raise InversionChainError(
+        f"{what}: the model family '{family}' (a rectified-flow / DiT model) is not supported yet by {method}; it "
+        f"runs on {TRUE_CFG_FLOW_NAMES} and {SUPPORTED}.")
+
+
+def require_single_cfg1_inversion(model_patcher, inversion, what: str, method: str, allow_flow: bool = False):
+    """Per-image optimisers (null-text, StyleDiffusion) pivot on the cfg-1 chain of one image (``allow_flow``: the
+    caller has checked the flow family itself, see ``require_uncond_branch``)."""
+    require_inversion(model_patcher, inversion, what, allow_flow=allow_flow)
     if inversion.latent_shape[0] != 1:
         raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; {method} works on "
                                   f"one image at a time. Invert a single image.")
