@@ -6,8 +6,8 @@ from ..artifacts import INVERSION, NULL_TEXT, STYLE
 from ..attention.editors.edit_plan import MODES
 from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES
 from ..logs import log
-from ..optimize.null_text import LEARNING_RATE, METHODS, as_conditioning
-from ..pipelines.null_text import null_text_inversion
+from ..optimize.null_text import LEARNING_RATE, METHODS
+from ..pipelines.null_text import null_text_conditioning, null_text_inversion
 from ..pipelines.p2plus import build_edit
 from .common import CATEGORY, tip
 from .contract import checked
@@ -187,7 +187,7 @@ class ICNullTextConditioning:
 
     @checked
     def convert(self, model, null_text):
-        return (as_conditioning(model, null_text),)
+        return (null_text_conditioning(model, null_text),)
 
 
 NODE_CLASS_MAPPINGS = {"ICP2PlusController": ICP2PlusController, "ICNullTextInversion": ICNullTextInversion,
