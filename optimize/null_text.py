@@ -18,7 +18,7 @@ Autograd inside ComfyUI: see ``training.py``. The model is called as the sampler
 ``model.model.apply_model(x, sigma, c_crossattn=..., <other model conds>, transformer_options=...)`` on the loaded
 model, so ComfyUI's own latent scaling, dtype casting and attention patches apply.
 
-Rectified-flow families with true CFG (Chroma, Qwen-Image, SD3.5; ``model_info.require_uncond_branch``): the same
+Rectified-flow families with true CFG (Chroma, Qwen-Image, SD3.5; ``model_info.uncond_branch_problem``): the same
 step is ComfyUI's Euler / ddim step on CONST sampling (``samplers/ddim.py``), and the loss compares the flow state
 ``x`` itself (the model's input) instead of ``z``. What is optimised is the cross-attention / joint-attention text
 context ``c_crossattn`` (Chroma: T5 tokens; Qwen-Image: Qwen2.5-VL hidden states; SD3.5: CLIP-L/G + T5 concat);
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .. import compat
 from ..artifacts import Inversion, InversionChainError, NullText, inversion_fingerprint
-from ..model_info import require_single_cfg1_inversion, require_uncond_branch
+from ..model_info import check_supported, require_single_cfg1_inversion, uncond_branch_problem
 from ..samplers import ddim
 from .training import (ChainStep, chain_error, forward_hooks, minimise, normal as _normal, text_conds,
                        trainable_weights, walk_chain)
@@ -51,7 +51,11 @@ LEARNING_RATE = 1e-2
 def check_inputs(model, inversion: Inversion, cfg: float, inner_steps: int, what: str,
                  method: str = "null-text inversion") -> bool:
     """Returns whether the model is a rectified-flow one (a true-CFG family; Flux and others get an error)."""
-    flow = require_uncond_branch(model, what, method)
+    check_supported(model, what, allow_flow=True)
+    problem = uncond_branch_problem(model, method)
+    if problem:
+        raise InversionChainError(f"{what}: {problem}")
+    flow = compat.is_flow_family(compat.model_sampling(model))
     require_single_cfg1_inversion(model, inversion, what, method, allow_flow=flow)
     if not math.isfinite(cfg) or cfg < 1.0:
         raise InversionChainError(f"{what}: cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
@@ -79,7 +83,9 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
                                   f"from, usually empty).")
     started = time.perf_counter()
     conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "null-text inversion")
-    _require_context_is_the_conditioning(negative, conds_u["c_crossattn"], what)
+    problem = _context_problem(negative, conds_u["c_crossattn"])
+    if problem:
+        raise InversionChainError(f"{what}: {problem}")
     # the loss compares the state after the step: the DDPM latent z for eps / v models (the paper's), the flow
     # state x itself on rectified-flow models (what their model reads)
     loss_space = ddim.flow_state if flow else ddim.z_from_x
@@ -125,17 +131,19 @@ def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, 
                     final_error=final_error, seconds=time.perf_counter() - started)
 
 
-def _require_context_is_the_conditioning(negative, context: torch.Tensor, what: str):
+def _context_problem(negative, context: torch.Tensor):
     """The embedding optimised is the model's c_crossattn; ``as_conditioning`` writes it back as the CONDITIONING
-    tensor, so the two must be the same tensor for this family (they are for the SD and true-CFG flow families)."""
+    tensor, so the two must be the same tensor for this family (they are for the SD and true-CFG flow families).
+    None, or why not (for the caller's error)."""
     if not negative or len(negative) != 1 or negative[0][0].shape[0] != 1:
-        raise InversionChainError(f"{what}: input `negative` must be one prompt (one CONDITIONING entry, batch 1), got "
-                                  f"{len(negative or [])} entries.")
+        return (f"input `negative` must be one prompt (one CONDITIONING entry, batch 1), got {len(negative or [])} "
+                f"entries.")
     tensor = negative[0][0]
     if tuple(tensor.shape) != tuple(context.shape):
-        raise InversionChainError(f"{what}: this model reads a text context of shape {tuple(context.shape)} from a "
-                                  f"`negative` CONDITIONING of shape {tuple(tensor.shape)}; null-text inversion "
-                                  f"optimises the context as the CONDITIONING holds it and does not apply here.")
+        return (f"this model reads a text context of shape {tuple(context.shape)} from a `negative` CONDITIONING of "
+                f"shape {tuple(tensor.shape)}; null-text inversion optimises the context as the CONDITIONING holds "
+                f"it and does not apply here.")
+    return None
 
 
 def _percent_at(sampling, sigma: float) -> float:
