@@ -1,7 +1,7 @@
 """Null-text and negative-prompt inversion on the rectified-flow families with a real unconditional branch (Chroma,
 Qwen-Image, SD3.5: the small random-weight layouts of tests/harness/flow_models.py and flow_models_more.py, loaded
 through the stock loaders), sampled back by the stock SamplerCustomAdvanced + CFGGuider at true cfg from Inverted
-Noise with Null-Text Inversion's `negative` output; and the error guidance-distilled Flux-dev gets. These families
+Noise with Null-Text Conditioning's `negative`; and the error guidance-distilled Flux-dev gets. These families
 exist only in 0.3x trees: elsewhere every test here skips and says which family the tree lacks.
 
 Controls, all sampled from the same inverted noise at the same cfg: plain (the empty negative prompt, no null-text),
