@@ -4,6 +4,8 @@ Supported: upstream 2024-03 (a28a9dc8, the CI tree) through current 0.3x. Each h
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import comfy.model_management
@@ -197,6 +199,23 @@ def prediction_name(sampling) -> str:
         if cls.__module__ == comfy.model_sampling.__name__ and not issubclass(cls, torch.nn.Module):
             return cls.__name__
     return type(sampling).__name__
+
+
+@contextlib.contextmanager
+def differentiable_paths():
+    """ComfyUI's ``model_management.in_training`` while autograd runs through a model: 0.3x's fused kernels without
+    backward formulas (comfy_kitchen's RoPE in Flux / Chroma / Qwen-Image attention) then take their plain torch
+    paths, as ComfyUI's own training node sets it. Trees without the flag (2024-03) have no such kernels."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
 
 
 def load_models(models: list):

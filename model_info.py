@@ -4,6 +4,12 @@ from __future__ import annotations
 from . import compat
 from .artifacts import InversionChainError, ModelKey, digest, feed, tensor_digest
 
+# Rectified-flow families (supported-model config classes, subclasses included) that sample with true CFG: a real
+# unconditional branch whose context null-text / negative-prompt inversion can act on.
+TRUE_CFG_FLOW = ("Chroma", "QwenImage", "SD3")
+TRUE_CFG_FLOW_NAMES = "Chroma, Qwen-Image, SD3.5"
+
+
 SUPPORTED = "UNet diffusion models with eps or v prediction (SD1.x, SD2.x, SDXL and their fine-tunes)"
 
 
@@ -27,7 +33,8 @@ def check_supported(model_patcher, what: str, allow_flow: bool = False):
         raise InversionChainError(
             f"{what}: the model family '{family}' (a rectified-flow / DiT model) is not supported yet by this node; "
             f"so far DDIM Invert runs on every rectified-flow family, KV Inject and RIVAL on Flux and Chroma, "
-            f"Attention Capture on Flux, Chroma and Qwen-Image. Supported here: {SUPPORTED}.")
+            f"Attention Capture on Flux, Chroma and Qwen-Image, Null-Text Inversion (sampled through Null-Text "
+            f"Conditioning) on {TRUE_CFG_FLOW_NAMES}. Supported here: {SUPPORTED}.")
     if unet_of(model_patcher) is None:
         raise InversionChainError(
             f"{what}: the model family '{family}' is not supported yet. Supported: {SUPPORTED}.")
@@ -112,9 +119,38 @@ def require_inversion(model_patcher, inversion, what: str, allow_flow: bool = Fa
     return inversion
 
 
-def require_single_cfg1_inversion(model_patcher, inversion, what: str, method: str):
-    """Per-image optimisers (null-text, StyleDiffusion) pivot on the cfg-1 chain of one image."""
-    require_inversion(model_patcher, inversion, what)
+def _config_classes(model_patcher) -> set:
+    config = getattr(getattr(model_patcher, "model", None), "model_config", None)
+    return {c.__name__ for c in type(config).__mro__} if config is not None else set()
+
+
+def uncond_branch_problem(model_patcher, method: str):
+    """For per-step unconditional-context methods (null-text, negative-prompt inversion) on a MODEL that
+    ``check_supported(..., allow_flow=True)`` accepted: None where the method applies (the UNet families, and the
+    rectified-flow families with true CFG, ``TRUE_CFG_FLOW``), else why not (for the caller's error): Flux
+    (guidance-distilled dev, step-distilled schnell) has nothing to optimise, other flow families are not supported
+    yet."""
+    if not compat.is_flow_family(compat.model_sampling(model_patcher)):
+        return None
+    classes = _config_classes(model_patcher)
+    family = compat.family_name(model_patcher)
+    if classes & set(TRUE_CFG_FLOW):
+        return None
+    if "Flux" in classes:
+        return (f"input `model` is a {family} model. Flux is guidance-distilled (Flux-dev reads the FluxGuidance "
+                f"value as an input and runs one forward per step at cfg 1; schnell is step-distilled): it has no "
+                f"real unconditional branch, so {method} has no unconditional embedding to act on. Use DDIM Invert "
+                f"at inversion_cfg 1 with FluxGuidance on `positive` and sample back at cfg 1 with the same guidance "
+                f"(that reconstructs without {method}). {method} runs on {TRUE_CFG_FLOW_NAMES} and the SD UNet "
+                f"families.")
+    return (f"the model family '{family}' (a rectified-flow / DiT model) is not supported yet by {method}; it runs "
+            f"on {TRUE_CFG_FLOW_NAMES} and {SUPPORTED}.")
+
+
+def require_single_cfg1_inversion(model_patcher, inversion, what: str, method: str, allow_flow: bool = False):
+    """Per-image optimisers (null-text, StyleDiffusion) pivot on the cfg-1 chain of one image (``allow_flow``: the
+    caller has checked the flow family itself, see ``uncond_branch_problem``)."""
+    require_inversion(model_patcher, inversion, what, allow_flow=allow_flow)
     if inversion.latent_shape[0] != 1:
         raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; {method} works on "
                                   f"one image at a time. Invert a single image.")

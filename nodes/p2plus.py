@@ -8,7 +8,7 @@ from ..attention.editors.edit_plan import MODES
 from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES
 from ..logs import log
 from ..optimize.null_text import LEARNING_RATE, METHODS
-from ..pipelines.null_text import null_text_inversion
+from ..pipelines.null_text import null_text_conditioning, null_text_inversion
 from ..pipelines.p2plus import build_edit
 from .common import CATEGORY, tip
 from .contract import checked
@@ -128,7 +128,9 @@ class ICNullTextInversion:
     DESCRIPTION = (
         "Makes CFG sampling retrace a real image's inversion: null-text inversion optimises one unconditional "
         "embedding per step (Adam, early stop as the paper); negative-prompt inversion uses the source prompt as "
-        "the unconditional prompt (no cost). Feed the NULL_TEXT to P2Plus Controller with the same inversion.")
+        "the unconditional prompt (no cost). Feed the NULL_TEXT to P2Plus Controller with the same inversion (SD "
+        "models), or to Null-Text Conditioning for a stock sampler's negative (every family it runs on, including "
+        "Chroma, Qwen-Image and SD3.5).")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = (NULL_TEXT,)
@@ -168,5 +170,35 @@ class ICNullTextInversion:
                                     WHAT_NT),)
 
 
-NODE_CLASS_MAPPINGS = {"ICP2PlusController": ICP2PlusController, "ICNullTextInversion": ICNullTextInversion}
-NODE_DISPLAY_NAME_MAPPINGS = {"ICP2PlusController": "P2Plus Controller", "ICNullTextInversion": "Null-Text Inversion"}
+class ICNullTextConditioning:
+    DESCRIPTION = (
+        "A NULL_TEXT as the negative CONDITIONING of a stock sampler (CFGGuider, KSampler): null-text inversion's "
+        "per-step unconditional contexts as one entry per step, each active only around its step's sigma "
+        "(start/end percent), with the negative prompt's other entries (e.g. SD3.5's pooled vector); negative-prompt "
+        "inversion's is the source prompt. Sample from Inverted Noise with the same MODEL, the inversion's sigmas, "
+        "euler or ddim, at the NULL_TEXT's cfg.")
+    CATEGORY = CATEGORY
+    FUNCTION = "convert"
+    RETURN_TYPES = ("CONDITIONING",)
+    RETURN_NAMES = ("negative",)
+    OUTPUT_TOOLTIPS = ("The negative to sample with at the NULL_TEXT's cfg on the inversion's sigmas.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": tip("MODEL", "The model the NULL_TEXT was made with and you will sample with (its sigma "
+                             "schedule places the per-step entries)."),
+                "null_text": tip(NULL_TEXT, "From Null-Text Inversion."),
+            },
+        }
+
+    @checked
+    def convert(self, model, null_text):
+        return (null_text_conditioning(model, null_text),)
+
+
+NODE_CLASS_MAPPINGS = {"ICP2PlusController": ICP2PlusController, "ICNullTextInversion": ICNullTextInversion,
+                       "ICNullTextConditioning": ICNullTextConditioning}
+NODE_DISPLAY_NAME_MAPPINGS = {"ICP2PlusController": "P2Plus Controller", "ICNullTextInversion": "Null-Text Inversion",
+                              "ICNullTextConditioning": "Null-Text Conditioning"}

@@ -90,15 +90,17 @@ class ChainStep:
     lr_scale: float
 
 
-def walk_chain(inversion, device, step: Callable[[ChainStep], torch.Tensor]) -> torch.Tensor:
+def walk_chain(inversion, device, step: Callable[[ChainStep], torch.Tensor],
+               loss_space: Callable[[torch.Tensor, float], torch.Tensor] = ddim.z_from_x) -> torch.Tensor:
     """From the chain's first latent down every sampling step: ``step(c)`` optimises its per-step variable against
     the next chain latent and returns the latent advanced with the result, from which the next step starts (so
-    later steps correct earlier drift). Returns the final latent."""
+    later steps correct earlier drift). ``loss_space(x, sigma)`` makes the target (the DDPM latent by default).
+    Returns the final latent."""
     sigmas = inversion.sigmas
     x = inversion.latent_at(0, device, torch.float32).clone()
     for i in range(inversion.steps):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        target = ddim.z_from_x(inversion.latent_at(i + 1, device, torch.float32).clone(), s_next)
+        target = loss_space(inversion.latent_at(i + 1, device, torch.float32).clone(), s_next)
         x = step(ChainStep(i, x, s, s_next, torch.full((1,), s, device=device), target,
                            EARLY_STOP_EPS + i * EARLY_STOP_SLOPE, max(0.01, 1.0 - i / 100.0)))
     return x

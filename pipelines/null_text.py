@@ -16,3 +16,8 @@ def null_text_inversion(model, inversion, positive, negative, cfg: float = 7.5, 
         result = null_text.optimize(model, inversion, positive, negative, cfg, inner_steps, learning_rate, what)
     log.info("[Inversion Chain] %s", result.summary())
     return result
+
+
+def null_text_conditioning(model, result: NullText) -> list:
+    """The Null-Text Conditioning node: the NULL_TEXT as a stock sampler's negative (``null_text.as_conditioning``)."""
+    return null_text.as_conditioning(model, result)

@@ -53,6 +53,11 @@ def z_to_x(z: torch.Tensor, sigma: float) -> torch.Tensor:
     return z * (1.0 + sigma * sigma) ** 0.5
 
 
+def flow_state(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Rectified-flow models: the sampler state is what the model reads (the counterpart of ``z_from_x``)."""
+    return x
+
+
 def keep_input_vp(x_lo: torch.Tensor, sigma_lo: float, sigma_hi: float) -> torch.Tensor:
     """The naive guess for eps / v models: the x at ``sigma_hi`` whose model input ``z`` equals that at ``sigma_lo``."""
     return z_to_x(z_from_x(x_lo, sigma_lo), sigma_hi)

@@ -80,6 +80,10 @@ def full_graph(object_info: dict) -> dict:
         "31": ("ICLatentDifference", {"latent_a": ["29", 0], "latent_b": ["3", 0]}),
         "32": ("ICInvertedNoise", {"model": ["1", 0], "inversion": ["6", 2]}),
         "33": ("ICFreeCaches", {"disk_cache": False}),
+        "34": ("ICNullTextConditioning", {"model": ["1", 0], "null_text": ["7", 0]}),
+        "35": ("KSamplerAdvanced", dict(sampler, model=["1", 0], cfg=7.5, positive=["4", 0], negative=["34", 0],
+                                        latent_image=["6", 0])),
+        "36": ("ICLatentDifference", {"latent_a": ["35", 0], "latent_b": ["3", 0]}),
     }
     graph = {nid: {"class_type": ct, "inputs": dict(inputs)} for nid, (ct, inputs) in g.items()}
     kv = object_info["ICKVInject"]["input"]["required"]

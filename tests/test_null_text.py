@@ -17,7 +17,7 @@ import comfy.utils
 
 from inversion_chain.artifacts import InversionChainError, NullText
 from inversion_chain.nodes.invert import ICDDIMInvert
-from inversion_chain.nodes.p2plus import ICNullTextInversion, ICP2PlusController
+from inversion_chain.nodes.p2plus import ICNullTextConditioning, ICNullTextInversion, ICP2PlusController
 from inversion_chain.model_info import unet_of
 from tests.harness.sampling import sampler
 from tests.harness.measure import measured
@@ -81,6 +81,18 @@ def test_sampling_retraces_the_optimised_trajectory(setup, errors):
     s = setup
     tracked = s["nt"].final_error
     assert abs(errors["null_text"] - tracked) < 1e-3 * max(1.0, tracked)
+
+
+def test_null_text_conditioning_retraces_with_a_stock_sampler(setup, errors):
+    """Null-Text Conditioning's per-step negative (timestep-range entries) in a stock sampler, one row, no model
+    patch: the optimised trajectory again, as P2Plus Controller's row 0 (control: the empty negative, `plain`)."""
+    s = setup
+    negative = ICNullTextConditioning().convert(s["model"], s["nt"])[0]
+    assert len(negative) == STEPS
+    out = sample(s["model"], s["src"], negative, s["noise"], s["sigmas"], CFG)
+    err = float((out - s["source"]).abs().max())
+    assert abs(err - s["nt"].final_error) < 1e-3 * max(1.0, s["nt"].final_error)
+    assert err * 8 < errors["plain"]
 
 
 def test_negative_prompt_inversion_samples_row_0_as_at_cfg_1(errors):
