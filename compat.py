@@ -439,6 +439,6 @@ def missing_feature_message(name: str, who: str) -> str | None:
     """None when this ComfyUI has the feature, else a sentence naming the feature, its floor and this tree."""
     if has_feature(name):
         return None
-    floor, what, _probe = FEATURES[name]
-    return (f"{who} needs {what}, which ComfyUI has from {floor} on; this ComfyUI lacks it. Update ComfyUI to "
+    floor, feature, _probe = FEATURES[name]
+    return (f"{who} needs {feature}, which ComfyUI has from {floor} on; this ComfyUI lacks it. Update ComfyUI to "
             f"{floor} or newer.")

@@ -41,33 +41,32 @@ METHODS = ("null-text", "negative-prompt")
 LEARNING_RATE = 1e-2
 
 
-def check_inputs(model, inversion: Inversion, cfg: float, inner_steps: int, what: str):
-    require_single_cfg1_inversion(model, inversion, what, "null-text inversion")
+def check_inputs(model, inversion: Inversion, cfg: float, inner_steps: int):
+    require_single_cfg1_inversion(model, inversion, "null-text inversion")
     if not math.isfinite(cfg) or cfg < 1.0:
-        raise InversionChainError(f"{what}: cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
+        raise InversionChainError(f"cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
     if inner_steps < 1:
-        raise InversionChainError(f"{what}: inner_steps must be at least 1, got {inner_steps}.")
+        raise InversionChainError(f"inner_steps must be at least 1, got {inner_steps}.")
 
 
-def negative_prompt_inversion(model, inversion: Inversion, positive, cfg: float,
-                              what: str = "null-text inversion") -> NullText:
+def negative_prompt_inversion(model, inversion: Inversion, positive, cfg: float) -> NullText:
     """Zero-cost: the source prompt is the unconditional prompt at every step."""
-    check_inputs(model, inversion, cfg, 1, what)
+    check_inputs(model, inversion, cfg, 1)
     return NullText(method="negative-prompt", embeddings=None, positive=positive, negative=positive, cfg=float(cfg),
                     sigmas=inversion.sigmas.clone(), scheduler=inversion.scheduler,
                     inversion_fingerprint=inversion_fingerprint(inversion))
 
 
 def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, inner_steps: int = 10,
-             learning_rate: float = LEARNING_RATE, what: str = "null-text inversion") -> NullText:
-    check_inputs(model, inversion, cfg, inner_steps, what)
+             learning_rate: float = LEARNING_RATE) -> NullText:
+    check_inputs(model, inversion, cfg, inner_steps)
     if not math.isfinite(learning_rate) or learning_rate <= 0:
-        raise InversionChainError(f"{what}: learning_rate must be a positive number, got {learning_rate}.")
+        raise InversionChainError(f"learning_rate must be a positive number, got {learning_rate}.")
     if negative is None:
-        raise InversionChainError(f"{what}: null-text inversion needs `negative` (the unconditional prompt to start "
-                                  f"from, usually empty).")
+        raise InversionChainError("null-text inversion needs `negative` (the unconditional prompt to start "
+                                  "from, usually empty).")
     started = time.perf_counter()
-    conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "null-text inversion")
+    conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, "null-text inversion")
     compat.load_models([model])
     device = model.load_device
     pbar = compat.progress_bar(inversion.steps * inner_steps)

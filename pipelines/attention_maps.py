@@ -14,28 +14,27 @@ DEFAULT_MAX_MB = 4096   # Attention Capture's max_mb default
 
 
 def capture_maps(model, kinds: str, resolution: str, detail: str, query_grid: int, clip=None, prompt: str = "",
-                 negative_prompt: str = "", max_mb=None, what: str = "Attention Capture"):
+                 negative_prompt: str = "", max_mb=None):
     """(the model with the capture editor, the AttentionMaps it fills while sampling)."""
     if clip is None and ((prompt or "").strip() or (negative_prompt or "").strip()):
-        raise InversionChainError(f"{what}: the prompts name tokens only with the `clip` that encoded them; "
-                                  f"connect `clip`.")
+        raise InversionChainError("the prompts name tokens only with the `clip` that encoded them; "
+                                  "connect `clip`.")
     prompts = {}
     if clip is not None:
         prompts[BRANCHES["cond"]] = prompt_tokens(clip, prompt or "")
         prompts[BRANCHES["uncond"]] = prompt_tokens(clip, negative_prompt or "")
-    layers = capture_layers(patching.layers_of(model), resolution, what)
+    layers = capture_layers(patching.layers_of(model), resolution)
     maps = AttentionMaps(KIND_CHOICES[kinds], {l.level for l in layers}, detail, int(query_grid), prompts)
     max_mb = DEFAULT_MAX_MB if max_mb is None else int(max_mb)
     maps.max_bytes = max_mb * 2 ** 20 if max_mb > 0 else None
-    return patching.install(model, AttentionCaptureEditor(maps, layers), what), maps
+    return patching.install(model, AttentionCaptureEditor(maps, layers)), maps
 
 
 def view_maps(attn_maps, latent, kind: str, tokens: str, start_percent: float, end_percent: float, layers: str,
-              resolution: str, branch: str, row: int, normalize: str, columns: int, image=None,
-              what: str = "Attention Map Viewer"):
+              resolution: str, branch: str, row: int, normalize: str, columns: int, image=None):
     """(the labelled grid IMAGE, one MASK per tile) of the selected maps, tiles the image's size or latent x 8."""
     sel = select(attn_maps, kind, tokens, float(start_percent), float(end_percent), layers, resolution, branch,
-                 int(row), what)
+                 int(row))
     samples = latent["samples"]
     if image is not None:
         background = image[min(int(row), image.shape[0] - 1)]
@@ -44,7 +43,7 @@ def view_maps(attn_maps, latent, kind: str, tokens: str, start_percent: float, e
         background = None
         tile_hw = (int(samples.shape[-2]) * 8, int(samples.shape[-1]) * 8)
     if len(sel.tiles) * tile_hw[0] * tile_hw[1] > MAX_GRID_PIXELS:
-        raise InversionChainError(f"{what}: {len(sel.tiles)} tiles of {tile_hw[0]}x{tile_hw[1]} px exceed the "
+        raise InversionChainError(f"{len(sel.tiles)} tiles of {tile_hw[0]}x{tile_hw[1]} px exceed the "
                                   f"grid budget of {MAX_GRID_PIXELS // 2 ** 20} megapixels; pick fewer `tokens` "
                                   f"or connect a smaller `image`.")
     labels = [[t.label, sel.step_label, sel.layer_label] for t in sel.tiles]

@@ -371,7 +371,7 @@ class AttentionCaptureEditor(Editor):
 
 
 # -- capture set-up (used by the node) -------------------------------------------------------------------------
-def capture_layers(all_layers: Sequence[AttentionLayer], resolution: str, what: str) -> List[AttentionLayer]:
+def capture_layers(all_layers: Sequence[AttentionLayer], resolution: str) -> List[AttentionLayer]:
     levels = resolution_levels(resolution)
     chosen = [l for l in all_layers if levels is None or l.level in levels]
     if not chosen:
@@ -379,7 +379,7 @@ def capture_layers(all_layers: Sequence[AttentionLayer], resolution: str, what: 
         valid = ", ".join(f"{resolution_name(lv)} (layers "
                           f"{describe_layers(l.index for l in all_layers if l.level == lv)})"
                           for lv in have)
-        raise InversionChainError(f"{what}: this model has no attention layers at {resolution}. Its resolutions: "
+        raise InversionChainError(f"this model has no attention layers at {resolution}. Its resolutions: "
                                   f"{valid}, or all.")
     return chosen
 
