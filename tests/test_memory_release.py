@@ -196,6 +196,7 @@ def test_ddim_invert_keeps_the_chain_on_the_offload_device_step_by_step(small_mo
     assert torch.equal(inv.chain[-1], seen["chain"][0]) and torch.equal(inv.chain[0], seen["chain"][-1])
 
 
+@pytest.mark.fast
 def test_masked_kv_bias_is_made_per_query_chunk_and_gives_the_whole_bias_result():
     from inversion_chain.attention.core.controller import apply_probs, attention_probs, explicit_attention
     from inversion_chain.attention.editors.kv_inject import RegionBias
