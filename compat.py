@@ -384,7 +384,8 @@ def seed_noise(model_patcher, latent: torch.Tensor, seed: int, sigmas: torch.Ten
 
 # -- version floors ---------------------------------------------------------------------------------------------------
 # Every ComfyUI feature a node relies on beyond the 2024-03 tree: the oldest release that has it and how to tell.
-# README "Tested trees" lists the same table; tests/test_tree.py checks each probe against the tree it runs on.
+# docs/development.md "Tested trees" lists the same table; tests/test_tree.py checks each probe against the tree it
+# runs on.
 OLDEST_SUPPORTED = "2024-03 (a28a9dc8)"
 
 
