@@ -1,6 +1,8 @@
 """Data passed between the pack's nodes. Custom ComfyUI types are plain strings naming these classes."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import html
 from dataclasses import dataclass, field
@@ -12,7 +14,45 @@ INVERSION = "INVERSION"
 
 
 class InversionChainError(ValueError):
-    """A user-facing error: the message says what was wrong and what is accepted."""
+    """A user-facing error: the message says what was wrong and what is accepted.
+
+    Raised without a name in front: ``naming`` puts the display name of the node it concerns before the message,
+    once (``named`` records that). The node contract names every error raised inside a node's function; a hook that
+    runs later, inside a stock sampler, names its own with the node that made it (``node_name()`` at construction).
+    """
+    named = False
+
+
+_NODE = contextvars.ContextVar("inversion_chain_node", default="Inversion Chain")
+
+
+def node_name() -> str:
+    """The display name of the pack node whose function is running ("Inversion Chain" outside any): what an object
+    that acts later (an editor, a reference store entry, a NOISE) keeps to name its own errors and log lines."""
+    return _NODE.get()
+
+
+def named_error(message: str) -> InversionChainError:
+    """An InversionChainError whose message already starts with the name of the node it concerns (``node_name()``
+    kept by an object acting inside a stock sampler): ``naming`` leaves it as it is."""
+    err = InversionChainError(message)
+    err.named = True
+    return err
+
+
+@contextlib.contextmanager
+def naming(name: str):
+    """Inside: ``node_name()`` is ``name``, and an InversionChainError not yet named gets ``"name: "`` in front."""
+    token = _NODE.set(name)
+    try:
+        yield
+    except InversionChainError as err:
+        if not err.named:
+            err.args = (f"{name}: {err.args[0]}" if err.args else name,) + err.args[1:]
+            err.named = True
+        raise
+    finally:
+        _NODE.reset(token)
 
 
 def user_text(value) -> str:
@@ -94,15 +134,15 @@ class Inversion:
     def latent_at(self, index: int, device=None, dtype=None) -> torch.Tensor:
         return self.chain[index].to(device=device, dtype=dtype)
 
-    def check_matches(self, model_key: "ModelKey", latent_shape=None, what: str = "this node"):
+    def check_matches(self, model_key: "ModelKey", latent_shape=None):
         """Raise a clear error when the inversion was made with another model or latent size."""
         if model_key != self.model_key:
             raise InversionChainError(
-                f"{what}: the INVERSION was made with a different model.\n  inversion: {self.model_key.describe()}\n"
+                f"the INVERSION was made with a different model.\n  inversion: {self.model_key.describe()}\n"
                 f"  this model: {model_key.describe()}\nInvert the image again with the model you sample with.")
         if latent_shape is not None and tuple(latent_shape[-2:]) != tuple(self.latent_shape[-2:]):
             raise InversionChainError(
-                f"{what}: the latent is {tuple(latent_shape[-2:])} (HxW) but the INVERSION was made at "
+                f"the latent is {tuple(latent_shape[-2:])} (HxW) but the INVERSION was made at "
                 f"{tuple(self.latent_shape[-2:])}. Use an image of the same size as the inverted one.")
 
     def summary(self) -> str:
@@ -287,14 +327,14 @@ class NullText:
     def steps(self) -> int:
         return int(self.sigmas.shape[0]) - 1
 
-    def check_inversion(self, inversion: "Inversion", what: str = "this node"):
+    def check_inversion(self, inversion: "Inversion"):
         if inversion is None:
-            raise InversionChainError(f"{what}: a NULL_TEXT needs the INVERSION it was made from; connect it to "
-                                      f"`inversion` as well.")
+            raise InversionChainError("a NULL_TEXT needs the INVERSION it was made from; connect it to "
+                                      "`inversion` as well.")
         if inversion_fingerprint(inversion) != self.inversion_fingerprint:
             raise InversionChainError(
-                f"{what}: the NULL_TEXT was made from another INVERSION (other image, model, steps or scheduler). "
-                f"Feed Null-Text Inversion the same INVERSION as this node.")
+                "the NULL_TEXT was made from another INVERSION (other image, model, steps or scheduler). "
+                "Feed Null-Text Inversion the same INVERSION as this node.")
 
     def summary(self) -> str:
         if self.method != "null-text":
@@ -339,17 +379,17 @@ class Style:
     def steps(self) -> int:
         return int(self.sigmas.shape[0]) - 1
 
-    def check(self, model_key: ModelKey, inversion: Optional["Inversion"] = None, what: str = "this node"):
+    def check(self, model_key: ModelKey, inversion: Optional["Inversion"] = None):
         if not isinstance(self, Style):
-            raise InversionChainError(f"{what}: `style` must come from StyleDiffusion Mapper.")
+            raise InversionChainError("`style` must come from StyleDiffusion Mapper.")
         if model_key != self.model_key:
             raise InversionChainError(
-                f"{what}: the STYLE was trained on a different model.\n  style: {self.model_key.describe()}\n"
+                f"the STYLE was trained on a different model.\n  style: {self.model_key.describe()}\n"
                 f"  this model: {model_key.describe()}\nTrain the mapper with the model you sample with.")
         if inversion is not None and inversion_fingerprint(inversion) != self.inversion_fingerprint:
             raise InversionChainError(
-                f"{what}: the STYLE was trained on another INVERSION (other image, steps or scheduler). Feed the "
-                f"StyleDiffusion Mapper the same INVERSION as this node.")
+                "the STYLE was trained on another INVERSION (other image, steps or scheduler). Feed the "
+                "StyleDiffusion Mapper the same INVERSION as this node.")
 
     def summary(self) -> str:
         iters = int(self.inner_iters.sum())

@@ -411,7 +411,8 @@ def seed_noise(model_patcher, latent: torch.Tensor, seed: int, sigmas: torch.Ten
 
 # -- version floors ---------------------------------------------------------------------------------------------------
 # Every ComfyUI feature a node relies on beyond the 2024-03 tree: the oldest release that has it and how to tell.
-# README "Tested trees" lists the same table; tests/test_tree.py checks each probe against the tree it runs on.
+# docs/development.md "Tested trees" lists the same table; tests/test_tree.py checks each probe against the tree it
+# runs on.
 OLDEST_SUPPORTED = "2024-03 (a28a9dc8)"
 
 
@@ -466,6 +467,6 @@ def missing_feature_message(name: str, who: str) -> str | None:
     """None when this ComfyUI has the feature, else a sentence naming the feature, its floor and this tree."""
     if has_feature(name):
         return None
-    floor, what, _probe = FEATURES[name]
-    return (f"{who} needs {what}, which ComfyUI has from {floor} on; this ComfyUI lacks it. Update ComfyUI to "
+    floor, feature, _probe = FEATURES[name]
+    return (f"{who} needs {feature}, which ComfyUI has from {floor} on; this ComfyUI lacks it. Update ComfyUI to "
             f"{floor} or newer.")

@@ -17,13 +17,13 @@ def unet_of(model_patcher):
     return compat.unet_of(model_patcher)
 
 
-def check_supported(model_patcher, what: str, allow_flow: bool = False):
+def check_supported(model_patcher, allow_flow: bool = False):
     """Raise a clear error for model families this pack cannot invert or edit. ``allow_flow``: the caller (DDIM
     Invert) also runs on rectified-flow models (CONST sampling: Flux, Chroma, ...), where ComfyUI's Euler/ddim step
     has the same sigma-space form."""
     base = getattr(model_patcher, "model", None)
     if base is None or not hasattr(model_patcher, "clone"):
-        raise InversionChainError(f"{what}: expected a MODEL (from a checkpoint loader), got "
+        raise InversionChainError(f"expected a MODEL (from a checkpoint loader), got "
                                   f"{type(model_patcher).__name__}.")
     family = compat.family_name(model_patcher)
     sampling = compat.model_sampling(model_patcher)
@@ -31,16 +31,16 @@ def check_supported(model_patcher, what: str, allow_flow: bool = False):
         if allow_flow:
             return
         raise InversionChainError(
-            f"{what}: the model family '{family}' (a rectified-flow / DiT model) is not supported yet by this node; "
+            f"the model family '{family}' (a rectified-flow / DiT model) is not supported yet by this node; "
             f"so far DDIM Invert runs on every rectified-flow family, KV Inject and RIVAL on Flux and Chroma, "
             f"Attention Capture on Flux, Chroma and Qwen-Image, Null-Text Inversion (sampled through Null-Text "
             f"Conditioning) on {TRUE_CFG_FLOW_NAMES}. Supported here: {SUPPORTED}.")
     if unet_of(model_patcher) is None:
         raise InversionChainError(
-            f"{what}: the model family '{family}' is not supported yet. Supported: {SUPPORTED}.")
+            f"the model family '{family}' is not supported yet. Supported: {SUPPORTED}.")
     if not compat.is_eps_family(sampling):
         raise InversionChainError(
-            f"{what}: the model '{family}' uses {prediction_name(sampling)} sampling, where DDIM in sigma space does "
+            f"the model '{family}' uses {prediction_name(sampling)} sampling, where DDIM in sigma space does "
             f"not apply. Supported: {SUPPORTED}.")
 
 
@@ -108,14 +108,14 @@ def _context_dim(unet) -> int:
     return 0
 
 
-def require_inversion(model_patcher, inversion, what: str, allow_flow: bool = False):
+def require_inversion(model_patcher, inversion, allow_flow: bool = False):
     """The one check every consumer of an INVERSION makes: it came from DDIM Invert, with this model (``allow_flow``:
     the caller also runs on rectified-flow models, see ``check_supported``)."""
     from .artifacts import Inversion
-    check_supported(model_patcher, what, allow_flow=allow_flow)
+    check_supported(model_patcher, allow_flow=allow_flow)
     if not isinstance(inversion, Inversion):
-        raise InversionChainError(f"{what}: `inversion` must come from DDIM Invert.")
-    inversion.check_matches(model_key(model_patcher), what=what)
+        raise InversionChainError("`inversion` must come from DDIM Invert.")
+    inversion.check_matches(model_key(model_patcher))
     return inversion
 
 
@@ -147,13 +147,13 @@ def uncond_branch_problem(model_patcher, method: str):
             f"on {TRUE_CFG_FLOW_NAMES} and {SUPPORTED}.")
 
 
-def require_single_cfg1_inversion(model_patcher, inversion, what: str, method: str, allow_flow: bool = False):
+def require_single_cfg1_inversion(model_patcher, inversion, method: str, allow_flow: bool = False):
     """Per-image optimisers (null-text, StyleDiffusion) pivot on the cfg-1 chain of one image (``allow_flow``: the
     caller has checked the flow family itself, see ``uncond_branch_problem``)."""
-    require_inversion(model_patcher, inversion, what, allow_flow=allow_flow)
+    require_inversion(model_patcher, inversion, allow_flow=allow_flow)
     if inversion.latent_shape[0] != 1:
-        raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; {method} works on "
+        raise InversionChainError(f"the INVERSION holds {inversion.latent_shape[0]} images; {method} works on "
                                   f"one image at a time. Invert a single image.")
     if abs(inversion.cfg - 1.0) > 1e-6:
-        raise InversionChainError(f"{what}: the INVERSION was made at inversion_cfg {inversion.cfg}; {method} pivots "
+        raise InversionChainError(f"the INVERSION was made at inversion_cfg {inversion.cfg}; {method} pivots "
                                   f"on the cfg 1 chain. Invert with inversion_cfg 1.0.")

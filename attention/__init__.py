@@ -18,7 +18,7 @@ How an editor plugs in (RIVAL, P2Plus, StyleDiffusion, map capture all follow th
    ``ctx`` (``core.controller.CallContext``) carries the layer (``core.layers.AttentionLayer``: index, ComfyUI key,
    part, level/grid), the step (``core.schedule.StepInfo``: index, total, sigma, timestep, fraction), the batch
    layout (``cond_or_uncond``, ``rows_per_chunk``, ``chunk_rows(0|1)``) and a per-call ``scratch`` dict.
-2. ``core.patching.install(model, editor, what)`` returns a patched ``model.clone()``; several editors on one MODEL
+2. ``core.patching.install(model, editor)`` returns a patched ``model.clone()``; several editors on one MODEL
    compose in ascending ``Editor.order`` (K/V sources 10, map editors 50, observers 90). The original MODEL is
    never changed; other packs' replace patches in the same slots are wrapped, not overwritten.
 3. Real-image K/V: ``store.reference.ReferenceKV`` records a reference latent's K/V (and cross-attention maps)

@@ -123,7 +123,7 @@ def _run() -> dict:
             m, maps = ICAttentionCapture().capture(model, kinds, resolution, detail, 4, clip=clip, prompt=PROMPT)
             out = sample(m)
             maps.flush()
-            layers = capture_layers(patching.layers_of(model), resolution, name)
+            layers = capture_layers(patching.layers_of(model), resolution)
             formula = storage_bytes(layers, tuple(latent.shape[-2:]), sampled_steps, 2, 1,
                                     {"cross": ("cross",), "self": ("self",)}.get(kinds, ("cross", "self")),
                                     detail=detail)

@@ -7,8 +7,6 @@ from ..pipelines.attention_maps import DEFAULT_MAX_MB, capture_maps, view_maps
 from .common import CATEGORY, tip
 from .contract import checked
 
-CAPTURE = "Attention Capture"
-VIEWER = "Attention Map Viewer"
 VIEW_RESOLUTIONS = ("all captured",) + tuple(r for r in RESOLUTIONS if r != "all")
 
 
@@ -58,8 +56,7 @@ class ICAttentionCapture:
     @checked
     def capture(self, model, kinds, resolution, detail, query_grid, clip=None, prompt="", negative_prompt="",
                 max_mb=None):
-        return capture_maps(model, kinds, resolution, detail, query_grid, clip, prompt, negative_prompt, max_mb,
-                            CAPTURE)
+        return capture_maps(model, kinds, resolution, detail, query_grid, clip, prompt, negative_prompt, max_mb)
 
 
 class ICAttentionMapViewer:
@@ -114,7 +111,7 @@ class ICAttentionMapViewer:
     def view(self, attn_maps, latent, kind, tokens, start_percent, end_percent, layers, resolution, branch, row,
              normalize, columns, image=None):
         return view_maps(attn_maps, latent, kind, tokens, start_percent, end_percent, layers, resolution, branch,
-                         row, normalize, columns, image, VIEWER)
+                         row, normalize, columns, image)
 
 
 NODE_CLASS_MAPPINGS = {"ICAttentionCapture": ICAttentionCapture, "ICAttentionMapViewer": ICAttentionMapViewer}

@@ -4,7 +4,8 @@ ComfyUI converts and range-checks only required widgets reached through required
 nodes reached only through an optional link) arrive as the client sent them, and NaN passes every min/max. The
 ``checked`` decorator coerces and validates every input that arrived (required and optional) against its declared
 spec before the node function runs, and raises one clear error naming the node, the input, what arrived and what
-is accepted.
+is accepted. It also runs the node function under ``naming``: every InversionChainError raised inside (by the node,
+its pipeline or anything below) gets the node's display name in front, so the layers below never take a name.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import math
 
 import torch
 
-from ..artifacts import Inversion, InversionChainError, NullText, Style, user_text
+from ..artifacts import Inversion, InversionChainError, NullText, Style, naming, user_text
 
 # Text widgets size work (prompts, word lists, layer specs): longer text is refused rather than tokenised or echoed.
 MAX_TEXT = 1000
@@ -102,10 +103,10 @@ def _number_range(opts: dict, fmt) -> str:
     return "(any)"
 
 
-def coerce(node: str, name: str, kind, opts: dict, value):
+def coerce(name: str, kind, opts: dict, value):
     """The value converted as ComfyUI converts widget values, or an InversionChainError saying what is accepted."""
     def fail(accepted: str):
-        raise InversionChainError(f"{node}: input `{name}` got {short(value)}; accepted: {accepted}.")
+        raise InversionChainError(f"input `{name}` got {short(value)}; accepted: {accepted}.")
 
     if isinstance(kind, (list, tuple)) or kind == "COMBO":
         choices = list(kind) if isinstance(kind, (list, tuple)) else list(opts.get("options", []))
@@ -163,30 +164,32 @@ def coerce(node: str, name: str, kind, opts: dict, value):
 
 def validate(cls, arguments: dict) -> dict:
     """``arguments`` (input name -> value, only those that arrived) checked against ``cls.INPUT_TYPES()``."""
-    node = display_name(cls)
     spec = cls.INPUT_TYPES()
     out = dict(arguments)
-    for section in ("required", "optional"):
-        for name, entry in (spec.get(section) or {}).items():
-            if name not in arguments:
-                continue
-            kind = entry[0]
-            opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
-            if arguments[name] is None and section == "optional":
-                continue  # an optional input left unconnected
-            out[name] = coerce(node, name, kind, opts, arguments[name])
+    with naming(display_name(cls)):
+        for section in ("required", "optional"):
+            for name, entry in (spec.get(section) or {}).items():
+                if name not in arguments:
+                    continue
+                kind = entry[0]
+                opts = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+                if arguments[name] is None and section == "optional":
+                    continue  # an optional input left unconnected
+                out[name] = coerce(name, kind, opts, arguments[name])
     return out
 
 
 def checked(fn):
-    """Decorate a node function: every input that arrived is validated against the class's INPUT_TYPES first."""
+    """Decorate a node function: every input that arrived is validated against the class's INPUT_TYPES first, and
+    the function runs under ``naming(display name)`` (errors from any layer below name the node)."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         given = {k: v for k, v in bound.arguments.items() if k != "self"}
-        bound.arguments.update(validate(type(self), given))
-        return fn(*bound.args, **bound.kwargs)
+        with naming(display_name(type(self))):
+            bound.arguments.update(validate(type(self), given))
+            return fn(*bound.args, **bound.kwargs)
 
     return wrapper

@@ -72,7 +72,7 @@ class ICDDIMInvert:
     def invert(self, model, latent, positive, steps, inversion_cfg, refine_iters, scheduler="ddim_uniform",
                negative=None, tolerance=DEFAULT_TOLERANCE, end_percent=1.0):
         noise, sigmas, inv = invert_image(model, latent["samples"], positive, negative, inversion_cfg, steps,
-                                          scheduler, refine_iters, tolerance, end_percent, "DDIM Invert")
+                                          scheduler, refine_iters, tolerance, end_percent)
         return ({"samples": noise}, sigmas, inv)
 
 
@@ -93,8 +93,7 @@ class ICLatentDifference:
 
     @checked
     def compare(self, latent_a, latent_b):
-        max_abs, mean_abs, report, shown = latent_difference(latent_a["samples"], latent_b["samples"],
-                                                             "Latent Difference")
+        max_abs, mean_abs, report, shown = latent_difference(latent_a["samples"], latent_b["samples"])
         return {"ui": {"text": [report], "max_abs": [shown[0]], "mean_abs": [shown[1]]},
                 "result": (max_abs, mean_abs, report)}
 

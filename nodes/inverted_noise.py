@@ -6,8 +6,6 @@ from ..pipelines.inversion import inverted_noise
 from .common import CATEGORY, tip
 from .contract import checked
 
-WHAT = "Inverted Noise"
-
 
 class ICInvertedNoise:
     DESCRIPTION = ("The inverted latent as a NOISE for SamplerCustomAdvanced: with it, DDIM Invert's `sigmas` and "
@@ -32,7 +30,7 @@ class ICInvertedNoise:
 
     @checked
     def noise(self, model, inversion):
-        noise, report = inverted_noise(model, inversion, WHAT)
+        noise, report = inverted_noise(model, inversion)
         return {"ui": {"text": [report]}, "result": (noise,)}
 
 

@@ -13,9 +13,6 @@ from ..pipelines.p2plus import build_edit
 from .common import CATEGORY, tip
 from .contract import checked
 
-WHAT = "P2Plus Controller"
-WHAT_NT = "Null-Text Inversion"
-
 
 class ICP2PlusController:
     DESCRIPTION = (
@@ -119,7 +116,7 @@ class ICP2PlusController:
         edit = build_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
                           self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words,
                           blend_threshold, blend_start_percent, inversion, null_text, latent, seed, steps, scheduler,
-                          self_replace_max_res, style, style_end_percent, blend_map_size, what=WHAT)
+                          self_replace_max_res, style, style_end_percent, blend_map_size)
         log.info("[Inversion Chain] %s", edit.description)
         return (edit.model, edit.positive, edit.negative, edit.latent, edit.sigmas)
 
@@ -166,8 +163,7 @@ class ICNullTextInversion:
     @checked
     def run(self, model, inversion, positive, negative, cfg=7.5, inner_steps=10, method="null-text",
             learning_rate=LEARNING_RATE):
-        return (null_text_inversion(model, inversion, positive, negative, cfg, inner_steps, method, learning_rate,
-                                    WHAT_NT),)
+        return (null_text_inversion(model, inversion, positive, negative, cfg, inner_steps, method, learning_rate),)
 
 
 class ICNullTextConditioning:

@@ -7,8 +7,6 @@ from ..samplers.rival import INITS, NORMALIZE, REFERENCE_MODES
 from .common import CATEGORY, tip
 from .contract import checked
 
-WHAT = "RIVAL Align Sampler"
-
 
 class ICRIVALAlignSampler:
     DESCRIPTION = ("Variations of a real photo (optionally steered by a new prompt) by aligning every generated row "
@@ -76,7 +74,7 @@ class ICRIVALAlignSampler:
                normalize_end_percent, init, normalize, reference_kv="cache", mask=None):
         variations, reference = rival_sample(model, positive, negative, inversion, seed, batch_size, cfg,
                                              replace_end_percent, normalize_end_percent, init, normalize,
-                                             reference_mode=reference_kv, what=WHAT, mask=mask)
+                                             reference_mode=reference_kv, mask=mask)
         return ({"samples": variations}, {"samples": reference})
 
 

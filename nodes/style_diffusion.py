@@ -9,10 +9,6 @@ from ..pipelines.style_diffusion import apply_style, build_style_transfer, train
 from .common import CATEGORY, tip
 from .contract import checked
 
-WHAT = "StyleDiffusion Mapper"
-WHAT_APPLY = "StyleDiffusion Apply"
-WHAT_TRANSFER = "StyleDiffusion Style Transfer"
-
 
 class ICStyleDiffusionMapper:
     DESCRIPTION = (
@@ -63,7 +59,7 @@ class ICStyleDiffusionMapper:
     def train(self, model, clip_vision, image, inversion, positive, negative, cfg=7.5, inner_steps=100,
               learning_rate=1e-2, attention_loss_weight=1.0):
         return train_style(model, clip_vision, image, inversion, positive, negative, cfg, inner_steps,
-                           learning_rate, attention_loss_weight, WHAT)
+                           learning_rate, attention_loss_weight)
 
 
 class ICStyleDiffusionApply:
@@ -92,7 +88,7 @@ class ICStyleDiffusionApply:
 
     @checked
     def apply(self, model, style, style_end_percent=1.0):
-        return apply_style(model, style, style_end_percent, WHAT_APPLY)
+        return apply_style(model, style, style_end_percent)
 
 
 class ICStyleDiffusionStyleTransfer:
@@ -154,7 +150,7 @@ class ICStyleDiffusionStyleTransfer:
     def build(self, model, style, content_inversion, feature_end_percent=0.8, attention_end_percent=0.5,
               style_end_percent=1.0, feature_block=-1, attention_start_layer=-1, cache="auto"):
         return build_style_transfer(model, style, content_inversion, feature_end_percent, attention_end_percent,
-                                    style_end_percent, feature_block, attention_start_layer, cache, WHAT_TRANSFER)
+                                    style_end_percent, feature_block, attention_start_layer, cache)
 
 
 NODE_CLASS_MAPPINGS = {"ICStyleDiffusionMapper": ICStyleDiffusionMapper,

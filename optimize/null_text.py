@@ -48,44 +48,43 @@ METHODS = ("null-text", "negative-prompt")
 LEARNING_RATE = 1e-2
 
 
-def check_inputs(model, inversion: Inversion, cfg: float, inner_steps: int, what: str,
+def check_inputs(model, inversion: Inversion, cfg: float, inner_steps: int,
                  method: str = "null-text inversion") -> bool:
     """Returns whether the model is a rectified-flow one (a true-CFG family; Flux and others get an error)."""
-    check_supported(model, what, allow_flow=True)
+    check_supported(model, allow_flow=True)
     problem = uncond_branch_problem(model, method)
     if problem:
-        raise InversionChainError(f"{what}: {problem}")
+        raise InversionChainError(problem)
     flow = compat.is_flow_family(compat.model_sampling(model))
-    require_single_cfg1_inversion(model, inversion, what, method, allow_flow=flow)
+    require_single_cfg1_inversion(model, inversion, method, allow_flow=flow)
     if not math.isfinite(cfg) or cfg < 1.0:
-        raise InversionChainError(f"{what}: cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
+        raise InversionChainError(f"cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
     if inner_steps < 1:
-        raise InversionChainError(f"{what}: inner_steps must be at least 1, got {inner_steps}.")
+        raise InversionChainError(f"inner_steps must be at least 1, got {inner_steps}.")
     return flow
 
 
-def negative_prompt_inversion(model, inversion: Inversion, positive, cfg: float,
-                              what: str = "null-text inversion") -> NullText:
+def negative_prompt_inversion(model, inversion: Inversion, positive, cfg: float) -> NullText:
     """Zero-cost: the source prompt is the unconditional prompt at every step."""
-    check_inputs(model, inversion, cfg, 1, what, "negative-prompt inversion")
+    check_inputs(model, inversion, cfg, 1, "negative-prompt inversion")
     return NullText(method="negative-prompt", embeddings=None, positive=positive, negative=positive, cfg=float(cfg),
                     sigmas=inversion.sigmas.clone(), scheduler=inversion.scheduler,
                     inversion_fingerprint=inversion_fingerprint(inversion))
 
 
 def optimize(model, inversion: Inversion, positive, negative, cfg: float = 7.5, inner_steps: int = 10,
-             learning_rate: float = LEARNING_RATE, what: str = "null-text inversion") -> NullText:
-    flow = check_inputs(model, inversion, cfg, inner_steps, what)
+             learning_rate: float = LEARNING_RATE) -> NullText:
+    flow = check_inputs(model, inversion, cfg, inner_steps)
     if not math.isfinite(learning_rate) or learning_rate <= 0:
-        raise InversionChainError(f"{what}: learning_rate must be a positive number, got {learning_rate}.")
+        raise InversionChainError(f"learning_rate must be a positive number, got {learning_rate}.")
     if negative is None:
-        raise InversionChainError(f"{what}: null-text inversion needs `negative` (the unconditional prompt to start "
-                                  f"from, usually empty).")
+        raise InversionChainError("null-text inversion needs `negative` (the unconditional prompt to start "
+                                  "from, usually empty).")
     started = time.perf_counter()
-    conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "null-text inversion")
+    conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, "null-text inversion")
     problem = _context_problem(negative, conds_u["c_crossattn"])
     if problem:
-        raise InversionChainError(f"{what}: {problem}")
+        raise InversionChainError(problem)
     # the loss compares the state after the step: the DDPM latent z for eps / v models (the paper's), the flow
     # state x itself on rectified-flow models (what their model reads)
     loss_space = ddim.flow_state if flow else ddim.z_from_x

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import compat
-from ..artifacts import Inversion, InversionChainError, Style, digest, inversion_fingerprint, module_digest
+from ..artifacts import (Inversion, InversionChainError, Style, digest, inversion_fingerprint, module_digest,
+                         node_name)
 from ..conditioning import SIZE_KEYS
 from ..attention.core import patching
 from ..attention.core.schedule import Schedule
@@ -47,7 +48,7 @@ from .training import ChainStep, chain_error, forward_hooks, minimise, normal, t
 from ..logs import log
 
 
-TECHNIQUE = "StyleDiffusion"   # default name in messages; the node passes its own
+TECHNIQUE = "StyleDiffusion"   # the name in log lines written outside a node
 INIT_STD = 0.01
 INIT_SEED = 0
 LATENT_FACTOR = 8          # SD-family VAEs: image pixels per latent cell
@@ -94,43 +95,43 @@ def inner_iterations(inner_steps: int, i: int, decay: bool = True) -> int:
     return max(1, math.ceil(inner_steps * math.exp(-0.1 * i))) if decay else inner_steps
 
 
-def image_tokens(clip_vision, image, what: str = TECHNIQUE) -> torch.Tensor:
+def image_tokens(clip_vision, image) -> torch.Tensor:
     if not hasattr(clip_vision, "encode_image"):
-        raise InversionChainError(f"{what}: `clip_vision` must be a CLIP_VISION from Load CLIP Vision, got "
+        raise InversionChainError(f"`clip_vision` must be a CLIP_VISION from Load CLIP Vision, got "
                                   f"{type(clip_vision).__name__}.")
     tokens = compat.clip_vision_tokens(clip_vision, image)
     if not torch.is_tensor(tokens) or tokens.ndim != 3 or tokens.shape[1] < 2 or tokens.shape[0] != image.shape[0]:
         shape = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
         raise InversionChainError(
-            f"{what}: this CLIP_VISION's output {shape} is not a sequence of image tokens (batch, tokens, width); "
+            f"this CLIP_VISION's output {shape} is not a sequence of image tokens (batch, tokens, width); "
             f"the mapper needs a ViT image encoder (CLIP ViT-B/16: 197x768, ViT-L/14: 257x1024, ViT-H/14: "
             f"257x1280).")
     if not torch.isfinite(tokens).all():
-        raise InversionChainError(f"{what}: the CLIP_VISION produced non-finite features for this image.")
+        raise InversionChainError("the CLIP_VISION produced non-finite features for this image.")
     return tokens.float()
 
 
 def check_inputs(model, inversion: Inversion, image, cfg: float, inner_steps: int, learning_rate: float,
-                 attention_loss_weight: float, what: str = TECHNIQUE):
-    require_single_cfg1_inversion(model, inversion, what, "StyleDiffusion")
+                 attention_loss_weight: float):
+    require_single_cfg1_inversion(model, inversion, "StyleDiffusion")
     if not torch.is_tensor(image) or image.ndim != 4 or image.shape[-1] not in (3, 4):
-        raise InversionChainError(f"{what}: `image` must be an IMAGE (batch, height, width, channels).")
+        raise InversionChainError("`image` must be an IMAGE (batch, height, width, channels).")
     if image.shape[0] != 1:
-        raise InversionChainError(f"{what}: `image` holds {image.shape[0]} images; connect the one image that was "
+        raise InversionChainError(f"`image` holds {image.shape[0]} images; connect the one image that was "
                                   f"inverted.")
     expected = tuple(s * LATENT_FACTOR for s in inversion.latent_shape[-2:])
     if tuple(image.shape[1:3]) != expected:
         raise InversionChainError(
-            f"{what}: the image is {image.shape[2]}x{image.shape[1]} px but the INVERSION was made from a "
+            f"the image is {image.shape[2]}x{image.shape[1]} px but the INVERSION was made from a "
             f"{expected[1]}x{expected[0]} px image. Connect the image that was encoded and inverted.")
     if not math.isfinite(cfg) or cfg < 1.0:
-        raise InversionChainError(f"{what}: cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
+        raise InversionChainError(f"cfg must be 1 or more (the guidance you will sample with), got {cfg}.")
     if inner_steps < 1:
-        raise InversionChainError(f"{what}: inner_steps must be at least 1, got {inner_steps}.")
+        raise InversionChainError(f"inner_steps must be at least 1, got {inner_steps}.")
     if not math.isfinite(learning_rate) or learning_rate <= 0:
-        raise InversionChainError(f"{what}: learning_rate must be a positive number, got {learning_rate}.")
+        raise InversionChainError(f"learning_rate must be a positive number, got {learning_rate}.")
     if not math.isfinite(attention_loss_weight) or attention_loss_weight < 0:
-        raise InversionChainError(f"{what}: attention_loss_weight must be 0 or more, got {attention_loss_weight}.")
+        raise InversionChainError(f"attention_loss_weight must be 0 or more, got {attention_loss_weight}.")
 
 
 # -- cache --------------------------------------------------------------------------------------------------------
@@ -345,11 +346,11 @@ compat.on_memory_release(_release)
 # -- training -----------------------------------------------------------------------------------------------------
 def train(model, clip_vision, image, inversion: Inversion, positive, negative, cfg: float = 7.5,
           inner_steps: int = 100, learning_rate: float = 1e-2, attention_loss_weight: float = 1.0,
-          use_cache: bool = True, decay: bool = True, what: str = TECHNIQUE) -> Style:
-    check_inputs(model, inversion, image, cfg, inner_steps, learning_rate, attention_loss_weight, what)
+          use_cache: bool = True, decay: bool = True) -> Style:
+    check_inputs(model, inversion, image, cfg, inner_steps, learning_rate, attention_loss_weight)
     if negative is None:
-        raise InversionChainError(f"{what}: connect `negative` (the unconditional prompt, usually empty).")
-    tokens = image_tokens(clip_vision, image[..., :3], what)
+        raise InversionChainError("connect `negative` (the unconditional prompt, usually empty).")
+    tokens = image_tokens(clip_vision, image[..., :3])
     settings = {"inner_steps": int(inner_steps), "learning_rate": float(learning_rate), "cfg": float(cfg),
                 "attention_loss_weight": float(attention_loss_weight), "decay": bool(decay),
                 "image_tokens": int(tokens.shape[1]), "image_width": int(tokens.shape[2])}
@@ -362,16 +363,16 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
         cached = load_cached(key, context)
         if cached is not None:
             log.info("[Inversion Chain] %s: loaded the trained mappers' values from the %s cache (key %s); no "
-                     "training.", what, cached.from_cache, key)
+                     "training.", node_name(), cached.from_cache, key)
             return cached
 
     started = time.perf_counter()
-    conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, what, "StyleDiffusion")
+    conds_c, conds_u = text_conds(model, positive, negative, inversion.latent_shape, "StyleDiffusion")
     steps, sigmas = inversion.steps, inversion.sigmas
-    schedule = Schedule(sigmas, inversion.scheduler, what)
-    recorder = CrossAttentionRecorder(recorder_level(), sigmas, what)
+    schedule = Schedule(sigmas, inversion.scheduler)
+    recorder = CrossAttentionRecorder(recorder_level(), sigmas)
     injection = value_injection(None, schedule)
-    patched = patching.add_attn2_patch(patching.install(model, recorder, what), injection)
+    patched = patching.add_attn2_patch(patching.install(model, recorder), injection)
     compat.load_models([patched])
     device = patched.load_device
     plan = [inner_iterations(inner_steps, i, decay) for i in range(steps)]
@@ -463,6 +464,7 @@ def train(model, clip_vision, image, inversion: Inversion, positive, negative, c
                   final_error=final_error, seconds=time.perf_counter() - started, cache_key=key)
     if use_cache:
         store(style)
-        log.info("[Inversion Chain] %s: trained in %.1fs, cached (key %s) in memory and %s", what, style.seconds, key,
+        log.info("[Inversion Chain] %s: trained in %.1fs, cached (key %s) in memory and %s", node_name(), style.seconds,
+                 key,
                  cache_dir())
     return style

@@ -58,14 +58,14 @@ def forward_hooks():
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
 
 
-def text_conds(model, positive, negative, latent_shape, what: str, method: str):
+def text_conds(model, positive, negative, latent_shape, method: str):
     """The model-ready conds of both prompts (captured from ComfyUI's own sampling path); an error for models
     without a text context, which these optimisers act on."""
     latent = torch.zeros(latent_shape)
     conds_c = patching.capture_conds(model, positive, latent)
     conds_u = patching.capture_conds(model, negative, latent)
     if "c_crossattn" not in conds_c or "c_crossattn" not in conds_u:
-        raise InversionChainError(f"{what}: this model takes no text context (c_crossattn); {method} does not apply.")
+        raise InversionChainError(f"this model takes no text context (c_crossattn); {method} does not apply.")
     return conds_c, conds_u
 
 

@@ -15,10 +15,10 @@ from ..samplers import inversion as inversion_lib
 
 
 def invert_image(model, samples: torch.Tensor, positive, negative, inversion_cfg: float, steps: int, scheduler: str,
-                 refine_iters: int, tolerance: float, end_percent: float, what: str = "DDIM Invert"):
+                 refine_iters: int, tolerance: float, end_percent: float):
     """(the inverted latent as a LATENT's samples, the forward sigmas, the Inversion)."""
     inv = inversion_lib.invert(model, samples, positive, negative, inversion_cfg, steps, scheduler, refine_iters,
-                               what=what, tolerance=tolerance, end_percent=end_percent)
+                               tolerance=tolerance, end_percent=end_percent)
     log.info("[Inversion Chain] %s", inv.summary())
     # ComfyUI's mid-schedule LATENT convention (flow models: x / (1 - sigma)), so stock samplers start at the
     # chain's first latent; flow models at sigma 1 have none: there the raw x_T (sample with Inverted Noise)
@@ -28,26 +28,26 @@ def invert_image(model, samples: torch.Tensor, positive, negative, inversion_cfg
     return noise.cpu(), inv.sigmas.clone(), inv
 
 
-def inverted_noise(model, inversion, what: str = "Inverted Noise"):
+def inverted_noise(model, inversion):
     """(a NOISE that starts exactly at the inverted latent, a one-line report of what it starts from)."""
-    check_supported(model, what, allow_flow=True)
-    inversion.check_matches(model_key(model), what=what)
+    check_supported(model, allow_flow=True)
+    inversion.check_matches(model_key(model))
     report = (f"starts {inversion.steps} steps from sigma {float(inversion.sigmas[0]):.4g} at the inverted latent "
               f"(batch {inversion.latent_shape[0]}, latent {tuple(inversion.latent_shape[1:])})")
-    return inversion_lib.InvertedNoise(model, inversion, what), report
+    return inversion_lib.InvertedNoise(model, inversion), report
 
 
 def _json_number(x: float):
     return x if math.isfinite(x) else None
 
 
-def latent_difference(a: torch.Tensor, b: torch.Tensor, what: str = "Latent Difference"):
+def latent_difference(a: torch.Tensor, b: torch.Tensor):
     """(max |a-b|, mean |a-b|, a report, the two numbers as JSON values: a non-finite one as None)."""
     a, b = a.float().cpu(), b.float().cpu()
     if a.shape != b.shape:
-        raise InversionChainError(f"{what}: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}.")
+        raise InversionChainError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}.")
     if a.numel() == 0:
-        raise InversionChainError(f"{what}: the latents are empty (shape {tuple(a.shape)}).")
+        raise InversionChainError(f"the latents are empty (shape {tuple(a.shape)}).")
     diff = (a - b).abs()
     max_abs, mean_abs = float(diff.max()), float(diff.mean())
     report = f"max |a-b| = {max_abs:.3e}, mean |a-b| = {mean_abs:.3e} (latent std {float(b.std()):.3f})"

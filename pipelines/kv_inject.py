@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import compat, conditioning
-from ..artifacts import InversionChainError, user_text
+from ..artifacts import InversionChainError, named_error, node_name, user_text
 from ..attention.core import dit_layers, patching
 from ..attention.core.layers import MAP_SIZE_AUTO, decoder_start, map_level, map_size_problem, select_layers
 from ..attention.core.schedule import check_percents, steps_within
@@ -19,7 +19,6 @@ from ..attention.store.reference import ReferenceKV
 from ..logs import log
 from ..model_info import require_inversion
 
-WHAT = "KV Inject"
 
 
 def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mode: str, negative=None,
@@ -30,19 +29,19 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
     maps at ``mask_map_size``. Flux-layout DiTs (Flux, Chroma): ``build_dit``."""
     if dit_layers.is_flux_layout(model):
         return build_dit(model, inversion, start_percent, start_layer, mode, negative=negative, cache=cache)
-    require_inversion(model, inversion, WHAT)
+    require_inversion(model, inversion)
     if mode not in MODES:
-        raise InversionChainError(f"{WHAT}: unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
+        raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
     layers = patching.layers_of(model)
     if start_layer == -1:
         start_layer = decoder_start(layers)
     if not 0 <= start_layer < len(layers):
-        raise InversionChainError(f"{WHAT}: start_layer {start_layer} is beyond this model's {len(layers)} "
+        raise InversionChainError(f"start_layer {start_layer} is beyond this model's {len(layers)} "
                                   f"self-attention layers (valid: 0..{len(layers) - 1}, or -1 for the family "
                                   f"default).")
-    check_percents(WHAT, start_percent=start_percent)
+    check_percents(start_percent=start_percent)
     if not steps_within(inversion.steps, start_percent):  # no step would inject: say so, not a silent no-op
-        raise InversionChainError(f"{WHAT}: start_percent {start_percent:g} leaves none of the inversion's "
+        raise InversionChainError(f"start_percent {start_percent:g} leaves none of the inversion's "
                                   f"{inversion.steps} steps, so nothing would be injected; use a value below "
                                   f"{(inversion.steps - 1) / inversion.steps:g} (MasaCtrl: 0.08 = step 4 of 50).")
     selected = select_layers(layers, start=start_layer)
@@ -50,38 +49,38 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
     if mode == "masked":
         words = parse_words(mask_words)
         if not words or clip is None or not source_prompt.strip() or not target_prompt.strip():
-            raise InversionChainError(f"{WHAT}: masked mode needs `mask_words`, `clip`, `source_prompt` (the "
-                                      f"prompt the inversion was made with) and `target_prompt` (the sampler's "
-                                      f"positive prompt: the target's mask comes from its own cross-attention).")
-        found = locate_words(clip, source_prompt, words, f"{WHAT} `mask_words`")
+            raise InversionChainError("masked mode needs `mask_words`, `clip`, `source_prompt` (the "
+                                      "prompt the inversion was made with) and `target_prompt` (the sampler's "
+                                      "positive prompt: the target's mask comes from its own cross-attention).")
+        found = locate_words(clip, source_prompt, words, "`mask_words`")
         cross_tokens = sorted({i for ids in found.values() for i in ids})
         cross_level = map_level(layers, mask_map_size)
         if cross_level is None:
-            raise InversionChainError(f"{WHAT}: {map_size_problem(layers, 'mask_map_size', user_text(mask_map_size))}")
+            raise InversionChainError(f"{map_size_problem(layers, 'mask_map_size', user_text(mask_map_size))}")
         found = locate_words(clip, target_prompt, parse_words(target_words) or words,
-                             f"{WHAT} `target_words`" if parse_words(target_words) else
-                             f"{WHAT} `mask_words` (in `target_prompt`; set `target_words` for the target's "
-                             f"name of the object)")
+                             "`target_words`" if parse_words(target_words) else
+                             "`mask_words` (in `target_prompt`; set `target_words` for the target's "
+                             "name of the object)")
         target_tokens = sorted({i for ids in found.values() for i in ids})
     branches = 1 if negative is None else 2
     reference = ReferenceKV(inversion, selected, steps_within(inversion.steps, start_percent),
-                            cross_tokens=cross_tokens, cross_level=cross_level, branches=branches, what=WHAT)
+                            cross_tokens=cross_tokens, cross_level=cross_level, branches=branches)
     latent = torch.zeros(inversion.latent_shape)
     positive = conditioning.first_row(inversion.positive)
     negative = None if negative is None else conditioning.first_row(negative)
     # the store owns the cache (keyed by inversion, its conditioning, the negative, layers, steps and mask
     # words): a second node or run with the same inputs reuses it; it is filled through a model patched with a
     # recorder only (start_percent 2: never active, it only records)
-    recorder = patching.install(model, KVInjectEditor(reference, selected, 2.0, mode, what=WHAT), WHAT)
+    recorder = patching.install(model, KVInjectEditor(reference, selected, 2.0, mode))
     key = conditioning.fingerprint(positive) + ("" if negative is None else conditioning.fingerprint(negative))
     # "partial": the first steps cached, the others recomputed next to their sampling calls
     reference, reference.mode = cached_steps(
         "kv_inject", model, reference, key, cache, lambda ref: ref.fill(recorder, latent, negative=negative),
         positive, negative, extra=(tuple(cross_tokens or ()), cross_level))
-    editor = KVInjectEditor(reference, selected, start_percent, mode, target_tokens=target_tokens, what=WHAT)
-    patched = patching.install(model, editor, WHAT)
+    editor = KVInjectEditor(reference, selected, start_percent, mode, target_tokens=target_tokens)
+    patched = patching.install(model, editor)
     if mode == "masked":
-        patched = patching.install(patched, TargetMapObserver(editor), WHAT)
+        patched = patching.install(patched, TargetMapObserver(editor))
     return serve_reference(patched, model, reference, reference.mode, positive, negative, latent,
                            f"{len(selected)} layers x {branches} CFG branch(es)")
 
@@ -89,16 +88,16 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
 def build_dit(model, inversion, start_percent: float, start_layer: int, mode: str, negative=None, cache: str = "auto"):
     """KV Inject on a Flux-layout DiT: ``start_layer`` -1 = Stable Flow's vital layers, n >= 0 = every block at
     position >= n (double blocks first, then single blocks; dit_layers.py)."""
-    require_inversion(model, inversion, WHAT, allow_flow=True)
-    missing = compat.missing_feature_message("dit-attention-patches", WHAT)
+    require_inversion(model, inversion, allow_flow=True)
+    missing = compat.missing_feature_message("dit-attention-patches", node_name())
     if missing:
-        raise InversionChainError(missing)
+        raise named_error(missing)   # "<node> needs ...": the name is the sentence's subject
     family = compat.family_name(model)
     if mode not in MODES:
-        raise InversionChainError(f"{WHAT}: unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
+        raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
     if mode != "mutual":
         raise InversionChainError(
-            f"{WHAT}: mode '{user_text(mode)}' is not available on {family} yet; use mutual (the source's image-token "
+            f"mode '{user_text(mode)}' is not available on {family} yet; use mutual (the source's image-token "
             f"K/V replace the target's, Stable Flow's injection). union would append the source's image tokens to the "
             f"joint sequence with their own rotary positions, and masked needs the image-to-text attention maps of "
             f"joint attention: neither is built for DiT models yet.")
@@ -106,13 +105,13 @@ def build_dit(model, inversion, start_percent: float, start_layer: int, mode: st
     doubles, _ = dit_layers.depths(blocks)
     if not (start_layer == -1 or 0 <= start_layer < len(blocks)):
         raise InversionChainError(
-            f"{WHAT}: start_layer {start_layer} is outside this {family} model's {len(blocks)} blocks; on DiT models "
+            f"start_layer {start_layer} is outside this {family} model's {len(blocks)} blocks; on DiT models "
             f"start_layer is a block position: 0..{doubles - 1} the double blocks, {doubles}..{len(blocks) - 1} the "
             f"single blocks (valid: 0..{len(blocks) - 1}), or -1 for Stable Flow's vital layers.")
-    check_percents(WHAT, start_percent=start_percent)
+    check_percents(start_percent=start_percent)
     steps = steps_within(inversion.steps, start_percent)
     if not steps:
-        raise InversionChainError(f"{WHAT}: start_percent {start_percent:g} leaves none of the inversion's "
+        raise InversionChainError(f"start_percent {start_percent:g} leaves none of the inversion's "
                                   f"{inversion.steps} steps, so nothing would be injected; use a value below "
                                   f"{(inversion.steps - 1) / inversion.steps:g} (Stable Flow injects from the first "
                                   f"step: 0).")
@@ -124,7 +123,7 @@ def patch_dit(model, inversion, blocks, steps, negative=None, cache: str = "auto
     reference store, or recomputed next to each sampling call)."""
     branches = 1 if negative is None else 2
     tokens = image_tokens(model, inversion.latent_shape)
-    reference = DiTReferenceKV(inversion, blocks, steps, tokens, compute_dtype(model), branches, what=WHAT)
+    reference = DiTReferenceKV(inversion, blocks, steps, tokens, compute_dtype(model), branches)
     latent = torch.zeros(inversion.latent_shape)
     positive = conditioning.first_row(inversion.positive)
     negative = None if negative is None else conditioning.first_row(negative)
@@ -137,7 +136,7 @@ def patch_dit(model, inversion, blocks, steps, negative=None, cache: str = "auto
             "dit_kv_inject", model, reference, key, cache, lambda ref: ref.fill(model, latent, negative=negative),
             positive, negative, extra=(tuple(b.key for b in blocks),))
     patched = patching.add_attn1_patch(model.clone(), DiTRecorder())
-    patching.add_attn1_patch(patched, DiTKVInject(reference, blocks, steps, tokens, what=WHAT))
+    patching.add_attn1_patch(patched, DiTKVInject(reference, blocks, steps, tokens))
     return serve_reference(patched, model, reference, mode, positive, negative, latent,
                            f"{len(blocks)} blocks x {branches} CFG half(s)")
 
@@ -146,11 +145,11 @@ def serve_reference(patched, model, reference, mode: str, positive, negative, la
     """The shared tail of both paths: the negative check, then the reference served from the store (``cache``),
     partly from it (``partial``) or recomputed next to every sampling call (``recompute``)."""
     if negative is not None:
-        patching.add_unet_wrapper(patched, negative_check(negative[0][0], WHAT))
+        patching.add_unet_wrapper(patched, negative_check(negative[0][0]))
     if mode == "partial":
         reference.install(patched)
     elif mode == "cache":
-        log.info(f"[Inversion Chain] {WHAT}: source K/V for {len(reference.steps)} steps x {what_is_held}: "
+        log.info(f"[Inversion Chain] {node_name()}: source K/V for {len(reference.steps)} steps x {what_is_held}: "
                  f"{reference.nbytes() / 2 ** 20:.1f} MB on {reference.storage_device} (cache holds "
                  f"{reference_store.STORE.held_bytes() / 2 ** 20:.1f} MB in {len(reference_store.STORE.entries)} "
                  f"entries)")
@@ -161,6 +160,6 @@ def serve_reference(patched, model, reference, mode: str, positive, negative, la
         if negative is not None:
             reference.conds_uncond = patching.capture_conds(model, negative, latent[:1])
         patching.add_unet_wrapper(patched, reference.recompute_wrapper)
-        log.info(f"[Inversion Chain] {WHAT}: recomputing the source's K/V next to every sampling step"
+        log.info(f"[Inversion Chain] {node_name()}: recomputing the source's K/V next to every sampling step"
                  f"{' (' + reference.budget_message + ')' if getattr(reference, 'budget_message', '') else ''}")
     return patched

@@ -8,12 +8,11 @@ from ..optimize import null_text
 
 
 def null_text_inversion(model, inversion, positive, negative, cfg: float = 7.5, inner_steps: int = 10,
-                        method: str = "null-text", learning_rate: float = null_text.LEARNING_RATE,
-                        what: str = "Null-Text Inversion") -> NullText:
+                        method: str = "null-text", learning_rate: float = null_text.LEARNING_RATE) -> NullText:
     if method == "negative-prompt":
-        result = null_text.negative_prompt_inversion(model, inversion, positive, cfg, what)
+        result = null_text.negative_prompt_inversion(model, inversion, positive, cfg)
     else:
-        result = null_text.optimize(model, inversion, positive, negative, cfg, inner_steps, learning_rate, what)
+        result = null_text.optimize(model, inversion, positive, negative, cfg, inner_steps, learning_rate)
     log.info("[Inversion Chain] %s", result.summary())
     return result
 

@@ -48,22 +48,22 @@ def _conditioning(rows, sizes):
     return [[cond, extra]]
 
 
-def _rows_of(conditioning, what: str, name: str):
+def _rows_of(conditioning, name: str):
     """(cond, pooled) of a one-entry, one-row CONDITIONING."""
     if not conditioning or len(conditioning) != 1 or conditioning[0][0].shape[0] != 1:
-        raise InversionChainError(f"{what}: the {name} conditioning it was made with must be one prompt (one entry, "
+        raise InversionChainError(f"the {name} conditioning it was made with must be one prompt (one entry, "
                                   f"batch 1).")
     return conditioning[0][0], conditioning[0][1].get("pooled_output")
 
 
-def _require_source_prompt(made_with, source, sizes, source_prompt: str, artefact: str, maker: str, what: str,
+def _require_source_prompt(made_with, source, sizes, source_prompt: str, artefact: str, maker: str,
                            pooled_matters: bool = True):
     """The NULL_TEXT / STYLE was made with the same source conditioning as this edit builds: prompt embedding,
     pooled output (where the model reads it) and (SDXL) size entries."""
-    _rows_of(made_with, what, "positive")
+    _rows_of(made_with, "positive")
     differs = conditioning.mismatch(made_with, _conditioning([source], sizes), pooled_matters=pooled_matters)
     if differs:
-        raise InversionChainError(f"{what}: the {artefact} was made with another source prompt (or CLIP, or SDXL "
+        raise InversionChainError(f"the {artefact} was made with another source prompt (or CLIP, or SDXL "
                                   f"size entries) than '{user_text(source_prompt)}' ({differs}). Encode the same "
                                   f"source prompt "
                                   f"(and, on SDXL, the same sizes) for {maker} and this node.")
@@ -74,32 +74,32 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
                blend_words: str = "", blend_threshold: float = 0.3, blend_start_percent: float = 0.2,
                inversion=None, null_text: Optional[NullText] = None, latent: Optional[dict] = None, seed: int = 0,
                steps: int = 50, scheduler: str = "ddim_uniform", self_replace_max_res: int = DEFAULT_SELF_MAX_RES,
-               style: Optional[Style] = None, style_end_percent: float = 0.5, blend_map_size: str = MAP_SIZE_AUTO,
-               what: str = "Prompt-to-Prompt") -> Edit:
-    check_supported(model, what)
-    check_percents(what, cross_replace_end_percent=cross_replace_end_percent,
+               style: Optional[Style] = None, style_end_percent: float = 0.5, blend_map_size: str = MAP_SIZE_AUTO
+               ) -> Edit:
+    check_supported(model)
+    check_percents(cross_replace_end_percent=cross_replace_end_percent,
                    self_replace_end_percent=self_replace_end_percent,
                    uncond_self_replace_end_percent=uncond_self_replace_end_percent,
                    blend_start_percent=blend_start_percent, style_end_percent=style_end_percent)
-    plan = build_plan(clip, source_prompt, target_prompt, mode, reweight, what)
+    plan = build_plan(clip, source_prompt, target_prompt, mode, reweight)
 
     # schedule and starting noise
     if inversion is not None:
-        require_inversion(model, inversion, what)
+        require_inversion(model, inversion)
         if inversion.latent_shape[0] != 1:
-            raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; edit one "
+            raise InversionChainError(f"the INVERSION holds {inversion.latent_shape[0]} images; edit one "
                                       f"image at a time.")
-        schedule = Schedule.of(inversion, what)
+        schedule = Schedule.of(inversion)
         x_t = compat.latent_out(model, inversion.chain[0].float().clone()).cpu()
     else:
         if null_text is not None:
-            raise InversionChainError(f"{what}: a NULL_TEXT needs the INVERSION it was made from; connect it to "
-                                      f"`inversion` as well.")
+            raise InversionChainError("a NULL_TEXT needs the INVERSION it was made from; connect it to "
+                                      "`inversion` as well.")
         if latent is None or "samples" not in latent:
-            raise InversionChainError(f"{what}: connect `inversion` (edit a real image) or `latent` (e.g. "
-                                      f"EmptyLatentImage: the size of a generated image).")
+            raise InversionChainError("connect `inversion` (edit a real image) or `latent` (e.g. "
+                                      "EmptyLatentImage: the size of a generated image).")
         sigmas = compat.calculate_sigmas(model, scheduler, steps)
-        schedule = Schedule(sigmas, scheduler, what)
+        schedule = Schedule(sigmas, scheduler)
         noise = compat.seed_noise(model, latent["samples"][:1], seed, sigmas)  # as a stock sampler scales it
         x_t = compat.latent_out(model, noise.float())
     latent_out = {"samples": x_t.repeat(2, 1, 1, 1).contiguous()}
@@ -112,12 +112,10 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
     source = _encode(clip, source_prompt)
     target = _encode(clip, target_prompt)
     if null_text is not None:
-        if not isinstance(null_text, NullText):
-            raise InversionChainError(f"{what}: `null_text` must come from Null-Text Inversion.")
-        null_text.check_inversion(inversion, what)
+        null_text.check_inversion(inversion)   # its type: the node contract checked it
         _require_source_prompt(null_text.positive, source, sizes, source_prompt, "NULL_TEXT", "Null-Text Inversion",
-                               what, reads_pooled_output(model))
-        uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, what, "negative")
+                               reads_pooled_output(model))
+        uncond = source if null_text.method == "negative-prompt" else _rows_of(null_text.negative, "negative")
     else:
         uncond = _encode(clip, "")
     positive = _conditioning([source, target], sizes)
@@ -132,7 +130,7 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
             in_src = word_positions(clip, plan.source_ids, word)
             in_tgt = word_positions(clip, plan.target_ids, word)
             if not in_src and not in_tgt:
-                raise InversionChainError(f"{what}: the blend word '{user_text(word)}' is in neither the source prompt "
+                raise InversionChainError(f"the blend word '{user_text(word)}' is in neither the source prompt "
                                           f"'{user_text(source_prompt)}' nor the target prompt "
                                           f"'{user_text(target_prompt)}'.")
             src_pos += in_src
@@ -141,33 +139,31 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
         level = map_level(layers, blend_map_size)
         if level is None:
             problem = map_size_problem(layers, "blend_map_size", user_text(blend_map_size))
-            raise InversionChainError(f"{what}: {problem}")
+            raise InversionChainError(problem)
         blend = LocalBlend(sorted(set(src_pos)), sorted(set(tgt_pos)), blend_threshold, blend_start_percent, level,
                            schedule)
 
     editor = P2PlusEditor(plan, schedule, cross_replace_end_percent, self_replace_end_percent,
-                          uncond_self_replace_end_percent, self_replace_max_res, blend, what)
-    patched = patching.install(model, editor, what)
+                          uncond_self_replace_end_percent, self_replace_max_res, blend)
+    patched = patching.install(model, editor)
     if blend is not None:
         patching.add_post_cfg_function(patched, blend)
     if null_text is not None and null_text.method == "null-text":
         patching.add_attn2_patch(patched, ContextPatch(
             null_text.embeddings, schedule, UNCOND, keys=True,
             mismatch="Use the negative output of P2Plus Controller with the NULL_TEXT's model."))
-        patching.add_post_cfg_function(patched, CfgCheck(null_text.cfg, what))
+        patching.add_post_cfg_function(patched, CfgCheck(null_text.cfg))
     if style is not None:
-        if not isinstance(style, Style):
-            raise InversionChainError(f"{what}: `style` must come from StyleDiffusion Mapper.")
-        if inversion is None:
-            raise InversionChainError(f"{what}: a STYLE needs the INVERSION it was trained on; connect it to "
-                                      f"`inversion` as well.")
-        style.check(model_key(model), inversion, what)
-        _require_source_prompt(style.positive, source, sizes, source_prompt, "STYLE", "StyleDiffusion Mapper", what,
+        if inversion is None:   # its type: the node contract checked it
+            raise InversionChainError("a STYLE needs the INVERSION it was trained on; connect it to "
+                                      "`inversion` as well.")
+        style.check(model_key(model), inversion)
+        _require_source_prompt(style.positive, source, sizes, source_prompt, "STYLE", "StyleDiffusion Mapper",
                                reads_pooled_output(model))
         # row 0 takes the style token for token; row 1 through the edit's token alignment
         row_maps = [None, (plan.mapper.long(), plan.aligned.float())]
         patching.add_attn2_patch(patched, value_injection(style.values, schedule, style_end_percent, row_maps))
-    description = (f"{what}: {plan.describe()}; {schedule.steps} steps ({schedule.scheduler}); "
+    description = (f"{plan.describe()}; {schedule.steps} steps ({schedule.scheduler}); "
                    f"cross/self/uncond-self replace until {cross_replace_end_percent}/{self_replace_end_percent}/"
                    f"{uncond_self_replace_end_percent} of the steps"
                    f"{'; local blend ' + ', '.join(words) if words else ''}"

@@ -6,7 +6,7 @@ import math
 import torch
 
 from .. import compat
-from ..artifacts import Inversion, InversionChainError, user_text
+from ..artifacts import Inversion, InversionChainError, named_error, node_name, user_text
 from ..attention.core.schedule import steps_within
 from ..model_info import check_supported, model_key
 from . import ddim
@@ -28,23 +28,23 @@ def timesteps_for(model_patcher, sigmas: torch.Tensor) -> torch.Tensor:
     return ts
 
 
-def check_latent(samples: torch.Tensor, what: str):
+def check_latent(samples: torch.Tensor):
     image_latent = isinstance(samples, torch.Tensor) and (samples.ndim == 4 or (samples.ndim == 5
                                                                                 and samples.shape[2] == 1))
     if not image_latent:
-        raise InversionChainError(f"{what}: expected a LATENT with samples of shape [batch, channels, height, width] "
+        raise InversionChainError(f"expected a LATENT with samples of shape [batch, channels, height, width] "
                                   f"(or [batch, channels, 1, height, width], one frame of a video-VAE latent as "
                                   f"Qwen-Image's VAE Encode gives), got "
                                   f"{getattr(samples, 'shape', type(samples).__name__)}.")
     bad = ~torch.isfinite(samples)
     if bad.any():
         raise InversionChainError(
-            f"{what}: the latent contains {int(bad.sum())} NaN/Inf values out of {samples.numel()}. "
+            f"the latent contains {int(bad.sum())} NaN/Inf values out of {samples.numel()}. "
             f"Encode the image again (VAEEncode) and check the upstream nodes; inversion needs finite latents.")
 
 
 def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg: float, steps: int,
-           scheduler: str = "ddim_uniform", refine_iters: int = DEFAULT_MAX_ITERS, what: str = "DDIM inversion",
+           scheduler: str = "ddim_uniform", refine_iters: int = DEFAULT_MAX_ITERS,
            tolerance: float = DEFAULT_TOLERANCE, guess: str = "extrapolate", end_percent: float = 1.0) -> Inversion:
     """Invert ``latent_samples`` (LATENT space) along ``scheduler``'s sigmas; returns the whole chain.
     ``end_percent`` < 1 stops early (partial inversion, DiffEdit's encoding ratio): inversion step j of ``steps``
@@ -53,33 +53,33 @@ def invert(model_patcher, latent_samples: torch.Tensor, positive, negative, cfg:
     ``refine_iters`` caps the fixed-point iterations of a step; a step stops as soon as its round-trip residual
     (in the model's sampling space) is at most ``tolerance``. The INVERSION reports each step's residual and
     evaluations (``unet_calls`` counts CFG-guided evaluations, one per step at least)."""
-    check_supported(model_patcher, what, allow_flow=True)
+    check_supported(model_patcher, allow_flow=True)
     flow = compat.is_flow_family(compat.model_sampling(model_patcher))
-    check_latent(latent_samples, what)
+    check_latent(latent_samples)
     if steps < 1:
-        raise InversionChainError(f"{what}: steps must be at least 1, got {steps}.")
+        raise InversionChainError(f"steps must be at least 1, got {steps}.")
     if refine_iters < 0:
-        raise InversionChainError(f"{what}: refine_iters must be 0 or more, got {refine_iters}.")
+        raise InversionChainError(f"refine_iters must be 0 or more, got {refine_iters}.")
     if not math.isfinite(tolerance) or tolerance < 0:
-        raise InversionChainError(f"{what}: tolerance must be 0 or a positive number, got {tolerance}.")
+        raise InversionChainError(f"tolerance must be 0 or a positive number, got {tolerance}.")
     if guess not in ddim.GUESSES:
-        raise InversionChainError(f"{what}: unknown first guess '{user_text(guess)}'; use one of "
+        raise InversionChainError(f"unknown first guess '{user_text(guess)}'; use one of "
                                   f"{', '.join(ddim.GUESSES)}.")
     if not math.isfinite(cfg) or cfg <= 0:
-        raise InversionChainError(f"{what}: inversion_cfg must be a positive number, got {cfg}.")
+        raise InversionChainError(f"inversion_cfg must be a positive number, got {cfg}.")
     if cfg != 1.0 and negative is None:
-        raise InversionChainError(f"{what}: inversion_cfg {cfg} != 1 needs the optional `negative` conditioning "
+        raise InversionChainError(f"inversion_cfg {cfg} != 1 needs the optional `negative` conditioning "
                                   f"(or set inversion_cfg to 1.0).")
     if not math.isfinite(end_percent) or not 0.0 <= end_percent <= 1.0:
-        raise InversionChainError(f"{what}: end_percent is the fraction of the {steps} steps to invert, in (0, 1]; "
+        raise InversionChainError(f"end_percent is the fraction of the {steps} steps to invert, in (0, 1]; "
                                   f"got {end_percent}.")
     run = len(steps_within(steps, 0.0, end_percent))  # the vocabulary's rule, counted from the clean end
     if run < 1:
-        raise InversionChainError(f"{what}: end_percent {end_percent} inverts none of the {steps} steps (step j runs "
+        raise InversionChainError(f"end_percent {end_percent} inverts none of the {steps} steps (step j runs "
                                   f"when j/{steps} < end_percent); use at least {1 / steps:.4g}, or more steps.")
     full = compat.calculate_sigmas(model_patcher, scheduler, steps)
     if float(full[-1]) != 0.0:
-        raise InversionChainError(f"{what}: scheduler '{user_text(scheduler)}' does not end at sigma 0; pick one "
+        raise InversionChainError(f"scheduler '{user_text(scheduler)}' does not end at sigma 0; pick one "
                                   f"that does.")
     sigmas = full[steps - run:].clone()  # the tail KSampler Advanced samples from start_at_step = steps - run
     ascending = sigmas.flip(0)
@@ -143,14 +143,14 @@ class InvertedNoise(compat.PatchObject):
     at sigma 1 their sampler scales the LATENT by 1 - sigma = 0, so SamplerCustom with add_noise off starts from
     zeros there; on eps / v models it is equivalent to SamplerCustom with add_noise off."""
 
-    def __init__(self, model_patcher, inversion: Inversion, what: str = "DDIM Invert"):
-        self.model, self.inversion, self.what, self.seed = model_patcher, inversion, what, 0
+    def __init__(self, model_patcher, inversion: Inversion):
+        self.model, self.inversion, self.node, self.seed = model_patcher, inversion, node_name(), 0
 
     def generate_noise(self, input_latent):
         samples = input_latent["samples"]
         inv = self.inversion
         if tuple(samples.shape) != tuple(inv.latent_shape):
-            raise InversionChainError(f"{self.what}: SamplerCustomAdvanced's latent_image is {tuple(samples.shape)} "
+            raise named_error(f"{self.node}: SamplerCustomAdvanced's latent_image is {tuple(samples.shape)} "
                                       f"but the inversion was made for {tuple(inv.latent_shape)}. Give it a latent of "
                                       f"that size (the inverted image's latent, or an empty latent).")
         noise = compat.noise_for_start(self.model, inv.chain[0], inv.sigmas, samples.float().cpu())

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import compat
-from ..artifacts import Inversion, InversionChainError, user_text
+from ..artifacts import Inversion, InversionChainError, node_name, user_text
 from ..attention.core import patching
 from ..attention.store import reference as reference_store
 from ..attention.store.partial_reference import cached_steps
@@ -42,7 +42,6 @@ from ..logs import log
 INITS = ("permute", "adain", "inverted")
 REFERENCE_MODES = ("cache", "batch")
 NORMALIZE = ("eps", "latent", "off")
-TECHNIQUE = "RIVAL"   # default name in messages; the node passes its own
 CONTROL_KEYS = ("control", "control_apply_to_uncond")   # CONDITIONING entries of ControlNets / T2I-Adapters
 
 
@@ -53,7 +52,7 @@ def adain(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Ten
     return (x - mean_x) / (var_x + eps).sqrt() * (var_t + eps).sqrt() + mean_t
 
 
-def initial_latent(x_T: torch.Tensor, seed: int, init: str, what: str = TECHNIQUE,
+def initial_latent(x_T: torch.Tensor, seed: int, init: str,
                    region: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One variation's starting latent from the inversion's x_T ([1, C, H, W], sampler space). With ``region``
     (a [1, 1, H, W] bool latent mask, True = regenerated) only that region is drawn, as the official inpainting
@@ -72,10 +71,10 @@ def initial_latent(x_T: torch.Tensor, seed: int, init: str, what: str = TECHNIQU
     if init == "adain":
         noise = adain(torch.randn(x_T.shape, generator=gen).to(x_T.device, x_T.dtype), x_T)
         return noise if region is None else torch.where(region.to(x_T.device), noise, x_T)
-    raise InversionChainError(f"{what}: unknown init '{user_text(init)}'; use one of {', '.join(INITS)}.")
+    raise InversionChainError(f"unknown init '{user_text(init)}'; use one of {', '.join(INITS)}.")
 
 
-def latent_region(mask, latent_shape, what: str = TECHNIQUE) -> Optional[torch.Tensor]:
+def latent_region(mask, latent_shape) -> Optional[torch.Tensor]:
     """A ComfyUI MASK (1 = regenerate, 0 = keep; the official masks are the inverse: white = keep) as a
     [1, 1, h, w] bool mask on the latent grid, or None. The mask may be at latent size or any whole multiple of it
     (the image size); each latent cell is regenerated when the mask's mean over the cell is at least 0.5 (the
@@ -87,26 +86,26 @@ def latent_region(mask, latent_shape, what: str = TECHNIQUE) -> Optional[torch.T
                 f"(the image size {8 * h}x{8 * w}), values in [0, 1]")
     if not torch.is_tensor(mask) or mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[0] != 1):
         got = f"shape {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
-        raise InversionChainError(f"{what}: input `mask` got {got}; accepted: {accepted}.")
+        raise InversionChainError(f"input `mask` got {got}; accepted: {accepted}.")
     m = mask.reshape(1, 1, mask.shape[-2], mask.shape[-1]).float()
     k = m.shape[-2] // h
     if k < 1 or m.shape[-2] != k * h or m.shape[-1] != k * w:
-        raise InversionChainError(f"{what}: input `mask` is {m.shape[-2]}x{m.shape[-1]} but the inversion's latent is "
+        raise InversionChainError(f"input `mask` is {m.shape[-2]}x{m.shape[-1]} but the inversion's latent is "
                                   f"{h}x{w}; accepted: {accepted}. Resize the mask to the inverted image.")
     if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1:
-        raise InversionChainError(f"{what}: input `mask` has values outside [0, 1] (or NaN); accepted: {accepted}.")
+        raise InversionChainError(f"input `mask` has values outside [0, 1] (or NaN); accepted: {accepted}.")
     if k > 1:
         m = torch.nn.functional.avg_pool2d(m, k)
     return m >= 0.5
 
 
-def stack_rows(reference_cond, generation_cond, variations: int, what: str = TECHNIQUE):
+def stack_rows(reference_cond, generation_cond, variations: int):
     """A CONDITIONING with one row per batch row: the reference's prompt, then the generation prompt N times.
     Token counts that differ are repeated to a common multiple (attention over repeated keys is unchanged)."""
     ref, gen = reference_cond[0], generation_cond[0]
     a, b = ref[0][:1], gen[0][:1]
     if a.shape[-1] != b.shape[-1]:
-        raise InversionChainError(f"{what}: the inversion's conditioning has width {a.shape[-1]} but the prompt has "
+        raise InversionChainError(f"the inversion's conditioning has width {a.shape[-1]} but the prompt has "
                                   f"{b.shape[-1]}; encode both with the same CLIP.")
     if a.shape[1] != b.shape[1]:
         import math
@@ -120,42 +119,42 @@ def stack_rows(reference_cond, generation_cond, variations: int, what: str = TEC
 
 
 def check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
-                 what: str = TECHNIQUE, allow_flow: bool = False):
-    require_inversion(model, inversion, what, allow_flow=allow_flow)
-    check_percents(what, replace_end_percent=replace_end_percent, normalize_end_percent=normalize_end_percent)
+                 allow_flow: bool = False):
+    require_inversion(model, inversion, allow_flow=allow_flow)
+    check_percents(replace_end_percent=replace_end_percent, normalize_end_percent=normalize_end_percent)
     if batch_size < 1:
-        raise InversionChainError(f"{what}: batch_size must be at least 1, got {batch_size}.")
+        raise InversionChainError(f"batch_size must be at least 1, got {batch_size}.")
     if init not in INITS:
-        raise InversionChainError(f"{what}: unknown init '{user_text(init)}'; use one of {', '.join(INITS)}.")
+        raise InversionChainError(f"unknown init '{user_text(init)}'; use one of {', '.join(INITS)}.")
     if inversion.is_partial and init != "inverted":  # permute/adain make new noise from x_T: needs pure noise
         raise InversionChainError(
-            f"{what}: `inversion` is partial (DDIM Invert end_percent < 1: the last {inversion.steps} of "
+            f"`inversion` is partial (DDIM Invert end_percent < 1: the last {inversion.steps} of "
             f"{inversion.full_steps} steps), so its start latent is the photo plus noise, not noise; init "
             f"'{user_text(init)}' "
             f"would scramble it. Use init 'inverted' (an edit from that level) or invert with end_percent 1.")
     if normalize not in NORMALIZE:
-        raise InversionChainError(f"{what}: unknown normalize '{user_text(normalize)}'; use one of "
+        raise InversionChainError(f"unknown normalize '{user_text(normalize)}'; use one of "
                                   f"{', '.join(NORMALIZE)}.")
     if cfg <= 0:
-        raise InversionChainError(f"{what}: cfg must be positive, got {cfg}.")
+        raise InversionChainError(f"cfg must be positive, got {cfg}.")
 
 
-def cached_reference(model, inversion: Inversion, negative, policy: str = "auto", what: str = TECHNIQUE,
+def cached_reference(model, inversion: Inversion, negative, policy: str = "auto",
                      partial: bool = False):
     """The inversion's reference K/V for both CFG branches (and its conditional eps), recorded once per
     (inversion, negative prompt) into the shared reference store; None when it would not fit the store's budget
     (then the reference row runs in the batch). With ``partial``, when every step would not fit but some would,
     the first steps that fit are cached and the rest recomputed per step (a PartialReference)."""
     layers = patching.layers_of(model)
-    reference = ReferenceKV(inversion, layers, range(inversion.steps), branches=2, what=what)
-    schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
+    reference = ReferenceKV(inversion, layers, range(inversion.steps), branches=2)
+    schedule = Schedule(inversion.sigmas, inversion.scheduler)
     # a ControlNet on the negative (Apply ControlNet (Advanced)) steers the variations' uncond branch only; the
     # photo's reference is recorded without it, as the official pipeline passes zero residuals for the reference
     negative_row = [[c, {k: v for k, v in meta.items() if k not in CONTROL_KEYS}] for c, meta in first_row(negative)]
 
     def fill(ref):
         # the recorder's editor must write into ``ref`` (the entry being filled)
-        recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=ref), what)
+        recorder = patching.install(model, RivalAttentionEditor(1.0, schedule, reference=ref))
         ref.fill(recorder, torch.zeros(inversion.latent_shape), negative=negative_row)
 
     key = fingerprint(first_row(inversion.positive)) + fingerprint(negative_row)
@@ -166,7 +165,7 @@ def cached_reference(model, inversion: Inversion, negative, policy: str = "auto"
         entry, mode = reference_store.cached("rival", model, reference, key, policy, fill)
     if mode == "recompute":
         return None
-    log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", what, entry.nbytes() / 2 ** 20,
+    log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", node_name(), entry.nbytes() / 2 ** 20,
              entry.storage_device)
     return entry
 
@@ -195,7 +194,7 @@ def cached_reference_source(store) -> ReferenceSource:
 
 def sample_variations(patched, source: ReferenceSource, inversion: Inversion, inits: torch.Tensor, positive,
                       negative, cfg: float, seed: int, schedule: Schedule, normalize: str, normalize_end: float,
-                      region: Optional[torch.Tensor], preview: bool, oom_hint: str, what: str = TECHNIQUE):
+                      region: Optional[torch.Tensor], preview: bool, oom_hint: str):
     """The RIVAL sampling loop on ``patched`` (the editor already installed): the shared DDIM step, the
     variations' eps (or latents) AdaIN-normalised to the reference while ``i / N < normalize_end``, and, with
     ``region``, every row outside it set to the chain's latent after each step. Returns every row's final latent
@@ -242,7 +241,7 @@ def sample_variations(patched, source: ReferenceSource, inversion: Inversion, in
         return compat.sample_with_function(patched, rival_loop, sigmas, positive, negative, cfg, latent_image,
                                            seed=seed)
     except compat.out_of_memory_errors() as e:
-        raise InversionChainError(f"{what}: out of memory with batch_size {inits.shape[0]}{oom_hint}; lower "
+        raise InversionChainError(f"out of memory with batch_size {inits.shape[0]}{oom_hint}; lower "
                                   f"batch_size or the image size. ({e})") from e
 
 

@@ -40,11 +40,19 @@ if [ ! -f "$VENV/.complete" ]; then
 fi
 if [ ! -f "$VENV/.req-$FULL_HASH" ]; then
   echo "[setup] installing changed requirements-dev.txt entries into $VENV"
+  rm -f "$VENV/.imports-ok"
   "${PIP_CLEAN[@]}" "$VENV/bin/python" -m pip install -q -r requirements-dev.txt
   touch "$VENV/.req-$FULL_HASH"
 fi
 ln -sfn "$VENV" .venv
-.venv/bin/python -c "import torch, torchvision, torchaudio" || { echo "[setup] torch/torchvision/torchaudio do not import together in $VENV" >&2; exit 1; }
+# torch, torchvision and torchaudio must import together; the check (seconds of imports) runs again only after
+# something was installed into the virtualenv (every install below removes the marker)
+check_imports() {
+  [ -f "$VENV/.imports-ok" ] && return 0
+  .venv/bin/python -c "import torch, torchvision, torchaudio" || { echo "[setup] torch/torchvision/torchaudio do not import together in $VENV" >&2; exit 1; }
+  touch "$VENV/.imports-ok"
+}
+check_imports
 
 WHICH=${1:-${IC_TREE:-current}}
 CURRENT_VERSION=0.33.0
@@ -55,9 +63,11 @@ install_tree_requirements() {   # a newer tree needs more packages than the 2024
   req_hash=$(sha256sum "$tree/requirements.txt" | cut -c1-12)
   if [ ! -f "$VENV/.tree-req-$req_hash" ]; then
     echo "[setup] installing $tree/requirements.txt into the virtualenv"
+    rm -f "$VENV/.imports-ok"
     grep -vE '^(torch|torchvision|torchaudio)\s*$' "$tree/requirements.txt" > "$CACHE/tree-req-$req_hash.txt"
     "${PIP_CLEAN[@]}" "$VENV/bin/python" -m pip install -q -r "$CACHE/tree-req-$req_hash.txt" "transformers==4.57.6"
     touch "$VENV/.tree-req-$req_hash"
+    check_imports
   fi
 }
 

@@ -146,7 +146,7 @@ def test_other_families_captured_maps_equal_softmax_attention_computed_by_hand(f
 def maps_equal_softmax_by_hand(s, kind, index):
     probe = Probe(index, kind)
     m, maps = capture(s, kinds=kind, resolution="all", query_grid=3)
-    m = patching.install(m, probe, "probe")
+    m = patching.install(m, probe)
     sample(m, s["pos"], s["neg"], s["noise"], s["sigmas"])
     maps.flush()
     layer = patching.layers_of(s["model"])[index]
@@ -209,7 +209,7 @@ class RegionBias(Editor):
 @pytest.mark.parametrize("mode", ["probs", "bias"])
 def test_map_lights_up_where_an_editor_makes_the_token_dominate(s, mode):
     m, maps = capture(s, kinds="cross", resolution="latent/1")
-    m = patching.install(m, RegionBias(WORDS.index("astronaut") + 1, mode), "region test")
+    m = patching.install(m, RegionBias(WORDS.index("astronaut") + 1, mode))
     sample(m, s["pos"], s["neg"], s["noise"], s["sigmas"])
     _, masks = view(s, maps, tokens="astronaut, photo", layers=LEVEL0)
     inside, outside = masks[0, 8:56, 8:56].mean(), masks[0, 72:, 72:].mean()
@@ -291,7 +291,7 @@ def test_bad_input_gets_clear_errors(s, captured):
     no_level = [l for l in patching.layers_of(s["model"]) if l.level != 3]
     with pytest.raises(InversionChainError, match=r"no attention layers at latent/8. Its resolutions: latent/1 "
                                                   r"\(layers 0,1,13-15\), latent/2 \(layers 2,3,10-12\)"):
-        capture_layers(no_level, "latent/8", "Attention Capture")
+        capture_layers(no_level, "latent/8")
     m, no_prompt = capture(s, kinds="cross", resolution="latent/2", clip=None, prompt="")
     sample(m, s["pos"], s["neg"], s["noise"], s["sigmas"])
     with pytest.raises(InversionChainError,
@@ -387,7 +387,7 @@ def test_capture_memory_for_sd15_at_512px_and_50_steps_stays_within_the_layout_b
     unet = UNetModel(**SD15_UNET, dtype=torch.float16, device="meta", operations=comfy.ops.disable_weight_init)
     layers = enumerate_layers(unet)
     assert len(layers) == 16
-    chosen = capture_layers(layers, "latent/4", "test")
+    chosen = capture_layers(layers, "latent/4")
     assert [l.key for l in chosen] == [("input", 7, 0), ("input", 8, 0), ("output", 3, 0), ("output", 4, 0),
                                        ("output", 5, 0)]
     assert all(l.grid(64, 64) == (16, 16) and l.channels == 1280 and l.heads == 8 for l in chosen)

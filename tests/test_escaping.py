@@ -41,6 +41,7 @@ def test_user_text_escapes_markup_and_keeps_words():
     assert user_text("a cat & a dog's hat") == "a cat &amp; a dog's hat"
 
 
+@pytest.mark.fast
 def test_kv_inject_mask_words_with_markup_come_back_escaped(inverted):
     model, clip, inv = inverted
     msg = message_of(lambda: ICKVInject().patch(model, inv, 0.25, 0, "masked", mask_words=MARKUP, clip=clip,
@@ -50,6 +51,7 @@ def test_kv_inject_mask_words_with_markup_come_back_escaped(inverted):
     assert "is not in the prompt" in msg
 
 
+@pytest.mark.fast
 def test_kv_inject_prompt_with_markup_is_escaped_where_it_is_repeated(inverted):
     model, clip, inv = inverted
     msg = message_of(lambda: ICKVInject().patch(model, inv, 0.25, 0, "masked", mask_words="dog", clip=clip,

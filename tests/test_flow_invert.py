@@ -333,6 +333,7 @@ def test_qwen_image_samples_back_from_the_stock_empty_latent(flow):
 
 
 def test_other_nodes_refuse_flow_models_naming_the_family(flow):
+    from inversion_chain.artifacts import naming
     from inversion_chain.model_info import check_supported
     name = FAMILY_CLASS[flow["family"]]
     if flow["family"] not in ("flux", "chroma"):   # KV Inject runs on Flux and Chroma: test_flow_kv_inject.py
@@ -343,10 +344,10 @@ def test_other_nodes_refuse_flow_models_naming_the_family(flow):
         text = str(err.value)
         assert text.startswith("KV Inject") and name in text and "not supported yet" in text and "DDIM Invert" in text
     capture = () if flow["family"] != "sd3" else ("Attention Capture",)   # the others: test_flow_attention_maps.py
-    for what in ("RIVAL Align Sampler", "P2Plus Controller") + capture:
-        with pytest.raises(InversionChainError, match=f"^{what}: the model family '[^']*{name}[^']*' .*not supported "
-                                                      f"yet"):
-            check_supported(flow["model"], what)
+    for node in ("RIVAL Align Sampler", "P2Plus Controller") + capture:
+        with pytest.raises(InversionChainError, match=f"^{node}: the model family '[^']*{name}[^']*' .*not supported "
+                                                      f"yet"), naming(node):   # as the node contract runs them
+            check_supported(flow["model"])
 
 
 @pytest.mark.parametrize("given", ["empty", "source"])
@@ -378,10 +379,10 @@ def test_latent_contract_takes_one_frame_of_a_video_vae_latent_only():
     from inversion_chain.samplers.inversion import check_latent
     one_frame = torch.zeros(1, 16, 1, 8, 8)
     validate(ICDDIMInvert, {"latent": {"samples": one_frame}})
-    check_latent(one_frame, "DDIM Invert")
+    check_latent(one_frame)
     for bad in (torch.zeros(1, 16, 2, 8, 8), torch.zeros(16, 8, 8)):
         with pytest.raises(InversionChainError, match=r"(?s)DDIM Invert: input `latent` got .*accepted: a LATENT: .*"
                                                       r"\[B, C, 1, H, W\]"):
             validate(ICDDIMInvert, {"latent": {"samples": bad}})
-        with pytest.raises(InversionChainError, match=r"DDIM Invert: expected a LATENT .*\[batch, channels, 1, height"):
-            check_latent(bad, "DDIM Invert")
+        with pytest.raises(InversionChainError, match=r"^expected a LATENT .*\[batch, channels, 1, height"):
+            check_latent(bad)   # unnamed below the node: the contract puts "DDIM Invert: " in front

@@ -137,8 +137,8 @@ def test_no_blocks_or_no_steps_is_bit_identical_to_stock_sampling(flow, store):
         with torch.inference_mode():
             patched = pipeline.patch_dit(flow["model"], flow["inv"], chosen, steps)
         assert torch.equal(sample(flow, patched, positive=flow["target"]), stock)
-    with pytest.raises(InversionChainError, match=r"^KV Inject: start_percent 1 leaves none of the inversion's 8 "
-                                                  r"steps.*below 0\.875"):
+    with pytest.raises(InversionChainError, match=r"^KV Inject \(Mutual Self-Attention\): start_percent 1 leaves none "
+                                                  r"of the inversion's 8 steps.*below 0\.875"):
         inject(flow, start_percent=1.0)
 
 
@@ -200,7 +200,9 @@ def test_cache_equals_recompute(flow, store):
 def test_cfg_without_negative_is_a_clear_error(flow, store):
     if flow["family"] != "chroma":
         pytest.skip("guidance-distilled Flux samples at cfg 1")
-    with pytest.raises(InversionChainError, match="^KV Inject: the sampler runs classifier-free guidance"):
+    # raised inside the stock sampler: the editor names the node that made it (its display name)
+    with pytest.raises(InversionChainError, match=r"^KV Inject \(Mutual Self-Attention\): the sampler runs "
+                                                  r"classifier-free guidance"):
         sample(flow, inject(flow), positive=flow["target"], negative=flow["empty"], cfg=2.0)
 
 

@@ -122,7 +122,7 @@ def test_two_editors_on_one_model_both_take_effect(setup, small_model, encode):
     m = ICKVInject().patch(s["model"], s["inv"], 0.0, 12, "union")[0]
     m = ICKVInject().patch(m, inv_b, 0.0, 12, "union")[0]
     probe = KeyLengthProbe(13)
-    m = patching.install(m, probe, "probe")
+    m = patching.install(m, probe)
     out = sample(m, s["tgt"], s["empty"], s["noise"], s["sigmas"], 1.0)
     assert probe.seen and all(nk == 3 * nq for nq, nk in probe.seen)  # reference A + reference B + own
     only_a = sample(ICKVInject().patch(s["model"], s["inv"], 0.0, 12, "union")[0], s["tgt"], s["empty"], s["noise"],

@@ -85,7 +85,7 @@ def test_identity_reconstructs_the_source_in_both_modes(s):
                                 mask_words="astronaut", clip=s["clip"], source_prompt=SOURCE,
                                 target_prompt=SOURCE)[0]
     probe = Probe("self", [s["start"]], lambda q, k, v, ctx: ctx.scratch.get("kv_masks"))
-    masked = patching.install(masked, probe, "probe")
+    masked = patching.install(masked, probe)
     errs = {"mutual": err(sample(mutual, s["src"], s["src"], s["noise"], s["sigmas"], CFG), s["source"]),
             "masked": err(out_masked := sample(masked, s["src"], s["src"], s["noise"], s["sigmas"], CFG), s["source"])}
     masks = probe.seen
@@ -109,7 +109,7 @@ def test_each_cfg_half_gets_the_source_kv_of_its_own_half(s):
     for step in range(1, STEPS):
         for branch, cond in ((0, s["src"]), (1, s["empty"])):
             o = Probe("self", [layer], lambda q, k, v, ctx: (k.clone(), v.clone()))
-            one_call(patching.install(s["model"], o, "oracle"), s["inv"].chain[step], float(s["sigmas"][step]),
+            one_call(patching.install(s["model"], o), s["inv"].chain[step], float(s["sigmas"][step]),
                      cond, s["latent"])
             oracle[step, branch] = o.seen[0]
     gap = min(err(oracle[i, 0][0], oracle[i, 1][0]) / float(oracle[i, 0][0].abs().max()) for i in range(1, STEPS))
@@ -119,7 +119,7 @@ def test_each_cfg_half_gets_the_source_kv_of_its_own_half(s):
                                 cache=cache)[0]
         probe = Probe("self", [layer], lambda q, k, v, ctx: (ctx.step.index, list(ctx.cond_or_uncond), k.clone(),
                                                              v.clone()))
-        sample(patching.install(kv, probe, "probe"), s["tgt"], s["empty"], s["noise"], s["sigmas"], CFG)
+        sample(patching.install(kv, probe), s["tgt"], s["empty"], s["noise"], s["sigmas"], CFG)
         seen = [x for x in probe.seen if x[0] >= 1]   # injecting from step 1 of 4
         worst = 0.0
         for step, order, k, v in seen:
@@ -199,7 +199,7 @@ def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s
     step = 1
     o = Probe("cross", [l.index for l in s["layers"] if l.level == level], None,
               lambda probs, ctx: probs[0, :, :, WORD_AT["source"]].float().mean(0))
-    one_call(patching.install(s["model"], o, "oracle"), s["inv"].chain[step], float(s["sigmas"][step]), s["src"],
+    one_call(patching.install(s["model"], o), s["inv"].chain[step], float(s["sigmas"][step]), s["src"],
              s["latent"])
     m = torch.stack(o.seen).mean(0).reshape(gh, gw)
     source_region = (m - m.min()) / (m.max() - m.min()) >= 0.1
@@ -211,9 +211,9 @@ def test_masked_target_mask_follows_the_targets_own_map_and_regions_stay_apart(s
     kv = ICKVInject().patch(s["model"], s["inv"], step / STEPS, s["start"], "masked", negative=s["empty"],
                             mask_words="astronaut", clip=s["clip"], source_prompt=SOURCE, target_prompt=TARGET,
                             mask_map_size=map_size)[0]
-    kv = patching.install(kv, ForceWordMap(level, WORD_AT["target"], moved), "force")
+    kv = patching.install(kv, ForceWordMap(level, WORD_AT["target"], moved))
     probe = BiasProbe([l.index for l in s["layers"] if l.index >= s["start"]])
-    kv = patching.install(kv, probe, "probe")
+    kv = patching.install(kv, probe)
     out = sample(kv, s["tgt"], s["empty"], s["noise"], s["sigmas"], CFG)
     assert torch.isfinite(out).all()
     checked, worst_leak, src_disagree = 0, 0.0, 0.0

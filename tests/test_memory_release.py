@@ -120,7 +120,7 @@ def test_attention_capture_refuses_a_run_over_its_byte_budget_before_storing(sma
     from inversion_chain.nodes.attention_maps import DEFAULT_MAX_MB, ICAttentionCapture
     model, clip, _ = small_model
     steps, hw, kinds = 4, tuple(astronaut_latent["samples"].shape[-2:]), ("cross", "self")
-    layers = capture_layers(patching.layers_of(model), "all", "t")
+    layers = capture_layers(patching.layers_of(model), "all")
     levels = sorted({l.level for l in layers})
     need = storage_bytes(layers, hw, steps, 1, 1, kinds)["total"]
     smallest = min(storage_bytes([l for l in layers if l.level == lv], hw, steps, 1, 1, kinds)["total"]
@@ -196,6 +196,7 @@ def test_ddim_invert_keeps_the_chain_on_the_offload_device_step_by_step(small_mo
     assert torch.equal(inv.chain[-1], seen["chain"][0]) and torch.equal(inv.chain[0], seen["chain"][-1])
 
 
+@pytest.mark.fast
 def test_masked_kv_bias_is_made_per_query_chunk_and_gives_the_whole_bias_result():
     from inversion_chain.attention.core.controller import apply_probs, attention_probs, explicit_attention
     from inversion_chain.attention.editors.kv_inject import RegionBias

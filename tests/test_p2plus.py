@@ -100,7 +100,7 @@ class ReferenceP2P(Editor):
 def test_tau_u_zero_is_exactly_prompt_to_prompt(setup, encode):
     s = setup
     ours, _ = run(s, cfg=5.0, tau_c=0.5, tau_s=0.5, tau_u=0.0)
-    reference_model = patching.install(s["model"], ReferenceP2P(s["sigmas"], 0.5, 0.5), "reference P2P")
+    reference_model = patching.install(s["model"], ReferenceP2P(s["sigmas"], 0.5, 0.5))
     pos = [[torch.cat([encode(s["clip"], SOURCE)[0][0], encode(s["clip"], TARGET)[0][0]]), {}]]
     neg = [[encode(s["clip"], "")[0][0].repeat(2, 1, 1), {}]]
     reference = sample(reference_model, pos, neg, s["noise"].repeat(2, 1, 1, 1), s["sigmas"], 5.0)
@@ -133,7 +133,7 @@ def test_other_families_tau_u_zero_is_exactly_prompt_to_prompt(fsetup):
         options["pooled_output"] = torch.cat([src[0][1]["pooled_output"], tgt[0][1]["pooled_output"]])
     pos = [[torch.cat([src[0][0], tgt[0][0]]), options]]
     neg = [[empty[0][0].repeat(2, 1, 1), dict(empty[0][1])]]
-    reference_model = patching.install(s["model"], ReferenceP2P(s["sigmas"], 0.5, 0.5), "reference P2P")
+    reference_model = patching.install(s["model"], ReferenceP2P(s["sigmas"], 0.5, 0.5))
     reference = sample(reference_model, pos, neg, s["noise"].repeat(2, 1, 1, 1), s["sigmas"], 5.0)
     diff = float((ours - reference).abs().max())
     moved = float((ours[1] - ours[0]).abs().max())
@@ -194,7 +194,7 @@ def test_full_cross_replace_makes_target_maps_the_sources_at_every_step(setup, t
     s = setup
     m, pos, neg, latent, sigmas = edit(s, tau_c=tau_c, tau_s=1.0)
     probe = CrossMapProbe()
-    m = patching.install(m, probe, "probe")
+    m = patching.install(m, probe)
     out = sample(m, pos, neg, latent["samples"], sigmas, 3.0)
     assert sorted(probe.seen) == list(range(STEPS))
     assert all(len(v) == 16 for v in probe.seen.values()), {k: len(v) for k, v in probe.seen.items()}
@@ -210,8 +210,8 @@ def test_refine_alignment_on_real_clip_tokenization(setup):
     clip = setup["clip"]
     source, target = "a castle next to a river", "children drawing of a castle next to a river"
     plan = build_plan(clip, source, target, "refine")
-    src, tgt = prompt_tokens(clip, source, "t", "s"), prompt_tokens(clip, target, "t", "t")
-    added = len([t for t in prompt_tokens(clip, "children drawing of", "t", "t") if t not in (START, END)])
+    src, tgt = prompt_tokens(clip, source, "s"), prompt_tokens(clip, target, "t")
+    added = len([t for t in prompt_tokens(clip, "children drawing of", "t") if t not in (START, END)])
     n_src = src.index(END) + 1
     new = [j for j in range(77) if plan.aligned[j] == 0]
     assert new == list(range(1, 1 + added))                          # exactly "children drawing of" are new

@@ -66,7 +66,6 @@ def test_partial_chain_is_the_full_chains_clean_end_and_stock_samplers_reconstru
     assert err(custom, p["source"]) < 1e-3 and err(advanced, custom) < 1e-5
 
 
-@pytest.mark.fast
 def test_end_percent_counts_inversion_steps_from_the_clean_end(small_model, encode, astronaut_latent):
     """Inversion step j of N runs when j/N < end_percent (the pack's one rule), so end_percent e inverts
     ceil(e * N) steps; 0 inverts none and is refused naming the input."""

@@ -78,7 +78,7 @@ def _filled(model, inv, negative, keep, dtype):
     """A ReferenceKV of both CFG branches, every layer and step, filled as RIVAL fills its cache."""
     layers = patching.layers_of(model)
     ref = reference.ReferenceKV(inv, layers, range(STEPS), storage_dtype=dtype, branches=2, keep=keep)
-    recorder = patching.install(model, RivalAttentionEditor(1.0, Schedule(inv.sigmas, inv.scheduler, "t"), ref), "t")
+    recorder = patching.install(model, RivalAttentionEditor(1.0, Schedule(inv.sigmas, inv.scheduler), ref))
     with torch.inference_mode():
         ref.fill(recorder, torch.zeros(inv.latent_shape), negative=first_row(negative))
     return ref

@@ -186,7 +186,7 @@ def test_concatenation_regime_runs_the_kernel_per_branch_with_the_same_result():
     ctx = CallContext(kind="self", layer=None, step=StepInfo(index=5, total=10, sigma=1.0, timestep=400.0),
                       cond_or_uncond=[1, 0], rows_per_chunk=rows, grid=(4, 4), heads=heads, extra_options={},
                       kernel=kernel)
-    schedule = Schedule(torch.linspace(10.0, 0.0, 11), "test", "test")  # step 5 of 10: past the replacement
+    schedule = Schedule(torch.linspace(10.0, 0.0, 11), "test")  # step 5 of 10: past the replacement
     q2, k2, v2 = RivalAttentionEditor(0.4, schedule).edit_qkv(q, k, v, ctx)
     out = ctx.kernel(q2, k2, v2)
     # per CFG branch: the reference row over its own n keys, the generated rows over [K_ref, K_gen]

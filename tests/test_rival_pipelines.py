@@ -47,7 +47,7 @@ def test_official_t_early_400_of_the_controlnet_config_is_normalize_end_percent_
     sigmas = compat.calculate_sigmas(model, "ddim_uniform", 50)
     sampling = compat.model_sampling(model)
     timesteps = [float(sampling.timestep(s.view(1))) for s in sigmas[:-1]]
-    schedule = Schedule(sigmas, "ddim_uniform", "test")
+    schedule = Schedule(sigmas, "ddim_uniform")
     for t, p in ((400, 0.6), (600, 0.4)):
         assert percent_after_timestep(timesteps, t) == p
         assert [schedule.fraction(i) < p for i in range(50)] == [ts > t for ts in timesteps]

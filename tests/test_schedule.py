@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from inversion_chain import compat
-from inversion_chain.artifacts import InversionChainError
+from inversion_chain.artifacts import InversionChainError, naming
 from inversion_chain.attention.core.controller import CallContext, Controller
 from inversion_chain.attention.editors.rival import RivalAttentionEditor
 from inversion_chain.attention.core.schedule import (RunTracker, Schedule, StepInfo, percent_after_timestep,
@@ -40,13 +40,13 @@ def regime_of_each_step(model, sigmas, editor):
 def test_rival_fractions_reproduce_t_align_and_t_early_600_on_50_ddim_uniform_steps(ddim50):
     model, sigmas, timesteps = ddim50
     assert percent_after_timestep(timesteps, 600) == 0.4
-    editor = RivalAttentionEditor(0.4, Schedule(sigmas, "ddim_uniform", "test"))
+    editor = RivalAttentionEditor(0.4, Schedule(sigmas, "ddim_uniform"))
     regimes = regime_of_each_step(model, sigmas, editor)
     # the paper: reference K/V replace the own for t > t_align, concatenation below
     assert regimes == ["replace" if t > 600 else "concat" for t in timesteps]
     assert regimes.count("replace") == 20
     # normalisation (t > t_early) uses the same rule on the same schedule
-    schedule = Schedule(sigmas, "ddim_uniform", "test")
+    schedule = Schedule(sigmas, "ddim_uniform")
     assert [schedule.fraction(i) < 0.4 for i in range(50)] == [t > 600 for t in timesteps]
 
 
@@ -58,7 +58,8 @@ def test_kv_inject_start_percent_reproduces_masactrl_start_step_4_of_50():
 
 def test_step_is_located_once_per_unet_call_and_off_schedule_sigmas_are_explained(ddim50):
     model, sigmas, _ = ddim50
-    schedule = Schedule(sigmas, "ddim_uniform", "Some Node")
+    with naming("Some Node"):   # made inside a node's function: its error, raised while a sampler runs, names it
+        schedule = Schedule(sigmas, "ddim_uniform")
     editor = RivalAttentionEditor(0.4, schedule)
     controller = Controller([], compat.model_sampling(model), [editor])
     call = {"sigmas": sigmas[7:8].clone()}

@@ -11,7 +11,7 @@ at most RSS_GROWTH; a stock-only graph (KSampler + VAE Decode) gives bit-identic
 appears in ComfyUI's output/temp/input/user folders that no prompt reported; the server still answers.
 
 Short form (CI): 2 rounds, 42 prompts (the two stock runs included). Long form: IC_SOAK_PROMPTS=300 (or
-``scripts/soak.py --prompts 300``, which prints the figures as JSON; README "Reliability")."""
+``scripts/soak.py --prompts 300``, which prints the figures as JSON; docs/memory.md "Soak")."""
 import math
 import os
 
@@ -27,12 +27,12 @@ pytestmark = pytest.mark.server
 PER_ROUND = sum(1 for s in round_plan() if s.call is None)
 ROUNDS = max(2, math.ceil((int(os.environ.get("IC_SOAK_PROMPTS", 0)) - 2) / PER_ROUND))
 # Peak RSS of the server process. Measured, short form: 1.21 GiB on the v0.33.0 tree, 1.03 GiB on the 2024-03 tree;
-# long form: README "Reliability". The budget leaves ~65% headroom over the larger: a second copy of ComfyUI's
+# long form: docs/memory.md "Soak". The budget leaves ~65% headroom over the larger: a second copy of ComfyUI's
 # model management's loaded models or a capture kept per prompt would not fit in it for long.
 RSS_BUDGET = 2 * 2 ** 30
 # RSS at the end of a round, second half of the rounds against the first (the first round, which loads both models
 # and the pack's code paths for the first time, is left out when there are more than two). Measured, short form:
-# +4 and +13 MiB (v0.33.0, two runs), +20 MiB (2024-03); long form: README "Reliability" (it rises by steps of a few
+# +4 and +13 MiB (v0.33.0, two runs), +20 MiB (2024-03); long form: docs/memory.md "Soak" (it rises by steps of a few
 # MiB in the early rounds and then stays, moving up and down by ~20 MiB with which tensors the allocator's free
 # pages happen to hold). A leak of one test model (~50 MB) per round, or of 2.5 MiB per prompt (21 prompts a
 # round), would exceed it.

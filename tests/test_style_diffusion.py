@@ -158,7 +158,7 @@ def test_only_values_change_keys_and_probabilities_do_not(setup):
     with torch.inference_mode():
         styled, _ = ICStyleDiffusionApply().apply(s["model"], s["style"], 1.0)
         probe = KeyValueProbe(s["sigmas"])
-        sample(patching.install(styled, probe, "test"), s["src"], s["empty"], s["noise"], s["sigmas"])
+        sample(patching.install(styled, probe), s["src"], s["empty"], s["noise"], s["sigmas"])
         unet = unet_of(s["model"])
         text = s["src"][0][0].float()
         seen_steps, value_changed = set(), 0
@@ -319,7 +319,7 @@ def test_only_the_cross_attention_values_change(other):
     """As on SD1.5: keys (hence probabilities) are the prompt's at every step and layer, values the mapper's."""
     with torch.inference_mode():
         probe = KeyValueProbe(other["sigmas"])
-        sample(patching.install(other["styled"], probe, "test"), other["src"], other["empty"], other["noise"],
+        sample(patching.install(other["styled"], probe), other["src"], other["empty"], other["noise"],
                other["sigmas"])
         unet = unet_of(other["model"])
         text = other["src"][0][0].float()

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ...artifacts import InversionChainError
+from ...artifacts import named_error, node_name
 from ...compat import PatchObject
 from .controller import REFERENCE_PASS_KEY
 from .schedule import Schedule
@@ -80,8 +80,8 @@ class ContextPatch(PatchObject):
                 return n, context, value
             emb = self.embedding(step, context.device, context.dtype)
         if tuple(context.shape[1:]) != tuple(emb.shape[1:]):
-            raise InversionChainError(
-                f"{self.schedule.what}: the context is {tuple(context.shape[1:])} (tokens, dim) but the per-step "
+            raise named_error(
+                f"{self.schedule.node}: the context is {tuple(context.shape[1:])} (tokens, dim) but the per-step "
                 f"embeddings are {tuple(emb.shape[1:])}. {self.mismatch}")
         per = context.shape[0] // len(order)
         rows = [c * per + r for c, kind in enumerate(order) if kind == self.branch for r in range(per)]
@@ -98,9 +98,9 @@ class ContextPatch(PatchObject):
 class CfgCheck(PatchObject):
     """Post-CFG observer: warns once when sampling runs at another cfg than the NULL_TEXT was optimised for."""
 
-    def __init__(self, cfg: float, what: str):
+    def __init__(self, cfg: float):
         self.cfg = float(cfg)
-        self.what = what
+        self.node = node_name()
         self.warned = False
 
     def __call__(self, args):
@@ -116,6 +116,6 @@ class CfgCheck(PatchObject):
             scale = float(((denoised - uncond).float() * diff).sum()) / norm
             if abs(scale - self.cfg) > 0.05 * max(1.0, self.cfg):
                 log.warning("[Inversion Chain] %s: sampling at cfg %.2f but the NULL_TEXT was optimised at cfg %.2f; "
-                            "row 0 will not reconstruct the image exactly.", self.what, scale, self.cfg)
+                            "row 0 will not reconstruct the image exactly.", self.node, scale, self.cfg)
             self.warned = True
         return denoised

@@ -48,9 +48,9 @@ def layers_of(model):
     return controller.layers if controller is not None else enumerate_layers(unet_of(model))
 
 
-def install(model, editor: Editor, what: str):
+def install(model, editor: Editor):
     """A clone of ``model`` whose Controller also runs ``editor``; patches only where the editor may act."""
-    check_supported(model, what)
+    check_supported(model)
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
     old = to.get(CONTROLLER_KEY)

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ...artifacts import InversionChainError
+from ...artifacts import InversionChainError, named_error, node_name
 
 SIGMA_RTOL = 1e-4
 
@@ -54,18 +54,18 @@ class StepInfo:
 
 class Schedule:
     """The sigma schedule an effect is defined on (an inversion's, or ``steps`` + ``scheduler``), with the error
-    that names how to sample on it."""
+    that names how to sample on it (and the node that made it: the error is raised while a sampler runs)."""
 
-    def __init__(self, sigmas: torch.Tensor, scheduler: str, what: str, hint: Optional[str] = None):
+    def __init__(self, sigmas: torch.Tensor, scheduler: str, hint: Optional[str] = None):
         self.sigmas = sigmas.detach().float().cpu()
         self.scheduler = scheduler
-        self.what = what
+        self.node = node_name()
         self.hint = hint
 
     @classmethod
-    def of(cls, inversion, what: str) -> "Schedule":
+    def of(cls, inversion) -> "Schedule":
         """An INVERSION's schedule; a partial inversion's error names its KSampler Advanced start_at_step."""
-        return cls(inversion.sigmas, inversion.scheduler, what, hint=inversion.how_to_sample())
+        return cls(inversion.sigmas, inversion.scheduler, hint=inversion.how_to_sample())
 
     @property
     def steps(self) -> int:
@@ -76,8 +76,8 @@ class Schedule:
             f"{self.steps} steps and scheduler '{self.scheduler}' (sampler 'ddim', denoise 1.0; a schedule that "
             f"starts below the model's sigma_max, here {float(self.sigmas[0]):.5g}, is a partial inversion's: "
             f"KSampler Advanced's start_at_step), or feed the `sigmas` of DDIM Invert / this node to SamplerCustom")
-        return InversionChainError(
-            f"{self.what}: sampling reached sigma {float(sigma):.5g}, which is not on the edit's schedule. Sample "
+        return named_error(
+            f"{self.node}: sampling reached sigma {float(sigma):.5g}, which is not on the edit's schedule. Sample "
             f"with {how}.")
 
     def index(self, sigma: float) -> int:
@@ -120,11 +120,11 @@ class RunTracker:
         return started
 
 
-def check_percents(what: str, **percents: float):
+def check_percents(**percents: float):
     """Every "when" input is a fraction of the steps in [0, 1]."""
     for name, value in percents.items():
         if not 0.0 <= float(value) <= 1.0:
-            raise InversionChainError(f"{what}: {name} is a fraction of the sampling steps in [0, 1], got {value}.")
+            raise InversionChainError(f"{name} is a fraction of the sampling steps in [0, 1], got {value}.")
 
 
 def percent_after_timestep(timesteps: Sequence[float], t: float) -> float:

@@ -45,8 +45,9 @@ def _hf_tokenizer(clip):
     return getattr(tok, "tokenizer", None)
 
 
-def locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str, List[int]]:
-    """Positions (in the 77-token sequence) of each word's tokens in ``prompt``; a clear error for absent words."""
+def locate_words(clip, prompt: str, words: Sequence[str], input_name: str) -> Dict[str, List[int]]:
+    """Positions (in the 77-token sequence) of each word's tokens in ``prompt``; a clear error for absent words,
+    naming the input they came from (``input_name``, e.g. "`mask_words`")."""
     ids = token_ids(clip, prompt)
     end = ids.index(END) if END in ids else len(ids)
     found: Dict[str, List[int]] = {}
@@ -60,14 +61,13 @@ def locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str
         if hit is None or not pieces:
             if pieces and _in_later_window(clip, prompt, pieces):
                 raise InversionChainError(
-                    f"{what}: the word '{user_text(word)}' is in the prompt, but after its first {len(ids) - 2} "
+                    f"{input_name}: the word '{user_text(word)}' is in the prompt, but after its first {len(ids) - 2} "
                     f"tokens (CLIP's "
                     f"first 77-token window), and only that window's attention maps are used. Move the word earlier "
                     f"or shorten the prompt '{_cut(prompt)}'.")
             valid = user_text(", ".join(readable_tokens(clip, ids[:end + 1])))
-            raise InversionChainError(f"{what}: the word '{user_text(word)}' is not in the prompt '{_cut(prompt)}'. "
-                                      f"Its tokens "
-                                      f"are: {valid}.")
+            raise InversionChainError(f"{input_name}: the word '{user_text(word)}' is not in the prompt "
+                                      f"'{_cut(prompt)}'. Its tokens are: {valid}.")
         found[word] = hit
     return found
 
@@ -107,7 +107,7 @@ def _id_of(token, position: int) -> int:
     return int(t)
 
 
-def prompt_tokens(clip, text: str, what: str, role: str) -> List[int]:
+def prompt_tokens(clip, text: str, role: str) -> List[int]:
     """The 77 token ids of ``text`` (start token at 0); a clear error when the prompt needs more than one window."""
     chunks = _first_encoder_chunks(clip, text)
     if len(chunks) > 1:
@@ -116,7 +116,7 @@ def prompt_tokens(clip, text: str, what: str, role: str) -> List[int]:
             ids = [_id_of(t, i) for i, t in enumerate(chunk)]
             used += sum(1 for t in ids if t not in (START, END, 0))
         raise InversionChainError(
-            f"{what}: the {role} '{_cut(text, 60)}' is {used} tokens long; "
+            f"the {role} '{_cut(text, 60)}' is {used} tokens long; "
             f"Prompt-to-Prompt edits one CLIP window of {MAX_TOKENS} tokens ({MAX_TOKENS - 2} plus start/end). "
             f"Shorten the prompt.")
     return [_id_of(t, i) for i, t in enumerate(chunks[0])]
@@ -157,7 +157,7 @@ def align_tokens(source: Sequence[int], target: Sequence[int]) -> List[int]:
 
 def word_positions(clip, ids: Sequence[int], word: str) -> List[int]:
     """Every position of ``word``'s tokens in ``ids`` (all occurrences), [] if absent."""
-    pieces = [t for t in prompt_tokens(clip, word, "word lookup", "word") if t not in (START, END, 0)]
+    pieces = [t for t in prompt_tokens(clip, word, "word") if t not in (START, END, 0)]
     end = token_count(ids) - 1
     found = []
     if not pieces:
@@ -215,7 +215,7 @@ def t5_readable(clip, ids: Sequence[int]) -> List[str]:
     return [s.replace("\u2581", "") or s for s in inner.convert_ids_to_tokens([int(t) for t in ids])]
 
 
-def t5_locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str, List[int]]:
+def t5_locate_words(clip, prompt: str, words: Sequence[str], input_name: str) -> Dict[str, List[int]]:
     """Positions (text token p of the DiT) of each word's T5 pieces in ``prompt``, first occurrence; ComfyUI
     tokenizes every space-separated word alone, so a word's pieces are the same alone and in the prompt."""
     ids = t5_ids(clip, prompt)
@@ -228,7 +228,8 @@ def t5_locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[
                     if pieces and ids[s:s + len(pieces)] == pieces), None)
         if hit is None:
             valid = user_text(", ".join(t5_readable(clip, ids[:end])))
-            raise InversionChainError(f"{what}: the word '{user_text(word)}' is not in the prompt '{_cut(prompt)}'. "
+            raise InversionChainError(f"{input_name}: the word '{user_text(word)}' is not in the prompt "
+                                      f"'{_cut(prompt)}'. "
                                       f"Its T5 tokens are: {valid}.")
         found[word] = hit
     return found
@@ -270,7 +271,7 @@ def qwen_readable(clip, ids: Sequence[int]) -> List[str]:
     return [s.replace("\u0120", "") or s for s in inner.convert_ids_to_tokens([int(t) for t in ids])]
 
 
-def qwen_locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dict[str, List[int]]:
+def qwen_locate_words(clip, prompt: str, words: Sequence[str], input_name: str) -> Dict[str, List[int]]:
     """Positions (text token p of the DiT) of each word's BPE pieces in ``prompt``, first occurrence: a word is
     looked for with its leading space (inside the prompt) and without (at its start)."""
     ids = qwen_ids(clip, prompt)
@@ -287,7 +288,8 @@ def qwen_locate_words(clip, prompt: str, words: Sequence[str], what: str) -> Dic
                 break
         if hit is None:
             valid = user_text(", ".join(qwen_readable(clip, ids[:end])))
-            raise InversionChainError(f"{what}: the word '{user_text(word)}' is not in the prompt '{_cut(prompt)}'. "
+            raise InversionChainError(f"{input_name}: the word '{user_text(word)}' is not in the prompt "
+                                      f"'{_cut(prompt)}'. "
                                       f"Its Qwen tokens are: {valid}.")
         found[word] = hit
     return found

@@ -12,19 +12,18 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from ... import compat
-from ...artifacts import InversionChainError
+from ...artifacts import named_error, node_name
 from ..core.dit_layers import DiTBlock
 from ..store.dit_reference import RECORDING_KEY, step_of
 
 
 class DiTKVInject(compat.PatchObject):
-    def __init__(self, reference, blocks: Sequence[DiTBlock], steps: Iterable[int], tokens: int,
-                 what: str = "KV Inject"):
+    def __init__(self, reference, blocks: Sequence[DiTBlock], steps: Iterable[int], tokens: int):
         self.reference = reference    # a DiTReferenceKV, or a PartialReference of one
         self.blocks = {b.key: b for b in blocks}
         self.tokens = int(tokens)
         self.steps = set(int(s) for s in steps)
-        self.what = what
+        self.node = node_name()
 
     def __call__(self, q, k, v, pe=None, attn_mask=None, extra_options=None):
         options = extra_options or {}
@@ -39,13 +38,13 @@ class DiTKVInject(compat.PatchObject):
         s0, s1 = options["img_slice"]
         if s1 - s0 != self.tokens:
             h, w = self.reference.inversion.latent_shape[-2:]
-            raise InversionChainError(
-                f"{self.what}: the sampled latent has {s1 - s0} image tokens, the inversion's latent ({w * 8}x{h * 8} "
+            raise named_error(
+                f"{self.node}: the sampled latent has {s1 - s0} image tokens, the inversion's latent ({w * 8}x{h * 8} "
                 f"px) has {self.tokens}; sample at the inverted image's size.")
         branches = list(options.get("cond_or_uncond") or [0])
         if 1 in branches and self.reference.branches < 2:
-            raise InversionChainError(
-                f"{self.what}: the sampler runs classifier-free guidance (an unconditional half) but `negative` is "
+            raise named_error(
+                f"{self.node}: the sampler runs classifier-free guidance (an unconditional half) but `negative` is "
                 f"not connected. Each CFG half attends to the source run with that half's prompt: connect the same "
                 f"negative conditioning the sampler gets (or sample at cfg 1, as guidance-distilled Flux does).")
         rows = k.shape[0] // len(branches)

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from ... import compat
-from ...artifacts import InversionChainError
+from ...artifacts import named_error, node_name
 from ..core.dit_layers import DiTBlock
 from ..store.dit_reference import RECORDING_KEY, step_of
 
@@ -51,7 +51,7 @@ def extended_mask(attn_mask: Optional[torch.Tensor], rows: int, length: int, ext
 
 class DiTRival(compat.PatchObject):
     def __init__(self, sigmas: torch.Tensor, blocks: Sequence[DiTBlock], replace_end_percent: float, tokens: int,
-                 reference=None, steps: Optional[Sequence[int]] = None, what: str = "RIVAL"):
+                 reference=None, steps: Optional[Sequence[int]] = None):
         self.sigmas = sigmas.detach().float().cpu()
         self.total = int(self.sigmas.numel()) - 1
         self.blocks = {b.key: b for b in blocks}
@@ -59,7 +59,7 @@ class DiTRival(compat.PatchObject):
         self.tokens = int(tokens)
         self.reference = reference       # None: row 0 of each CFG chunk (batch layout); else a filled DiTReferenceKV
         self.steps = set(range(self.total)) if steps is None else set(int(s) for s in steps)
-        self.what = what
+        self.node = node_name()   # raised inside the sampler: the errors name the node that built the patch
 
     def reference_kv(self, k, v, step, block, branches, s0, s1):
         """The reference's image-token K and V per CFG chunk: ``(chunks, 1, heads, tokens, head_dim)``."""
@@ -81,13 +81,13 @@ class DiTRival(compat.PatchObject):
             return {}
         s0, s1 = options["img_slice"]
         if s1 - s0 != self.tokens:
-            raise InversionChainError(
-                f"{self.what}: the sampled latent has {s1 - s0} image tokens, the inversion's latent has "
+            raise named_error(
+                f"{self.node}: the sampled latent has {s1 - s0} image tokens, the inversion's latent has "
                 f"{self.tokens}; sample at the inverted image's size, without reference latents (Flux Kontext).")
         branches = list(options.get("cond_or_uncond") or [0])
         if self.reference is not None and 1 in branches and self.reference.branches < 2:
-            raise InversionChainError(
-                f"{self.what}: the sampler runs an unconditional half but the reference was recorded for the "
+            raise named_error(
+                f"{self.node}: the sampler runs an unconditional half but the reference was recorded for the "
                 f"conditional half only (cfg 1); sample at the cfg the reference was recorded for.")
         chunks = len(branches)
         rows = k.shape[0] // chunks

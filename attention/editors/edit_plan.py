@@ -15,7 +15,7 @@ MODES = ("replace", "refine", "reweight")
 REWEIGHT_RANGE = (-2.0, 2.0)
 
 
-def parse_reweight(text: str, what: str) -> List[Tuple[str, float]]:
+def parse_reweight(text: str) -> List[Tuple[str, float]]:
     """``"flowers:2.0, red car:-1"`` -> [("flowers", 2.0), ("red car", -1.0)]."""
     out = []
     for item in (text or "").replace(";", ",").split(","):
@@ -24,15 +24,15 @@ def parse_reweight(text: str, what: str) -> List[Tuple[str, float]]:
             continue
         word, sep, value = item.rpartition(":")
         if not sep or not word.strip():
-            raise InversionChainError(f"{what}: reweight entry '{user_text(item)}' must look like 'word:value', e.g. "
+            raise InversionChainError(f"reweight entry '{user_text(item)}' must look like 'word:value', e.g. "
                                       f"'flowers:2.0' (values in [{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}]).")
         try:
             c = float(value)
         except ValueError:
-            raise InversionChainError(f"{what}: reweight value '{user_text(value.strip())}' of "
+            raise InversionChainError(f"reweight value '{user_text(value.strip())}' of "
                                       f"'{user_text(word.strip())}' is not a number.")
         if not REWEIGHT_RANGE[0] <= c <= REWEIGHT_RANGE[1]:
-            raise InversionChainError(f"{what}: reweight value {c:g} for '{user_text(word.strip())}' is outside "
+            raise InversionChainError(f"reweight value {c:g} for '{user_text(word.strip())}' is outside "
                                       f"[{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}].")
         out.append((word.strip(), c))
     return out
@@ -65,24 +65,23 @@ class EditPlan:
         return out
 
 
-def build_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight: str = "",
-               what: str = "Prompt-to-Prompt") -> EditPlan:
+def build_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight: str = "") -> EditPlan:
     if mode not in MODES:
-        raise InversionChainError(f"{what}: unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
-    src = prompt_tokens(clip, source_prompt, what, "source prompt")
-    tgt = prompt_tokens(clip, target_prompt, what, "target prompt")
+        raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
+    src = prompt_tokens(clip, source_prompt, "source prompt")
+    tgt = prompt_tokens(clip, target_prompt, "target prompt")
     if len(src) != len(tgt):
-        raise InversionChainError(f"{what}: the source and target prompts tokenize to different window sizes "
+        raise InversionChainError(f"the source and target prompts tokenize to different window sizes "
                                   f"({len(src)} vs {len(tgt)}).")
     n = len(tgt)
-    weights = parse_reweight(reweight, what)
+    weights = parse_reweight(reweight)
     if mode == "reweight" and not weights:
-        raise InversionChainError(f"{what}: mode 'reweight' needs `reweight`, e.g. 'flowers:2.0' (a word of the "
+        raise InversionChainError(f"mode 'reweight' needs `reweight`, e.g. 'flowers:2.0' (a word of the "
                                   f"target prompt and a scale in [{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}]).")
     if mode == "replace" or (mode == "reweight" and token_count(src) == token_count(tgt)):
         if token_count(src) != token_count(tgt):
             raise InversionChainError(
-                f"{what}: mode 'replace' swaps words token for token, but the source prompt has "
+                f"mode 'replace' swaps words token for token, but the source prompt has "
                 f"{token_count(src) - 2} tokens ({describe_tokens(clip, src)}) and the target prompt "
                 f"{token_count(tgt) - 2} ({describe_tokens(clip, tgt)}). Use mode 'refine' for prompts of different "
                 f"lengths, or choose replacement words with the same number of tokens.")
@@ -98,7 +97,7 @@ def build_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight
         for word, c in weights:
             pos = word_positions(clip, tgt, word)
             if not pos:
-                raise InversionChainError(f"{what}: the reweight word '{user_text(word)}' is not in the target prompt "
+                raise InversionChainError(f"the reweight word '{user_text(word)}' is not in the target prompt "
                                           f"'{user_text(target_prompt)}'. Its tokens are: "
                                           f"{describe_tokens(clip, tgt)}.")
             equalizer[pos] = c

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ...artifacts import Inversion, InversionChainError
+from ...artifacts import Inversion, InversionChainError, named_error, node_name
 from ...conditioning import first_row
 from ..core import patching
 from ..core.controller import REFERENCE_PASS_KEY, CallContext, Editor
@@ -33,7 +33,7 @@ class ContentFeatures:
     ``feature_steps`` and the self-attention queries/keys of ``layers`` at ``attention_steps`` (storage dtype)."""
 
     def __init__(self, inversion: Inversion, block: DecoderBlock, layers: Sequence[AttentionLayer],
-                 feature_steps: Sequence[int], attention_steps: Sequence[int], what: str,
+                 feature_steps: Sequence[int], attention_steps: Sequence[int],
                  storage_dtype=torch.float16):
         self.inversion = inversion
         self.block = block
@@ -42,7 +42,7 @@ class ContentFeatures:
         self.feature_steps = sorted(set(int(s) for s in feature_steps))
         self.attention_steps = sorted(set(int(s) for s in attention_steps)) if self.layers else []
         self.steps = sorted(set(self.feature_steps) | set(self.attention_steps))
-        self.what = what
+        self.node = node_name()
         self.storage_dtype = storage_dtype
         self.storage_device = torch.device("cpu")
         self.features: Dict[int, torch.Tensor] = {}                               # step -> (1, C, h, w)
@@ -95,8 +95,8 @@ class ContentFeatures:
     def feature(self, step: int, like: torch.Tensor) -> torch.Tensor:
         f = self.features.get(step)
         if f is None:
-            raise InversionChainError(f"{self.what}: no content features for step {step}. If another node set a UNet "
-                                      f"function wrapper after {self.what}, put {self.what} after it.")
+            raise named_error(f"{self.node}: no content features for step {step}. If another node set a UNet "
+                              f"function wrapper after {self.node}, put {self.node} after it.")
         if tuple(f.shape[-2:]) != tuple(like.shape[-2:]):
             raise self.size_error(like.shape[-2:], f.shape[-2:], "decoder features")
         return f.to(like.device, like.dtype)
@@ -104,7 +104,7 @@ class ContentFeatures:
     def query_key(self, step: int, layer: AttentionLayer, like: torch.Tensor):
         qk = self.qk.get((step, layer.index))
         if qk is None:
-            raise InversionChainError(f"{self.what}: no content queries/keys for step {step}, layer {layer.index}.")
+            raise named_error(f"{self.node}: no content queries/keys for step {step}, layer {layer.index}.")
         if qk[0].shape[1:] != like.shape[1:]:
             raise self.size_error((like.shape[1],), (qk[0].shape[1],), f"self-attention tokens of layer "
                                   f"{layer.index}")
@@ -112,8 +112,8 @@ class ContentFeatures:
 
     def size_error(self, got, expected, what_part: str) -> InversionChainError:
         h, w = self.inversion.latent_shape[-2:]
-        return InversionChainError(
-            f"{self.what}: the latent being sampled does not match the content inversion ({what_part}: "
+        return named_error(
+            f"{self.node}: the latent being sampled does not match the content inversion ({what_part}: "
             f"{tuple(int(x) for x in got)} vs the content's {tuple(int(x) for x in expected)}). The content was "
             f"inverted at latent {(h, w)} (HxW); sample at that size (this node's `latent` output).")
 
@@ -192,12 +192,12 @@ def feature_hook(features: ContentFeatures, schedule: Schedule, feature_end_perc
     return hook
 
 
-def install(model, features: ContentFeatures, attention_end_percent: float, feature_end_percent: float, what: str):
+def install(model, features: ContentFeatures, attention_end_percent: float, feature_end_percent: float):
     """A clone of ``model`` with the attention editor and the decoder hook of ``features`` (recompute wrapper in
     recompute mode). The wrapper order matters: the hook's wrapper is outermost, so the recompute wrapper's content
     forward runs with the hook in place and records."""
-    schedule = Schedule(features.inversion.sigmas, features.inversion.scheduler, what)
-    m = patching.install(model, ContentAttentionEditor(features, schedule, attention_end_percent), what) \
+    schedule = Schedule(features.inversion.sigmas, features.inversion.scheduler)
+    m = patching.install(model, ContentAttentionEditor(features, schedule, attention_end_percent)) \
         if features.layers else model.clone()
     if features.mode == "recompute":
         patching.add_unet_wrapper(m, features.recompute_wrapper)
@@ -208,22 +208,21 @@ def install(model, features: ContentFeatures, attention_end_percent: float, feat
 
 
 def build(model, target, inversion: Inversion, block: DecoderBlock, layers: Sequence[AttentionLayer],
-          feature_end_percent: float, attention_end_percent: float, cache: str, conditioning_fingerprint: str,
-          what: str):
+          feature_end_percent: float, attention_end_percent: float, cache: str, conditioning_fingerprint: str):
     """(``target`` patched, ContentFeatures): the content features, recorded with ``model`` (the content's own forward)
     once per (inversion, conditioning, block, layers, steps) into the reference store, or recomputed per step when
     they do not fit its budget; ``target`` is the MODEL they are injected into (e.g. ``model`` with a STYLE)."""
-    schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
+    schedule = Schedule(inversion.sigmas, inversion.scheduler)
     features = ContentFeatures(inversion, block, layers, schedule.acting(0.0, feature_end_percent),
-                               schedule.acting(0.0, attention_end_percent), what)
+                               schedule.acting(0.0, attention_end_percent))
     if not features.steps:
         return target.clone(), features
     latent = torch.zeros(inversion.latent_shape)[:1]
-    recorder = install(model, features, 0.0, 0.0, what)
+    recorder = install(model, features, 0.0, 0.0)
     features, features.mode = cached(
         "feature_inject", model, features, conditioning_fingerprint, cache, lambda f: f.fill(recorder, latent),
         extra=(block.number, tuple(features.feature_steps), tuple(features.attention_steps)))
     if features.mode == "recompute":
         features.storage_device = model.load_device
         features.conds = patching.capture_conds(model, first_row(inversion.positive), latent)
-    return install(target, features, attention_end_percent, feature_end_percent, what), features
+    return install(target, features, attention_end_percent, feature_end_percent), features

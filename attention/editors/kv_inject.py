@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...artifacts import InversionChainError
+from ...artifacts import named_error, node_name
 from ...logs import log
 from ..core import patching
 from ..core.controller import CallContext, Editor, explicit_attention
@@ -69,13 +69,13 @@ class KVInjectEditor(Editor):
     kinds = ("self",)
 
     def __init__(self, reference: ReferenceKV, layers: Sequence[AttentionLayer], start_percent: float, mode: str,
-                 mask_threshold: float = 0.1, target_tokens: Sequence[int] = (), what: str = "KV injection"):
+                 mask_threshold: float = 0.1, target_tokens: Sequence[int] = ()):
         self.reference = reference
         self._layers = list(layers)
         self.layer_ids = {l.index for l in layers}
         self.start_percent = float(start_percent)
-        self.sched = Schedule(reference.inversion.sigmas, reference.inversion.scheduler, what)
-        self.what = what
+        self.sched = Schedule(reference.inversion.sigmas, reference.inversion.scheduler)
+        self.node = node_name()
         self.mode = mode
         self.mask_threshold = float(mask_threshold)
         self.target_tokens = list(target_tokens)
@@ -106,8 +106,8 @@ class KVInjectEditor(Editor):
     def branch_kv(self, step: int, ctx: CallContext, k):
         """The source's K/V for every row: chunk j of the batch gets the branch ``cond_or_uncond[j]``."""
         if 1 in ctx.cond_or_uncond and self.reference.branches < 2:
-            raise InversionChainError(
-                f"{self.what}: the sampler runs classifier-free guidance (an unconditional half) but `negative` is "
+            raise named_error(
+                f"{self.node}: the sampler runs classifier-free guidance (an unconditional half) but `negative` is "
                 f"not connected. As MasaCtrl, the unconditional half attends to the source image run with the "
                 f"sampler's negative prompt: connect the same negative conditioning the sampler gets (or sample "
                 f"at cfg 1).")
@@ -123,8 +123,8 @@ class KVInjectEditor(Editor):
         if tuple(ctx.grid) != tuple(expected):
             h, w = self.reference.inversion.latent_shape[-2:]
             shape = ctx.extra_options.get("original_shape")
-            raise InversionChainError(
-                f"{self.what}: the latent being sampled is {tuple(shape[-2:]) if shape else ctx.grid} (HxW) but the "
+            raise named_error(
+                f"{self.node}: the latent being sampled is {tuple(shape[-2:]) if shape else ctx.grid} (HxW) but the "
                 f"inversion was made at {(h, w)}. Sample at the inverted image's size.")
         k_ref, v_ref = self.branch_kv(step, ctx, k)
         if self.mode == "union":
@@ -136,7 +136,7 @@ class KVInjectEditor(Editor):
     def source_foreground(self, step: int, grid) -> torch.Tensor:
         maps = self.reference.cross_maps.get(step)
         if maps is None:
-            raise InversionChainError(f"{self.what} (masked): no reference cross-attention maps for step {step}")
+            raise named_error(f"{self.node} (masked): no reference cross-attention maps for step {step}")
         return binary_mask(maps.sum(0, keepdim=True), grid, self.mask_threshold)[0]
 
     def masks(self, step: int, ctx: CallContext) -> Optional[Dict[str, torch.Tensor]]:
@@ -204,11 +204,12 @@ class TargetMapObserver(Editor):
         return probs
 
 
-def negative_check(negative_context: torch.Tensor, what: str):
+def negative_check(negative_context: torch.Tensor):
     """UNet wrapper factory: warns (once per patched model) when the sampler's unconditional half is not the
     ``negative`` the source's unconditional K/V were recorded with; MasaCtrl pairs the two halves with the same
     negative prompt, and a different one still runs, attending to the recorded source."""
     said = []
+    node = node_name()
 
     def factory(previous):
         def wrapper(apply_model, args):
@@ -224,7 +225,7 @@ def negative_check(negative_context: torch.Tensor, what: str):
                     said.append(True)
                     log.warning("[Inversion Chain] %s: the sampler's negative prompt is not the `negative` connected "
                                 "to %s; the unconditional half attends to the source recorded with %s's negative. "
-                                "Connect the same negative to both.", what, what, what)
+                                "Connect the same negative to both.", node, node, node)
             return patching.call_unet(apply_model, args, previous)
         return wrapper
     return factory

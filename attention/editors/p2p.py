@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from ...artifacts import InversionChainError
+from ...artifacts import named_error, node_name
 from ..core.controller import CallContext, Editor, attention_probs
 from .edit_plan import EditPlan
 from .local_blend import LocalBlend
@@ -70,7 +70,7 @@ class P2PlusEditor(Editor):
     def __init__(self, plan: EditPlan, schedule: Schedule, cross_replace_end_percent: float,
                  self_replace_end_percent: float, uncond_self_replace_end_percent: float,
                  self_max_res: int = DEFAULT_SELF_MAX_RES,
-                 blend: Optional[LocalBlend] = None, what: str = "Prompt-to-Prompt"):
+                 blend: Optional[LocalBlend] = None):
         self.plan = plan
         self.sched = schedule
         self.cross_end = float(cross_replace_end_percent)
@@ -78,7 +78,7 @@ class P2PlusEditor(Editor):
         self.uncond_self_end = float(uncond_self_replace_end_percent)
         self.self_max_tokens = int(self_max_res) ** 2
         self.blend = blend
-        self.what = what
+        self.node = node_name()
         self._key = f"p2plus_{id(self)}"
         self._word_swap = plan.word_swap
         self._device_cache: Dict[tuple, tuple] = {}
@@ -93,8 +93,8 @@ class P2PlusEditor(Editor):
     def _rows(self, ctx: CallContext, which: int) -> List[int]:
         rows = ctx.chunk_rows(which)
         if rows and ctx.rows_per_chunk != 2:
-            raise InversionChainError(
-                f"{self.what}: expected a 2-row latent (row 0 source, row 1 target), got {ctx.rows_per_chunk} rows "
+            raise named_error(
+                f"{self.node}: expected a 2-row latent (row 0 source, row 1 target), got {ctx.rows_per_chunk} rows "
                 f"per branch. Sample the LATENT output of P2Plus Controller as it is, with its positive/negative.")
         return rows
 
@@ -141,8 +141,8 @@ class P2PlusEditor(Editor):
         key = (device, nk)
         if key not in self._device_cache:
             if nk != self.plan.mapper.numel():
-                raise InversionChainError(
-                    f"{self.what}: the cross-attention has {nk} context tokens, expected {self.plan.mapper.numel()}. "
+                raise named_error(
+                    f"{self.node}: the cross-attention has {nk} context tokens, expected {self.plan.mapper.numel()}. "
                     f"Use the positive/negative outputs of P2Plus Controller, not other conditioning.")
             eq = None if self.plan.equalizer is None else self.plan.equalizer.to(device)
             self._device_cache[key] = (self.plan.mapper.to(device), self.plan.aligned.to(device), eq)

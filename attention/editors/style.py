@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ...artifacts import InversionChainError
+from ...artifacts import named_error, node_name
 from ..core.context import COND, ContextPatch, RowMap
 from ..core.controller import CallContext, Editor
 from ..core.layers import AttentionLayer
@@ -31,9 +31,9 @@ class CrossAttentionRecorder(Editor):
     order = 90
     kinds = ("cross",)
 
-    def __init__(self, level: int, schedule: torch.Tensor, what: str = "StyleDiffusion"):
+    def __init__(self, level: int, schedule: torch.Tensor):
         self.level = int(level)
-        self.what = what
+        self.node = node_name()
         self._schedule = schedule
         self.enabled = False
         self.maps: List[torch.Tensor] = []
@@ -58,7 +58,7 @@ class CrossAttentionRecorder(Editor):
     def take(self) -> torch.Tensor:
         """The maps recorded since the last take, stacked: (layers, rows, Nq, Nk)."""
         if not self.maps:
-            raise InversionChainError(f"{self.what}: no cross-attention maps were recorded (the model has no "
+            raise named_error(f"{self.node}: no cross-attention maps were recorded (the model has no "
                                       f"cross-attention layers at latent/4).")
         out = torch.stack(self.maps)
         self.maps = []

@@ -24,7 +24,7 @@ from typing import Dict, Iterable, Sequence, Tuple
 import torch
 
 from ... import compat
-from ...artifacts import Inversion, InversionChainError
+from ...artifacts import Inversion, named_error, node_name
 from ..core import patching
 from ..core.dit_layers import DiTBlock, diffusion_model_of
 from ..core.schedule import locate
@@ -61,7 +61,7 @@ class DiTReferenceKV:
     keep = "kv"
 
     def __init__(self, inversion: Inversion, blocks: Sequence[DiTBlock], steps: Iterable[int], tokens: int,
-                 storage_dtype: torch.dtype, branches: int = 1, what: str = "KV Inject"):
+                 storage_dtype: torch.dtype, branches: int = 1):
         self.inversion = inversion
         self.layers = list(blocks)              # the store's key reads ``layers``
         self.block_keys = {b.key for b in blocks}
@@ -69,7 +69,7 @@ class DiTReferenceKV:
         self.tokens = int(tokens)
         self.storage_dtype = storage_dtype
         self.branches = int(branches)
-        self.what = what
+        self.node = node_name()
         self.store: Dict[Tuple[int, str, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
         self.storage_device = torch.device("cpu")
         self.mode = "cache"
@@ -84,8 +84,8 @@ class DiTReferenceKV:
 
     def with_steps(self, steps: Iterable[int]) -> "DiTReferenceKV":
         """An empty entry like this one for other chain steps (partial caching)."""
-        entry = DiTReferenceKV(self.inversion, self.layers, steps, self.tokens, self.storage_dtype, self.branches,
-                               self.what)
+        entry = DiTReferenceKV(self.inversion, self.layers, steps, self.tokens, self.storage_dtype, self.branches)
+        entry.node = self.node
         entry.record_eps = self.record_eps
         return entry
 
@@ -122,9 +122,9 @@ class DiTReferenceKV:
     def get(self, step: int, block: DiTBlock, device, dtype, branch: int = 0):
         kept = self.store.get((step, block.kind, block.index, branch))
         if kept is None:
-            raise InversionChainError(
-                f"{self.what}: no source keys/values for step {step}, {block.describe()}, CFG half {branch}. If "
-                f"another node set a model function wrapper after {self.what}, put {self.what} after it or use "
+            raise named_error(
+                f"{self.node}: no source keys/values for step {step}, {block.describe()}, CFG half {branch}. If "
+                f"another node set a model function wrapper after {self.node}, put {self.node} after it or use "
                 f"cache mode.")
         return kept[0].to(device, dtype), kept[1].to(device, dtype)
 

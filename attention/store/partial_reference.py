@@ -22,7 +22,7 @@ class PartialReference:
     def __init__(self, cached: ReferenceKV, steps: Iterable[int], model, positive, negative=None):
         self.cached = cached
         self.steps = sorted(set(int(s) for s in steps))
-        for name in ("inversion", "layers", "what", "branches", "cross_tokens", "cross_level", "storage_device"):
+        for name in ("inversion", "layers", "node", "branches", "cross_tokens", "cross_level", "storage_device"):
             setattr(self, name, getattr(cached, name))
         self.recomputed = cached.with_steps([i for i in self.steps if i not in cached.steps])
         self.recomputed.storage_device = model.load_device
@@ -81,7 +81,7 @@ def cached_steps(kind: str, model, reference: ReferenceKV, conditioning_fingerpr
                 return reference, "recompute"
             rest = len(reference.steps) - fit
             log.info("[Inversion Chain] %s: the cache budget holds %d of the %d steps' %s (%.1f MB); the other "
-                     "%s recomputed next to each of %s sampling calls", reference.what, fit, len(reference.steps),
+                     "%s recomputed next to each of %s sampling calls", reference.node, fit, len(reference.steps),
                      reference.noun, entry.nbytes() / 2 ** 20, "step is" if rest == 1 else f"{rest} are",
                      "its" if rest == 1 else "their")
             return PartialReference(entry, reference.steps, model, positive, negative), "partial"

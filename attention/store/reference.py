@@ -32,7 +32,8 @@ import psutil
 import torch
 
 from ... import compat
-from ...artifacts import Inversion, InversionChainError, digest, inversion_fingerprint, user_text
+from ...artifacts import (Inversion, InversionChainError, digest, inversion_fingerprint, named_error, node_name,
+                          user_text)
 from ...model_info import model_identity
 from ...conditioning import first_row
 from ..core.controller import CallContext, attention_probs
@@ -55,7 +56,7 @@ class ReferenceKV:
 
     def __init__(self, inversion: Inversion, layers: Sequence[AttentionLayer], steps: Iterable[int],
                  storage_dtype=torch.float16, cross_tokens: Optional[Sequence[int]] = None, cross_level: int = 2,
-                 branches: int = 1, what: str = "KV Inject", keep: Optional[str] = None):
+                 branches: int = 1, keep: Optional[str] = None):
         self.inversion = inversion
         self.layer_ids = {l.index for l in layers}
         self.layers = list(layers)
@@ -78,12 +79,14 @@ class ReferenceKV:
         self.conds_uncond = None    # and of the negative prompt (recompute mode, two branches)
         self.recompute_conds = None  # a partial entry: (conds, conds_uncond) for the steps it does not hold
         self.branches = int(branches)   # CFG branches recorded: 1 (conditional) or 2 (with a negative prompt)
-        self.what = what
+        self.node = node_name()
 
     def with_steps(self, steps: Iterable[int]) -> "ReferenceKV":
         """An empty entry like this one for other chain steps."""
-        return ReferenceKV(self.inversion, self.layers, steps, self.storage_dtype, self.cross_tokens, self.cross_level,
-                           self.branches, self.what, self.keep)
+        entry = ReferenceKV(self.inversion, self.layers, steps, self.storage_dtype, self.cross_tokens,
+                            self.cross_level, self.branches, self.keep)
+        entry.node = self.node
+        return entry
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def estimate_bytes(self) -> int:
@@ -153,15 +156,15 @@ class ReferenceKV:
             branch: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
         kept = self.store.get((step, layer.index, branch))
         if kept is None:
-            raise InversionChainError(
-                f"{self.what}: no reference keys/values for step {step}, layer {layer.index}. If another node set a "
-                f"UNet function wrapper after {self.what}, put {self.what} after it or use cache mode.")
+            raise named_error(
+                f"{self.node}: no reference keys/values for step {step}, layer {layer.index}. If another node set a "
+                f"UNet function wrapper after {self.node}, put {self.node} after it or use cache mode.")
         if self.keep == "kv":
             return kept[0].to(device, dtype), kept[1].to(device, dtype)
         ref = self._attn.get(layer.index)
         attn = ref() if ref is not None else None
         if attn is None:
-            raise InversionChainError(f"{self.what}: the model the reference was recorded with is no longer loaded; "
+            raise named_error(f"{self.node}: the model the reference was recorded with is no longer loaded; "
                                       f"run the node again.")
         with torch.no_grad():
             key_input = kept[0].to(device, dtype)
@@ -316,10 +319,10 @@ def replay_chain(recorder_model, inv: Inversion, steps: Sequence[int], latent_im
 
 def choose_storage(entry, policy: str, model) -> str:
     """Pick a store entry's cache device within the store's budget, or recompute (never risk running out of
-    memory). ``entry`` is any store entry (reference K/V, content features): it has ``what``, ``noun``,
+    memory). ``entry`` is any store entry (reference K/V, content features): it has ``node``, ``noun``,
     ``estimate_bytes()`` and receives ``storage_device`` / ``budget_message``."""
     if policy not in POLICIES:
-        raise InversionChainError(f"{entry.what}: unknown cache policy '{user_text(policy)}'; use one of "
+        raise InversionChainError(f"unknown cache policy '{user_text(policy)}'; use one of "
                                   f"{', '.join(POLICIES)}.")
     if policy == "recompute":
         return "recompute"
@@ -336,14 +339,14 @@ def choose_storage(entry, policy: str, model) -> str:
         if need <= budget:
             if policy == "gpu" and device.type == "cpu":
                 log.warning("[Inversion Chain] %s: %s (%.1f MB) do not fit the budget on %s; keeping them in CPU "
-                            "memory", entry.what, entry.noun, need / 2 ** 20, gpu)
+                            "memory", entry.node, entry.noun, need / 2 ** 20, gpu)
             entry.storage_device = device
             return "cache"
     said = ", ".join(f"{budget / 2 ** 20:.1f} MB on {device}" for device, budget in budgets)
     rule = ("a fixed budget" if STORE.max_bytes is not None else
             f"{int(BUDGET_FRACTION * 100)}% of free memory, counting what the cache holds as free")
     log.warning("[Inversion Chain] %s: %s would need %.1f MB, over the cache budget (%s: %s); recomputing them at "
-                "every step instead (slower, same result)", entry.what, entry.noun, need / 2 ** 20, said, rule)
+                "every step instead (slower, same result)", entry.node, entry.noun, need / 2 ** 20, said, rule)
     entry.budget_message = f"needs {need / 2 ** 20:.1f} MB, budget {said}"
     return "recompute"
 

@@ -113,8 +113,8 @@ class PromptTokens:
         readable = tokens_mod.readable_tokens(self.clip, self.ids[:self.end])
         return {p: readable[p - 1] for p in self.meaningful() if p - 1 < len(readable)}
 
-    def locate(self, word: str, what: str) -> List[int]:
-        return tokens_mod.locate_words(self.clip, self.text, [word], what)[word]
+    def locate(self, word: str, input_name: str) -> List[int]:
+        return tokens_mod.locate_words(self.clip, self.text, [word], input_name)[word]
 
 
 @dataclass
@@ -375,7 +375,7 @@ class AttentionCaptureEditor(Editor):
 
 
 # -- capture set-up (used by the node) -------------------------------------------------------------------------
-def capture_layers(all_layers: Sequence[AttentionLayer], resolution: str, what: str) -> List[AttentionLayer]:
+def capture_layers(all_layers: Sequence[AttentionLayer], resolution: str) -> List[AttentionLayer]:
     levels = resolution_levels(resolution)
     chosen = [l for l in all_layers if levels is None or l.level in levels]
     if not chosen:
@@ -383,7 +383,7 @@ def capture_layers(all_layers: Sequence[AttentionLayer], resolution: str, what: 
         valid = ", ".join(f"{resolution_name(lv)} (layers "
                           f"{describe_layers(l.index for l in all_layers if l.level == lv)})"
                           for lv in have)
-        raise InversionChainError(f"{what}: this model has no attention layers at {resolution}. Its resolutions: "
+        raise InversionChainError(f"this model has no attention layers at {resolution}. Its resolutions: "
                                   f"{valid}, or all.")
     return chosen
 

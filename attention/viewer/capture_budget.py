@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import List, Sequence
 
-from ...artifacts import InversionChainError
+from ...artifacts import named_error
 from ..core.layers import AttentionLayer
 
 WHAT = "Attention Capture"
@@ -62,9 +62,9 @@ def check(sizes, maps, layers: Sequence[AttentionLayer], latent_hw, steps: int, 
         return
     fits = alternatives(sizes, layers, latent_hw, steps, branches, rows, maps.kinds, tokens, maps.query_grid,
                         maps.detail, budget)
-    what = f"{steps} steps" if steps_known else f"{steps} step(s) so far, the schedule's length unknown"
-    raise InversionChainError(
-        f"{WHAT}: the maps of this run ({what}, latent {latent_hw[0]}x{latent_hw[1]}, {rows} row(s), {branches} "
+    counted = f"{steps} steps" if steps_known else f"{steps} step(s) so far, the schedule's length unknown"
+    raise named_error(   # raised while the sampler runs: named here
+        f"{WHAT}: the maps of this run ({counted}, latent {latent_hw[0]}x{latent_hw[1]}, {rows} row(s), {branches} "
         f"branch(es)) would take {_mb(need)}, over {SETTING} ({_mb(budget)}). Settings that fit: "
         f"{'; '.join(fits)}.")
 

@@ -80,8 +80,8 @@ class T5PromptTokens:
     def labels(self) -> Dict[int, str]:
         return dict(enumerate(tokens_mod.t5_readable(self.clip, self.ids[:self.end])))
 
-    def locate(self, word: str, what: str) -> List[int]:
-        return tokens_mod.t5_locate_words(self.clip, self.text, [word], what)[word]
+    def locate(self, word: str, input_name: str) -> List[int]:
+        return tokens_mod.t5_locate_words(self.clip, self.text, [word], input_name)[word]
 
 
 def t5_prompt_tokens(clip, prompt: str) -> T5PromptTokens:
@@ -107,8 +107,8 @@ class QwenPromptTokens:
     def labels(self) -> Dict[int, str]:
         return dict(enumerate(tokens_mod.qwen_readable(self.clip, self.ids[:self.end])))
 
-    def locate(self, word: str, what: str) -> List[int]:
-        return tokens_mod.qwen_locate_words(self.clip, self.text, [word], what)[word]
+    def locate(self, word: str, input_name: str) -> List[int]:
+        return tokens_mod.qwen_locate_words(self.clip, self.text, [word], input_name)[word]
 
 
 def prompt_tokens_for(clip, prompt: str):
