@@ -13,12 +13,15 @@ from ..artifacts import InversionChainError, NullText, Style, user_text
 from ..model_info import check_supported, model_key, reads_pooled_output, require_inversion
 from ..attention.core import patching
 from ..attention.core.context import UNCOND, CfgCheck, ContextPatch
-from ..attention.editors.edit_plan import build_plan
+from ..attention.core import dit_layers
+from ..attention.editors.dit_p2p import DiTP2PlusOverride
+from ..attention.editors.edit_plan import build_plan, build_t5_plan
+from ..attention.viewer import dit_capture
 from ..attention.editors.local_blend import BLEND_LEVEL, LocalBlend
 from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES, P2PlusEditor
 from ..attention.core.schedule import Schedule, check_percents
 from ..attention.editors.style import value_injection
-from ..attention.core.tokens import parse_words, word_positions
+from ..attention.core.tokens import parse_words, t5_tokenizer, word_positions
 
 
 
@@ -74,6 +77,11 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
                inversion=None, null_text: Optional[NullText] = None, latent: Optional[dict] = None, seed: int = 0,
                steps: int = 50, scheduler: str = "ddim_uniform", self_replace_max_res: int = DEFAULT_SELF_MAX_RES,
                style: Optional[Style] = None, style_end_percent: float = 0.5, what: str = "Prompt-to-Prompt") -> Edit:
+    if compat.is_flow_family(compat.model_sampling(model)):
+        return build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
+                              self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words,
+                              inversion, null_text, latent, seed, steps, scheduler, self_replace_max_res, style,
+                              what)
     check_supported(model, what)
     check_percents(what, cross_replace_end_percent=cross_replace_end_percent,
                    self_replace_end_percent=self_replace_end_percent,
@@ -168,3 +176,76 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
                    f"{'; ' + null_text.method + ' uncond' if null_text is not None else ''}"
                    f"{'; StyleDiffusion values until ' + str(style_end_percent) if style is not None else ''}")
     return Edit(patched, positive, negative, latent_out, schedule.sigmas.clone(), description)
+
+
+DIT_FAMILIES = "Flux (dev-style, guidance-distilled: cfg 1) and Chroma (true CFG)"
+
+
+def _starting_latent(model, inversion, latent, seed, steps, scheduler, what):
+    """(Schedule, x_T as a LATENT row) of an inversion, or of seeded noise for a generated image."""
+    if inversion is not None:
+        require_inversion(model, inversion, what)
+        if inversion.latent_shape[0] != 1:
+            raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; edit one "
+                                      f"image at a time.")
+        return Schedule.of(inversion, what), compat.latent_out(model, inversion.chain[0].float().clone()).cpu()
+    if latent is None or "samples" not in latent:
+        raise InversionChainError(f"{what}: connect `inversion` (edit a real image) or `latent` (e.g. "
+                                  f"EmptyLatentImage: the size of a generated image).")
+    sigmas = compat.calculate_sigmas(model, scheduler, steps)
+    noise = compat.seed_noise(model, latent["samples"][:1], seed, sigmas)
+    return Schedule(sigmas, scheduler, what), compat.latent_out(model, noise.float())
+
+
+def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
+                   self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words, inversion,
+                   null_text, latent, seed, steps, scheduler, self_replace_max_res, style, what) -> Edit:
+    """Prompt-to-Prompt / P2Plus on a Flux-layout DiT: the edit plan over T5 tokens, applied to the joint
+    attention's image-to-text probabilities by an ``optimized_attention_override`` (attention/editors/dit_p2p.py)."""
+    family = compat.family_name(model)
+    if not dit_layers.is_flux_layout(model):
+        raise InversionChainError(f"{what}: the model family '{family}' is not supported yet by this node; on "
+                                  f"rectified-flow models it edits {DIT_FAMILIES}, and SD1.x, SD2.x, SDXL.")
+    for feature in ("dit-attention-patches", "attention-override"):
+        missing = compat.missing_feature_message(feature, what)
+        if missing:
+            raise InversionChainError(missing)
+    for name, value, why in (
+            ("blend_words", bool(parse_words(blend_words)), "local blend"),
+            ("null_text", null_text is not None, "null-text inversion"),
+            ("style", style is not None, "StyleDiffusion values")):
+        if value:
+            raise InversionChainError(
+                f"{what}: `{name}` ({why}) is not supported on {family} yet; on {DIT_FAMILIES} this node does "
+                f"replace, refine and reweight with cross/self/uncond-self windows. Disconnect or clear `{name}`.")
+    check_percents(what, cross_replace_end_percent=cross_replace_end_percent,
+                   self_replace_end_percent=self_replace_end_percent,
+                   uncond_self_replace_end_percent=uncond_self_replace_end_percent)
+    if t5_tokenizer(clip) is None:
+        raise InversionChainError(f"{what}: {family} reads the prompts as T5 tokens, and this `clip` has no T5 "
+                                  f"tokenizer; connect the CLIP that encodes its prompts (Flux: CLIP-L + T5, "
+                                  f"Chroma: T5).")
+    plan = build_t5_plan(clip, source_prompt, target_prompt, mode, reweight, what)
+    schedule, x_t = _starting_latent(model, inversion, latent, seed, steps, scheduler, what)
+    source, target = _encode(clip, source_prompt), _encode(clip, target_prompt)
+    if source[0].shape[1] != plan.mapper.numel():
+        raise InversionChainError(f"{what}: this CLIP encodes {source[0].shape[1]} text tokens for "
+                                  f"{plan.mapper.numel()} T5 tokens; connect the CLIP of {family} (Flux: CLIP-L + "
+                                  f"T5, Chroma: T5).")
+    uncond = _encode(clip, "")
+    positive = _conditioning([source, target], {})
+    negative = _conditioning([uncond, uncond], {})
+    patched = model.clone()
+    to = dict(patched.model_options.get("transformer_options", {}))
+    dm = dit_layers.diffusion_model_of(model)
+    to["optimized_attention_override"] = DiTP2PlusOverride(
+        plan, schedule, cross_replace_end_percent, self_replace_end_percent, uncond_self_replace_end_percent,
+        int(self_replace_max_res) ** 2, plan.mapper.numel(), int(getattr(dm, "patch_size", 2)),
+        to.get("optimized_attention_override"), what)
+    patched.model_options["transformer_options"] = to
+    patching.add_unet_wrapper(patched, dit_capture.shape_wrapper)
+    description = (f"{what}: {plan.describe()} (T5 tokens, joint attention of {family}); {schedule.steps} steps "
+                   f"({schedule.scheduler}); cross/self/uncond-self replace until {cross_replace_end_percent}/"
+                   f"{self_replace_end_percent}/{uncond_self_replace_end_percent} of the steps")
+    return Edit(patched, positive, negative, {"samples": x_t.repeat(2, 1, 1, 1).contiguous()},
+                schedule.sigmas.clone(), description)
