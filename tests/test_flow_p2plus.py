@@ -177,3 +177,50 @@ def test_edited_block_attention_equals_the_formula_by_hand(flow, mode):
     # float32 throughout: two summation orders of a softmax and a 128-wide product differ by ~1e-6 of the output
     assert err <= 1e-5 * max(1.0, float(want.abs().max()))
     assert plain > 100 * err + 1e-5 and flat > 10 * err + 1e-6
+
+
+@pytest.mark.fast
+def test_edited_rows_in_chunks_with_heads_mask_and_self_window_equal_the_full_matrix():
+    """``edited_rows`` (chunks of queries) against the formula on the full joint matrix: 3 heads, an additive mask
+    on some text keys, a text block of 5 tokens, a refine-like mapper with one new token, reweight, and the self
+    window (the target's image columns the source's). Chunks of 7 queries vs one chunk; control: without the self
+    window the target row differs."""
+    g = torch.Generator().manual_seed(0)
+    b, h, t, n_img, d = 2, 3, 5, 12, 8
+    n = t + n_img
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, n)
+    mask[..., 3] = -2.0
+    mapper, aligned = torch.tensor([0, 1, 1, 3, 4]), torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+    eq = torch.tensor([1.0, 1.0, 1.5, 1.0, 1.0])
+    p = ((q @ k.transpose(-1, -2)) * d ** -0.5 + mask).softmax(-1)
+    img_q = p[:, :, t:]
+    txt, own = img_q[..., :t].clone(), img_q[..., t:].clone()
+    txt[1] = txt[0][..., mapper] * aligned + txt[1] * (1 - aligned)
+    own[1] = own[0]
+    own = own * (1 - txt.sum(-1, keepdim=True)) / own.sum(-1, keepdim=True)
+    txt[1] = txt[1] * eq
+    want = torch.cat([p[:, :, :t], torch.cat([txt, own], -1)], 2) @ v
+    edit = dit_p2p.HalfEdit(cross=True, self_=True, equalizer=eq)
+    small = dit_p2p.edited_rows(q, k, v, mask, t, 0, 1, edit, mapper, aligned, chunk_bytes=2 * h * n * 4 * 2 * 7)
+    whole = dit_p2p.edited_rows(q, k, v, mask, t, 0, 1, edit, mapper, aligned)
+    assert torch.allclose(small, want, atol=1e-6) and torch.allclose(whole, want, atol=1e-6)
+    no_self = dit_p2p.edited_rows(q, k, v, mask, t, 0, 1, dit_p2p.HalfEdit(True, False, eq), mapper, aligned)
+    assert float((no_self[1] - want[1]).abs().max()) > 1e-3
+    assert torch.allclose(no_self[0], want[0], atol=1e-6)   # the source row is its own attention either way
+
+
+def test_flow_refusals_name_the_input_and_what_is_supported(flow):
+    """What is not built on DiTs is refused naming the input, the family and what runs; replace with different
+    T5 token counts names both token lists; an absent reweight word names the prompt's T5 tokens."""
+    fam = "Flux" if flow["family"] == "flux" else "Chroma"
+    with pytest.raises(InversionChainError, match=rf"`blend_words` \(local blend\) is not supported on .*{fam}.* yet; "
+                                                  r"on Flux .* replace, refine and reweight"):
+        build(flow, blend_words="cat")
+    with pytest.raises(InversionChainError, match=r"mode 'replace' swaps words token for token, but the source "
+                                                  r"prompt has 10 T5 tokens \(.*photo, of.*cat.* and the target prompt 11 "
+                                                  r"\(.*big, dog"):
+        build(flow, target="a photo of a big dog on the grass")
+    with pytest.raises(InversionChainError, match=r"the reweight word 'horse' is not in the target prompt .* Its "
+                                                  r"T5 tokens are: .*photo, of"):
+        build(flow, reweight="horse:2")
