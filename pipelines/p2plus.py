@@ -21,7 +21,7 @@ from ..attention.editors.local_blend import BLEND_LEVEL, LocalBlend
 from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES, P2PlusEditor
 from ..attention.core.schedule import Schedule, check_percents
 from ..attention.editors.style import value_injection
-from ..attention.core.tokens import parse_words, t5_tokenizer, word_positions
+from ..attention.core.tokens import parse_words, t5_tokenizer, t5_word_positions, word_positions
 
 
 
@@ -80,8 +80,8 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
     if compat.is_flow_family(compat.model_sampling(model)):
         return build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
                               self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words,
-                              inversion, null_text, latent, seed, steps, scheduler, self_replace_max_res, style,
-                              what)
+                              blend_threshold, blend_start_percent, inversion, null_text, latent, seed, steps,
+                              scheduler, self_replace_max_res, style, what)
     check_supported(model, what)
     check_percents(what, cross_replace_end_percent=cross_replace_end_percent,
                    self_replace_end_percent=self_replace_end_percent,
@@ -198,8 +198,9 @@ def _starting_latent(model, inversion, latent, seed, steps, scheduler, what):
 
 
 def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
-                   self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words, inversion,
-                   null_text, latent, seed, steps, scheduler, self_replace_max_res, style, what) -> Edit:
+                   self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words,
+                   blend_threshold, blend_start_percent, inversion, null_text, latent, seed, steps, scheduler,
+                   self_replace_max_res, style, what) -> Edit:
     """Prompt-to-Prompt / P2Plus on a Flux-layout DiT: the edit plan over T5 tokens, applied to the joint
     attention's image-to-text probabilities by an ``optimized_attention_override`` (attention/editors/dit_p2p.py)."""
     family = compat.family_name(model)
@@ -211,16 +212,17 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
         if missing:
             raise InversionChainError(missing)
     for name, value, why in (
-            ("blend_words", bool(parse_words(blend_words)), "local blend"),
             ("null_text", null_text is not None, "null-text inversion"),
             ("style", style is not None, "StyleDiffusion values")):
         if value:
             raise InversionChainError(
                 f"{what}: `{name}` ({why}) is not supported on {family} yet; on {DIT_FAMILIES} this node does "
-                f"replace, refine and reweight with cross/self/uncond-self windows. Disconnect or clear `{name}`.")
+                f"replace, refine, reweight (cross/self/uncond-self windows) and local blend. Disconnect or clear "
+                f"`{name}`.")
     check_percents(what, cross_replace_end_percent=cross_replace_end_percent,
                    self_replace_end_percent=self_replace_end_percent,
-                   uncond_self_replace_end_percent=uncond_self_replace_end_percent)
+                   uncond_self_replace_end_percent=uncond_self_replace_end_percent,
+                   blend_start_percent=blend_start_percent)
     if t5_tokenizer(clip) is None:
         raise InversionChainError(f"{what}: {family} reads the prompts as T5 tokens, and this `clip` has no T5 "
                                   f"tokenizer; connect the CLIP that encodes its prompts (Flux: CLIP-L + T5, "
@@ -235,17 +237,35 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
     uncond = _encode(clip, "")
     positive = _conditioning([source, target], {})
     negative = _conditioning([uncond, uncond], {})
+    words, blend = parse_words(blend_words), None
+    if words:
+        src_pos, tgt_pos = [], []
+        for word in words:
+            in_src = t5_word_positions(clip, plan.source_ids, word)
+            in_tgt = t5_word_positions(clip, plan.target_ids, word)
+            if not in_src and not in_tgt:
+                raise InversionChainError(f"{what}: the blend word '{user_text(word)}' is in neither the source "
+                                          f"prompt '{user_text(source_prompt)}' nor the target prompt "
+                                          f"'{user_text(target_prompt)}' (as T5 tokens).")
+            src_pos += in_src
+            tgt_pos += in_tgt
+        blend = LocalBlend(sorted(set(src_pos)), sorted(set(tgt_pos)), blend_threshold, blend_start_percent, 0,
+                           schedule)
     patched = model.clone()
     to = dict(patched.model_options.get("transformer_options", {}))
     dm = dit_layers.diffusion_model_of(model)
+    positions = {(b.kind, b.index): b.position for b in dit_layers.enumerate_blocks(model)}
     to["optimized_attention_override"] = DiTP2PlusOverride(
         plan, schedule, cross_replace_end_percent, self_replace_end_percent, uncond_self_replace_end_percent,
         int(self_replace_max_res) ** 2, plan.mapper.numel(), int(getattr(dm, "patch_size", 2)),
-        to.get("optimized_attention_override"), what)
+        to.get("optimized_attention_override"), what, blend, positions)
     patched.model_options["transformer_options"] = to
     patching.add_unet_wrapper(patched, dit_capture.shape_wrapper)
+    if blend is not None:
+        patching.add_post_cfg_function(patched, blend)
     description = (f"{what}: {plan.describe()} (T5 tokens, joint attention of {family}); {schedule.steps} steps "
                    f"({schedule.scheduler}); cross/self/uncond-self replace until {cross_replace_end_percent}/"
-                   f"{self_replace_end_percent}/{uncond_self_replace_end_percent} of the steps")
+                   f"{self_replace_end_percent}/{uncond_self_replace_end_percent} of the steps"
+                   f"{'; local blend ' + ', '.join(words) if words else ''}")
     return Edit(patched, positive, negative, {"samples": x_t.repeat(2, 1, 1, 1).contiguous()},
                 schedule.sigmas.clone(), description)

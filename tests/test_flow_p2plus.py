@@ -214,13 +214,42 @@ def test_flow_refusals_name_the_input_and_what_is_supported(flow):
     """What is not built on DiTs is refused naming the input, the family and what runs; replace with different
     T5 token counts names both token lists; an absent reweight word names the prompt's T5 tokens."""
     fam = "Flux" if flow["family"] == "flux" else "Chroma"
-    with pytest.raises(InversionChainError, match=rf"`blend_words` \(local blend\) is not supported on .*{fam}.* yet; "
-                                                  r"on Flux .* replace, refine and reweight"):
-        build(flow, blend_words="cat")
+    from inversion_chain.pipelines.p2plus import build_edit
+    for name in ("null_text", "style"):   # the pipeline's refusal (the node's contract first checks the type)
+        with pytest.raises(InversionChainError, match=rf"`{name}` \(.*\) is not supported on .*{fam}.* yet; on "
+                                                      r"Flux .* replace, refine, reweight .* and local blend"):
+            build_edit(flow["model"], flow["clip"], SOURCE, TARGET, "replace", 1.0, 0.0, 0.0,
+                       latent={"samples": torch.zeros(1, 16, LATENT, LATENT)}, steps=STEPS, scheduler="simple",
+                       what="P2Plus Controller", **{name: object()})
+    with pytest.raises(InversionChainError, match=r"the blend word 'horse' is in neither the source prompt"):
+        build(flow, blend_words="horse")
     with pytest.raises(InversionChainError, match=r"mode 'replace' swaps words token for token, but the source "
-                                                  r"prompt has 10 T5 tokens \(.*photo, of.*cat.* and the target prompt 11 "
-                                                  r"\(.*big, dog"):
+                                                  r"prompt has 10 T5 tokens \(.*photo, of.*cat.* and the target "
+                                                  r"prompt 11 \(.*big, dog"):
         build(flow, target="a photo of a big dog on the grass")
     with pytest.raises(InversionChainError, match=r"the reweight word 'horse' is not in the target prompt .* Its "
                                                   r"T5 tokens are: .*photo, of"):
         build(flow, reweight="horse:2")
+
+
+def test_local_blend_keeps_the_source_outside_the_words_mask(flow):
+    """blend_words 'cat, dog' from the first step on: the post-CFG rewrite steps the target onto the source outside
+    the mask (Euler: exactly, up to float rounding), so the final target row equals the source row there and differs
+    inside. The mask is neither empty nor full. Control: the same edit without blend differs outside the mask too."""
+    # random weights make near-flat word maps: at the default 0.3 the mask covers everything; 0.9 leaves part out
+    # (measured: ~0.4 of the latent on Flux, ~0.5 on Chroma)
+    model, positive, negative, latent, _ = build(flow, blend_words="cat, dog", blend_start_percent=0.0,
+                                                 blend_threshold=0.9)
+    blend = model.model_options["transformer_options"]["optimized_attention_override"].blend
+    out = sample(flow, model, positive, negative, latent)
+    mask = blend.last_mask[0, 0]                                   # (H, W) of the last blended step
+    inside = float(mask.float().mean())
+    assert 0.0 < inside < 1.0
+    outside_gap = float((out[1] - out[0]).abs()[:, ~mask].max())
+    inside_gap = float((out[1] - out[0]).abs()[:, mask].max())
+    plain = edit(flow)
+    control = float((plain[1] - plain[0]).abs()[:, ~mask].max())
+    measured(f"{flow['family']} local blend: mask covers {inside:.2f} of the latent; |target - source| outside "
+             f"{outside_gap:.2e}, inside {inside_gap:.2e}; without blend, outside {control:.2e}")
+    assert outside_gap <= 1e-4 * max(1.0, float(out.abs().max()))
+    assert inside_gap > 1e-3 and control > 1e-3

@@ -36,7 +36,7 @@ import torch
 
 from ... import compat
 from ...artifacts import InversionChainError
-from ..core.schedule import Schedule, locate
+from ..core.schedule import RunTracker, Schedule, locate
 from ..viewer.dit_capture import SHAPE_KEY, _additive
 
 CHUNK_BYTES = 2 ** 26
@@ -50,10 +50,12 @@ class HalfEdit:
     equalizer: Optional[torch.Tensor]    # (T,) scale of the target's text columns, or None
 
 
-def edited_rows(q, k, v, mask, text: int, src: int, tgt: int, edit: HalfEdit, mapper: torch.Tensor,
-                aligned: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+def edited_rows(q, k, v, mask, text: int, src: int, tgt: int, edit: HalfEdit, mapper: Optional[torch.Tensor],
+                aligned: Optional[torch.Tensor], chunk_bytes: int = CHUNK_BYTES, words=None):
     """Attention output ``(2, heads, N, head_dim)`` of rows (src, tgt) of q, k, v ``(B, heads, N, head_dim)`` (after
-    RoPE), the joint sequence being [``text`` text tokens, image tokens, ...], with the edit applied (module notes)."""
+    RoPE), the joint sequence being [``text`` text tokens, image tokens, ...], with the edit applied (module notes).
+    ``words`` = (source positions, target positions): also return each row's image-to-text probabilities of those
+    text tokens after the edit, summed, mean over heads, ``(2, image queries)`` (local blend's maps)."""
     rows = [src, tgt]
     qs, kf, vf = q[rows].float(), k[rows].float().transpose(-1, -2), v[rows].float()
     bias = _additive(mask, q.device)
@@ -62,7 +64,7 @@ def edited_rows(q, k, v, mask, text: int, src: int, tgt: int, edit: HalfEdit, ma
     n, scale = q.shape[2], q.shape[-1] ** -0.5
     step = max(1, int(chunk_bytes // (2 * q.shape[1] * n * 4 * 2)))
     eq = None if edit.equalizer is None else edit.equalizer.to(q.device)
-    outs = []
+    outs, found = [], []
     for a in range(0, n, step):
         b = min(n, a + step)
         s = torch.matmul(qs[:, :, a:b], kf) * scale                         # (2, heads, c, N)
@@ -84,9 +86,12 @@ def edited_rows(q, k, v, mask, text: int, src: int, tgt: int, edit: HalfEdit, ma
             new_img = new_img * (left / new_img.sum(-1, keepdim=True).clamp_min(1e-30))
             if eq is not None:
                 new_txt[1] = new_txt[1] * eq
+            if words is not None:
+                found.append(torch.stack([new_txt[r][..., words[r]].sum(-1).mean(0) for r in range(2)]))
             p = torch.cat([p[:, :, :lo], torch.cat([new_txt, new_img], -1)], 2)
         outs.append(torch.matmul(p, vf))
-    return torch.cat(outs, 2).to(q.dtype)
+    out = torch.cat(outs, 2).to(q.dtype)
+    return out if words is None else (out, torch.cat(found, -1))
 
 
 class DiTP2PlusOverride(compat.PatchObject):
@@ -95,7 +100,7 @@ class DiTP2PlusOverride(compat.PatchObject):
 
     def __init__(self, plan, schedule: Schedule, cross_end: float, self_end: float, uncond_self_end: float,
                  self_max_tokens: int, text_tokens: int, patch_size: int = 2, previous=None,
-                 what: str = "P2Plus Controller"):
+                 what: str = "P2Plus Controller", blend=None, block_positions=None):
         self.plan = plan
         self.sched = schedule
         self.cross_end, self.self_end, self.uncond_self_end = float(cross_end), float(self_end), float(uncond_self_end)
@@ -104,6 +109,9 @@ class DiTP2PlusOverride(compat.PatchObject):
         self.patch = int(patch_size)
         self.previous = previous
         self._tiled = {}
+        self.blend = blend                          # a LocalBlend fed with (2, h, w) word maps of every block
+        self.block_positions = dict(block_positions or {})   # (block_type, block_index) -> execution position
+        self.runs = RunTracker()
         self.what = what
 
     def _hand_on(self, func, args, kwargs):
@@ -122,6 +130,8 @@ class DiTP2PlusOverride(compat.PatchObject):
         i = locate(sigma, self.sched.sigmas)
         if i is None or i >= self.sched.steps:
             raise self.sched.off_schedule(sigma)
+        if self.runs.new_run(sigma, self) and self.blend is not None:
+            self.blend.reset()                       # a new sampling run: drop the previous run's word maps
         f = self.sched.fraction(i)
         small = n_img <= self.self_max_tokens
         halves = []
@@ -142,7 +152,7 @@ class DiTP2PlusOverride(compat.PatchObject):
             raise InversionChainError(f"{self.what}: this call carries no latent shape, or reference-image tokens "
                                       f"(Kontext), which this edit does not support; sample the P2Plus Controller's "
                                       f"MODEL with its own positive/negative.")
-        h, w = -(-int(shape[-2]) // self.patch), -(-int(shape[-1]) // self.patch)
+        h, w = self._grid(to)
         return n - h * w
 
     def _check_text(self, text: int):
@@ -168,24 +178,51 @@ class DiTP2PlusOverride(compat.PatchObject):
             return self._hand_on(func, args, kwargs)
         n = q.shape[2]
         text = self._text_length(to, n)
-        halves, _step = self._halves(to, n - text)
-        if not halves:
+        halves, step = self._halves(to, n - text)
+        chunks = [int(c) for c in (to.get("cond_or_uncond") or [0])]
+        record = self.blend is not None and step is not None and 0 in chunks
+        if not halves and not record:
             return self._hand_on(func, args, kwargs)
-        chunks = list(to.get("cond_or_uncond") or [0])
         if q.shape[0] != 2 * len(chunks):
             raise InversionChainError(
                 f"{self.what}: expected a 2-row latent (row 0 source, row 1 target), got {q.shape[0]} rows for "
                 f"{len(chunks)} CFG halves. Sample the LATENT output of P2Plus Controller as it is, with its "
                 f"positive/negative.")
         mapper = aligned = eq = None
-        if any(edit.cross for _s, _t, edit in halves):
+        if record or any(edit.cross for _s, _t, edit in halves):
             self._check_text(text)
             mapper, aligned, eq = self._plan(text // self.text, q.device)
-        out = self._hand_on(func, args, kwargs).clone()
-        heads = q.shape[1]
+        words = self._blend_words(text // self.text, q.device) if record else None
+        cond = 2 * chunks.index(0) if record else None
+        out = self._hand_on(func, args, kwargs)
+        if halves:
+            out = out.clone()
+        heads, maps = q.shape[1], None
         for src, tgt, edit in halves:
             edit = HalfEdit(edit.cross, edit.self_, eq if edit.equalizer is not None else None)
-            o = edited_rows(q, k, v, kwargs.get("mask"), text, src, tgt, edit, mapper, aligned)
+            o = edited_rows(q, k, v, kwargs.get("mask"), text, src, tgt, edit, mapper, aligned,
+                            words=words if src == cond else None)
+            if src == cond:
+                o, maps = o
             o = o if kwargs.get("skip_output_reshape") else o.transpose(1, 2).reshape(2, n, heads * q.shape[-1])
             out[[src, tgt]] = o.to(out.dtype)
+        if record:
+            if maps is None:     # the cond half is not edited in this call: its own probabilities
+                _o, maps = edited_rows(q, k, v, kwargs.get("mask"), text, cond, cond + 1,
+                                       HalfEdit(False, False, None), mapper, aligned, words=words)
+            h, w = self._grid(to)
+            position = self.block_positions.get((to["block_type"], int(to["block_index"])), 0)
+            self.blend.record_map(step, position, maps.reshape(2, h, w).float())
         return out
+
+    def _grid(self, to):
+        shape = to[SHAPE_KEY]
+        return -(-int(shape[-2]) // self.patch), -(-int(shape[-1]) // self.patch)
+
+    def _blend_words(self, copies: int, device):
+        key = ("words", copies, device)
+        if key not in self._tiled:
+            self._tiled[key] = tuple(torch.tensor([p + j * self.text for j in range(copies) for p in pos],
+                                                  dtype=torch.long, device=device)
+                                     for pos in self.blend.positions)
+        return self._tiled[key]
