@@ -141,20 +141,20 @@ def by_hand(dm, call, mapper, aligned, eq, edit=True, rescale=True):
         txt[1] = txt[1] * eq
         p = torch.cat([txt, img], -1)
     out = torch.matmul(p, v)                                   # (B, heads, N_img, dim)
-    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1), p[..., :t]
 
 
 @pytest.mark.parametrize("mode", ["replace", "refine"])
 def test_edited_block_attention_equals_the_formula_by_hand(flow, mode):
     """First step, cond half, double block 0: the target row's image-token attention output equals the edit
     computed here from the block's own projections (torch hooks) on the full joint matrix. replace: a word swap
-    with reweight 'dog:2' (the plan's equaliser); refine: an inserted word, aligned by T5 tokens. Controls: the
+    with reweight 'dog:2' (the plan's equaliser) and local blend (its recorded word maps checked too); refine: an inserted word, aligned by T5 tokens. Controls: the
     unedited attention, and the edit without the rescale of the image columns, miss by far more."""
     if mode == "refine":
         target = "a big photo of a cat on grass"   # one word in, one out: same T5 length (Chroma does not pad)
         kw = dict(mode="refine", target=target, reweight="")
     else:
-        kw = dict(mode="replace", reweight="dog:2")
+        kw = dict(mode="replace", reweight="dog:2", blend_words="cat, dog")
     model, positive, negative, latent, _ = build(flow, **kw)
     dm = flow["model"].model.diffusion_model
     plan = model.model_options["transformer_options"]["optimized_attention_override"].plan
@@ -167,16 +167,24 @@ def test_edited_block_attention_equals_the_formula_by_hand(flow, mode):
     call = calls[0]
     assert call["img_attn.qkv"].shape[0] == 2
     eq = plan.equalizer if plan.equalizer is not None else torch.ones(plan.mapper.numel())
-    want = by_hand(dm, call, plan.mapper, plan.aligned, eq)[1]
+    want, text_probs = by_hand(dm, call, plan.mapper, plan.aligned, eq)
+    want = want[1]
     got = call["out_img"][1].float()
     err = float((got - want).abs().max())
-    plain = float((by_hand(dm, call, plan.mapper, plan.aligned, eq, edit=False)[1] - got).abs().max())
-    flat = float((by_hand(dm, call, plan.mapper, plan.aligned, eq, rescale=False)[1] - got).abs().max())
+    plain = float((by_hand(dm, call, plan.mapper, plan.aligned, eq, edit=False)[0][1] - got).abs().max())
+    flat = float((by_hand(dm, call, plan.mapper, plan.aligned, eq, rescale=False)[0][1] - got).abs().max())
     measured(f"{flow['family']} {mode}: |block - by hand| {err:.2e} (max |out| {float(want.abs().max()):.3e}); "
              f"controls: unedited {plain:.2e}, image columns not rescaled {flat:.2e}")
     # float32 throughout: two summation orders of a softmax and a 128-wide product differ by ~1e-6 of the output
     assert err <= 1e-5 * max(1.0, float(want.abs().max()))
     assert plain > 100 * err + 1e-5 and flat > 10 * err + 1e-6
+    blend = model.model_options["transformer_options"]["optimized_attention_override"].blend
+    if blend is not None:   # local blend's map of block 0, step 0: the edited probabilities of the words' tokens
+        words = [text_probs[r][..., blend.positions[r]].sum(-1).mean(0) for r in range(2)]
+        recorded = blend.maps[(0, 0)].flatten(1)
+        werr = float((recorded - torch.stack(words)).abs().max())
+        measured(f"{flow['family']} {mode}: local blend word map of block 0 vs by hand {werr:.2e}")
+        assert werr <= 1e-6
 
 
 @pytest.mark.fast
