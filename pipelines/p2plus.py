@@ -181,20 +181,22 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
 DIT_FAMILIES = "Flux (dev-style, guidance-distilled: cfg 1) and Chroma (true CFG)"
 
 
-def _starting_latent(model, inversion, latent, seed, steps, scheduler, what):
-    """(Schedule, x_T as a LATENT row) of an inversion, or of seeded noise for a generated image."""
+def _starting_latent(model, inversion, latent, steps, scheduler, what, family):
+    """(Schedule, the 2-row LATENT) of a generated image on a flow model: zeros with ``batch_index`` [0, 0], so a
+    stock sampler with add_noise ON gives both rows the same noise (its seed's first row). A flow sampler at sigma 1
+    scales the LATENT by 1 - sigma = 0, so an x_T in the LATENT (add_noise off, as on UNets) would be lost."""
     if inversion is not None:
-        require_inversion(model, inversion, what)
-        if inversion.latent_shape[0] != 1:
-            raise InversionChainError(f"{what}: the INVERSION holds {inversion.latent_shape[0]} images; edit one "
-                                      f"image at a time.")
-        return Schedule.of(inversion, what), compat.latent_out(model, inversion.chain[0].float().clone()).cpu()
+        raise InversionChainError(
+            f"{what}: `inversion` (editing a real image) is not supported on {family} yet: a flow sampler at sigma 1 "
+            f"drops the LATENT (it scales it by 1 - sigma = 0), so both rows would need the inversion's x_T as a "
+            f"2-row NOISE, which this node does not output. On {DIT_FAMILIES} it edits generated images: disconnect "
+            f"`inversion`, connect `latent` and sample with add_noise on.")
     if latent is None or "samples" not in latent:
-        raise InversionChainError(f"{what}: connect `inversion` (edit a real image) or `latent` (e.g. "
-                                  f"EmptyLatentImage: the size of a generated image).")
+        raise InversionChainError(f"{what}: connect `latent` (e.g. EmptySD3LatentImage: the size of the generated "
+                                  f"image); on {family} the noise comes from the sampler's seed (add_noise on).")
     sigmas = compat.calculate_sigmas(model, scheduler, steps)
-    noise = compat.seed_noise(model, latent["samples"][:1], seed, sigmas)
-    return Schedule(sigmas, scheduler, what), compat.latent_out(model, noise.float())
+    zeros = torch.zeros_like(latent["samples"][:1]).repeat(2, 1, 1, 1)
+    return Schedule(sigmas, scheduler, what), {"samples": zeros, "batch_index": [0, 0]}
 
 
 def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
@@ -228,7 +230,7 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
                                   f"tokenizer; connect the CLIP that encodes its prompts (Flux: CLIP-L + T5, "
                                   f"Chroma: T5).")
     plan = build_t5_plan(clip, source_prompt, target_prompt, mode, reweight, what)
-    schedule, x_t = _starting_latent(model, inversion, latent, seed, steps, scheduler, what)
+    schedule, latent_out = _starting_latent(model, inversion, latent, steps, scheduler, what, family)
     source, target = _encode(clip, source_prompt), _encode(clip, target_prompt)
     if source[0].shape[1] != plan.mapper.numel():
         raise InversionChainError(f"{what}: this CLIP encodes {source[0].shape[1]} text tokens for "
@@ -266,6 +268,6 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
     description = (f"{what}: {plan.describe()} (T5 tokens, joint attention of {family}); {schedule.steps} steps "
                    f"({schedule.scheduler}); cross/self/uncond-self replace until {cross_replace_end_percent}/"
                    f"{self_replace_end_percent}/{uncond_self_replace_end_percent} of the steps"
-                   f"{'; local blend ' + ', '.join(words) if words else ''}")
-    return Edit(patched, positive, negative, {"samples": x_t.repeat(2, 1, 1, 1).contiguous()},
-                schedule.sigmas.clone(), description)
+                   f"{'; local blend ' + ', '.join(words) if words else ''}; sample with add_noise ON (both rows "
+                   f"get the sampler seed's noise)")
+    return Edit(patched, positive, negative, latent_out, schedule.sigmas.clone(), description)

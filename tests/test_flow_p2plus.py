@@ -49,12 +49,13 @@ def build(f, source=SOURCE, target=TARGET, mode="replace", cross=1.0, self_=0.0,
 
 
 def sample(f, model, positive, negative, latent, cfg=None):
-    """The stock KSampler (euler, simple), add_noise off: the controller's latent is the starting noise."""
+    """The stock KSampler (euler, simple, seed 0), add_noise on: both rows get the seed's noise (the controller's
+    LATENT has batch_index [0, 0])."""
     import nodes
     cfg = CFG[f["family"]] if cfg is None else cfg
     with torch.inference_mode():
         return nodes.common_ksampler(model, 0, STEPS, cfg, "euler", "simple", positive, negative,
-                                     latent, disable_noise=True)[0]["samples"]
+                                     latent)[0]["samples"]
 
 
 def edit(f, **kw):
@@ -148,8 +149,9 @@ def by_hand(dm, call, mapper, aligned, eq, edit=True, rescale=True):
 def test_edited_block_attention_equals_the_formula_by_hand(flow, mode):
     """First step, cond half, double block 0: the target row's image-token attention output equals the edit
     computed here from the block's own projections (torch hooks) on the full joint matrix. replace: a word swap
-    with reweight 'dog:2' (the plan's equaliser) and local blend (its recorded word maps checked too); refine: an inserted word, aligned by T5 tokens. Controls: the
-    unedited attention, and the edit without the rescale of the image columns, miss by far more."""
+    with reweight 'dog:2' (the plan's equaliser) and local blend (its recorded word maps checked too); refine: an
+    inserted word, aligned by T5 tokens. Controls: the unedited attention, and the edit without the rescale of the
+    image columns, miss by far more."""
     if mode == "refine":
         target = "a big photo of a cat on grass"   # one word in, one out: same T5 length (Chroma does not pad)
         kw = dict(mode="refine", target=target, reweight="")
@@ -261,3 +263,29 @@ def test_local_blend_keeps_the_source_outside_the_words_mask(flow):
              f"{outside_gap:.2e}, inside {inside_gap:.2e}; without blend, outside {control:.2e}")
     assert outside_gap <= 1e-4 * max(1.0, float(out.abs().max()))
     assert inside_gap > 1e-3 and control > 1e-3
+
+
+def test_rows_start_from_the_samplers_seed_noise_and_row_0_is_the_stock_generation(flow):
+    """Flow samplers drop the LATENT at sigma 1, so the controller's LATENT is zeros with batch_index [0, 0] and the
+    stock sampler (add_noise on) gives both rows its seed's noise: with the cross window open, row 0 equals the stock
+    one-row generation of the source prompt (its edited steps go through the override's own attention: float
+    rounding apart) and row 1 differs. An `inversion` is refused naming why."""
+    import nodes
+    model, positive, negative, latent, _ = build(flow, cross=0.6)
+    assert latent["batch_index"] == [0, 0]
+    out = sample(flow, model, positive, negative, latent)
+    with torch.inference_mode():
+        cond = flow["clip"].encode_from_tokens(flow["clip"].tokenize(SOURCE), return_pooled=True, return_dict=True)
+        empty = flow["clip"].encode_from_tokens(flow["clip"].tokenize(""), return_pooled=True, return_dict=True)
+        one = nodes.common_ksampler(flow["model"], 0, STEPS, CFG[flow["family"]], "euler", "simple",
+                                    [[cond.pop("cond"), cond]], [[empty.pop("cond"), empty]],
+                                    {"samples": torch.zeros(1, 16, LATENT, LATENT)})[0]["samples"]
+    drift = float((out[0] - one[0]).abs().max())
+    gap = float((out[1] - out[0]).abs().max())
+    measured(f"{flow['family']}: row 0 vs the stock one-row generation {drift:.2e}; row 1 vs row 0 {gap:.2e}")
+    assert drift <= 1e-4 and gap > 1e-3
+    with pytest.raises(InversionChainError, match=r"`inversion` \(editing a real image\) is not supported on .* "
+                                                  r"yet: a flow sampler at sigma 1 drops the LATENT"):
+        from inversion_chain.pipelines.p2plus import build_edit
+        build_edit(flow["model"], flow["clip"], SOURCE, TARGET, "replace", 1.0, 0.0, 0.0, inversion=object(),
+                   what="P2Plus Controller")
