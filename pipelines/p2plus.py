@@ -260,7 +260,7 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
     to["optimized_attention_override"] = DiTP2PlusOverride(
         plan, schedule, cross_replace_end_percent, self_replace_end_percent, uncond_self_replace_end_percent,
         int(self_replace_max_res) ** 2, plan.mapper.numel(), int(getattr(dm, "patch_size", 2)),
-        to.get("optimized_attention_override"), what, blend, positions)
+        to.get("optimized_attention_override"), what, blend, positions, dit_capture.SHAPE_KEY)
     patched.model_options["transformer_options"] = to
     patching.add_unet_wrapper(patched, dit_capture.shape_wrapper)
     if blend is not None:

@@ -37,9 +37,21 @@ import torch
 from ... import compat
 from ...artifacts import InversionChainError
 from ..core.schedule import RunTracker, Schedule, locate
-from ..viewer.dit_capture import SHAPE_KEY, _additive
 
 CHUNK_BYTES = 2 ** 26
+
+
+def _additive(mask, device) -> Optional[torch.Tensor]:
+    """ComfyUI's attention mask as an additive float32 bias of 4 dims (bool: True = attend)."""
+    if mask is None:
+        return None
+    mask = mask.to(device)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
+    mask = mask.float()
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0 if mask.dim() == 2 else 1)
+    return mask
 
 
 @dataclass
@@ -100,7 +112,7 @@ class DiTP2PlusOverride(compat.PatchObject):
 
     def __init__(self, plan, schedule: Schedule, cross_end: float, self_end: float, uncond_self_end: float,
                  self_max_tokens: int, text_tokens: int, patch_size: int = 2, previous=None,
-                 what: str = "P2Plus Controller", blend=None, block_positions=None):
+                 what: str = "P2Plus Controller", blend=None, block_positions=None, shape_key: str = ""):
         self.plan = plan
         self.sched = schedule
         self.cross_end, self.self_end, self.uncond_self_end = float(cross_end), float(self_end), float(uncond_self_end)
@@ -112,6 +124,7 @@ class DiTP2PlusOverride(compat.PatchObject):
         self.blend = blend                          # a LocalBlend fed with (2, h, w) word maps of every block
         self.block_positions = dict(block_positions or {})   # (block_type, block_index) -> execution position
         self.runs = RunTracker()
+        self.shape_key = shape_key                  # transformer_options key of the latent's shape (a model wrapper)
         self.what = what
 
     def _hand_on(self, func, args, kwargs):
@@ -147,7 +160,7 @@ class DiTP2PlusOverride(compat.PatchObject):
     def _text_length(self, to, n: int) -> int:
         """Text tokens of this call: the joint sequence minus the latent's image tokens (ComfyUI repeats a context
         to a common length when it batches prompts of different lengths; an uncond half alone has its own)."""
-        shape = to.get(SHAPE_KEY)
+        shape = to.get(self.shape_key)
         if shape is None or to.get("reference_image_num_tokens"):
             raise InversionChainError(f"{self.what}: this call carries no latent shape, or reference-image tokens "
                                       f"(Kontext), which this edit does not support; sample the P2Plus Controller's "
@@ -216,7 +229,7 @@ class DiTP2PlusOverride(compat.PatchObject):
         return out
 
     def _grid(self, to):
-        shape = to[SHAPE_KEY]
+        shape = to[self.shape_key]
         return -(-int(shape[-2]) // self.patch), -(-int(shape[-1]) // self.patch)
 
     def _blend_words(self, copies: int, device):
