@@ -436,6 +436,19 @@ def _sd35_mmdit() -> bool:
     return "x_block_self_attn_layers" in inspect.signature(MMDiT.__init__).parameters
 
 
+def _attention_override() -> bool:
+    """ComfyUI's attention functions honour ``transformer_options["optimized_attention_override"]`` (wrap_attn) and
+    Flux's joint attention passes transformer_options to them."""
+    try:
+        import inspect
+        import comfy.ldm.modules.attention as attn
+        import comfy.ldm.flux.math as flux_math
+    except ImportError:
+        return False
+    return (hasattr(attn, "wrap_attn") and "optimized_attention_override" in inspect.getsource(attn.wrap_attn)
+            and "transformer_options" in inspect.signature(flux_math.attention).parameters)
+
+
 def _module_exists(name: str) -> bool:
     import importlib.util
     try:
@@ -456,6 +469,9 @@ FEATURES = {
                           lambda: _module_exists("comfy.ldm.qwen_image.model")),
     "dit-attention-patches": ("0.17.0", "attn1_patch inside Flux/Chroma/Qwen-Image joint attention (q, k, v before "
                               "RoPE, with img_slice)", _flux_attention_patch),
+    "attention-override": ("0.3.60", "transformer_options[\"optimized_attention_override\"] around the attention "
+                           "kernel (q, k, v after RoPE, with the block and CFG half in transformer_options)",
+                           _attention_override),
 }
 
 

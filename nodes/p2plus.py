@@ -20,7 +20,9 @@ class ICP2PlusController:
         "positive/negative CONDITIONING (row 0 source, row 1 target) and a 2-row LATENT holding the same starting "
         "noise twice. Sample them with a stock sampler: KSamplerAdvanced (add_noise disable, sampler ddim, the "
         "inversion's steps and scheduler) or SamplerCustom (add_noise off, ddim, this node's sigmas). Row 0 "
-        "reconstructs the source image (exactly under guidance with a NULL_TEXT), row 1 is the edit.")
+        "reconstructs the source image (exactly under guidance with a NULL_TEXT), row 1 is the edit. On Flux and "
+        "Chroma it edits the joint attention's image-to-text probabilities of a generated image: sample with "
+        "add_noise ON (the LATENT gives both rows the sampler seed's noise).")
     CATEGORY = CATEGORY + "/attention"
     FUNCTION = "build"
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT", "SIGMAS")
@@ -79,7 +81,8 @@ class ICP2PlusController:
                                  "unconditional embeddings that make row 0 reconstruct the image under guidance."),
                 "latent": tip("LATENT", "Generated image (no inversion): gives the size; the noise comes from "
                               "`seed`."),
-                "seed": tip("INT", "Generated image (no inversion): seed of the shared starting noise.",
+                "seed": tip("INT", "Generated image (no inversion): seed of the shared starting noise (SD models; on "
+                            "Flux/Chroma the sampler's seed gives it, add_noise on).",
                             default=0, min=0, max=0xffffffffffffffff),
                 "steps": tip("INT", "Generated image (no inversion): sampling steps; sample with the same number.",
                              default=50, min=1, max=1000),

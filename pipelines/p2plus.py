@@ -9,17 +9,20 @@ from typing import Optional
 import torch
 
 from .. import compat, conditioning
-from ..artifacts import InversionChainError, NullText, Style, user_text
+from ..artifacts import InversionChainError, NullText, Style, node_name, user_text
 from ..model_info import check_supported, model_key, reads_pooled_output, require_inversion
 from ..attention.core import patching
 from ..attention.core.context import UNCOND, CfgCheck, ContextPatch
-from ..attention.editors.edit_plan import build_plan
+from ..attention.core import dit_layers
+from ..attention.editors.dit_p2p import DiTP2PlusOverride
+from ..attention.editors.edit_plan import build_plan, build_t5_plan
+from ..attention.viewer import dit_capture
 from ..attention.core.layers import MAP_SIZE_AUTO, map_level, map_size_problem
 from ..attention.editors.local_blend import LocalBlend
 from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES, P2PlusEditor
 from ..attention.core.schedule import Schedule, check_percents
 from ..attention.editors.style import value_injection
-from ..attention.core.tokens import parse_words, word_positions
+from ..attention.core.tokens import parse_words, t5_tokenizer, t5_word_positions, word_positions
 
 
 
@@ -76,6 +79,11 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
                steps: int = 50, scheduler: str = "ddim_uniform", self_replace_max_res: int = DEFAULT_SELF_MAX_RES,
                style: Optional[Style] = None, style_end_percent: float = 0.5, blend_map_size: str = MAP_SIZE_AUTO
                ) -> Edit:
+    if compat.is_flow_family(compat.model_sampling(model)):
+        return build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
+                              self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words,
+                              blend_threshold, blend_start_percent, inversion, null_text, latent, seed, steps,
+                              scheduler, self_replace_max_res, style, blend_map_size)
     check_supported(model)
     check_percents(cross_replace_end_percent=cross_replace_end_percent,
                    self_replace_end_percent=self_replace_end_percent,
@@ -169,4 +177,103 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
                    f"{'; local blend ' + ', '.join(words) if words else ''}"
                    f"{'; ' + null_text.method + ' uncond' if null_text is not None else ''}"
                    f"{'; StyleDiffusion values until ' + str(style_end_percent) if style is not None else ''}")
+    return Edit(patched, positive, negative, latent_out, schedule.sigmas.clone(), description)
+
+
+DIT_FAMILIES = "Flux (dev-style, guidance-distilled: cfg 1) and Chroma (true CFG)"
+
+
+def _starting_latent(model, inversion, latent, steps, scheduler, family):
+    """(Schedule, the 2-row LATENT) of a generated image on a flow model: zeros with ``batch_index`` [0, 0], so a
+    stock sampler with add_noise ON gives both rows the same noise (its seed's first row). A flow sampler at sigma 1
+    scales the LATENT by 1 - sigma = 0, so an x_T in the LATENT (add_noise off, as on UNets) would be lost."""
+    if inversion is not None:
+        raise InversionChainError(
+            f"`inversion` (editing a real image) is not supported on {family} yet: a flow sampler at sigma 1 "
+            f"drops the LATENT (it scales it by 1 - sigma = 0), so both rows would need the inversion's x_T as a "
+            f"2-row NOISE, which this node does not output. On {DIT_FAMILIES} it edits generated images: disconnect "
+            f"`inversion`, connect `latent` and sample with add_noise on.")
+    if latent is None or "samples" not in latent:
+        raise InversionChainError(f"connect `latent` (e.g. EmptySD3LatentImage: the size of the generated "
+                                  f"image); on {family} the noise comes from the sampler's seed (add_noise on).")
+    sigmas = compat.calculate_sigmas(model, scheduler, steps)
+    zeros = torch.zeros_like(latent["samples"][:1]).repeat(2, 1, 1, 1)
+    return Schedule(sigmas, scheduler), {"samples": zeros, "batch_index": [0, 0]}
+
+
+def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
+                   self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words,
+                   blend_threshold, blend_start_percent, inversion, null_text, latent, seed, steps, scheduler,
+                   self_replace_max_res, style, blend_map_size=MAP_SIZE_AUTO) -> Edit:
+    """Prompt-to-Prompt / P2Plus on a Flux-layout DiT: the edit plan over T5 tokens, applied to the joint
+    attention's image-to-text probabilities by an ``optimized_attention_override`` (attention/editors/dit_p2p.py)."""
+    family = compat.family_name(model)
+    if not dit_layers.is_flux_layout(model):
+        raise InversionChainError(f"the model family '{family}' is not supported yet by this node; on "
+                                  f"rectified-flow models it edits {DIT_FAMILIES}, and SD1.x, SD2.x, SDXL.")
+    for feature in ("dit-attention-patches", "attention-override"):
+        missing = compat.missing_feature_message(feature, node_name())
+        if missing:
+            raise InversionChainError(missing)
+    for name, value, why in (
+            ("null_text", null_text is not None, "null-text inversion"),
+            ("style", style is not None, "StyleDiffusion values")):
+        if value:
+            raise InversionChainError(
+                f"`{name}` ({why}) is not supported on {family} yet; on {DIT_FAMILIES} this node does "
+                f"replace, refine, reweight (cross/self/uncond-self windows) and local blend. Disconnect or clear "
+                f"`{name}`.")
+    check_percents(cross_replace_end_percent=cross_replace_end_percent,
+                   self_replace_end_percent=self_replace_end_percent,
+                   uncond_self_replace_end_percent=uncond_self_replace_end_percent,
+                   blend_start_percent=blend_start_percent)
+    if blend_map_size != MAP_SIZE_AUTO:
+        raise InversionChainError(f"`blend_map_size` '{user_text(blend_map_size)}': every block of {family} attends on "
+                                  f"one token grid (latent/2), so the blend mask has no other size to read; set it to "
+                                  f"{MAP_SIZE_AUTO}.")
+    if t5_tokenizer(clip) is None:
+        raise InversionChainError(f"{family} reads the prompts as T5 tokens, and this `clip` has no T5 "
+                                  f"tokenizer; connect the CLIP that encodes its prompts (Flux: CLIP-L + T5, "
+                                  f"Chroma: T5).")
+    plan = build_t5_plan(clip, source_prompt, target_prompt, mode, reweight)
+    schedule, latent_out = _starting_latent(model, inversion, latent, steps, scheduler, family)
+    source, target = _encode(clip, source_prompt), _encode(clip, target_prompt)
+    if source[0].shape[1] != plan.mapper.numel():
+        raise InversionChainError(f"this CLIP encodes {source[0].shape[1]} text tokens for "
+                                  f"{plan.mapper.numel()} T5 tokens; connect the CLIP of {family} (Flux: CLIP-L + "
+                                  f"T5, Chroma: T5).")
+    uncond = _encode(clip, "")
+    positive = _conditioning([source, target], {})
+    negative = _conditioning([uncond, uncond], {})
+    words, blend = parse_words(blend_words), None
+    if words:
+        src_pos, tgt_pos = [], []
+        for word in words:
+            in_src = t5_word_positions(clip, plan.source_ids, word)
+            in_tgt = t5_word_positions(clip, plan.target_ids, word)
+            if not in_src and not in_tgt:
+                raise InversionChainError(f"the blend word '{user_text(word)}' is in neither the source "
+                                          f"prompt '{user_text(source_prompt)}' nor the target prompt "
+                                          f"'{user_text(target_prompt)}' (as T5 tokens).")
+            src_pos += in_src
+            tgt_pos += in_tgt
+        blend = LocalBlend(sorted(set(src_pos)), sorted(set(tgt_pos)), blend_threshold, blend_start_percent, 0,
+                           schedule)
+    patched = model.clone()
+    to = dict(patched.model_options.get("transformer_options", {}))
+    dm = dit_layers.diffusion_model_of(model)
+    positions = {(b.kind, b.index): b.position for b in dit_layers.enumerate_blocks(model)}
+    to["optimized_attention_override"] = DiTP2PlusOverride(
+        plan, schedule, cross_replace_end_percent, self_replace_end_percent, uncond_self_replace_end_percent,
+        int(self_replace_max_res) ** 2, plan.mapper.numel(), int(getattr(dm, "patch_size", 2)),
+        to.get("optimized_attention_override"), blend, positions, dit_capture.SHAPE_KEY)
+    patched.model_options["transformer_options"] = to
+    patching.add_unet_wrapper(patched, dit_capture.shape_wrapper)
+    if blend is not None:
+        patching.add_post_cfg_function(patched, blend)
+    description = (f"{plan.describe()} (T5 tokens, joint attention of {family}); {schedule.steps} steps "
+                   f"({schedule.scheduler}); cross/self/uncond-self replace until {cross_replace_end_percent}/"
+                   f"{self_replace_end_percent}/{uncond_self_replace_end_percent} of the steps"
+                   f"{'; local blend ' + ', '.join(words) if words else ''}; sample with add_noise ON (both rows "
+                   f"get the sampler seed's noise)")
     return Edit(patched, positive, negative, latent_out, schedule.sigmas.clone(), description)

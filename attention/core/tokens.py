@@ -293,3 +293,15 @@ def qwen_locate_words(clip, prompt: str, words: Sequence[str], input_name: str) 
                                       f"Its Qwen tokens are: {valid}.")
         found[word] = hit
     return found
+
+
+def t5_word_positions(clip, ids: Sequence[int], word: str) -> List[int]:
+    """Every position of ``word``'s T5 pieces among the prompt tokens of ``ids`` (all occurrences), [] if absent."""
+    pieces = t5_ids(clip, word)
+    pieces = pieces[:t5_word_count(clip, pieces)]
+    end = t5_word_count(clip, ids)
+    found: List[int] = []
+    for s in range(0, end - len(pieces) + 1) if pieces else ():
+        if list(ids[s:s + len(pieces)]) == pieces:
+            found.extend(range(s, s + len(pieces)))
+    return found

@@ -9,7 +9,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from ...artifacts import InversionChainError, user_text
-from ..core.tokens import align_tokens, describe_tokens, prompt_tokens, token_count, word_positions
+from ..core.tokens import (align_tokens, describe_tokens, prompt_tokens, t5_ids, t5_readable, t5_word_count,
+                           t5_word_positions, token_count, word_positions)
 
 MODES = ("replace", "refine", "reweight")
 REWEIGHT_RANGE = (-2.0, 2.0)
@@ -49,6 +50,7 @@ class EditPlan:
     aligned: torch.Tensor                # float: 1 = take the source's column, 0 = keep the target's own
     equalizer: Optional[torch.Tensor]    # float scale per target column (reweight), None = no scaling
     reweight: List[Tuple[str, float]] = field(default_factory=list)
+    words: Optional[int] = None          # T5 plans (DiTs): the target's prompt tokens; None: CLIP (count - 2)
 
     @property
     def word_swap(self) -> bool:
@@ -59,7 +61,8 @@ class EditPlan:
 
     def describe(self) -> str:
         new = int((self.aligned == 0).sum())
-        out = f"{self.mode}: {token_count(self.target_ids) - 2} target tokens, {new} new"
+        count = token_count(self.target_ids) - 2 if self.words is None else self.words
+        out = f"{self.mode}: {count} target tokens, {new} new"
         if self.reweight:
             out += ", reweight " + ", ".join(f"{w}:{c:g}" for w, c in self.reweight)
         return out
@@ -103,3 +106,48 @@ def build_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight
             equalizer[pos] = c
     return EditPlan(mode=mode, source_ids=src, target_ids=tgt, mapper=mapper, aligned=aligned, equalizer=equalizer,
                     reweight=weights)
+
+
+def build_t5_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight: str = "") -> EditPlan:
+    """The plan over the T5 text tokens a Flux-layout DiT reads (position p = text token p of the joint sequence;
+    no start token): replace needs the same number of prompt tokens, refine aligns the two sequences (longest
+    common subsequence, as for CLIP), reweight scales every occurrence of a word's pieces in the target."""
+    if mode not in MODES:
+        raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
+    src, tgt = t5_ids(clip, source_prompt), t5_ids(clip, target_prompt)
+    ns, nt = t5_word_count(clip, src), t5_word_count(clip, tgt)
+    weights = parse_reweight(reweight)
+    if mode == "reweight" and not weights:
+        raise InversionChainError(f"mode 'reweight' needs `reweight`, e.g. 'flowers:2.0' (a word of the "
+                                  f"target prompt and a scale in [{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}]).")
+    word_swap = mode == "replace" or (mode == "reweight" and ns == nt)
+    if word_swap and ns != nt:
+        show = lambda ids, n: user_text(", ".join(t5_readable(clip, ids[:n])))  # noqa: E731
+        raise InversionChainError(
+            f"mode 'replace' swaps words token for token, but the source prompt has {ns} T5 tokens "
+            f"({show(src, ns)}) and the target prompt {nt} ({show(tgt, nt)}). Use mode 'refine' for prompts of "
+            f"different lengths, or choose replacement words with the same number of T5 tokens.")
+    if len(src) != len(tgt):
+        raise InversionChainError(
+            f"the source and target prompts are {len(src)} and {len(tgt)} text tokens long (this CLIP does "
+            f"not pad T5 to a fixed length, as Chroma's does not); both rows of the edit are sampled in one batch, "
+            f"which needs equal lengths. Choose prompts with the same number of T5 tokens.")
+    n = len(tgt)
+    if word_swap:
+        mapper, aligned = torch.arange(n, dtype=torch.long), torch.ones(n)
+    else:
+        pairs = align_tokens(src, tgt)
+        mapper = torch.tensor([p if p >= 0 else j for j, p in enumerate(pairs)], dtype=torch.long)
+        aligned = torch.tensor([1.0 if p >= 0 else 0.0 for p in pairs])
+    equalizer = None
+    if weights:
+        equalizer = torch.ones(n)
+        for word, c in weights:
+            pos = t5_word_positions(clip, tgt, word)
+            if not pos:
+                raise InversionChainError(f"the reweight word '{user_text(word)}' is not in the target prompt "
+                                          f"'{user_text(target_prompt)}'. Its T5 tokens are: "
+                                          f"{user_text(', '.join(t5_readable(clip, tgt[:nt])))}.")
+            equalizer[pos] = c
+    return EditPlan(mode=mode, source_ids=src, target_ids=tgt, mapper=mapper, aligned=aligned, equalizer=equalizer,
+                    reweight=weights, words=nt)

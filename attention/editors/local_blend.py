@@ -39,6 +39,11 @@ class LocalBlend(PatchObject):
                 for r in range(2)]
         self.maps[(step, layer_index)] = torch.stack(rows).reshape(2, *grid)
 
+    def record_map(self, step: int, layer_index: int, maps: torch.Tensor):
+        """``maps``: (2, h, w) word maps of the cond (source, target) rows, already summed over the words and
+        averaged over heads (DiT joint attention: attention/editors/dit_p2p.py)."""
+        self.maps[(step, layer_index)] = maps
+
     def mask(self, step: int, size: Tuple[int, int]) -> Optional[torch.Tensor]:
         maps = [m for (s, _), m in self.maps.items() if s <= step]
         if not maps:
