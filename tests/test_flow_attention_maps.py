@@ -314,7 +314,7 @@ def test_viewer_renders_flow_maps_through_the_nodes(flow):
                                 "shared", 0)
     assert every.shape[0] == dit_capture.prompt_tokens_for(flow["clip"], PROMPT).end
     assert points.shape[0] == 4
-    with pytest.raises(InversionChainError, match=r"^Attention Map Viewer `tokens`: the word 'wolf' is not in the "
+    with pytest.raises(InversionChainError, match=r"^Attention Map Viewer: `tokens`: the word 'wolf' is not in the "
                                                   r"prompt .*(T5|Qwen) tokens"):
         viewer.view(maps, {"samples": out}, "cross", "wolf", 0.0, 1.0, "all", "all captured", "cond", 0,
                     "per tile", 0)
