@@ -57,8 +57,8 @@ class ICKVInject:
                                 "MasaCtrl, the unconditional CFG half attends to the source image run with it, the "
                                 "conditional half to the source run with its own prompt. Needed when sampling with "
                                 "cfg != 1; a new negative records the source once more (cached per inversion and "
-                                "negative). Chroma and Qwen-Image at cfg > 1 likewise; guidance-distilled Flux samples at cfg 1 "
-                                "and needs none."),
+                                "negative). Chroma and Qwen-Image at cfg > 1 likewise; guidance-distilled Flux "
+                                "samples at cfg 1 and needs none."),
                 "mask_words": tip("STRING", "masked mode: comma-separated words of the source prompt marking the "
                                   "source's foreground (its cross-attention at latent/4, min-max normalised, >= "
                                   "0.1, as MasaCtrl's 16x16 maps at 512 px).", default=""),

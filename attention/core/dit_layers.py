@@ -136,7 +136,8 @@ def vital_blocks(blocks: Sequence[DiTBlock]) -> List[DiTBlock]:
 
 
 def select_blocks(blocks: Sequence[DiTBlock], start_layer: int) -> List[DiTBlock]:
-    """-1: the family default (Stable Flow's vital layers; Qwen-Image's middle band); n >= 0: every block at position >= n (MasaCtrl's "from this layer on")."""
+    """-1: the family default (Stable Flow's vital layers; Qwen-Image's middle band); n >= 0: every block at
+    position >= n (MasaCtrl's "from this layer on")."""
     if start_layer == -1:
         return vital_blocks(blocks)
     return [b for b in blocks if b.position >= start_layer]

@@ -3,16 +3,17 @@ inversion chain: the DiT counterpart of reference.py's ``ReferenceKV``, kept in 
 
 At chain step i the source's K/V are what the model computes on ``inversion.chain[i]`` with the inversion's own
 conditioning (and, per CFG half, with the ``negative`` the sampler gets). They are recorded by an ``attn1_patch``
-(ComfyUI calls it in every double and single block -- Qwen-Image: every block -- with q, k, v of the joint sequence, after the QK norm and before
-RoPE; ``img_slice`` says where the image tokens are), row 0 of each CFG chunk, only the image tokens' slice, in
-the dtype the attention computes in: nothing is rounded, so the identity edit and cache == recompute are exact.
+(ComfyUI calls it in every double and single block -- Qwen-Image: every block -- with q, k, v of the joint sequence,
+after the QK norm and before RoPE; ``img_slice`` says where the image tokens are), row 0 of each CFG chunk, only the
+image tokens' slice, in the dtype the attention computes in: nothing is rounded, so the identity edit and cache ==
+recompute are exact.
 
 Keys before RoPE: the rotary embedding is applied inside the attention call, by token position, to whatever k
 arrives. ``pe`` comes from the token ids (``txt_ids`` zeros, ``img_ids`` the latent's patch grid), so the image rows
-of ``pe`` depend on the latent size only (Qwen-Image: image ids centred on the grid, text ids from
-max(h, w) / 2 of the grid on, so again the latent size alone): the source K placed at the same image positions of the target's sequence
-get exactly the rotation they had in the source's own pass, whatever the prompts' lengths (the slice moves with
-``img_slice``, the ids do not).
+of ``pe`` depend on the latent size only (Qwen-Image: image ids centred on the grid, text ids from max(h, w) / 2 of
+the grid on, so again the latent size alone): the source K placed at the same image positions of the target's
+sequence get exactly the rotation they had in the source's own pass, whatever the prompts' lengths (the slice moves
+with ``img_slice``, the ids do not).
 
 Stored: K and V (no eps, no maps), ``2 * heads * head_dim * image tokens`` values per (step, block, CFG half).
 """
@@ -69,7 +70,7 @@ class DiTReferenceKV:
         self.storage_dtype = storage_dtype
         self.branches = int(branches)
         self.what = what
-        self.repeat_text = repeat_text   # recompute: batch the CFG halves as ComfyUI does (compat.text_batches_by_repeat)
+        self.repeat_text = repeat_text   # recompute: batch CFG halves as ComfyUI (compat.text_batches_by_repeat)
         self.store: Dict[Tuple[int, str, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
         self.storage_device = torch.device("cpu")
         self.mode = "cache"
