@@ -294,9 +294,10 @@ def test_inputs_are_checked_with_the_family_range(flow, store):
         where = r"0\.\.0 the double blocks, 1\.\.1 the single blocks \(valid: 0\.\.1\), or -1 for Stable Flow"
     with pytest.raises(InversionChainError, match=r"start_layer 2 is outside this .*2 blocks.*" + where):
         inject(flow, start_layer=2)
-    with pytest.raises(InversionChainError, match="mode 'union' is not available on"):
-        with torch.inference_mode():
-            ICKVInject().patch(flow["model"], flow["inv"], 0.0, 0, "union")
+    for mode in ("union", "masked"):   # issue 25 item 9: refused by name, not silently run as mutual
+        with pytest.raises(InversionChainError, match=f"mode '{mode}' is not available on .*use mutual"):
+            with torch.inference_mode():
+                ICKVInject().patch(flow["model"], flow["inv"], 0.0, 0, mode)
 
 
 @pytest.mark.fast
