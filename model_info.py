@@ -26,9 +26,8 @@ def check_supported(model_patcher, what: str, allow_flow: bool = False):
             return
         raise InversionChainError(
             f"{what}: the model family '{family}' (a rectified-flow / DiT model) is not supported yet by this node; "
-            f"so far DDIM Invert runs on every rectified-flow family, KV Inject on Flux, Chroma and Qwen-Image. "
-            f"Supported here: "
-            f"{SUPPORTED}.")
+            f"so far DDIM Invert runs on every rectified-flow family, KV Inject on Flux, Chroma and Qwen-Image, RIVAL "
+            f"on Flux and Chroma. Supported here: {SUPPORTED}.")
     if unet_of(model_patcher) is None:
         raise InversionChainError(
             f"{what}: the model family '{family}' is not supported yet. Supported: {SUPPORTED}.")

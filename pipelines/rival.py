@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 
 from ..artifacts import Inversion, InversionChainError, user_text
-from ..attention.core import patching
+from ..attention.core import dit_layers, patching
 from ..attention.core.schedule import Schedule
+from ..attention.editors.dit_rival import DiTRival
 from ..attention.editors.rival import RivalAttentionEditor
+from ..attention.store import reference as reference_store
+from ..attention.store.dit_reference import DiTReferenceKV, compute_dtype, image_tokens
 from ..attention.store.partial_reference import PartialReference
-from ..conditioning import first_row
+from ..conditioning import first_row, fingerprint
 from ..model_info import reads_pooled_output
 from .. import compat
+from ..logs import log
 from ..samplers.rival import (REFERENCE_MODES, TECHNIQUE, reference_rows, repeat_pooled, cached_reference,
                               cached_reference_source, check_inputs, in_batch_reference, initial_latent,
                               latent_region, sample_variations, stack_rows)
@@ -25,7 +29,11 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
 
     ``reference_mode='cache'`` records the reference row once per inversion (and negative prompt) and keeps it out
     of the batch; ``'batch'`` runs it as row 0 of every step (the official code's layout). ``mask`` (a ComfyUI
-    MASK, 1 = regenerate): example-based inpainting, see ``samplers/rival.py``."""
+    MASK, 1 = regenerate): example-based inpainting, see ``samplers/rival.py``. Flux-layout DiTs (Flux, Chroma):
+    ``rival_dit``."""
+    if compat.is_flow_family(compat.model_sampling(model)):
+        return rival_dit(model, positive, negative, inversion, seed, batch_size, cfg, replace_end_percent,
+                         normalize_end_percent, init, normalize, preview, reference_mode, what, mask)
     check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
                  what)
     region = latent_region(mask, inversion.latent_shape, what)
@@ -69,3 +77,99 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
     if source.rows:
         return out[1:].cpu(), out[:1].cpu()
     return out.cpu(), compat.latent_out(model, inversion.chain[-1][:1].clone()).cpu()
+
+
+def rival_dit(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float,
+              replace_end_percent: float, normalize_end_percent: float, init: str, normalize: str, preview: bool,
+              reference_mode: str, what: str = TECHNIQUE, mask=None, steps=None):
+    """RIVAL on a Flux-layout DiT: the same loop (``sample_variations``: ComfyUI's Euler step in sigma space, which
+    on these models moves along the predicted velocity), the cross-image attention as an ``attn1_patch`` in every
+    double and single block (attention/editors/dit_rival.py). ``normalize='eps'`` normalises the sampler's direction
+    ``(x - denoised) / sigma``: eps on eps-models (the official code), the velocity here. ``steps`` (tests): the
+    steps the attention patch acts at, default all."""
+    check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
+                 what, allow_flow=True)
+    family = compat.family_name(model)
+    if not dit_layers.is_flux_layout(model):
+        raise InversionChainError(
+            f"{what}: the model family '{family}' is not supported yet; among the rectified-flow families RIVAL runs "
+            f"on Flux and Chroma (their joint attention's attn1_patch).")
+    missing = compat.missing_feature_message("dit-attention-patches", what)
+    if missing:
+        raise InversionChainError(missing)
+    if reference_mode not in REFERENCE_MODES:
+        raise InversionChainError(f"{what}: unknown reference mode '{user_text(reference_mode)}'; use one of "
+                                  f"{', '.join(REFERENCE_MODES)}.")
+    region = latent_region(mask, inversion.latent_shape, what)
+    replace_end, normalize_end = float(replace_end_percent), float(normalize_end_percent)
+    blocks = dit_layers.enumerate_blocks(model)
+    tokens = image_tokens(model, inversion.latent_shape)
+    schedule = Schedule(inversion.sigmas, inversion.scheduler, what)
+    store = dit_reference(model, inversion, negative, blocks, tokens, 1 if cfg == 1.0 else 2, what) \
+        if reference_mode == "cache" else None
+    m = model.clone()
+    if store is not None:   # the photo's K/V and velocity from the store; only the variations are sampled
+        patching.add_attn1_patch(m, DiTRival(inversion.sigmas, blocks, replace_end, tokens, store, steps, what))
+        source = cached_reference_source(store)
+        pos = [[torch.cat([positive[0][0][:1]] * batch_size), repeat_pooled(positive[0][1], batch_size)]]
+        neg = [[torch.cat([negative[0][0][:1]] * batch_size), repeat_pooled(negative[0][1], batch_size)]]
+        oom_hint = ""
+    else:                   # the photo's row runs in the batch, row 0 of every step
+        pos = dit_rows(inversion.positive, positive, batch_size, what)
+        neg = dit_rows(negative, negative, batch_size, what)
+        patching.add_attn1_patch(m, DiTRival(inversion.sigmas, blocks, replace_end, tokens, None, steps, what))
+        ref_cond = {}
+
+        def observe(args):  # the reference row's conditional prediction, for the normalisation
+            ref_cond["denoised"] = args["cond_denoised"][:1]
+            return args["denoised"]
+
+        patching.add_post_cfg_function(m, observe)
+        patching.add_unet_wrapper(m, lambda previous: reference_rows(previous, None))
+        source = in_batch_reference(ref_cond)
+        oom_hint = " (+1 reference row)"
+    x_T = inversion.chain[0][:1]
+    inits = torch.cat([initial_latent(x_T, seed + j, init, what, region) for j in range(batch_size)])
+    out = sample_variations(m, source, inversion, inits, pos, neg, cfg, seed, schedule, normalize, normalize_end,
+                            region, preview, oom_hint, what)
+    if source.rows:
+        return out[1:].cpu(), out[:1].cpu()
+    return out.cpu(), compat.latent_out(model, inversion.chain[-1][:1].clone()).cpu()
+
+
+def dit_reference(model, inversion: Inversion, negative, blocks, tokens: int, branches: int, what: str):
+    """The photo's image-token K/V in every block at every chain step (and its conditional velocity), recorded
+    once per (inversion, negative) into the shared reference store; None when it would not fit the store's budget
+    (then the photo's row runs in the batch)."""
+    entry = DiTReferenceKV(inversion, blocks, range(inversion.steps), tokens, compute_dtype(model), branches, what)
+    entry.record_eps = True
+    positive = first_row(inversion.positive)
+    negative_row = first_row(negative) if branches == 2 else None
+    key = fingerprint(positive) + ("" if negative_row is None else fingerprint(negative_row))
+    latent = torch.zeros(inversion.latent_shape)
+    entry, mode = reference_store.cached("dit_rival", model, entry, key, "auto",
+                                         lambda ref: ref.fill(model, latent, negative=negative_row),
+                                         extra=(tuple(b.key for b in blocks),))
+    if mode == "recompute":
+        return None
+    log.info("[Inversion Chain] %s: reference K/V, %.1f MB on %s", what, entry.nbytes() / 2 ** 20,
+             entry.storage_device)
+    return entry
+
+
+def dit_rows(reference_cond, generation_cond, variations: int, what: str):
+    """``stack_rows`` for DiTs: text tokens are part of the joint attention, so prompts of different token counts
+    cannot share a batch (repeating tokens, harmless in a UNet's cross-attention, changes a DiT's attention), and
+    the photo's row must read the inversion's own guidance."""
+    ref, gen = reference_cond[0], generation_cond[0]
+    if ref[0].shape[1] != gen[0].shape[1]:
+        raise InversionChainError(
+            f"{what}: reference_kv 'batch' runs the photo's row with the inversion's prompt ({ref[0].shape[1]} "
+            f"tokens) in one batch with the variations' prompt ({gen[0].shape[1]} tokens); on DiT models they must "
+            f"have the same token count. Use reference_kv 'cache', or prompts of the same length.")
+    guidance = [m.get("guidance") for m in (ref[1], gen[1])]
+    if guidance[0] != guidance[1]:
+        raise InversionChainError(
+            f"{what}: reference_kv 'batch' runs the photo's row with the variations' Flux guidance {guidance[1]}, but "
+            f"the inversion was made with {guidance[0]}; use reference_kv 'cache' or the same FluxGuidance.")
+    return stack_rows(reference_cond, generation_cond, variations, what)

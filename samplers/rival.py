@@ -120,8 +120,8 @@ def stack_rows(reference_cond, generation_cond, variations: int, what: str = TEC
 
 
 def check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
-                 what: str = TECHNIQUE):
-    require_inversion(model, inversion, what)
+                 what: str = TECHNIQUE, allow_flow: bool = False):
+    require_inversion(model, inversion, what, allow_flow=allow_flow)
     check_percents(what, replace_end_percent=replace_end_percent, normalize_end_percent=normalize_end_percent)
     if batch_size < 1:
         raise InversionChainError(f"{what}: batch_size must be at least 1, got {batch_size}.")

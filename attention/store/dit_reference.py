@@ -15,7 +15,9 @@ the grid on, so again the latent size alone): the source K placed at the same im
 sequence get exactly the rotation they had in the source's own pass, whatever the prompts' lengths (the slice moves
 with ``img_slice``, the ids do not).
 
-Stored: K and V (no eps, no maps), ``2 * heads * head_dim * image tokens`` values per (step, block, CFG half).
+Stored: K and V (no maps), ``2 * heads * head_dim * image tokens`` values per (step, block, CFG half); with
+``record_eps`` (RIVAL's normalisation) also the conditional ``(x - denoised) / sigma`` of each chain step (the
+velocity on these flow models).
 """
 from __future__ import annotations
 
@@ -77,24 +79,30 @@ class DiTReferenceKV:
         self.conds = None            # recompute mode: model-ready conditioning of the source (and of the negative)
         self.conds_uncond = None
         self.recompute_conds = None  # a partial entry: (conds, conds_uncond) for the steps it does not hold
-        self.eps: Dict[int, torch.Tensor] = {}          # nothing recorded here: the partial entry's interface
+        self.record_eps = False
+        self.eps: Dict[int, torch.Tensor] = {}          # filled by ``fill`` when ``record_eps`` (RIVAL)
         self.cross_maps: Dict[int, torch.Tensor] = {}
         self.cross_tokens: list = []
         self.cross_level = 0
 
     def with_steps(self, steps: Iterable[int]) -> "DiTReferenceKV":
         """An empty entry like this one for other chain steps (partial caching)."""
-        return DiTReferenceKV(self.inversion, self.layers, steps, self.tokens, self.storage_dtype, self.branches,
-                              self.what, self.repeat_text)
+        entry = DiTReferenceKV(self.inversion, self.layers, steps, self.tokens, self.storage_dtype, self.branches,
+                               self.what, self.repeat_text)
+        entry.record_eps = self.record_eps
+        return entry
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def estimate_bytes(self) -> int:
         itemsize = torch.tensor([], dtype=self.storage_dtype).element_size()
-        per_step = sum(2 * b.heads * b.head_dim * self.tokens for b in self.layers)
-        return per_step * self.branches * len(self.steps) * itemsize
+        per_step = sum(2 * b.heads * b.head_dim * self.tokens for b in self.layers) * self.branches * itemsize
+        if self.record_eps:
+            per_step += 4 * int(torch.Size(self.inversion.latent_shape[1:]).numel())
+        return per_step * len(self.steps)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kv in self.store.values() for t in kv)
+        return (sum(t.numel() * t.element_size() for kv in self.store.values() for t in kv)
+                + sum(t.numel() * t.element_size() for t in self.eps.values()))
 
     def usable(self) -> bool:
         return True   # K/V as computed: nothing needs the model to read them back
@@ -130,6 +138,16 @@ class DiTReferenceKV:
         to = dict(recorder.model_options.get("transformer_options", {}))
         to[RECORDING_KEY] = self
         recorder.model_options["transformer_options"] = to
+        if self.record_eps:
+            sigmas = self.inversion.sigmas
+
+            def keep_eps(args):   # the conditional prediction at the chain latent, as a sampler direction
+                i = locate(float(args["sigma"].flatten()[0]), sigmas)
+                if i is not None and i in self.steps:
+                    x, s = args["input"][:1], float(sigmas[i])
+                    self.eps[i] = ((x - args["cond_denoised"][:1]) / s).detach().float().cpu().clone()
+                return args["denoised"]
+            recorder.set_model_sampler_post_cfg_function(keep_eps)
         replay_chain(recorder, self.inversion, self.steps, latent_image, negative)
 
     def recompute_wrapper(self, previous):
