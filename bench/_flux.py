@@ -34,7 +34,7 @@ def missing() -> str | None:
     common.setup()
     from inversion_chain import compat
     for feature in ("flux-models", "dit-attention-patches"):
-        reason = compat.missing_feature_message(feature, "the flow benchmarks")
+        reason = compat.missing_feature_message(feature, "each flow benchmark")
         if reason:
             return reason
     return None
