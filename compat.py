@@ -183,6 +183,20 @@ def diffusion_model_of(model_patcher):
     return getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
 
 
+def text_batches_by_repeat(model_patcher) -> bool:
+    """Whether ComfyUI batches two texts of different lengths for this model by repeating them to a common length
+    (its ``c_crossattn`` is a ``CONDCrossAttn``: the UNets, Flux, Chroma) or only texts of equal length
+    (``CONDRegular``: Qwen-Image, whose text tokens get RoPE positions by index, so a repeated text would move).
+    Asked of the model's own ``extra_conds``; True where it cannot answer with a text alone."""
+    import comfy.conds
+    try:
+        made = model_patcher.model.extra_conds(cross_attn=torch.zeros(1, 1, 1))
+    except (TypeError, KeyError, AttributeError, ValueError, RuntimeError):   # needs inputs beyond a text
+        return True
+    text = made.get("c_crossattn")
+    return text is None or isinstance(text, comfy.conds.CONDCrossAttn)
+
+
 def family_name(model_patcher) -> str:
     """The model family as ComfyUI's model detection named it (its supported-model config class, e.g. SD15, SDXL,
     Flux, Chroma), and the network class when that differs (same attributes in both trees)."""

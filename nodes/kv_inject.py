@@ -16,9 +16,9 @@ class ICKVInject:
                    "unconditional: `negative`). "
                    "Sample with the stock KSampler (sampler ddim, scheduler and steps of the inversion) or "
                    "SamplerCustom with DDIM Invert's sigmas; start from the inversion's noise to keep the layout. "
-                   "Flux and Chroma: in the chosen double/single blocks the target's image-token keys/values in joint "
-                   "attention are replaced by the source's (Stable Flow's attention injection); text tokens keep "
-                   "their own.")
+                   "Flux, Chroma and Qwen-Image: in the chosen joint-attention blocks the target's image-token "
+                   "keys/values are replaced by the source's (Stable Flow's attention injection); text tokens keep "
+                   "their own. SD3/SD3.5 is refused (ComfyUI's MMDiT has no attention patch).")
     CATEGORY = CATEGORY + "/attention"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
@@ -43,13 +43,14 @@ class ICKVInject:
                                    "default), 34 on SDXL. Flux/Chroma: a block position, double blocks first "
                                    "then single blocks (0-18 double, 19-56 single on FLUX.1 and Chroma); n injects "
                                    "every block from n on, -1 Stable Flow's vital layers (positions 0, 1, 2, 17, 18, "
-                                   "25, 28, 53, 54, 56).", default=-1, min=-1, max=200),
+                                   "25, 28, 53, 54, 56). Qwen-Image: 60 joint blocks 0-59; -1 = the middle band "
+                                   "15-44 (see docs/nodes.md).", default=-1, min=-1, max=200),
                 "mode": tip(list(MODES), "mutual: queries attend to the source's K/V (MasaCtrl); union: to the "
                             "source's and their own K/V concatenated; masked (MasaCtrl's mask-auto): the target's "
                             "foreground queries attend only to the source's foreground keys, background to "
                             "background; the source's foreground from its cross-attention of `mask_words`, the "
                             "target's from its own cross-attention of `target_words` in the same step. "
-                            "Flux/Chroma: mutual only.",
+                            "Flux/Chroma/Qwen-Image: mutual only.",
                             default="mutual"),
             },
             "optional": {
@@ -57,8 +58,8 @@ class ICKVInject:
                                 "MasaCtrl, the unconditional CFG half attends to the source image run with it, the "
                                 "conditional half to the source run with its own prompt. Needed when sampling with "
                                 "cfg != 1; a new negative records the source once more (cached per inversion and "
-                                "negative). Chroma at cfg > 1 likewise; guidance-distilled Flux samples at cfg 1 "
-                                "and needs none."),
+                                "negative). Chroma and Qwen-Image at cfg > 1 likewise; guidance-distilled Flux "
+                                "samples at cfg 1 and needs none."),
                 "mask_words": tip("STRING", "masked mode: comma-separated words of the source prompt marking the "
                                   "source's foreground (its cross-attention at latent/4, min-max normalised, >= "
                                   "0.1, as MasaCtrl's 16x16 maps at 512 px).", default=""),

@@ -26,9 +26,11 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
                     target_prompt: str = "", target_words: str = "", mask_map_size: str = MAP_SIZE_AUTO):
     """A ``model.clone()`` whose self-attention takes the source's K/V from ``start_percent`` on (layers >=
     ``start_layer``; -1 = the family's default decoder layer); masked mode reads its masks from the cross-attention
-    maps at ``mask_map_size``. Flux-layout DiTs (Flux, Chroma): ``build_dit``."""
-    if dit_layers.is_flux_layout(model):
+    maps at ``mask_map_size``. DiTs whose joint attention calls ``attn1_patch`` (Flux, Chroma, Qwen-Image):
+    ``build_dit``."""
+    if dit_layers.is_joint_attention_dit(model):
         return build_dit(model, inversion, start_percent, start_layer, mode, negative=negative, cache=cache)
+    refuse_other_dit(model)
     require_inversion(model, inversion)
     if mode not in MODES:
         raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
@@ -85,14 +87,31 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
                            f"{len(selected)} layers x {branches} CFG branch(es)")
 
 
+def refuse_other_dit(model):
+    """SD3 / SD3.5: ComfyUI's MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py) reads no attention patch, so
+    there is no hook to hand it the source's K/V without swapping its classes, which this pack does not do."""
+    dm = dit_layers.diffusion_model_of(model)
+    if dm is not None and type(dm).__module__ == "comfy.ldm.modules.diffusionmodules.mmdit":
+        raise InversionChainError(
+            f"the model family '{compat.family_name(model)}' (SD3 / SD3.5, an MMDiT) is not supported yet: "
+            f"ComfyUI's MMDiT calls no attention patch (transformer_options['patches'] is never read in its joint "
+            f"attention), so the source's keys/values cannot be injected without replacing its code. KV Inject runs "
+            f"on Flux, Chroma and Qwen-Image, and on SD1.x/SD2.x/SDXL; DDIM Invert runs on SD3.5.")
+
+
 def build_dit(model, inversion, start_percent: float, start_layer: int, mode: str, negative=None, cache: str = "auto"):
-    """KV Inject on a Flux-layout DiT: ``start_layer`` -1 = Stable Flow's vital layers, n >= 0 = every block at
-    position >= n (double blocks first, then single blocks; dit_layers.py)."""
+    """KV Inject on a DiT with joint attention (Flux, Chroma, Qwen-Image): ``start_layer`` -1 = the family default
+    (Stable Flow's vital layers; on Qwen-Image its middle band), n >= 0 = every block at position >= n (double blocks
+    first, then single blocks; dit_layers.py)."""
     require_inversion(model, inversion, allow_flow=True)
     missing = compat.missing_feature_message("dit-attention-patches", node_name())
     if missing:
         raise named_error(missing)   # "<node> needs ...": the name is the sentence's subject
     family = compat.family_name(model)
+    if not dit_layers.calls_attn1_patch(model):
+        raise InversionChainError(
+            f"this ComfyUI's {family} attention calls no attn1_patch, so nothing could be injected; update "
+            f"ComfyUI (the DiT attention patches exist from {compat.FEATURES['dit-attention-patches'][0]} on).")
     if mode not in MODES:
         raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
     if mode != "mutual":
@@ -102,12 +121,14 @@ def build_dit(model, inversion, start_percent: float, start_layer: int, mode: st
             f"joint sequence with their own rotary positions, and masked needs the image-to-text attention maps of "
             f"joint attention: neither is built for DiT models yet.")
     blocks = dit_layers.enumerate_blocks(model)
-    doubles, _ = dit_layers.depths(blocks)
+    doubles, singles = dit_layers.depths(blocks)
     if not (start_layer == -1 or 0 <= start_layer < len(blocks)):
+        where = (f"0..{doubles - 1} the double blocks, {doubles}..{len(blocks) - 1} the single blocks" if singles else
+                 f"0..{len(blocks) - 1} its joint (double-stream) blocks")
+        default = "Stable Flow's vital layers" if singles else "the middle band of blocks (15..44 of 60)"
         raise InversionChainError(
             f"start_layer {start_layer} is outside this {family} model's {len(blocks)} blocks; on DiT models "
-            f"start_layer is a block position: 0..{doubles - 1} the double blocks, {doubles}..{len(blocks) - 1} the "
-            f"single blocks (valid: 0..{len(blocks) - 1}), or -1 for Stable Flow's vital layers.")
+            f"start_layer is a block position: {where} (valid: 0..{len(blocks) - 1}), or -1 for {default}.")
     check_percents(start_percent=start_percent)
     steps = steps_within(inversion.steps, start_percent)
     if not steps:
@@ -123,7 +144,8 @@ def patch_dit(model, inversion, blocks, steps, negative=None, cache: str = "auto
     reference store, or recomputed next to each sampling call)."""
     branches = 1 if negative is None else 2
     tokens = image_tokens(model, inversion.latent_shape)
-    reference = DiTReferenceKV(inversion, blocks, steps, tokens, compute_dtype(model), branches)
+    reference = DiTReferenceKV(inversion, blocks, steps, tokens, compute_dtype(model), branches,
+                               repeat_text=compat.text_batches_by_repeat(model))
     latent = torch.zeros(inversion.latent_shape)
     positive = conditioning.first_row(inversion.positive)
     negative = None if negative is None else conditioning.first_row(negative)

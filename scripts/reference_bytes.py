@@ -16,6 +16,11 @@ the bytes are ``DiTReferenceKV.estimate_bytes`` (image-token K and V, bf16 as th
 usual Flux-dev count): KV Inject's default (Stable Flow's vital layers, start_percent 0.08) and every block, and what
 ``cache=auto`` decides, by the same rule as for the UNets.
 
+Qwen-Image (20B at 1024 px): ComfyUI's own ``QwenImageTransformer2DModel`` on the meta device with the sizes ComfyUI's
+model config gives the released checkpoint (60 joint blocks, 24 heads x 128 = hidden 3072; QWEN_IMAGE_20B says where
+each comes from), 50 steps and true CFG (two halves: Qwen-Image's defaults): KV Inject's default (the middle band,
+blocks 15-44) and every block; the GPU budget subtracts the fp8 transformer (parameters counted on the meta model).
+
     .venv/bin/python scripts/reference_bytes.py [--gpu-gib 24] [--json]
 """
 from __future__ import annotations
@@ -128,6 +133,48 @@ def flux_reference_bytes() -> dict:
             "kv_inject_default_two_halves": {"blocks": [b.position for b in vital], "bytes": estimate(vital, 2)}}
 
 
+# Qwen-Image (20B) as ComfyUI builds it: comfy.supported_models.QwenImage (unet_config {"image_model": "qwen_image"});
+# comfy/model_detection.py reads in_channels from img_in.weight (64 = 16 latent channels x 2 x 2 patch) and counts
+# transformer_blocks (60 in the released checkpoint); heads 24 x 128, text width 3584 are the class defaults of
+# comfy.ldm.qwen_image.model.QwenImageTransformer2DModel, which the detection keeps.
+QWEN_IMAGE_20B = {"in_channels": 64, "out_channels": 16, "num_layers": 60}
+QWEN_STEPS, QWEN_PX = 50, 1024   # Qwen-Image's default: 50 steps, true CFG 4 (workflows/ddim_invert_reconstruct_qwen)
+
+
+def qwen_reference_bytes() -> dict:
+    """KV Inject's reference bytes on Qwen-Image (20B) at 1024 px, from the real block shapes (meta device)."""
+    comfy_env.setup_comfy()
+    pack = comfy_env.load_pack()
+    import comfy.ops
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        dm = QwenImageTransformer2DModel(dtype=torch.bfloat16, device="meta",
+                                         operations=comfy.ops.disable_weight_init, **QWEN_IMAGE_20B)
+    params = sum(p.numel() for p in dm.parameters())
+    patcher = SimpleNamespace(model=SimpleNamespace(diffusion_model=dm))
+    dit_layers = pack.attention.core.dit_layers
+    store = pack.attention.store.dit_reference
+    blocks = dit_layers.enumerate_blocks(patcher)
+    latent_shape = (1, 16, 1, QWEN_PX // 8, QWEN_PX // 8)   # Qwen-Image's VAE (Wan 2.1): [B, 16, 1, H/8, W/8]
+    tokens = store.image_tokens(patcher, latent_shape)
+    steps = pack.attention.core.schedule.steps_within(QWEN_STEPS, 0.08)
+    inversion = SimpleNamespace(latent_shape=latent_shape)
+
+    def estimate(chosen, branches):
+        return store.DiTReferenceKV(inversion, chosen, steps, tokens, torch.bfloat16, branches).estimate_bytes()
+
+    band = dit_layers.select_blocks(blocks, -1)
+    first, last = band[0].position, band[-1].position
+    return {"family": "qwen-image-20b", "image_px": QWEN_PX, "blocks": len(blocks), "image_tokens": tokens,
+            "hidden": blocks[0].heads * blocks[0].head_dim, "params": params,
+            "weights_gib": {"fp8": params / 2 ** 30, "bf16": 2 * params / 2 ** 30},
+            "steps": len(steps), "per_block_per_step_per_branch": estimate(blocks[:1], 1) // len(steps),
+            "kv_inject_default_two_halves": {"blocks": f"{first}-{last}", "bytes": estimate(band, 2)},
+            "kv_inject_default": {"blocks": f"{first}-{last}", "bytes": estimate(band, 1)},
+            "kv_inject_every_block_two_halves": {"blocks": len(blocks), "bytes": estimate(blocks, 2)}}
+
+
 def auto_decision(need: int, steps: int, free_bytes: float) -> str:
     """What the store does with an entry of ``need`` bytes over ``steps`` steps (``partial_reference.cached_steps``):
     cache it whole, cache the first steps that fit and recompute the rest, or recompute every step."""
@@ -162,9 +209,15 @@ def main(argv=None):
     for editor in ("kv_inject_default", "kv_inject_every_block", "kv_inject_default_two_halves"):
         flux[editor]["auto_gpu"] = auto_decision(flux[editor]["bytes"], flux["steps"], flux_gpu_free)
         flux[editor]["auto_this_cpu"] = auto_decision(flux[editor]["bytes"], flux["steps"], ram_free)
+    qwen = qwen_reference_bytes()
+    qwen_gpu_free = max(0.0, (args.gpu_gib - qwen["weights_gib"]["fp8"] - 0.5) * 2 ** 30)
+    qwen_editors = ("kv_inject_default_two_halves", "kv_inject_default", "kv_inject_every_block_two_halves")
+    for editor in qwen_editors:
+        qwen[editor]["auto_gpu"] = auto_decision(qwen[editor]["bytes"], qwen["steps"], qwen_gpu_free)
+        qwen[editor]["auto_this_cpu"] = auto_decision(qwen[editor]["bytes"], qwen["steps"], ram_free)
     if args.json:
         print(json.dumps({"gpu_gib": args.gpu_gib, "this_machine_free_ram_gib": ram_free / 2 ** 30, "rows": rows,
-                          "flux": flux}, indent=1))
+                          "flux": flux, "qwen_image": qwen}, indent=1))
         return
     print(f"GPU {args.gpu_gib:g} GiB (free = total - fp16 UNet - 0.5 GiB context); this machine: "
           f"{ram_free / 2 ** 30:.1f} GiB RAM available. Budget = 40% of free. {STEPS} steps, fp16 storage.")
@@ -193,6 +246,20 @@ def main(argv=None):
               "kv_inject_default_two_halves": "KV Inject default, 2 halves (true CFG)"}
     for editor, label in labels.items():
         e = flux[editor]
+        print(f"| {label} | {e['blocks']} | {e['bytes'] / 2 ** 30:.2f} GiB | {e['auto_gpu']} | {e['auto_this_cpu']} |")
+
+    print(f"\nQwen-Image 20B {qwen['image_px']} px: {qwen['blocks']} joint blocks (hidden {qwen['hidden']}), "
+          f"{qwen['image_tokens']} image tokens, {qwen['steps']} of {QWEN_STEPS} steps (start_percent 0.08), bf16 K "
+          f"and V: {qwen['per_block_per_step_per_branch'] / 2 ** 20:.1f} MiB per block, step and CFG half. "
+          f"{qwen['params'] / 1e9:.2f} G parameters; GPU free = {args.gpu_gib:g} GiB - "
+          f"{qwen['weights_gib']['fp8']:.1f} GiB (fp8 transformer, as ComfyUI's Qwen-Image workflow) - 0.5 GiB.")
+    print("| Qwen-Image editor | blocks | bytes | auto, GPU | auto, this CPU |")
+    print("|---|---|---|---|---|")
+    labels = {"kv_inject_default_two_halves": "KV Inject default (middle band), 2 halves (true CFG 4)",
+              "kv_inject_default": "KV Inject default, 1 half (cfg 1)",
+              "kv_inject_every_block_two_halves": "KV Inject, every block, 2 halves"}
+    for editor, label in labels.items():
+        e = qwen[editor]
         print(f"| {label} | {e['blocks']} | {e['bytes'] / 2 ** 30:.2f} GiB | {e['auto_gpu']} | {e['auto_this_cpu']} |")
 
 

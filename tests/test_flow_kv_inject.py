@@ -1,9 +1,10 @@
-"""KV Inject on Flux-layout DiTs (Flux dev-style, Chroma): the source's image-token K/V, recorded along its
-inversion chain through ComfyUI's attn1_patch, replace the target's in the chosen double/single blocks.
+"""KV Inject on DiTs with joint attention (Flux dev-style, Chroma, Qwen-Image): the source's image-token K/V,
+recorded along its inversion chain through ComfyUI's attn1_patch, replace the target's in the chosen blocks.
 
-The models are tests/harness/flow_models.py's random-weight layouts (one double and one single block) loaded through
-the stock loaders; claims here are about exactness and plumbing, not semantics. On trees without Flux/Chroma or
-without the DiT attention patch every test skips and names the missing feature."""
+The models are tests/harness/flow_models.py's random-weight layouts (Flux/Chroma: one double and one single block;
+Qwen-Image, from flow_models_more.py: two joint blocks, a real negative) loaded through the stock loaders; claims
+here are about exactness and plumbing, not semantics. On trees without a family or without the DiT attention patch
+every test skips and names the missing feature."""
 import pytest
 import torch
 
@@ -15,36 +16,39 @@ from inversion_chain.nodes.inverted_noise import ICInvertedNoise
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.pipelines import kv_inject as pipeline
 from tests.harness.measure import measured
-from tests.harness import flow_models, photos
+from tests.harness import flow_models, flow_models_more, photos
 
 SOURCE = "a photo of an astronaut"
 TARGET = "a watercolor painting of a red fox in the snow"
 GUIDANCE = 3.5
 STEPS = 8
 PX = 256
-FAMILIES = ("flux", "chroma")
-WHO = "KV Inject on Flux and Chroma"
+FAMILIES = ("flux", "chroma", "qwen_image")
+TRUE_CFG = ("chroma", "qwen_image")     # a real unconditional half: cfg > 1 with a negative
+WHO = "KV Inject on Flux, Chroma and Qwen-Image"
 NEGATIVES = ("a blurry photo of a cat", "a dark photo of an astronaut", "a blurry photo of an astronaut",
              "a photo of an astronaut")
 # Identity edit (source prompt, the inversion's noise, every block from step 0) against the plain reconstruction:
 # the injected K/V are the source's at the chain latents, which the sampled trajectory misses by the round trip's
 # error only (at the chain latents themselves the prediction is bit-identical: the next test). Measured at 256 px,
-# 8 steps: flux 9.1e-5 (round trip 3.8e-2), chroma 1.1e-4 (round trip 0.47): below 1% of the round trip and 5e-4.
+# 8 steps: flux 9.1e-5 (round trip 3.8e-2), chroma 1.1e-4 (round trip 0.47), qwen_image 5.1e-5 (round trip 5.3e-2):
+# below 1% of the round trip and 5e-4.
 IDENTITY_TOL = 5e-4
 IDENTITY_OF_ROUND_TRIP = 1e-2
 
 
-def missing() -> str | None:
-    for feature in ("flux-models", "dit-attention-patches"):
+def missing(family: str = "flux") -> str | None:
+    features = ("flux-models", "dit-attention-patches") + (("qwen-image-models",) if family == "qwen_image" else ())
+    for feature in features:
         reason = compat.missing_feature_message(feature, WHO)
         if reason:
             return reason
-    return None
+    return flow_models.missing_family(family)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def flow(request):
-    reason = missing()
+    reason = missing(request.param)
     if reason:
         pytest.skip(reason)
     import node_helpers
@@ -142,6 +146,41 @@ def test_no_blocks_or_no_steps_is_bit_identical_to_stock_sampling(flow, store):
         inject(flow, start_percent=1.0)
 
 
+def test_image_token_positions_do_not_depend_on_the_prompt(flow, store):
+    """Why source K/V land at the right rotary positions: the rotary table ComfyUI hands attn1_patch (``pe``) has the
+    same rows for the image tokens whatever the prompt's length (Flux/Chroma: text ids are zeros; Qwen-Image: text
+    ids start after the grid's half-size), so a source key recorded before RoPE is rotated as in its own pass."""
+    from inversion_chain.attention.core import patching
+    seen = {}
+
+    def spy(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        s0, s1 = extra_options["img_slice"]
+        seen.setdefault(k.shape[2] - (s1 - s0), pe[:, :, s0:s1].clone())
+        return {}
+
+    import nodes
+    spied = patching.add_attn1_patch(flow["model"].clone(), spy)
+    longer = nodes.ConditioningConcat().concat(flow["target"], flow["positive"])[0]   # the stock node: more tokens
+    for text in (flow["positive"], longer):
+        sample(flow, spied, positive=text)
+    assert len(seen) == 2                      # two text lengths seen (the control: the prompts differ in length)
+    first, second = seen.values()
+    assert torch.equal(first, second)
+
+
+def test_reference_latents_are_refused(flow, store):
+    """Kontext / Qwen-Image-Edit style reference latents add image tokens to the joint sequence: refused by name."""
+    if flow["family"] == "chroma":
+        pytest.skip("ComfyUI's Chroma network reads no reference latents (comfy/ldm/chroma/model.py): nothing "
+                    "to refuse")
+    import node_helpers
+    with_ref = node_helpers.conditioning_set_values(flow["target"], {"reference_latents": [flow["latent"]["samples"]]},
+                                                    append=True)
+    with pytest.raises(InversionChainError, match=r"^KV Inject \(Mutual Self-Attention\): the sampler's conditioning "
+                                                  r"carries reference latents"):
+        sample(flow, inject(flow), positive=with_ref)
+
+
 def rms(a, b):
     return float((a.float() - b.float()).pow(2).mean().sqrt())
 
@@ -156,12 +195,18 @@ def test_injection_moves_the_edit_toward_the_source(flow, store, request):
             "injected 1.92): ComfyUI pads Flux's T5 to 256 tokens, as many as the image's, and the pooled CLIP vector "
             "modulates every block, which K/V injection leaves alone (as Stable Flow's); at 512 px (1024 image "
             "tokens) it is closer, 1.69 -> 1.60, too slow for this suite")))
+    if flow["family"] == "qwen_image":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "on the tiny Qwen-Image layout (two blocks, one head, a random 32-wide text encoder) the target prompt "
+            "barely moves the result (RMS to the reconstruction 0.028, the control needs > 0.5; at true cfg 4 with "
+            "'' negative 0.109) and injection from step 0 in both blocks takes off about 1% of it (0.0280 -> 0.0275, "
+            "cfg 4: 0.1090 -> 0.1088): nothing to show on random weights")))
     reconstruction = sample(flow)
     plain = rms(sample(flow, positive=flow["target"]), reconstruction)
     every = rms(sample(flow, inject(flow), positive=flow["target"]), reconstruction)
     vital = rms(sample(flow, inject(flow, start_layer=-1), positive=flow["target"]), reconstruction)
     measured(f"{flow['family']}: RMS to the reconstruction: target plain {plain:.3f}, injected (every block) "
-          f"{every:.3f}, injected (vital layers) {vital:.3f}")
+          f"{every:.3f}, injected (family default blocks) {vital:.3f}")
     assert plain > 0.5                       # the control: the target prompt does change the result
     # Chroma at 256 px: 1.82 -> 1.20 (both selections are every block on this two-block layout)
     assert every < 0.8 * plain and vital < 0.8 * plain
@@ -172,7 +217,7 @@ def test_cache_equals_recompute(flow, store):
     budget cached, the others recomputed) give the same edit, bit for bit; on Chroma (true CFG) also at cfg 2 with a
     negative prompt (both CFG halves recorded), batched with the positive by ComfyUI or not."""
     cases = [dict(cfg=1.0)]
-    if flow["family"] == "chroma":   # the halves in two forwards ("" is too short to batch), and in one
+    if flow["family"] in TRUE_CFG:   # the halves in two forwards ("" is too short to batch), and in one
         cases += [dict(cfg=2.0, negative=flow["empty"]), dict(cfg=2.0, negative=flow["same_length"])]
     for case in cases:
         neg = case.get("negative")
@@ -198,7 +243,7 @@ def test_cache_equals_recompute(flow, store):
 
 
 def test_cfg_without_negative_is_a_clear_error(flow, store):
-    if flow["family"] != "chroma":
+    if flow["family"] not in TRUE_CFG:
         pytest.skip("guidance-distilled Flux samples at cfg 1")
     # raised inside the stock sampler: the editor names the node that made it (its display name)
     with pytest.raises(InversionChainError, match=r"^KV Inject \(Mutual Self-Attention\): the sampler runs "
@@ -216,7 +261,8 @@ def test_store_holds_exactly_the_image_token_kv(flow, store):
     assert isinstance(entry, DiTReferenceKV)
     c, h, w = flow["inv"].latent_shape[-3:]
     tokens = (h // 2) * (w // 2)
-    hidden = flow_models.HIDDEN
+    hidden = flow_models.HIDDEN if flow["family"] != "qwen_image" else (
+        flow_models_more.QWEN_DIT["num_attention_heads"] * flow_models_more.QWEN_DIT["attention_head_dim"])
     steps = len([i for i in range(STEPS) if i / STEPS >= 0.25])
     blocks = len(dit_layers.vital_blocks(dit_layers.enumerate_blocks(flow["model"])))
     expected = 2 * hidden * tokens * blocks * steps * 1 * 4   # float32 layouts: 4 bytes
@@ -243,13 +289,18 @@ def test_patch_leaves_the_original_model_untouched(flow, store):
 
 def test_inputs_are_checked_with_the_family_range(flow, store):
     blocks = dit_layers.enumerate_blocks(flow["model"])
-    assert [b.kind for b in blocks] == ["double", "single"]
-    with pytest.raises(InversionChainError, match=r"start_layer 2 is outside this .*2 blocks.*0\.\.0 the double "
-                                                  r"blocks, 1\.\.1 the single blocks \(valid: 0\.\.1\), or -1"):
+    if flow["family"] == "qwen_image":
+        assert [b.kind for b in blocks] == ["double"] * flow_models_more.QWEN_DIT["num_layers"]
+        where = r"0\.\.1 its joint \(double-stream\) blocks \(valid: 0\.\.1\), or -1 for the middle band"
+    else:
+        assert [b.kind for b in blocks] == ["double", "single"]
+        where = r"0\.\.0 the double blocks, 1\.\.1 the single blocks \(valid: 0\.\.1\), or -1 for Stable Flow"
+    with pytest.raises(InversionChainError, match=r"start_layer 2 is outside this .*2 blocks.*" + where):
         inject(flow, start_layer=2)
-    with pytest.raises(InversionChainError, match="mode 'union' is not available on"):
-        with torch.inference_mode():
-            ICKVInject().patch(flow["model"], flow["inv"], 0.0, 0, "union")
+    for mode in ("union", "masked"):   # issue 25 item 9: refused by name, not silently run as mutual
+        with pytest.raises(InversionChainError, match=f"mode '{mode}' is not available on .*use mutual"):
+            with torch.inference_mode():
+                ICKVInject().patch(flow["model"], flow["inv"], 0.0, 0, mode)
 
 
 @pytest.mark.fast
@@ -265,11 +316,22 @@ def test_vital_layers_are_stable_flows_on_the_full_layout():
 
 
 @pytest.mark.fast
+def test_qwen_image_default_is_the_middle_band():
+    """Qwen-Image (60 joint blocks, no single stream): -1 = blocks 15..44 (AttnRouter's effective band, docs/nodes.md),
+    the same relative band on smaller stacks, never empty; the Flux rule does not apply to a stack without singles."""
+    qwen = [dit_layers.DiTBlock("double", i, i, 24, 128) for i in range(60)]
+    assert [b.position for b in dit_layers.select_blocks(qwen, -1)] == list(range(15, 45))
+    assert [b.position for b in dit_layers.select_blocks(qwen[:20], -1)] == list(range(5, 15))
+    assert [b.position for b in dit_layers.select_blocks(qwen[:2], -1)] == [0, 1]
+    assert [b.position for b in dit_layers.select_blocks(qwen[:1], -1)] == [0]
+
+
+@pytest.mark.fast
 def test_skip_reason_names_the_missing_feature():
     """On trees without Flux/Chroma (2024-03) or without the DiT attn1_patch (< 0.17.0) these tests skip with a
     sentence naming the feature and its floor; on the current tree nothing is missing."""
     reason = missing()
     if compat.has_feature("flux-models") and compat.has_feature("dit-attention-patches"):
-        assert reason is None
+        assert reason is None and missing("qwen_image") == flow_models.missing_family("qwen_image")
     else:
         assert reason.startswith(WHO + " needs ") and ("0.3.31" in reason or "0.17.0" in reason)

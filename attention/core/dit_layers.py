@@ -1,10 +1,14 @@
-"""Addressing on Flux-layout DiTs (Flux, Chroma): every joint-attention block, numbered in execution order.
+"""Addressing on DiTs whose joint attention calls ``attn1_patch`` (Flux, Chroma, Qwen-Image): every joint-attention
+block, numbered in execution order.
 
 Flux and Chroma run ``double_blocks`` (separate text and image weights, one joint attention) and then
 ``single_blocks`` (one stream over the concatenated text + image tokens). A block's ``position`` is its place in
 that order: double blocks 0..D-1, single blocks D..D+S-1 (FLUX.1 and Chroma: 19 + 38 = 57, positions 0..56, the
 numbering Stable Flow uses for its vital layers). ``kind`` / ``index`` are what ComfyUI puts in
 ``transformer_options["block_type"]`` / ``["block_index"]`` while the block runs.
+
+Qwen-Image runs one stack of ``transformer_blocks`` (60 in the 20B model), each a double-stream block (its own text
+and image weights, one joint attention); ComfyUI reports them as ``block_type`` "double", so positions = indices.
 """
 from __future__ import annotations
 
@@ -16,6 +20,11 @@ from typing import List, Sequence, Tuple
 # 54, 56). Their attention injection replaces the edited image's image-token K/V by the reference's there only.
 FLUX_DEPTHS = (19, 38)
 VITAL_FLUX = ((0, 1, 2, 17, 18), (6, 9, 34, 35, 37))
+# Qwen-Image (one stack of 60 joint blocks): no published vital-layer list. AttnRouter (Li and Ye, arXiv 2605.01480,
+# on Qwen-Image-Edit-2511, the same 60 blocks) finds K/V injection in the early (L0-15) or late (L45-60) bands does
+# not drive the edit; the middle band does. Default here: blocks [15, 45) of 60, the same relative band elsewhere.
+QWEN_DEPTH = 60
+QWEN_BAND = (15, 45)
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ def diffusion_model_of(model_patcher):
 
 # the diffusion-model classes this addressing is for (HunyuanVideo reuses Flux's blocks on video latents: not here)
 FLUX_LAYOUT_CLASSES = {("comfy.ldm.flux.model", "Flux"), ("comfy.ldm.chroma.model", "Chroma")}
+QWEN_IMAGE_CLASSES = {("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel")}
 
 
 def is_flux_layout(model_patcher) -> bool:
@@ -50,9 +60,39 @@ def is_flux_layout(model_patcher) -> bool:
             and hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks"))
 
 
+def is_qwen_image(model_patcher) -> bool:
+    """Qwen-Image's MMDiT (one stack of double-stream blocks whose joint attention calls ``attn1_patch``)."""
+    dm = diffusion_model_of(model_patcher)
+    return (dm is not None and (type(dm).__module__, type(dm).__name__) in QWEN_IMAGE_CLASSES
+            and hasattr(dm, "transformer_blocks"))
+
+
+def is_joint_attention_dit(model_patcher) -> bool:
+    """A DiT this addressing covers: Flux layout (Flux, Chroma) or Qwen-Image."""
+    return is_flux_layout(model_patcher) or is_qwen_image(model_patcher)
+
+
+def calls_attn1_patch(model_patcher) -> bool:
+    """Whether this model's own module reads ``attn1_patch`` (ComfyUI added it per family; Qwen-Image's module holds its
+    attention, Flux/Chroma's is in comfy/ldm/flux/layers.py)."""
+    import inspect
+    import sys
+    dm = diffusion_model_of(model_patcher)
+    names = ["comfy.ldm.flux.layers"] if is_flux_layout(model_patcher) else [type(dm).__module__]
+    try:
+        return all("attn1_patch" in inspect.getsource(sys.modules[n]) for n in names if n in sys.modules)
+    except (OSError, TypeError):
+        return False
+
+
 def enumerate_blocks(model_patcher) -> List[DiTBlock]:
     dm = diffusion_model_of(model_patcher)
     blocks: List[DiTBlock] = []
+    if is_qwen_image(model_patcher):
+        for block in dm.transformer_blocks:
+            heads = int(block.num_attention_heads)
+            blocks.append(DiTBlock("double", len(blocks), len(blocks), heads, int(block.attention_head_dim)))
+        return blocks
     for block in dm.double_blocks:
         heads = int(block.num_heads)
         blocks.append(DiTBlock("double", len(blocks), len(blocks), heads, int(block.hidden_size) // heads))
@@ -75,17 +115,29 @@ def _scaled(indices: Sequence[int], full: int, have: int) -> List[int]:
     return sorted({round(i * (have - 1) / max(1, full - 1)) for i in indices})
 
 
+def qwen_band(blocks: Sequence[DiTBlock]) -> List[DiTBlock]:
+    """Qwen-Image's default: the middle band of joint blocks [15, 45) of 60 (QWEN_BAND), the same relative band on
+    other depths (at least one block)."""
+    n = len(blocks)
+    lo = round(QWEN_BAND[0] * n / QWEN_DEPTH)
+    hi = max(lo + 1, round(QWEN_BAND[1] * n / QWEN_DEPTH))
+    return [b for b in blocks if lo <= b.position < hi]
+
+
 def vital_blocks(blocks: Sequence[DiTBlock]) -> List[DiTBlock]:
     """Stable Flow's vital layers: exactly theirs on a 19 + 38 model (FLUX.1, Chroma), at the same relative depth in
-    each stack on other depths."""
+    each stack on other depths. A single stack of double blocks (Qwen-Image): ``qwen_band``."""
     doubles, singles = depths(blocks)
+    if singles == 0:
+        return qwen_band(blocks)
     want = {("double", i) for i in _scaled(VITAL_FLUX[0], FLUX_DEPTHS[0], doubles)}
     want |= {("single", i) for i in _scaled(VITAL_FLUX[1], FLUX_DEPTHS[1], singles)}
     return [b for b in blocks if b.key in want]
 
 
 def select_blocks(blocks: Sequence[DiTBlock], start_layer: int) -> List[DiTBlock]:
-    """-1: Stable Flow's vital layers; n >= 0: every block at position >= n (MasaCtrl's "from this layer on")."""
+    """-1: the family default (Stable Flow's vital layers; Qwen-Image's middle band); n >= 0: every block at
+    position >= n (MasaCtrl's "from this layer on")."""
     if start_layer == -1:
         return vital_blocks(blocks)
     return [b for b in blocks if b.position >= start_layer]

@@ -134,11 +134,12 @@ def reference_call(apply_model, x, timestep, conds, transformer_options, recorde
     return apply_model(x, timestep, **c)
 
 
-def stack_conds(conds_per_row):
+def stack_conds(conds_per_row, repeat_text: bool = True):
     """Model-ready conds of one row each (as ``capture_conds`` returns them) as one batch, row by row, the way
     ComfyUI batches a cond with an uncond (text contexts of different lengths repeated to a common multiple); None
     when they cannot share a batch (other keys, shapes or non-tensor values, or texts whose common multiple is more
-    than 4 times the shorter, which ComfyUI does not batch either)."""
+    than 4 times the shorter, which ComfyUI does not batch either; ``repeat_text`` False: texts of other lengths at
+    all, as ComfyUI on Qwen-Image, ``compat.text_batches_by_repeat``)."""
     first = conds_per_row[0]
     if any(set(c) != set(first) for c in conds_per_row):
         return None
@@ -150,7 +151,7 @@ def stack_conds(conds_per_row):
                 return None
             out[key] = value
             continue
-        if key == "c_crossattn" and all(v.ndim == 3 for v in values):
+        if key == "c_crossattn" and repeat_text and all(v.ndim == 3 for v in values):
             tokens = math.lcm(*(int(v.shape[1]) for v in values))
             if tokens // min(int(v.shape[1]) for v in values) > 4:   # ComfyUI's CONDCrossAttn.can_concat limit
                 return None

@@ -1,11 +1,12 @@
-"""KV injection in the joint attention of Flux-layout DiTs (Flux, Chroma): in the chosen double/single blocks, from
+"""KV injection in the joint attention of DiTs (Flux, Chroma, Qwen-Image): in the chosen double/single blocks, from
 the chosen step on, the target's image-token keys and values are replaced by the source's at the same step and CFG
 half (Stable Flow's attention injection, MasaCtrl's mutual self-attention). Text tokens keep their own K/V, and
 every query (text and image) attends over the joint sequence as usual.
 
-Installed as an ``attn1_patch`` (ComfyUI's hook in comfy/ldm/flux/layers.py): it returns a new k and v, never
-edits the tensors it is given; ComfyUI applies RoPE afterwards by position, so the source's keys at the same image
-positions are rotated exactly as in the source's own pass (dit_reference.py says why).
+Installed as an ``attn1_patch`` (ComfyUI's hook in comfy/ldm/flux/layers.py and comfy/ldm/qwen_image/model.py): it
+returns a new k and v, never edits the tensors it is given; ComfyUI applies RoPE afterwards by position, so the
+source's keys at the same image positions are rotated exactly as in the source's own pass (dit_reference.py says
+why).
 """
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ class DiTKVInject(compat.PatchObject):
         if step is None or step not in self.steps:
             return {}
         s0, s1 = options["img_slice"]
+        if options.get("reference_image_num_tokens"):
+            raise named_error(
+                f"{self.node}: the sampler's conditioning carries reference latents (Flux Kontext / Qwen-Image-Edit "
+                f"style, {list(options['reference_image_num_tokens'])} extra image tokens in the joint sequence); KV "
+                f"Inject replaces the generated image's tokens only and does not support reference latents yet: "
+                f"sample without them.")
         if s1 - s0 != self.tokens:
             h, w = self.reference.inversion.latent_shape[-2:]
             raise named_error(

@@ -1,17 +1,19 @@
-"""The source image's image-token K/V in the joint attention of a Flux-layout DiT (Flux, Chroma), along its
+"""The source image's image-token K/V in the joint attention of a DiT (Flux, Chroma, Qwen-Image), along its
 inversion chain: the DiT counterpart of reference.py's ``ReferenceKV``, kept in the same ``STORE``.
 
 At chain step i the source's K/V are what the model computes on ``inversion.chain[i]`` with the inversion's own
 conditioning (and, per CFG half, with the ``negative`` the sampler gets). They are recorded by an ``attn1_patch``
-(ComfyUI calls it in every double and single block with q, k, v of the joint sequence, after the QK norm and before
-RoPE; ``img_slice`` says where the image tokens are), row 0 of each CFG chunk, only the image tokens' slice, in
-the dtype the attention computes in: nothing is rounded, so the identity edit and cache == recompute are exact.
+(ComfyUI calls it in every double and single block -- Qwen-Image: every block -- with q, k, v of the joint sequence,
+after the QK norm and before RoPE; ``img_slice`` says where the image tokens are), row 0 of each CFG chunk, only the
+image tokens' slice, in the dtype the attention computes in: nothing is rounded, so the identity edit and cache ==
+recompute are exact.
 
 Keys before RoPE: the rotary embedding is applied inside the attention call, by token position, to whatever k
 arrives. ``pe`` comes from the token ids (``txt_ids`` zeros, ``img_ids`` the latent's patch grid), so the image rows
-of ``pe`` depend on the latent size only: the source K placed at the same image positions of the target's sequence
-get exactly the rotation they had in the source's own pass, whatever the prompts' lengths (the slice moves with
-``img_slice``, the ids do not).
+of ``pe`` depend on the latent size only (Qwen-Image: image ids centred on the grid, text ids from max(h, w) / 2 of
+the grid on, so again the latent size alone): the source K placed at the same image positions of the target's
+sequence get exactly the rotation they had in the source's own pass, whatever the prompts' lengths (the slice moves
+with ``img_slice``, the ids do not).
 
 Stored: K and V (no maps), ``2 * heads * head_dim * image tokens`` values per (step, block, CFG half); with
 ``record_eps`` (RIVAL's normalisation) also the conditional ``(x - denoised) / sigma`` of each chain step (the
@@ -61,7 +63,7 @@ class DiTReferenceKV:
     keep = "kv"
 
     def __init__(self, inversion: Inversion, blocks: Sequence[DiTBlock], steps: Iterable[int], tokens: int,
-                 storage_dtype: torch.dtype, branches: int = 1):
+                 storage_dtype: torch.dtype, branches: int = 1, repeat_text: bool = True):
         self.inversion = inversion
         self.layers = list(blocks)              # the store's key reads ``layers``
         self.block_keys = {b.key for b in blocks}
@@ -70,6 +72,7 @@ class DiTReferenceKV:
         self.storage_dtype = storage_dtype
         self.branches = int(branches)
         self.node = node_name()
+        self.repeat_text = repeat_text   # recompute: batch CFG halves as ComfyUI (compat.text_batches_by_repeat)
         self.store: Dict[Tuple[int, str, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
         self.storage_device = torch.device("cpu")
         self.mode = "cache"
@@ -84,7 +87,8 @@ class DiTReferenceKV:
 
     def with_steps(self, steps: Iterable[int]) -> "DiTReferenceKV":
         """An empty entry like this one for other chain steps (partial caching)."""
-        entry = DiTReferenceKV(self.inversion, self.layers, steps, self.tokens, self.storage_dtype, self.branches)
+        entry = DiTReferenceKV(self.inversion, self.layers, steps, self.tokens, self.storage_dtype, self.branches,
+                               self.repeat_text)
         entry.node = self.node
         entry.record_eps = self.record_eps
         return entry
@@ -162,14 +166,15 @@ class DiTReferenceKV:
                 options = dict(args["c"].get("transformer_options", {}))
                 options[RECORDING_KEY] = self
                 made = list((self.conds, self.conds_uncond)[:self.branches])
-                both = patching.stack_conds(made) if len(made) == 2 else None
+                both = patching.stack_conds(made, self.repeat_text) if len(made) == 2 else None
                 # both CFG halves in one forward where ComfyUI would batch them (texts of different lengths
                 # repeated to a common multiple, as in the cache's fill), else one forward per half
                 calls = [([0, 1], both)] if both is not None else list(enumerate(made))
                 for branch, conds in calls:
                     rows = len(branch) if isinstance(branch, list) else 1
                     conds = {k: (c.to(x.device) if torch.is_tensor(c) else c) for k, c in conds.items()}
-                    patching.reference_call(apply_model, x_ref.repeat(rows, 1, 1, 1), t[:1].repeat(rows), conds,
+                    x_rows = x_ref.repeat(rows, *([1] * (x_ref.dim() - 1)))   # 4-D, or Qwen-Image's 5-D
+                    patching.reference_call(apply_model, x_rows, t[:1].repeat(rows), conds,
                                             options, None, branch)
             return patching.call_unet(apply_model, args, previous)
         return wrapper
