@@ -1,6 +1,7 @@
-"""Two rules the new inputs and the DiT editors rest on, checked on made-up layouts and tensors (quick): which cross-attention level a
-map-size choice reads on a model's layer layout (P2Plus `blend_map_size`, KV Inject `mask_map_size`), and the
-attention mask RIVAL widens when it appends the photo's keys on a DiT (attention/editors/dit_rival.py)."""
+"""Two rules the new inputs and the DiT editors rest on, checked on made-up layouts and tensors (quick): which
+cross-attention level a map-size choice reads on a model's layer layout (P2Plus `blend_map_size`, KV Inject
+`mask_map_size`), and the attention mask RIVAL widens when it appends the photo's keys on a DiT
+(attention/editors/dit_rival.py)."""
 import pytest
 import torch
 
