@@ -53,22 +53,35 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
         oom_hint = ""
     else:                   # the photo's row runs in the batch, row 0 of every step
         m = patching.install(model, RivalAttentionEditor(replace_end, schedule))
-        ref_cond = {}
-
-        def observe(args):  # the reference row's conditional prediction, for eps normalisation
-            ref_cond["denoised"] = args["cond_denoised"][:1]
-            return args["denoised"]
-
-        patching.add_post_cfg_function(m, observe)
         ref_y = None
         if reads_pooled_output(model):  # the reference row's ADM vector (SDXL sizes, unCLIP image embedding)
             blank = torch.zeros((1,) + tuple(inversion.latent_shape[1:]))
             ref_y = patching.capture_conds(model, first_row(inversion.positive), blank).get("y")
-        patching.add_unet_wrapper(m, lambda previous: reference_rows(previous, ref_y))
-        source = in_batch_reference(ref_cond)
+        source = in_batch_source(m, ref_y)
         pos = stack_rows(inversion.positive, positive, batch_size)
         neg = stack_rows(negative, negative, batch_size)
         oom_hint = " (+1 reference row)"
+    return variations(model, m, source, inversion, seed, batch_size, init, region, pos, neg, cfg, schedule, normalize,
+                      normalize_end, preview, oom_hint)
+
+
+def in_batch_source(m, ref_y):
+    """The photo's row runs as row 0 of every step: its conditional prediction is observed after CFG (for the
+    normalisation) and its rows are handed to the model with ``ref_y`` (its own ADM vector, or None)."""
+    ref_cond = {}
+
+    def observe(args):
+        ref_cond["denoised"] = args["cond_denoised"][:1]
+        return args["denoised"]
+
+    patching.add_post_cfg_function(m, observe)
+    patching.add_unet_wrapper(m, lambda previous: reference_rows(previous, ref_y))
+    return in_batch_reference(ref_cond)
+
+
+def variations(model, m, source, inversion: Inversion, seed: int, batch_size: int, init: str, region, pos, neg,
+               cfg: float, schedule, normalize: str, normalize_end: float, preview: bool, oom_hint: str):
+    """(variations, the photo's row: sampled in the batch layout, else its reconstruction from the chain)."""
     x_T = inversion.chain[0][:1]
     inits = torch.cat([initial_latent(x_T, seed + j, init, region) for j in range(batch_size)])
     out = sample_variations(m, source, inversion, inits, pos, neg, cfg, seed, schedule, normalize, normalize_end,
@@ -117,23 +130,10 @@ def rival_dit(model, positive, negative, inversion: Inversion, seed: int, batch_
         pos = dit_rows(inversion.positive, positive, batch_size)
         neg = dit_rows(negative, negative, batch_size)
         patching.add_attn1_patch(m, DiTRival(inversion.sigmas, blocks, replace_end, tokens, None, steps))
-        ref_cond = {}
-
-        def observe(args):  # the reference row's conditional prediction, for the normalisation
-            ref_cond["denoised"] = args["cond_denoised"][:1]
-            return args["denoised"]
-
-        patching.add_post_cfg_function(m, observe)
-        patching.add_unet_wrapper(m, lambda previous: reference_rows(previous, None))
-        source = in_batch_reference(ref_cond)
+        source = in_batch_source(m, None)
         oom_hint = " (+1 reference row)"
-    x_T = inversion.chain[0][:1]
-    inits = torch.cat([initial_latent(x_T, seed + j, init, region) for j in range(batch_size)])
-    out = sample_variations(m, source, inversion, inits, pos, neg, cfg, seed, schedule, normalize, normalize_end,
-                            region, preview, oom_hint)
-    if source.rows:
-        return out[1:].cpu(), out[:1].cpu()
-    return out.cpu(), compat.latent_out(model, inversion.chain[-1][:1].clone()).cpu()
+    return variations(model, m, source, inversion, seed, batch_size, init, region, pos, neg, cfg, schedule, normalize,
+                      normalize_end, preview, oom_hint)
 
 
 def dit_reference(model, inversion: Inversion, negative, blocks, tokens: int, branches: int):

@@ -8,7 +8,6 @@ here says they do. On trees without these families every test that needs one ski
 import pytest
 import torch
 
-from inversion_chain import compat
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention.core import tokens as tokens_mod
 from inversion_chain.attention.viewer import capture as capture_mod
@@ -29,11 +28,8 @@ REL_TOL, ABS_TOL = 2 ** -10, 1e-6
 
 
 def missing(family) -> str | None:
-    for feature in ("qwen-image-models" if family == "qwen_image" else "flux-models", "dit-attention-patches"):
-        reason = compat.missing_feature_message(feature, WHO)
-        if reason:
-            return reason
-    return None
+    return flow_models.missing_feature(WHO, "qwen-image-models" if family == "qwen_image" else "flux-models",
+                                       "dit-attention-patches")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

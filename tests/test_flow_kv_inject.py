@@ -39,11 +39,7 @@ IDENTITY_OF_ROUND_TRIP = 1e-2
 
 def missing(family: str = "flux") -> str | None:
     features = ("flux-models", "dit-attention-patches") + (("qwen-image-models",) if family == "qwen_image" else ())
-    for feature in features:
-        reason = compat.missing_feature_message(feature, WHO)
-        if reason:
-            return reason
-    return flow_models.missing_family(family)
+    return flow_models.missing_feature(WHO, *features) or flow_models.missing_family(family)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

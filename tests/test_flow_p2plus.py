@@ -9,7 +9,6 @@ cannot show a cat turning into a dog. On trees without Flux/Chroma every test sk
 import pytest
 import torch
 
-from inversion_chain import compat
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention.editors import dit_p2p
 from inversion_chain.nodes.p2plus import ICP2PlusController
@@ -25,11 +24,7 @@ WHO = "P2Plus Controller on Flux and Chroma"
 
 
 def missing():
-    for feature in ("flux-models", "dit-attention-patches", "attention-override"):
-        reason = compat.missing_feature_message(feature, WHO)
-        if reason:
-            return reason
-    return None
+    return flow_models.missing_feature(WHO, "flux-models", "dit-attention-patches", "attention-override")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -29,11 +29,7 @@ CFG = {"flux": 1.0, "chroma": 2.0}   # guidance-distilled Flux samples at cfg 1;
 
 
 def missing() -> str | None:
-    for feature in ("flux-models", "dit-attention-patches"):
-        reason = compat.missing_feature_message(feature, WHO)
-        if reason:
-            return reason
-    return None
+    return flow_models.missing_feature(WHO, "flux-models", "dit-attention-patches")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

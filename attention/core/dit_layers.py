@@ -13,7 +13,9 @@ and image weights, one joint attention); ComfyUI reports them as ``block_type`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+import torch
 
 # Stable Flow (Avrahami et al., CVPR 2025): the layers of FLUX.1-dev whose removal changes the image most, in the
 # joint numbering above: double blocks 0, 1, 2, 17, 18 and single blocks 6, 9, 34, 35, 37 (positions 25, 28, 53,
@@ -141,3 +143,17 @@ def select_blocks(blocks: Sequence[DiTBlock], start_layer: int) -> List[DiTBlock
     if start_layer == -1:
         return vital_blocks(blocks)
     return [b for b in blocks if b.position >= start_layer]
+
+
+def additive_mask(mask, device, dtype=torch.float32) -> Optional[torch.Tensor]:
+    """ComfyUI's attention mask of a joint-attention call as an additive bias of 4 dims (a boolean mask: True =
+    attend), None for none."""
+    if mask is None:
+        return None
+    mask = mask.to(device)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))
+    mask = mask.to(dtype)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0 if mask.dim() == 2 else 1)
+    return mask

@@ -36,22 +36,10 @@ import torch
 
 from ... import compat
 from ...artifacts import named_error, node_name
+from ..core.dit_layers import additive_mask
 from ..core.schedule import RunTracker, Schedule, locate
 
 CHUNK_BYTES = 2 ** 26
-
-
-def _additive(mask, device) -> Optional[torch.Tensor]:
-    """ComfyUI's attention mask as an additive float32 bias of 4 dims (bool: True = attend)."""
-    if mask is None:
-        return None
-    mask = mask.to(device)
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
-    mask = mask.float()
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0 if mask.dim() == 2 else 1)
-    return mask
 
 
 @dataclass
@@ -70,7 +58,7 @@ def edited_rows(q, k, v, mask, text: int, src: int, tgt: int, edit: HalfEdit, ma
     text tokens after the edit, summed, mean over heads, ``(2, image queries)`` (local blend's maps)."""
     rows = [src, tgt]
     qs, kf, vf = q[rows].float(), k[rows].float().transpose(-1, -2), v[rows].float()
-    bias = _additive(mask, q.device)
+    bias = additive_mask(mask, q.device)
     if bias is not None and bias.shape[0] not in (1,):
         bias = bias[rows]
     n, scale = q.shape[2], q.shape[-1] ** -0.5

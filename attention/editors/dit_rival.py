@@ -25,7 +25,7 @@ import torch
 
 from ... import compat
 from ...artifacts import named_error, node_name
-from ..core.dit_layers import DiTBlock
+from ..core.dit_layers import DiTBlock, additive_mask
 from ..store.dit_reference import RECORDING_KEY, step_of
 
 
@@ -40,13 +40,7 @@ def extended_mask(attn_mask: Optional[torch.Tensor], rows: int, length: int, ext
         mask[list(hidden_rows), :, :, length:] = float("-inf")
     if attn_mask is None:
         return mask
-    m = attn_mask
-    if m.dtype == torch.bool:   # SDPA's boolean masks: True = attend
-        m = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(~m.to(device), float("-inf"))
-    m = m.to(device, dtype)
-    while m.ndim < 4:
-        m = m.unsqueeze(0) if m.ndim == 2 else m.unsqueeze(1)
-    return torch.nn.functional.pad(m, (0, extra)) + mask
+    return torch.nn.functional.pad(additive_mask(attn_mask, device, dtype), (0, extra)) + mask
 
 
 class DiTRival(compat.PatchObject):

@@ -81,31 +81,43 @@ def build_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight
     if mode == "reweight" and not weights:
         raise InversionChainError(f"mode 'reweight' needs `reweight`, e.g. 'flowers:2.0' (a word of the "
                                   f"target prompt and a scale in [{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}]).")
-    if mode == "replace" or (mode == "reweight" and token_count(src) == token_count(tgt)):
-        if token_count(src) != token_count(tgt):
-            raise InversionChainError(
-                f"mode 'replace' swaps words token for token, but the source prompt has "
-                f"{token_count(src) - 2} tokens ({describe_tokens(clip, src)}) and the target prompt "
-                f"{token_count(tgt) - 2} ({describe_tokens(clip, tgt)}). Use mode 'refine' for prompts of different "
-                f"lengths, or choose replacement words with the same number of tokens.")
-        mapper = torch.arange(n, dtype=torch.long)
-        aligned = torch.ones(n)
-    else:
-        pairs = align_tokens(src, tgt)
-        mapper = torch.tensor([p if p >= 0 else j for j, p in enumerate(pairs)], dtype=torch.long)
-        aligned = torch.tensor([1.0 if p >= 0 else 0.0 for p in pairs])
-    equalizer = None
-    if weights:
-        equalizer = torch.ones(n)
-        for word, c in weights:
-            pos = word_positions(clip, tgt, word)
-            if not pos:
-                raise InversionChainError(f"the reweight word '{user_text(word)}' is not in the target prompt "
-                                          f"'{user_text(target_prompt)}'. Its tokens are: "
-                                          f"{describe_tokens(clip, tgt)}.")
-            equalizer[pos] = c
+    word_swap = mode == "replace" or (mode == "reweight" and token_count(src) == token_count(tgt))
+    if word_swap and token_count(src) != token_count(tgt):
+        raise InversionChainError(
+            f"mode 'replace' swaps words token for token, but the source prompt has "
+            f"{token_count(src) - 2} tokens ({describe_tokens(clip, src)}) and the target prompt "
+            f"{token_count(tgt) - 2} ({describe_tokens(clip, tgt)}). Use mode 'refine' for prompts of different "
+            f"lengths, or choose replacement words with the same number of tokens.")
+    mapper, aligned = _alignment(src, tgt, n, word_swap)
+    equalizer = _equalizer(weights, n, lambda word: word_positions(clip, tgt, word), target_prompt,
+                           lambda: describe_tokens(clip, tgt))
     return EditPlan(mode=mode, source_ids=src, target_ids=tgt, mapper=mapper, aligned=aligned, equalizer=equalizer,
                     reweight=weights)
+
+
+def _alignment(src, tgt, n: int, word_swap: bool):
+    """(mapper, aligned): the target token each position takes its source map from, and whether it has one. A
+    word swap maps position to position; otherwise the longest common subsequence aligns them (new tokens: 0)."""
+    if word_swap:
+        return torch.arange(n, dtype=torch.long), torch.ones(n)
+    pairs = align_tokens(src, tgt)
+    return (torch.tensor([p if p >= 0 else j for j, p in enumerate(pairs)], dtype=torch.long),
+            torch.tensor([1.0 if p >= 0 else 0.0 for p in pairs]))
+
+
+def _equalizer(weights, n: int, positions_of, target_prompt: str, readable_tokens):
+    """Per-token scales of the target's maps for `reweight` (None without weights); an absent word is an error
+    listing the target's tokens."""
+    if not weights:
+        return None
+    equalizer = torch.ones(n)
+    for word, c in weights:
+        pos = positions_of(word)
+        if not pos:
+            raise InversionChainError(f"the reweight word '{user_text(word)}' is not in the target prompt "
+                                      f"'{user_text(target_prompt)}'. Its tokens are: {readable_tokens()}.")
+        equalizer[pos] = c
+    return equalizer
 
 
 def build_t5_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight: str = "") -> EditPlan:
@@ -133,21 +145,8 @@ def build_t5_plan(clip, source_prompt: str, target_prompt: str, mode: str, rewei
             f"not pad T5 to a fixed length, as Chroma's does not); both rows of the edit are sampled in one batch, "
             f"which needs equal lengths. Choose prompts with the same number of T5 tokens.")
     n = len(tgt)
-    if word_swap:
-        mapper, aligned = torch.arange(n, dtype=torch.long), torch.ones(n)
-    else:
-        pairs = align_tokens(src, tgt)
-        mapper = torch.tensor([p if p >= 0 else j for j, p in enumerate(pairs)], dtype=torch.long)
-        aligned = torch.tensor([1.0 if p >= 0 else 0.0 for p in pairs])
-    equalizer = None
-    if weights:
-        equalizer = torch.ones(n)
-        for word, c in weights:
-            pos = t5_word_positions(clip, tgt, word)
-            if not pos:
-                raise InversionChainError(f"the reweight word '{user_text(word)}' is not in the target prompt "
-                                          f"'{user_text(target_prompt)}'. Its T5 tokens are: "
-                                          f"{user_text(', '.join(t5_readable(clip, tgt[:nt])))}.")
-            equalizer[pos] = c
+    mapper, aligned = _alignment(src, tgt, n, word_swap)
+    equalizer = _equalizer(weights, n, lambda word: t5_word_positions(clip, tgt, word), target_prompt,
+                           lambda: user_text(", ".join(t5_readable(clip, tgt[:nt]))))
     return EditPlan(mode=mode, source_ids=src, target_ids=tgt, mapper=mapper, aligned=aligned, equalizer=equalizer,
                     reweight=weights, words=nt)

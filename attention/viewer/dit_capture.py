@@ -30,7 +30,7 @@ import torch
 
 from ... import compat
 from ..core import tokens as tokens_mod
-from ..core.dit_layers import diffusion_model_of, enumerate_blocks
+from ..core.dit_layers import additive_mask, diffusion_model_of, enumerate_blocks
 from ..core.layers import AttentionLayer
 from ..core.schedule import RunTracker, locate
 from ..store.dit_reference import RECORDING_KEY
@@ -120,19 +120,6 @@ def prompt_tokens_for(clip, prompt: str):
     return None
 
 
-def _additive(mask, device) -> Optional[torch.Tensor]:
-    """ComfyUI's attention mask as an additive float32 bias of 4 dims (bool: True = attend)."""
-    if mask is None:
-        return None
-    mask = mask.to(device)
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
-    mask = mask.float()
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0 if mask.dim() == 2 else 1)
-    return mask
-
-
 def joint_maps(q, k, pe, mask, img_start: int, img_tokens: int, points: Optional[torch.Tensor], cross: bool,
                chunk_bytes: int = CHUNK_BYTES):
     """(cross ``(B, T, img_tokens)`` or None, self ``(B, P, img_tokens)`` or None) from an attn1_patch's q, k
@@ -141,7 +128,7 @@ def joint_maps(q, k, pe, mask, img_start: int, img_tokens: int, points: Optional
         q, k = compat.flux_rope(q, k, pe)
     batch, heads, n, dim = q.shape
     kf = k.float().transpose(-1, -2)
-    bias = _additive(mask, q.device)
+    bias = additive_mask(mask, q.device)
     scale = dim ** -0.5
 
     def probs(rows: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,13 @@ def missing_family(family: str) -> str | None:
     return _more().missing_layout(family) if family in _more().FAMILIES else None
 
 
+def missing_feature(who: str, *features: str) -> str | None:
+    """The first of the pack's ComfyUI ``features`` this tree lacks, as the sentence the node would say (``who`` its
+    subject), for pytest.skip; None when it has them all."""
+    from inversion_chain import compat
+    return next((reason for reason in (compat.missing_feature_message(f, who) for f in features) if reason), None)
+
+
 def fill_flow_seeded_(module: torch.nn.Module, seed: int):
     """The SD models' seeded fill, then every norm scale to one (RMSNorm's ``scale`` too, which the SD fill zeroes)."""
     models.fill_seeded_(module, seed)
