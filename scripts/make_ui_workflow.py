@@ -127,7 +127,7 @@ STAGE_OF = {
     "VAEDecode": "decode", "SaveImage": "decode", "PreviewImage": "decode", "ICLatentDifference": "decode",
     "LatentFromBatch": "decode", "ICAttentionMapViewer": "decode",
     "UNETLoader": "inputs", "DualCLIPLoader": "inputs", "CLIPLoader": "inputs", "VAELoader": "inputs",
-    "FluxGuidance": "inputs", "ICInvertedNoise": "invert",
+    "FluxGuidance": "inputs", "ICInvertedNoise": "invert", "EmptySD3LatentImage": "inputs",
 }   # every other node (patches, samplers) is in "edit"
 STAGE_COLORS = {"inputs": "#3f789e", "invert": "#8A8", "edit": "#b58b2a", "decode": "#a1309b"}
 NOTE_W = 400
@@ -257,6 +257,7 @@ def view_for(x0, y0, x1, y1) -> dict:
 STAGE_TITLES = {
     "ddim_invert_reconstruct": {"edit": "Reconstruct"},
     "rival_variation": {"edit": "Variations"},
+    "p2plus_edit": {"edit": "Edit (row 0 source, row 1 target)"},
     "rival_text_variation": {"edit": "Variations"},
     "rival_inpainting": {"edit": "Inpaint"},
     "rival_controlnet": {"edit": "Variations"},
@@ -362,6 +363,33 @@ TECHNIQUE_NOTES = {
         "step (start_percent 0, as Stable Flow). start_layer -1 = Stable Flow's vital layers (block positions "
         "0, 1, 2, 17, 18, 25, 28, 53, 54, 56; 0-18 double, 19-56 single); n injects every block from n on. "
         "cfg 1 with FluxGuidance 3.5 on both prompts."),
+    "rival_variation_flux": (
+        "RIVAL: variations of a real photo on FLUX.1-dev.\n"
+        "DDIM Invert records the photo's inversion chain (cfg 1, FluxGuidance 3.5); RIVAL Align Sampler "
+        "generates a batch whose joint attention reads the photo's image-token keys/values (replaced for the "
+        "first 40% of the steps, then appended) and whose per-step velocity follows the photo chain's "
+        "per-channel statistics for the first 40% (the paper's t = 1000..600, kept as fractions on a flow "
+        "schedule). Flux-dev is guidance-distilled: cfg 1, so the negative prompt is not used. "
+        "reference_kv cache falls back to running the photo's row in the batch when its keys/values would not "
+        "fit the memory budget."),
+    "p2plus_edit_flux": (
+        "Prompt-to-Prompt on FLUX.1-dev (a generated image: no inversion).\n"
+        "P2Plus Controller encodes the source and target prompts (edit them there, not in a text node) and "
+        "returns a two-row batch: row 0 generates the source prompt, row 1 the edit, whose joint attention's "
+        "image-to-text probabilities are the source's for the first 80% of the steps (cross), its image "
+        "columns for the first 40% (self; self_replace_max_res 64 covers the 64x64 token grid of 1024 px). "
+        "blend_words keeps the rest of the image unchanged. Its LATENT is zeros with batch_index [0, 0]: "
+        "sample it with add_noise ON (RandomNoise here; KSampler works too), so both rows start from the "
+        "seed's noise. cfg 1 (BasicGuider) with FluxGuidance 3.5; the sampler uses the controller's sigmas."),
+    "attention_maps_flux": (
+        "Attention maps on FLUX.1-dev.\n"
+        "Attention Capture records the joint attention of every double and single block while "
+        "SamplerCustomAdvanced runs (img2img from your photo, BasicScheduler denoise 0.8): image-to-text maps "
+        "per T5 token (cross) and image self-attention at a 4x4 grid of query points (self). Every Flux block "
+        "attends on one token grid, so resolution must be latent/2 (or all); latent/4 is the UNets'. Give "
+        "it the same prompt as the sampler. A cross map sums to the image's share of attention on the text "
+        "(< 1): the viewer shows the probabilities as they are. Viewer layers 0-18 = double blocks, 19-56 = "
+        "single blocks."),
     "ddim_invert_reconstruct_qwen": (
         "DDIM inversion round trip on Qwen-Image (true cfg).\n"
         "Qwen-Image has a real unconditional branch: DDIM Invert inverts at inversion_cfg 4 with the negative "
@@ -410,8 +438,12 @@ def notes_for(name: str, graph: dict) -> list[str]:
     if images:
         setup.append(f"Photo: replace {', '.join(images)} with yours (Load Image > choose file) and describe it "
                      f"in the source prompt; it is resized and centre-cropped to {'/'.join(map(str, sizes))} px.")
-    if steps and name.endswith(FLOW_SUFFIXES):
-        setup.append(f"Steps: {'/'.join(map(str, steps))}; sampling uses DDIM Invert's sigmas, so the same count.")
+    kinds = {n["class_type"] for n in graph.values()}
+    if steps and name.endswith(FLOW_SUFFIXES) and kinds & {"ICDDIMInvert", "ICP2PlusController"}:
+        owner = "DDIM Invert" if "ICDDIMInvert" in kinds else "P2Plus Controller"
+        setup.append(f"Steps: {'/'.join(map(str, steps))}; sampling uses {owner}'s sigmas, so the same count.")
+    elif steps and name.endswith(FLOW_SUFFIXES):
+        setup.append(f"Steps: {'/'.join(map(str, steps))}.")
     elif steps:
         setup.append(f"Steps: {'/'.join(map(str, steps))} (the paper's); keep the same count in every node.")
     return [text + "\n\n" + "\n".join(setup)]

@@ -226,12 +226,16 @@ def test_api_workflow_validates_against_object_info(comfy_server, name):
     graph = load_api_workflow(name)
     assert validation_errors(graph, comfy_server.object_info) == []
     broken = json.loads(json.dumps(graph))
-    sampler = next(n for n in broken.values() if n["class_type"] == "KSamplerSelect")
-    sampler["inputs"]["sampler_name"] = "no_such_sampler"
-    invert = next(n for n in broken.values() if n["class_type"] == "ICDDIMInvert")
-    invert["inputs"]["steps"] = 0
-    invert["inputs"]["sigmas_typo"] = 1
-    guider = next(n for n in broken.values() if n["class_type"] in ("BasicGuider", "CFGGuider"))
+    # a choice, a range, an unknown input and a link type broken, on whichever nodes the graph has (KSamplerSelect
+    # or a scheduler combo; DDIM Invert's or another node's steps; a guider's or another node's model)
+    choice = next((n, key) for key in ("sampler_name", "scheduler") for n in broken.values()
+                  if isinstance(n["inputs"].get(key), str))
+    choice[0]["inputs"][choice[1]] = "no_such_choice"
+    stepped = next(n for n in broken.values() if isinstance(n["inputs"].get("steps"), int))
+    stepped["inputs"]["steps"] = 0
+    stepped["inputs"]["sigmas_typo"] = 1
+    guider = next(n for kinds in (("BasicGuider", "CFGGuider"), None) for n in broken.values()
+                  if (kinds is None or n["class_type"] in kinds) and isinstance(n["inputs"].get("model"), list))
     guider["inputs"]["model"] = [next(k for k, n in broken.items() if n["class_type"] == "VAELoader"), 0]
     assert len(validation_errors(broken, comfy_server.object_info)) == 4
 
