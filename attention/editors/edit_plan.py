@@ -105,7 +105,7 @@ def _alignment(src, tgt, n: int, word_swap: bool):
             torch.tensor([1.0 if p >= 0 else 0.0 for p in pairs]))
 
 
-def _equalizer(weights, n: int, positions_of, target_prompt: str, readable_tokens):
+def _equalizer(weights, n: int, positions_of, target_prompt: str, readable_tokens, kind: str = "tokens"):
     """Per-token scales of the target's maps for `reweight` (None without weights); an absent word is an error
     listing the target's tokens."""
     if not weights:
@@ -115,7 +115,7 @@ def _equalizer(weights, n: int, positions_of, target_prompt: str, readable_token
         pos = positions_of(word)
         if not pos:
             raise InversionChainError(f"the reweight word '{user_text(word)}' is not in the target prompt "
-                                      f"'{user_text(target_prompt)}'. Its tokens are: {readable_tokens()}.")
+                                      f"'{user_text(target_prompt)}'. Its {kind} are: {readable_tokens()}.")
         equalizer[pos] = c
     return equalizer
 
@@ -147,6 +147,6 @@ def build_t5_plan(clip, source_prompt: str, target_prompt: str, mode: str, rewei
     n = len(tgt)
     mapper, aligned = _alignment(src, tgt, n, word_swap)
     equalizer = _equalizer(weights, n, lambda word: t5_word_positions(clip, tgt, word), target_prompt,
-                           lambda: user_text(", ".join(t5_readable(clip, tgt[:nt]))))
+                           lambda: user_text(", ".join(t5_readable(clip, tgt[:nt]))), "T5 tokens")
     return EditPlan(mode=mode, source_ids=src, target_ids=tgt, mapper=mapper, aligned=aligned, equalizer=equalizer,
                     reweight=weights, words=nt)
