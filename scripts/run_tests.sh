@@ -15,6 +15,9 @@ case "$NAME" in
   current) EXPECT=$([ -n "${COMFYUI_PATH:-}" ] && echo "" || echo "0.33.0") ;;
 esac
 echo "[test] ComfyUI tree '$NAME' at $TREE${EXPECT:+ (expected version $EXPECT)}"
+# One torch thread per process unless the caller says otherwise: pytest, the headless ComfyUI servers it starts and
+# the browser share the machine's cores, and two threads per process on a busy 2-core machine are slower than one.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 START=$(date +%s)
 status=0
 COMFYUI_PATH="$TREE" IC_EXPECT_COMFYUI_VERSION="$EXPECT" .venv/bin/python -m pytest "$@" || status=$?

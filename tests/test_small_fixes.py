@@ -99,7 +99,7 @@ def test_style_memory_cache_is_bounded_by_bytes(cache_dir, monkeypatch):
 
 @pytest.mark.parametrize("spec", ["#²", "#٣", "# ¹2"])
 def test_token_position_with_non_ascii_digits_gets_the_pack_error(spec):
-    maps = types.SimpleNamespace(query_grid=4, prompts={})
+    maps = types.SimpleNamespace(query_grid=4, prompts={}, start_token=True)   # as a CLIP capture's AttentionMaps
     with pytest.raises(InversionChainError, match="query points as #0..#15"):
         map_query._tiles(maps, "self", spec, torch.zeros(16, 4, 4), 0)
     with pytest.raises(InversionChainError, match="give Attention Capture `clip`"):
