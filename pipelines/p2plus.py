@@ -133,16 +133,8 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
     blend = None
     words = parse_words(blend_words)
     if words:
-        src_pos, tgt_pos = [], []
-        for word in words:
-            in_src = word_positions(clip, plan.source_ids, word)
-            in_tgt = word_positions(clip, plan.target_ids, word)
-            if not in_src and not in_tgt:
-                raise InversionChainError(f"the blend word '{user_text(word)}' is in neither the source prompt "
-                                          f"'{user_text(source_prompt)}' nor the target prompt "
-                                          f"'{user_text(target_prompt)}'.")
-            src_pos += in_src
-            tgt_pos += in_tgt
+        src_pos, tgt_pos = blend_positions(words, plan, lambda ids, word: word_positions(clip, ids, word),
+                                           source_prompt, target_prompt)
         layers = patching.layers_of(model)
         level = map_level(layers, blend_map_size)
         if level is None:
@@ -181,6 +173,21 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
 
 
 DIT_FAMILIES = "Flux (dev-style, guidance-distilled: cfg 1) and Chroma (true CFG)"
+
+
+def blend_positions(words, plan, positions_of, source_prompt: str, target_prompt: str, tokens: str = ""):
+    """(source positions, target positions) of the local-blend words, the CLIP or T5 plan alike; a word in neither
+    prompt is an error naming both."""
+    src_pos, tgt_pos = [], []
+    for word in words:
+        in_src, in_tgt = positions_of(plan.source_ids, word), positions_of(plan.target_ids, word)
+        if not in_src and not in_tgt:
+            raise InversionChainError(f"the blend word '{user_text(word)}' is in neither the source prompt "
+                                      f"'{user_text(source_prompt)}' nor the target prompt "
+                                      f"'{user_text(target_prompt)}'{tokens}.")
+        src_pos += in_src
+        tgt_pos += in_tgt
+    return src_pos, tgt_pos
 
 
 def _starting_latent(model, inversion, latent, steps, scheduler, family):
@@ -247,16 +254,8 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
     negative = _conditioning([uncond, uncond], {})
     words, blend = parse_words(blend_words), None
     if words:
-        src_pos, tgt_pos = [], []
-        for word in words:
-            in_src = t5_word_positions(clip, plan.source_ids, word)
-            in_tgt = t5_word_positions(clip, plan.target_ids, word)
-            if not in_src and not in_tgt:
-                raise InversionChainError(f"the blend word '{user_text(word)}' is in neither the source "
-                                          f"prompt '{user_text(source_prompt)}' nor the target prompt "
-                                          f"'{user_text(target_prompt)}' (as T5 tokens).")
-            src_pos += in_src
-            tgt_pos += in_tgt
+        src_pos, tgt_pos = blend_positions(words, plan, lambda ids, word: t5_word_positions(clip, ids, word),
+                                           source_prompt, target_prompt, " (as T5 tokens)")
         blend = LocalBlend(sorted(set(src_pos)), sorted(set(tgt_pos)), blend_threshold, blend_start_percent, 0,
                            schedule)
     patched = model.clone()
