@@ -4,7 +4,7 @@
 #   make test-fast - ruff and the fast tier on the current tree (pure tests and quick in-process tests)
 #   make demo   - runs the main job headless on a real photo and writes the results to out/
 # COMFYUI_PATH=/path/to/ComfyUI tests that tree alone, in place; TREES="2024-03" (or "current") picks trees.
-# CKPT=/path/model.safetensors makes the demo use your checkpoint (default: a small random-weight test model).
+# CKPT=/path/model.safetensors makes the demo use your checkpoint (default: the two committed demo models).
 PY := .venv/bin/python
 
 .PHONY: setup lint test test-fast test-unit demo bench clean
