@@ -16,9 +16,9 @@ class ICKVInject:
                    "unconditional: `negative`). "
                    "Sample with the stock KSampler (sampler ddim, scheduler and steps of the inversion) or "
                    "SamplerCustom with DDIM Invert's sigmas; start from the inversion's noise to keep the layout. "
-                   "Flux, Chroma and Qwen-Image: in the chosen joint-attention blocks the target's image-token "
-                   "keys/values are replaced by the source's (Stable Flow's attention injection); text tokens keep "
-                   "their own. SD3/SD3.5 is refused (ComfyUI's MMDiT has no attention patch).")
+                   "Flux, Chroma, Qwen-Image and SD3.5: in the chosen joint-attention blocks the target's "
+                   "image-token keys/values are replaced by the source's (Stable Flow's attention injection); text "
+                   "tokens keep their own.")
     CATEGORY = CATEGORY + "/attention"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)

@@ -43,8 +43,8 @@ def capture_dit(model, kinds: str, resolution: str, detail: str, query_grid: int
     family = compat.family_name(model)
     qwen = dit_capture.is_qwen_image(model)
     if not (dit_layers.is_flux_layout(model) or qwen):
-        why = ("SD3.5's MMDiT calls no attention patch, so its joint attention cannot be observed without replacing "
-               "model code" if "SD3" in family else "its blocks are not wired to the capture yet")
+        why = ("SD3.5's prompt is CLIP-L/G and T5 tokens side by side in one context, which the capture's word "
+               "lookup does not read yet" if "SD3" in family else "its blocks are not wired to the capture yet")
         raise InversionChainError(f"the model family '{family}' is not supported yet by this node ({why}). "
                                   f"Attention Capture runs on SD1.x, SD2.x, SDXL, Flux, Chroma and Qwen-Image.")
     missing = compat.missing_feature_message("dit-attention-patches", node_name())

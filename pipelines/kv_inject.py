@@ -6,7 +6,7 @@ import torch
 
 from .. import compat, conditioning
 from ..artifacts import InversionChainError, named_error, node_name, user_text
-from ..attention.core import dit_layers, patching
+from ..attention.core import dit_layers, mmdit_bridge, patching
 from ..attention.core.layers import MAP_SIZE_AUTO, decoder_start, map_level, map_size_problem, select_layers
 from ..attention.core.schedule import check_percents, steps_within
 from ..attention.core.tokens import locate_words, parse_words
@@ -30,7 +30,6 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
     ``build_dit``."""
     if dit_layers.is_joint_attention_dit(model):
         return build_dit(model, inversion, start_percent, start_layer, mode, negative=negative, cache=cache)
-    refuse_other_dit(model)
     require_inversion(model, inversion)
     if mode not in MODES:
         raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
@@ -87,18 +86,6 @@ def build_kv_inject(model, inversion, start_percent: float, start_layer: int, mo
                            f"{len(selected)} layers x {branches} CFG branch(es)")
 
 
-def refuse_other_dit(model):
-    """SD3 / SD3.5: ComfyUI's MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py) reads no attention patch, so
-    there is no hook to hand it the source's K/V without swapping its classes, which this pack does not do."""
-    dm = dit_layers.diffusion_model_of(model)
-    if dm is not None and type(dm).__module__ == "comfy.ldm.modules.diffusionmodules.mmdit":
-        raise InversionChainError(
-            f"the model family '{compat.family_name(model)}' (SD3 / SD3.5, an MMDiT) is not supported yet: "
-            f"ComfyUI's MMDiT calls no attention patch (transformer_options['patches'] is never read in its joint "
-            f"attention), so the source's keys/values cannot be injected without replacing its code. KV Inject runs "
-            f"on Flux, Chroma and Qwen-Image, and on SD1.x/SD2.x/SDXL; DDIM Invert runs on SD3.5.")
-
-
 def build_dit(model, inversion, start_percent: float, start_layer: int, mode: str, negative=None, cache: str = "auto"):
     """KV Inject on a DiT with joint attention (Flux, Chroma, Qwen-Image): ``start_layer`` -1 = the family default
     (Stable Flow's vital layers; on Qwen-Image its middle band), n >= 0 = every block at position >= n (double blocks
@@ -109,9 +96,11 @@ def build_dit(model, inversion, start_percent: float, start_layer: int, mode: st
         raise named_error(missing)   # "<node> needs ...": the name is the sentence's subject
     family = compat.family_name(model)
     if not dit_layers.calls_attn1_patch(model):
+        # SD3 / SD3.5 reach the patches through the attention override (attention/core/mmdit_bridge.py)
+        feature = "attention-override" if mmdit_bridge.is_mmdit(model) else "dit-attention-patches"
         raise InversionChainError(
             f"this ComfyUI's {family} attention calls no attn1_patch, so nothing could be injected; update "
-            f"ComfyUI (the DiT attention patches exist from {compat.FEATURES['dit-attention-patches'][0]} on).")
+            f"ComfyUI (the hook it needs exists from {compat.FEATURES[feature][0]} on).")
     if mode not in MODES:
         raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
     if mode != "mutual":
@@ -125,7 +114,8 @@ def build_dit(model, inversion, start_percent: float, start_layer: int, mode: st
     if not (start_layer == -1 or 0 <= start_layer < len(blocks)):
         where = (f"0..{doubles - 1} the double blocks, {doubles}..{len(blocks) - 1} the single blocks" if singles else
                  f"0..{len(blocks) - 1} its joint (double-stream) blocks")
-        default = "Stable Flow's vital layers" if singles else "the middle band of blocks (15..44 of 60)"
+        default = ("Stable Flow's vital layers" if singles else
+                   "the middle band of blocks (15..44 of Qwen-Image's 60, the same relative band on other depths)")
         raise InversionChainError(
             f"start_layer {start_layer} is outside this {family} model's {len(blocks)} blocks; on DiT models "
             f"start_layer is a block position: {where} (valid: 0..{len(blocks) - 1}), or -1 for {default}.")

@@ -324,7 +324,7 @@ def test_flow_capture_refusals_name_the_fix(flow):
         ICAttentionCapture().capture(flow["model"], "cross", "latent/4", "per layer", 2)
     if flow["family"] != "chroma":
         return
-    other, name, why = "sd3", "SD3", r"SD3.5's MMDiT calls no attention patch"
+    other, name, why = "sd3", "SD3", r"SD3.5's prompt is CLIP-L/G and T5 tokens side by side"
     reason = flow_models.missing_family(other)
     if reason:
         pytest.skip(reason)

@@ -1,5 +1,6 @@
-"""KV Inject on DiTs with joint attention (Flux dev-style, Chroma, Qwen-Image): the source's image-token K/V,
-recorded along its inversion chain through ComfyUI's attn1_patch, replace the target's in the chosen blocks.
+"""KV Inject on DiTs with joint attention (Flux dev-style, Chroma, Qwen-Image, SD3.5): the source's image-token K/V,
+recorded along its inversion chain through ComfyUI's attn1_patch (on SD3.5's MMDiT through the pack's bridge,
+attention/core/mmdit_bridge.py), replace the target's in the chosen blocks.
 
 The models are tests/harness/flow_models.py's random-weight layouts (Flux/Chroma: one double and one single block;
 Qwen-Image, from flow_models_more.py: two joint blocks, a real negative) loaded through the stock loaders; claims
@@ -23,9 +24,9 @@ TARGET = "a watercolor painting of a red fox in the snow"
 GUIDANCE = 3.5
 STEPS = 8
 PX = 256
-FAMILIES = ("flux", "chroma", "qwen_image")
-TRUE_CFG = ("chroma", "qwen_image")     # a real unconditional half: cfg > 1 with a negative
-WHO = "KV Inject on Flux, Chroma and Qwen-Image"
+FAMILIES = ("flux", "chroma", "qwen_image", "sd3")
+TRUE_CFG = ("chroma", "qwen_image", "sd3")     # a real unconditional half: cfg > 1 with a negative
+WHO = "KV Inject on Flux, Chroma, Qwen-Image and SD3.5"
 NEGATIVES = ("a blurry photo of a cat", "a dark photo of an astronaut", "a blurry photo of an astronaut",
              "a photo of an astronaut")
 # Identity edit (source prompt, the inversion's noise, every block from step 0) against the plain reconstruction:
@@ -38,7 +39,8 @@ IDENTITY_OF_ROUND_TRIP = 1e-2
 
 
 def missing(family: str = "flux") -> str | None:
-    features = ("flux-models", "dit-attention-patches") + (("qwen-image-models",) if family == "qwen_image" else ())
+    features = {"qwen_image": ("qwen-image-models",), "sd3": ("attention-override",)}.get(family, ())
+    features = ("flux-models", "dit-attention-patches") + features
     return flow_models.missing_feature(WHO, *features) or flow_models.missing_family(family)
 
 
@@ -145,13 +147,14 @@ def test_no_blocks_or_no_steps_is_bit_identical_to_stock_sampling(flow, store):
 def test_image_token_positions_do_not_depend_on_the_prompt(flow, store):
     """Why source K/V land at the right rotary positions: the rotary table ComfyUI hands attn1_patch (``pe``) has the
     same rows for the image tokens whatever the prompt's length (Flux/Chroma: text ids are zeros; Qwen-Image: text
-    ids start after the grid's half-size), so a source key recorded before RoPE is rotated as in its own pass."""
+    ids start after the grid's half-size), so a source key recorded before RoPE is rotated as in its own pass. SD3.5
+    has no rotary table (its positions are added to the image tokens before the first block): ``pe`` is None."""
     from inversion_chain.attention.core import patching
     seen = {}
 
     def spy(q, k, v, pe=None, attn_mask=None, extra_options=None):
         s0, s1 = extra_options["img_slice"]
-        seen.setdefault(k.shape[2] - (s1 - s0), pe[:, :, s0:s1].clone())
+        seen.setdefault(k.shape[2] - (s1 - s0), None if pe is None else pe[:, :, s0:s1].clone())
         return {}
 
     import nodes
@@ -161,14 +164,17 @@ def test_image_token_positions_do_not_depend_on_the_prompt(flow, store):
         sample(flow, spied, positive=text)
     assert len(seen) == 2                      # two text lengths seen (the control: the prompts differ in length)
     first, second = seen.values()
+    if flow["family"] == "sd3":   # no rotary table: SD3 adds its positions to the image tokens at the input
+        assert first is None and second is None
+        return
     assert torch.equal(first, second)
 
 
 def test_reference_latents_are_refused(flow, store):
     """Kontext / Qwen-Image-Edit style reference latents add image tokens to the joint sequence: refused by name."""
-    if flow["family"] == "chroma":
-        pytest.skip("ComfyUI's Chroma network reads no reference latents (comfy/ldm/chroma/model.py): nothing "
-                    "to refuse")
+    if flow["family"] in ("chroma", "sd3"):
+        pytest.skip("ComfyUI's Chroma and MMDiT networks read no reference latents (comfy/ldm/chroma/model.py, "
+                    "comfy/ldm/modules/diffusionmodules/mmdit.py): nothing to refuse")
     import node_helpers
     with_ref = node_helpers.conditioning_set_values(flow["target"], {"reference_latents": [flow["latent"]["samples"]]},
                                                     append=True)
@@ -197,6 +203,11 @@ def test_injection_moves_the_edit_toward_the_source(flow, store, request):
             "barely moves the result (RMS to the reconstruction 0.028, the control needs > 0.5; at true cfg 4 with "
             "'' negative 0.109) and injection from step 0 in both blocks takes off about 1% of it (0.0280 -> 0.0275, "
             "cfg 4: 0.1090 -> 0.1088): nothing to show on random weights")))
+    if flow["family"] == "sd3":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "on the tiny SD3.5 layout (two joint blocks, random text encoders) the target prompt moves the result "
+            "little (RMS to the reconstruction 0.289, the control needs > 0.5) and injection in every block from "
+            "step 0 takes off 4% of it (0.289 -> 0.278): nothing to show on random weights")))
     reconstruction = sample(flow)
     plain = rms(sample(flow, positive=flow["target"]), reconstruction)
     every = rms(sample(flow, inject(flow), positive=flow["target"]), reconstruction)
@@ -285,8 +296,10 @@ def test_patch_leaves_the_original_model_untouched(flow, store):
 
 def test_inputs_are_checked_with_the_family_range(flow, store):
     blocks = dit_layers.enumerate_blocks(flow["model"])
-    if flow["family"] == "qwen_image":
-        assert [b.kind for b in blocks] == ["double"] * flow_models_more.QWEN_DIT["num_layers"]
+    if flow["family"] in ("qwen_image", "sd3"):
+        depth = (flow_models_more.QWEN_DIT["num_layers"] if flow["family"] == "qwen_image"
+                 else flow_models_more.SD3_DEPTH)
+        assert [b.kind for b in blocks] == ["double"] * depth
         where = r"0\.\.1 its joint \(double-stream\) blocks \(valid: 0\.\.1\), or -1 for the middle band"
     else:
         assert [b.kind for b in blocks] == ["double", "single"]
@@ -331,3 +344,43 @@ def test_skip_reason_names_the_missing_feature():
         assert reason is None and missing("qwen_image") == flow_models.missing_family("qwen_image")
     else:
         assert reason.startswith(WHO + " needs ") and ("0.3.31" in reason or "0.17.0" in reason)
+
+
+def test_sd3_bridge_reaches_the_joint_attention_and_keeps_other_packs_patches(flow, store):
+    """SD3.5 only (the bridge is its hook, attention/core/mmdit_bridge.py): the patches see each joint block once per
+    forward, named, with q, k, v of the joint sequence [text ; image]; what a patch returns is what the attention
+    uses (zeroing the image values changes the result: the control that the hook acts); a block replace patch
+    another pack set in the same slot still runs."""
+    if flow["family"] != "sd3":
+        pytest.skip("the bridge is for ComfyUI's MMDiT (SD3 / SD3.5); the other families call attn1_patch themselves")
+    from inversion_chain.attention.core import patching
+    seen, theirs = [], []
+
+    def spy(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        s0, s1 = extra_options["img_slice"]
+        seen.append((extra_options["block_type"], extra_options["block_index"], q.shape[2], s1 - s0, pe))
+        return {}
+
+    def zero_image_values(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        s0, s1 = extra_options["img_slice"]
+        v = v.clone()
+        v[:, :, s0:s1] = 0
+        return {"v": v}
+
+    def their_block(args, extra):   # another pack's replace patch, set before this pack's
+        theirs.append(args["transformer_options"].get("block_index"))
+        return extra["original_block"](args)
+
+    other = flow["model"].clone()
+    other.set_model_patch_replace(their_block, "dit", "double_block", 0)
+    stock = sample(flow)
+    spied = patching.add_attn1_patch(other.clone(), spy)
+    assert torch.equal(sample(flow, spied), stock)
+    tokens = pipeline.image_tokens(flow["model"], flow["latent"]["samples"].shape)
+    depth = flow_models_more.SD3_DEPTH
+    assert [(t, i) for t, i, *_ in seen[:depth]] == [("double", i) for i in range(depth)]
+    assert all(n_img == tokens and n > tokens and pe is None for *_, n, n_img, pe in seen)
+    assert len(seen) == depth * STEPS and theirs == [0] * STEPS   # theirs saw the block named by the bridge
+    zeroed = sample(flow, patching.add_attn1_patch(flow["model"].clone(), zero_image_values))
+    measured(f"sd3 bridge: zeroing the image values moves the result by {error(zeroed, stock):.3f}")
+    assert error(zeroed, stock) > 1e-2

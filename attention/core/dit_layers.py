@@ -9,6 +9,8 @@ numbering Stable Flow uses for its vital layers). ``kind`` / ``index`` are what 
 
 Qwen-Image runs one stack of ``transformer_blocks`` (60 in the 20B model), each a double-stream block (its own text
 and image weights, one joint attention); ComfyUI reports them as ``block_type`` "double", so positions = indices.
+SD3 / SD3.5 (ComfyUI's MMDiT) likewise run one stack of ``joint_blocks`` (38 in SD3.5 Large, 24 in Medium), named
+"double" by mmdit_bridge.py, which also makes their joint attention call ``attn1_patch``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from . import mmdit_bridge
 
 # Stable Flow (Avrahami et al., CVPR 2025): the layers of FLUX.1-dev whose removal changes the image most, in the
 # joint numbering above: double blocks 0, 1, 2, 17, 18 and single blocks 6, 9, 34, 35, 37 (positions 25, 28, 53,
@@ -70,8 +74,8 @@ def is_qwen_image(model_patcher) -> bool:
 
 
 def is_joint_attention_dit(model_patcher) -> bool:
-    """A DiT this addressing covers: Flux layout (Flux, Chroma) or Qwen-Image."""
-    return is_flux_layout(model_patcher) or is_qwen_image(model_patcher)
+    """A DiT this addressing covers: Flux layout (Flux, Chroma), Qwen-Image, or SD3 / SD3.5 (through the bridge)."""
+    return is_flux_layout(model_patcher) or is_qwen_image(model_patcher) or mmdit_bridge.is_mmdit(model_patcher)
 
 
 def calls_attn1_patch(model_patcher) -> bool:
@@ -79,6 +83,8 @@ def calls_attn1_patch(model_patcher) -> bool:
     attention, Flux/Chroma's is in comfy/ldm/flux/layers.py)."""
     import inspect
     import sys
+    if mmdit_bridge.is_mmdit(model_patcher):
+        return mmdit_bridge.has_hooks(model_patcher)
     dm = diffusion_model_of(model_patcher)
     names = ["comfy.ldm.flux.layers"] if is_flux_layout(model_patcher) else [type(dm).__module__]
     try:
@@ -90,6 +96,12 @@ def calls_attn1_patch(model_patcher) -> bool:
 def enumerate_blocks(model_patcher) -> List[DiTBlock]:
     dm = diffusion_model_of(model_patcher)
     blocks: List[DiTBlock] = []
+    if mmdit_bridge.is_mmdit(model_patcher):
+        for block in dm.joint_blocks:
+            attn = block.x_block.attn
+            heads = int(attn.num_heads)
+            blocks.append(DiTBlock("double", len(blocks), len(blocks), heads, int(attn.head_dim)))
+        return blocks
     if is_qwen_image(model_patcher):
         for block in dm.transformer_blocks:
             heads = int(block.num_attention_heads)
@@ -128,7 +140,8 @@ def qwen_band(blocks: Sequence[DiTBlock]) -> List[DiTBlock]:
 
 def vital_blocks(blocks: Sequence[DiTBlock]) -> List[DiTBlock]:
     """Stable Flow's vital layers: exactly theirs on a 19 + 38 model (FLUX.1, Chroma), at the same relative depth in
-    each stack on other depths. A single stack of double blocks (Qwen-Image): ``qwen_band``."""
+    each stack on other depths. A single stack of double blocks (Qwen-Image, SD3 / SD3.5, for which no vital-layer
+    list is published): ``qwen_band``."""
     doubles, singles = depths(blocks)
     if singles == 0:
         return qwen_band(blocks)

@@ -14,6 +14,7 @@ import torch
 
 from ... import compat
 from ...model_info import check_supported, unet_of
+from . import mmdit_bridge
 from .controller import CONTROLLER_KEY, REFERENCE_PASS_KEY, Controller, Editor
 from .layers import enumerate_layers
 
@@ -217,6 +218,8 @@ def add_attn1_patch(model, patch):
                               + [p for p in entries if getattr(p, "runs_last", False)])
     to["patches"] = patches
     model.model_options["transformer_options"] = to
+    if mmdit_bridge.is_mmdit(model):   # SD3 / SD3.5: their joint attention calls attn1_patch through the bridge
+        mmdit_bridge.install(model)
     return model
 
 
