@@ -164,8 +164,8 @@ def p2plus(f, target=SOURCE, **kw):
 
 def test_p2plus_identical_prompts_give_identical_rows_or_refusal(f):
     """On Flux and Chroma the controller edits generated images (add_noise on, the seed's noise in both rows):
-    identical prompts with every window open give identical rows bit for bit; a real image's `inversion`,
-    `null_text` and `style` are refused naming the input. Elsewhere the family is refused."""
+    identical prompts with every window open give identical rows bit for bit; a real image's `inversion` is refused
+    naming why (`style`: the StyleDiffusion test below). Elsewhere the family is refused."""
     latent = {"samples": torch.zeros_like(f["latent"]["samples"])}
     if f["family"] not in P2PLUS_FAMILIES:
         # COORDINATOR: flip on merge of the P2Plus-on-Qwen-Image branch (this is today's refusal)
