@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import conditioning
+from .. import compat, conditioning
 from ..artifacts import InversionChainError, node_name
 from ..attention.core import patching
 from ..attention.core.layers import enumerate_decoder_blocks, feature_block_default, select_layers
 from ..attention.core.schedule import Schedule, check_percents
 from ..attention.editors import feature_inject
-from ..attention.editors.style import value_injection
+from ..attention.editors.style import joint_attention_has_no_value_input, value_injection
 from ..logs import log
 from ..model_info import check_supported, model_key, require_inversion, unet_of
 from ..optimize import style_diffusion
@@ -19,9 +19,17 @@ from ..plots import loss_curve
 from ..samplers.inversion import chain_latent_out
 
 
+def refuse_dit(model):
+    """StyleDiffusion's place (the value input of cross-attention, separate from the keys) does not exist in a
+    rectified-flow DiT's joint attention: refuse by the family, saying why (model_info's check stays generic)."""
+    if getattr(model, "model", None) is not None and compat.is_flow_family(compat.model_sampling(model)):
+        raise InversionChainError(joint_attention_has_no_value_input(compat.family_name(model)))
+
+
 def train_style(model, clip_vision, image, inversion, positive, negative, cfg: float = 7.5, inner_steps: int = 100,
                 learning_rate: float = 1e-2, attention_loss_weight: float = 1.0):
     """(the STYLE, trained or from the cache, and its loss curve as an IMAGE)."""
+    refuse_dit(model)
     check_supported(model)
     style = style_diffusion.train(model, clip_vision, image, inversion, positive, negative, cfg, inner_steps,
                                   learning_rate, attention_loss_weight)
@@ -33,6 +41,7 @@ def train_style(model, clip_vision, image, inversion, positive, negative, cfg: f
 
 def apply_style(model, style, style_end_percent: float = 1.0):
     """(a patched clone whose conditional cross-attention values come from the STYLE, the STYLE's sigmas)."""
+    refuse_dit(model)
     check_supported(model)
     check_percents(style_end_percent=style_end_percent)
     style.check(model_key(model), None)
@@ -46,6 +55,7 @@ def build_style_transfer(model, style, content_inversion, feature_end_percent: f
                          attention_start_layer: int = -1, cache: str = "auto"):
     """(patched model, positive, negative, LATENT of the content's x_T, sigmas): the STYLE's value input and the
     content's decoder features and self-attention maps injected along its chain."""
+    refuse_dit(model)
     inv = require_inversion(model, content_inversion)
     style.check(model_key(model), None)
     check_percents(feature_end_percent=feature_end_percent,

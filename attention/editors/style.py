@@ -14,6 +14,19 @@ from .local_blend import BLEND_LEVEL
 from ..core.schedule import Schedule
 
 
+def joint_attention_has_no_value_input(family: str) -> str:
+    """Why StyleDiffusion has no place on a rectified-flow DiT (Flux, Chroma, Qwen-Image, SD3.5's MMDiT), for the
+    refusal of every node that would inject a STYLE there (the caller's error; no node name)."""
+    return (f"the model family '{family}' is a rectified-flow DiT with joint attention: its text tokens are a stream "
+            f"that every block updates and projects to queries, keys and values from one hidden state, so there is "
+            f"no cross-attention value input that is the prompt embedding. StyleDiffusion replaces exactly that "
+            f"input with a mapping learned from the image while the keys keep the prompt; on a DiT, changing the "
+            f"text tokens' values changes what the text stream carries into every later block, keys included. "
+            f"StyleDiffusion runs on the UNet families with cross-attention (SD1.x, SD2.x, SDXL); on this model use "
+            f"DDIM Invert with KV Inject, RIVAL or P2Plus (see README.md's Features table for which family runs "
+            f"what).")
+
+
 def value_injection(values: Optional[torch.Tensor], schedule: Schedule, end_percent: float = 1.0,
                     row_maps: Sequence[RowMap] = ()) -> ContextPatch:
     """StyleDiffusion's value input: in the conditional rows, the STYLE's embedding of the step becomes the value
