@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import compat
 from ..artifacts import InversionChainError, node_name, user_text
-from ..attention.core import dit_layers, patching
+from ..attention.core import dit_layers, mmdit_bridge, patching
 from ..attention.core import tokens as tokens_mod
 from ..attention.viewer import dit_capture
 from ..attention.viewer.capture import (BRANCHES, KIND_CHOICES, RESOLUTIONS, AttentionCaptureEditor, AttentionMaps,
@@ -38,16 +38,16 @@ def capture_maps(model, kinds: str, resolution: str, detail: str, query_grid: in
 
 def capture_dit(model, kinds: str, resolution: str, detail: str, query_grid: int, clip=None, prompt: str = "",
                 negative_prompt: str = "", max_mb=None):
-    """Capture on a Flux-layout DiT or Qwen-Image: an attn1_patch observer of every block's joint attention
-    (dit_capture.py), the prompts named by their T5 / Qwen2.5 tokens. Other flow families are refused naming why."""
+    """Capture on a Flux-layout DiT, Qwen-Image or SD3.5: an attn1_patch observer of every block's joint attention
+    (dit_capture.py), the prompts named by their T5 / Qwen2.5 / CLIP + T5 tokens."""
     family = compat.family_name(model)
-    qwen = dit_capture.is_qwen_image(model)
-    if not (dit_layers.is_flux_layout(model) or qwen):
-        why = ("SD3.5's prompt is CLIP-L/G and T5 tokens side by side in one context, which the capture's word "
-               "lookup does not read yet" if "SD3" in family else "its blocks are not wired to the capture yet")
-        raise InversionChainError(f"the model family '{family}' is not supported yet by this node ({why}). "
-                                  f"Attention Capture runs on SD1.x, SD2.x, SDXL, Flux, Chroma and Qwen-Image.")
-    missing = compat.missing_feature_message("dit-attention-patches", node_name())
+    qwen, sd3 = dit_capture.is_qwen_image(model), mmdit_bridge.is_mmdit(model)
+    if not (dit_layers.is_flux_layout(model) or qwen or sd3):
+        raise InversionChainError(f"the model family '{family}' is not supported yet by this node (its blocks are "
+                                  f"not wired to the capture yet). Attention Capture runs on SD1.x, SD2.x, SDXL, "
+                                  f"Flux, Chroma, Qwen-Image and SD3.5.")
+    # SD3 / SD3.5 reach the attn1 patches through the attention override (attention/core/mmdit_bridge.py)
+    missing = compat.missing_feature_message("attention-override" if sd3 else "dit-attention-patches", node_name())
     if missing:
         raise InversionChainError(missing)
     layers = dit_capture.dit_layers(model)
@@ -63,9 +63,10 @@ def capture_dit(model, kinds: str, resolution: str, detail: str, query_grid: int
         if ours is None:
             raise InversionChainError(f"{family} reads the prompt as {'Qwen2.5' if qwen else 'T5'} tokens, and "
                                       f"this `clip` has no such tokenizer; connect the CLIP that encoded the prompts "
-                                      f"(Flux: CLIP-L + T5, Chroma: T5, Qwen-Image: Qwen2.5-VL).")
-        prompts[BRANCHES["cond"]] = dit_capture.prompt_tokens_for(clip, prompt or "")
-        prompts[BRANCHES["uncond"]] = dit_capture.prompt_tokens_for(clip, negative_prompt or "")
+                                      f"(Flux: CLIP-L + T5, Chroma: T5, Qwen-Image: Qwen2.5-VL, SD3.5: CLIP-L + "
+                                      f"CLIP-G + T5).")
+        prompts[BRANCHES["cond"]] = dit_capture.prompt_tokens_for(clip, prompt or "", sd3)
+        prompts[BRANCHES["uncond"]] = dit_capture.prompt_tokens_for(clip, negative_prompt or "", sd3)
     maps = AttentionMaps(KIND_CHOICES[kinds], {layers[0].level}, detail, int(query_grid), prompts)
     max_mb = DEFAULT_MAX_MB if max_mb is None else int(max_mb)
     maps.max_bytes = max_mb * 2 ** 20 if max_mb > 0 else None

@@ -21,7 +21,7 @@ NEGATIVE = "a blurry dark photo"
 PX = 128              # latent 16x16: an 8x8 token grid
 STEPS = 2
 FAMILIES = ("flux", "chroma", "qwen_image")
-WHO = "Attention Capture on Flux, Chroma and Qwen-Image"
+WHO = "Attention Capture on Flux, Chroma, Qwen-Image and SD3.5"
 # float16 storage: a stored probability is within half an ulp (2^-11 relative) of the float32 one; plus the
 # difference between two float32 summation orders (~1e-6 of the largest value)
 REL_TOL, ABS_TOL = 2 ** -10, 1e-6
@@ -317,20 +317,11 @@ def test_viewer_renders_flow_maps_through_the_nodes(flow):
 
 
 def test_flow_capture_refusals_name_the_fix(flow):
-    """A UNet resolution on a DiT names the one grid; SD3.5's MMDiT is refused saying it reads no patch."""
+    """A UNet resolution on a DiT names the one grid."""
     with pytest.raises(InversionChainError, match=r"^Attention Capture: every block of this .* model attends on "
                                                   r"one token grid, latent/2 \(2 blocks.*Set resolution to latent/2 "
                                                   r"or all"):
         ICAttentionCapture().capture(flow["model"], "cross", "latent/4", "per layer", 2)
-    if flow["family"] != "chroma":
-        return
-    other, name, why = "sd3", "SD3", r"SD3.5's prompt is CLIP-L/G and T5 tokens side by side"
-    reason = flow_models.missing_family(other)
-    if reason:
-        pytest.skip(reason)
-    with pytest.raises(InversionChainError, match=rf"^Attention Capture: the model family '[^']*{name}[^']*' is not "
-                                                  rf"supported yet by this node \({why}"):
-        ICAttentionCapture().capture(flow_models.load_model(other), "cross", "all", "per layer", 2)
 
 
 def test_capture_sees_kv_inject_whichever_node_comes_first(flow):
@@ -362,3 +353,94 @@ def test_capture_sees_kv_inject_whichever_node_comes_first(flow):
     sample(flow, plain_model)
     assert torch.equal(cross(first), cross(second))
     assert float((cross(first) - cross(plain)).abs().max()) > 1e-4
+
+
+# -- SD3.5 (ComfyUI's MMDiT, reached through the pack's bridge: attention/core/mmdit_bridge.py) ---------------------
+@pytest.fixture(scope="module")
+def sd3():
+    reason = flow_models.missing_feature(WHO, "attention-override") or flow_models.missing_family("sd3")
+    if reason:
+        pytest.skip(reason)
+    model, clip, _vae = flow_models.load_family("sd3")
+
+    def encode(text):
+        out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
+        return [[out.pop("cond"), out]]
+
+    with torch.inference_mode():
+        positive, negative = encode(PROMPT), encode(NEGATIVE)
+    latent = {"samples": torch.randn(1, 16, PX // 8, PX // 8, generator=torch.Generator().manual_seed(5))}
+    return dict(family="sd3", model=model, clip=clip, positive=positive, negative=negative, latent=latent)
+
+
+def sd3_oracle_maps(block, call, text_only=False):
+    """(B, T, N_img) image-to-text probabilities of an MMDiT joint block, mean over heads, from its own q/k
+    projections (torch hooks) and q/k RMSNorm: softmax over [text ; image] keys (SD3 has no RoPE)."""
+    parts = []
+    for name, attn in (("context", block.context_block.attn), ("x", block.x_block.attn)):
+        qkv = call[name]
+        b, n, _ = qkv.shape
+        q, k, _v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        parts.append((rms_norm(q, attn.ln_q.weight), rms_norm(k, attn.ln_k.weight)))
+    q = torch.cat([parts[0][0], parts[1][0]], 2)
+    k = torch.cat([parts[0][1], parts[1][1]], 2)
+    t = call["context"].shape[1]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    img = scores[:, :, t:]
+    probs = img[..., :t].softmax(-1) if text_only else img.softmax(-1)[..., :t]
+    return probs.mean(1).transpose(1, 2)
+
+
+def test_sd3_captured_maps_equal_the_joint_attention_by_hand(sd3):
+    """SD3.5: every joint block's stored image-to-text map equals softmax over all keys of (RMS-normed) q k^T /
+    sqrt(d) from the block's own projections, to float16 rounding. Control: a text-only softmax misses by far more."""
+    dm = sd3["model"].model.diffusion_model
+    patched, maps = capture(sd3, kinds="cross")
+    calls, handles = {}, []
+    for i, block in enumerate(dm.joint_blocks):
+        calls[i] = {}
+        for name, attn in (("context", block.context_block.attn), ("x", block.x_block.attn)):
+            def keep(_m, _inp, out, i=i, name=name):
+                calls[i].setdefault(name, out.detach().clone())   # the first call: step 0 (cfg 1)
+            handles.append(attn.qkv.register_forward_hook(keep))
+    try:
+        sample(sd3, patched)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, block in enumerate(dm.joint_blocks):
+        want = sd3_oracle_maps(block, calls[i])[0]
+        got = maps.steps[0].maps[("cross", f"L{i}", 0)][0].float().flatten(1)
+        assert got.shape == want.shape
+        err = float((got - want).abs().max())
+        assert torch.all((got - want).abs() <= REL_TOL * want.abs() + ABS_TOL), (i, err)
+        text_only = float((sd3_oracle_maps(block, calls[i], text_only=True)[0] - got).abs().max())
+        measured(f"sd3 joint block {i}: |captured - by hand| {err:.2e}; control text-only softmax {text_only:.2e}")
+        assert text_only > 100 * err + 1e-4
+
+
+def test_sd3_words_are_found_in_the_clip_and_the_t5_parts(sd3):
+    """SD3.5's context is the CLIP window (77 tokens, start token first) then the T5 stream: a word's positions are
+    its CLIP tokens and its T5 pieces offset by 77, by independent oracles (the HF tokenizers' offsets); the
+    captured map of a word is read at exactly those columns; a missing word is a clear error."""
+    clip = sd3["clip"]
+    prompt = dit_capture.prompt_tokens_for(clip, PROMPT, sd3=True)
+    with torch.inference_mode():
+        assert sd3["positive"][0][0].shape[1] == len(prompt.ids)   # one text token per position
+    hf_clip = tokens_mod._hf_tokenizer(clip)
+
+    def count(text):   # CLIP BPE tokens of a prefix, without start/end tokens
+        return len(hf_clip(text, add_special_tokens=False)["input_ids"])
+    for word in ("fox", "watercolor"):
+        start = PROMPT.index(word)
+        before, through = count(PROMPT[:start]), count(PROMPT[:start + len(word)])
+        clip_part = list(range(1 + before, 1 + through))      # position 0 is the start token
+        t5_part = [len(prompt.clip_ids) + p for p in hf_word_positions(clip, PROMPT, word)]
+        found = prompt.locate(word, "test")
+        assert found == clip_part + t5_part and clip_part and t5_part, (word, found, clip_part, t5_part)
+        labels = prompt.labels()
+        assert labels[clip_part[0]].endswith("(CLIP)") and labels[t5_part[0]].endswith("(T5)")
+    measured(f"sd3: context {len(prompt.ids)} tokens (CLIP {len(prompt.clip_ids)} + T5 {len(prompt.t5.ids)}); "
+             f"fox -> {prompt.locate('fox', 'test')}")
+    with pytest.raises(InversionChainError, match=r"^test: the word 'wolf' is not in the prompt"):
+        prompt.locate("wolf", "test")

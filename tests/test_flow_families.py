@@ -34,7 +34,7 @@ GUIDANCE = 3.5                         # FluxGuidance on Flux's positive
 STEPS = 4
 PX = 64                                # 8 x 8 latent: 16 image tokens
 TRUE_CFG = {"chroma": 4.0, "qwen_image": 4.0, "sd3": 4.5}    # the families' usual true cfg (test_flow_invert.py)
-CAPTURE_FAMILIES = ("flux", "chroma", "qwen_image")   # SD3.5: its CLIP-L/G + T5 context has no word lookup yet
+CAPTURE_FAMILIES = ("flux", "chroma", "qwen_image", "sd3")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -336,8 +336,7 @@ def test_other_nodes_refuse_flow_models_naming_the_family(flow):
     from inversion_chain.artifacts import naming
     from inversion_chain.model_info import check_supported
     name = FAMILY_CLASS[flow["family"]]
-    capture = () if flow["family"] != "sd3" else ("Attention Capture",)   # the others: test_flow_attention_maps.py
-    for node in ("RIVAL Align Sampler", "P2Plus Controller") + capture:
+    for node in ("RIVAL Align Sampler", "P2Plus Controller"):
         with pytest.raises(InversionChainError, match=f"^{node}: the model family '[^']*{name}[^']*' .*not supported "
                                                       f"yet"), naming(node):   # as the node contract runs them
             check_supported(flow["model"])

@@ -111,8 +111,46 @@ class QwenPromptTokens:
         return tokens_mod.qwen_locate_words(self.clip, self.text, [word], input_name)[word]
 
 
-def prompt_tokens_for(clip, prompt: str):
-    """The prompt's tokens in the stream the DiT reads: T5 (Flux, Chroma) or Qwen2.5 (Qwen-Image); None if neither."""
+@dataclass
+class SD3PromptTokens:
+    """SD3 / SD3.5's context: the CLIP window (77 tokens, start token first; CLIP-L and CLIP-G side by side in the
+    channels, so one position per token) and then the T5 stream. A word is found in both parts and its map sums
+    both parts' columns; labels say which part a token is from."""
+    clip: object
+    text: str
+    clip_ids: List[int]
+    t5: T5PromptTokens
+
+    @property
+    def ids(self) -> List[int]:
+        return self.clip_ids + self.t5.ids
+
+    def _clip_end(self) -> int:
+        return self.clip_ids.index(tokens_mod.END) if tokens_mod.END in self.clip_ids else len(self.clip_ids)
+
+    def meaningful(self) -> List[int]:
+        offset = len(self.clip_ids)
+        return list(range(1, self._clip_end())) + [offset + p for p in self.t5.meaningful()]
+
+    def labels(self) -> Dict[int, str]:
+        readable = tokens_mod.readable_tokens(self.clip, self.clip_ids[:self._clip_end()])
+        out = {p: f"{readable[p - 1]} (CLIP)" for p in range(1, self._clip_end()) if p - 1 < len(readable)}
+        offset = len(self.clip_ids)
+        out.update({offset + p: f"{label} (T5)" for p, label in self.t5.labels().items()})
+        return out
+
+    def locate(self, word: str, input_name: str) -> List[int]:
+        offset = len(self.clip_ids)
+        return (tokens_mod.locate_words(self.clip, self.text, [word], input_name)[word]
+                + [offset + p for p in self.t5.locate(word, input_name)])
+
+
+def prompt_tokens_for(clip, prompt: str, sd3: bool = False):
+    """The prompt's tokens in the stream the DiT reads: T5 (Flux, Chroma), CLIP then T5 (``sd3``: SD3 / SD3.5) or
+    Qwen2.5 (Qwen-Image); None if neither."""
+    if sd3 and tokens_mod.t5_tokenizer(clip) is not None:
+        return SD3PromptTokens(clip=clip, text=prompt, clip_ids=tokens_mod.token_ids(clip, prompt),
+                               t5=t5_prompt_tokens(clip, prompt))
     if tokens_mod.t5_tokenizer(clip) is not None:
         return t5_prompt_tokens(clip, prompt)
     if tokens_mod.qwen_tokenizer(clip) is not None:
