@@ -16,7 +16,7 @@ from ..attention.core import patching
 from ..optimize import null_text as null_text_lib
 from ..attention.core.context import UNCOND, CfgCheck, ContextPatch
 from ..attention.core import dit_layers
-from ..attention.editors.dit_p2p import DiTP2PlusOverride
+from ..attention.editors.dit_p2p import DiTP2PlusOverride, StartCheck
 from ..attention.editors.edit_plan import build_plan, build_t5_plan
 from ..attention.viewer import dit_capture
 from ..attention.core.layers import MAP_SIZE_AUTO, map_level, map_size_problem
@@ -297,6 +297,9 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
         to.get("optimized_attention_override"), blend, positions, dit_capture.SHAPE_KEY)
     patched.model_options["transformer_options"] = to
     patching.add_unet_wrapper(patched, dit_capture.shape_wrapper)
+    if inversion is not None:
+        patching.add_unet_wrapper(patched, lambda previous: StartCheck(inversion.chain[0], inversion.sigmas[0],
+                                                                       previous))
     if blend is not None:
         patching.add_post_cfg_function(patched, blend)
     if null_text is not None and null_text.method == "null-text":

@@ -346,8 +346,8 @@ def test_real_image_row_0_reconstructs_and_identical_prompts_give_identical_rows
     """Every window open over all steps, source = target: both rows are bit-identical and row 0 is the plain
     inversion's reconstruction (the stock one-row sampling from Inverted Noise) up to the override's float32
     attention; at cfg 1 it is the source latent (the round trip: < 1e-3 on Flux, plain inversion's on Chroma). A
-    word swap: row 0 still reconstructs, row 1 differs. Control: a start the rows are not given (the sampler's own
-    seed noise, KSampler add_noise on) misses the photo by far."""
+    word swap: row 0 still reconstructs, row 1 differs. Control: the rows from the sampler's own seed noise (KSampler
+    add_noise on, unpatched model) miss the reconstruction by far; on the controller's MODEL that start is refused."""
     import nodes
     f = real
     same = real_edit(f)
@@ -362,8 +362,12 @@ def test_real_image_row_0_reconstructs_and_identical_prompts_give_identical_rows
     with torch.inference_mode():
         model, positive, negative, latent, _ = ICP2PlusController().build(
             f["model"], f["clip"], SOURCE, SOURCE, "replace", 1.0, 1.0, 1.0, inversion=f["inv"])
-        seeded = nodes.common_ksampler(model, 0, REAL_STEPS, CFG[f["family"]], "euler", "simple", positive, negative,
-                                       latent)[0]["samples"]
+        seeded = nodes.common_ksampler(f["model"], 0, REAL_STEPS, CFG[f["family"]], "euler", "simple", positive,
+                                       negative, latent)[0]["samples"]
+        with pytest.raises(InversionChainError, match=r"the rows do not start at the inversion's latent .* the "
+                                                      r"sampler added its own noise.* Inverted Noise"):
+            nodes.common_ksampler(model, 0, REAL_STEPS, CFG[f["family"]], "euler", "simple", positive, negative,
+                                  latent)
     control = error(seeded[0], f["plain"][0])
     if f["family"] == "flux":   # the inversion's FluxGuidance value reaches both rows (the round trip needs it)
         assert all(float(torch.as_tensor(e[1]["guidance"])) == GUIDANCE for e in positive)
