@@ -10,11 +10,13 @@ import torch
 
 from .. import compat, conditioning
 from ..artifacts import InversionChainError, NullText, Style, node_name, user_text
-from ..model_info import check_supported, model_key, reads_pooled_output, require_inversion
+from ..model_info import (check_supported, model_key, reads_pooled_output, require_inversion,
+                          uncond_branch_problem)
 from ..attention.core import patching
+from ..optimize import null_text as null_text_lib
 from ..attention.core.context import UNCOND, CfgCheck, ContextPatch
 from ..attention.core import dit_layers
-from ..attention.editors.dit_p2p import DiTP2PlusOverride
+from ..attention.editors.dit_p2p import DiTP2PlusOverride, StartCheck
 from ..attention.editors.edit_plan import build_plan, build_t5_plan
 from ..attention.viewer import dit_capture
 from ..attention.core.layers import MAP_SIZE_AUTO, map_level, map_size_problem
@@ -191,21 +193,52 @@ def blend_positions(words, plan, positions_of, source_prompt: str, target_prompt
 
 
 def _starting_latent(model, inversion, latent, steps, scheduler, family):
-    """(Schedule, the 2-row LATENT) of a generated image on a flow model: zeros with ``batch_index`` [0, 0], so a
-    stock sampler with add_noise ON gives both rows the same noise (its seed's first row). A flow sampler at sigma 1
-    scales the LATENT by 1 - sigma = 0, so an x_T in the LATENT (add_noise off, as on UNets) would be lost."""
+    """(Schedule, the 2-row LATENT) on a flow model. A flow sampler at sigma 1 scales the LATENT by 1 - sigma = 0, so
+    an x_T in the LATENT with add_noise off (as on UNets) would be lost. Generated image: zeros with ``batch_index``
+    [0, 0], so a stock sampler with add_noise ON gives both rows the same noise (its seed's first row). Real image
+    (``inversion``): the inversion's x_T in both rows (LATENT space), its schedule; the sampler starts there from
+    Inverted Noise (one image's start tiled to the two rows) on SamplerCustomAdvanced."""
     if inversion is not None:
-        raise InversionChainError(
-            f"`inversion` (editing a real image) is not supported on {family} yet: a flow sampler at sigma 1 "
-            f"drops the LATENT (it scales it by 1 - sigma = 0), so both rows would need the inversion's x_T as a "
-            f"2-row NOISE, which this node does not output. On {DIT_FAMILIES} it edits generated images: disconnect "
-            f"`inversion`, connect `latent` and sample with add_noise on.")
+        require_inversion(model, inversion, allow_flow=True)
+        if inversion.latent_shape[0] != 1:
+            raise InversionChainError(f"the INVERSION holds {inversion.latent_shape[0]} images; edit one "
+                                      f"image at a time.")
+        x_t = compat.latent_out(model, inversion.chain[0].float().clone()).cpu()
+        return Schedule.of(inversion), {"samples": x_t.repeat(2, *([1] * (x_t.ndim - 1))).contiguous()}
     if latent is None or "samples" not in latent:
-        raise InversionChainError(f"connect `latent` (e.g. EmptySD3LatentImage: the size of the generated "
-                                  f"image); on {family} the noise comes from the sampler's seed (add_noise on).")
+        raise InversionChainError(f"connect `inversion` (edit a real image: sample from Inverted Noise) or `latent` "
+                                  f"(e.g. EmptySD3LatentImage: the size of the generated image); on {family} a "
+                                  f"generated image's noise comes from the sampler's seed (add_noise on).")
     sigmas = compat.calculate_sigmas(model, scheduler, steps)
     zeros = torch.zeros_like(latent["samples"][:1]).repeat(2, 1, 1, 1)
     return Schedule(sigmas, scheduler), {"samples": zeros, "batch_index": [0, 0]}
+
+
+def _dit_negative(model, clip, null_text, inversion, source, source_prompt):
+    """The 2-row negative of a DiT edit: the empty prompt; with a NULL_TEXT (true-CFG families only), the source
+    prompt (negative-prompt inversion) or the per-step optimised contexts as Null-Text Conditioning places them
+    (one entry per step, active around its sigma), each in both rows."""
+    if null_text is None:
+        uncond = _encode(clip, "")
+        return _conditioning([uncond, uncond], {})
+    problem = uncond_branch_problem(model, "null-text inversion")
+    if problem:
+        raise InversionChainError(f"`null_text`: {problem}")
+    null_text.check_inversion(inversion)   # its type: the node contract checked it
+    _require_source_prompt(null_text.positive, source, {}, source_prompt, "NULL_TEXT", "Null-Text Inversion",
+                           reads_pooled_output(model))
+    if null_text.method == "negative-prompt":
+        return _conditioning([source, source], {})
+    return [[t.repeat(2, *([1] * (t.ndim - 1))), extra] for t, extra in null_text_lib.as_conditioning(model, null_text)]
+
+
+def _carried(inversion) -> dict:
+    """What the edit's positive keeps from the inversion's besides the prompt: Flux-dev's FluxGuidance value (a
+    re-encoded prompt without it is read at ComfyUI's default guidance, and row 0 would stop reconstructing)."""
+    if inversion is None or not inversion.positive:
+        return {}
+    extra = inversion.positive[0][1]
+    return {"guidance": extra["guidance"]} if "guidance" in extra else {}
 
 
 def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
@@ -222,14 +255,11 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
         missing = compat.missing_feature_message(feature, node_name())
         if missing:
             raise InversionChainError(missing)
-    for name, value, why in (
-            ("null_text", null_text is not None, "null-text inversion"),
-            ("style", style is not None, "StyleDiffusion values")):
-        if value:
-            raise InversionChainError(
-                f"`{name}` ({why}) is not supported on {family} yet; on {DIT_FAMILIES} this node does "
-                f"replace, refine, reweight (cross/self/uncond-self windows) and local blend. Disconnect or clear "
-                f"`{name}`.")
+    if style is not None:
+        raise InversionChainError(
+            f"`style` (StyleDiffusion values) is not supported on {family} yet; on {DIT_FAMILIES} this node does "
+            f"replace, refine, reweight (cross/self/uncond-self windows), local blend, real images (`inversion`) and, "
+            f"on Chroma, `null_text`. Disconnect `style`.")
     check_percents(cross_replace_end_percent=cross_replace_end_percent,
                    self_replace_end_percent=self_replace_end_percent,
                    uncond_self_replace_end_percent=uncond_self_replace_end_percent,
@@ -249,9 +279,8 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
         raise InversionChainError(f"this CLIP encodes {source[0].shape[1]} text tokens for "
                                   f"{plan.mapper.numel()} T5 tokens; connect the CLIP of {family} (Flux: CLIP-L + "
                                   f"T5, Chroma: T5).")
-    uncond = _encode(clip, "")
-    positive = _conditioning([source, target], {})
-    negative = _conditioning([uncond, uncond], {})
+    positive = _conditioning([source, target], _carried(inversion))
+    negative = _dit_negative(model, clip, null_text, inversion, source, source_prompt)
     words, blend = parse_words(blend_words), None
     if words:
         src_pos, tgt_pos = blend_positions(words, plan, lambda ids, word: t5_word_positions(clip, ids, word),
@@ -268,11 +297,19 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
         to.get("optimized_attention_override"), blend, positions, dit_capture.SHAPE_KEY)
     patched.model_options["transformer_options"] = to
     patching.add_unet_wrapper(patched, dit_capture.shape_wrapper)
+    if inversion is not None:
+        patching.add_unet_wrapper(patched, lambda previous: StartCheck(inversion.chain[0], inversion.sigmas[0],
+                                                                       previous))
     if blend is not None:
         patching.add_post_cfg_function(patched, blend)
+    if null_text is not None and null_text.method == "null-text":
+        patching.add_post_cfg_function(patched, CfgCheck(null_text.cfg))
+    how = ("real image: sample from Inverted Noise (the same inversion) with SamplerCustomAdvanced on these sigmas, "
+           "sampler euler" if inversion is not None else "sample with add_noise ON (both rows get the sampler "
+                                                         "seed's noise)")
     description = (f"{plan.describe()} (T5 tokens, joint attention of {family}); {schedule.steps} steps "
                    f"({schedule.scheduler}); cross/self/uncond-self replace until {cross_replace_end_percent}/"
                    f"{self_replace_end_percent}/{uncond_self_replace_end_percent} of the steps"
-                   f"{'; local blend ' + ', '.join(words) if words else ''}; sample with add_noise ON (both rows "
-                   f"get the sampler seed's noise)")
+                   f"{'; local blend ' + ', '.join(words) if words else ''}"
+                   f"{'; ' + null_text.method + ' uncond' if null_text is not None else ''}; {how}")
     return Edit(patched, positive, negative, latent_out, schedule.sigmas.clone(), description)

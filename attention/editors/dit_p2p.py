@@ -227,3 +227,29 @@ class DiTP2PlusOverride(compat.PatchObject):
                                                   dtype=torch.long, device=device)
                                      for pos in self.blend.positions)
         return self._tiled[key]
+
+
+class StartCheck(compat.PatchObject):
+    """Model function wrapper of a real-image edit on a flow model: at the schedule's first sigma every row must be
+    the inversion's x_T (sampler space), as Inverted Noise starts it. A sampler that adds its own noise (KSampler,
+    RandomNoise) would otherwise generate a new image in both rows without a word; it is stopped naming the fix."""
+
+    def __init__(self, start: torch.Tensor, sigma0: float, previous=None):
+        self.start, self.sigma0, self.previous = start.float().cpu(), float(sigma0), previous
+        self.tolerance = 1e-4 * max(1.0, float(self.start.abs().max()))
+        self.node = node_name()
+
+    def __call__(self, apply_model, args):
+        x, sigma = args["input"], args["timestep"]
+        sigma = float(torch.as_tensor(sigma).flatten()[0])
+        if abs(sigma - self.sigma0) <= 1e-6 * max(1.0, self.sigma0):
+            miss = float((x.float().cpu() - self.start).abs().max())
+            if miss > self.tolerance:
+                raise named_error(
+                    f"{self.node}: the rows do not start at the inversion's latent (max difference {miss:.3g} at "
+                    f"sigma {sigma:.4g}): the sampler added its own noise. On flow models sample a real image with "
+                    f"SamplerCustomAdvanced, noise = Inverted Noise (the same INVERSION), this node's sigmas and "
+                    f"LATENT.")
+        if self.previous is not None:
+            return self.previous(apply_model, args)
+        return apply_model(x, args["timestep"], **args["c"])
