@@ -145,7 +145,7 @@ def test_rival_cached_reference_equals_the_in_batch_reference_or_refusal(f, stor
 
 
 # -- P2Plus Controller -------------------------------------------------------------------------------------------
-P2PLUS_FAMILIES = ("flux", "chroma")
+P2PLUS_FAMILIES = ("flux", "chroma", "qwen_image")
 
 
 def p2plus(f, target=SOURCE, **kw):
@@ -163,7 +163,7 @@ def test_p2plus_identical_prompts_give_identical_rows_or_refusal(f):
         # COORDINATOR: flip on merge of the P2Plus-on-Qwen-Image branch (this is today's refusal)
         with pytest.raises(InversionChainError, match=rf"^P2Plus Controller: the model family {family_pattern(f)} "
                                                       r"is not supported yet by this node; on rectified-flow models "
-                                                      r"it edits Flux .* and Chroma"):
+                                                      r"it edits Flux .*, Chroma and Qwen-Image"):
             p2plus(f, latent=latent, steps=STEPS, scheduler="simple")
         return
     import nodes
@@ -310,8 +310,6 @@ def test_stylediffusion_nodes_refuse_dit_families_saying_why(f, sd_style):
                                                           + WHY_NO_STYLE):
                 call()
     if f["family"] in P2PLUS_FAMILIES:
-        # COORDINATOR: pipelines/p2plus.py build_dit_edit could give attention.editors.style's
-        # joint_attention_has_no_value_input(family) for `style` (today: "not supported on ... yet")
-        with pytest.raises(InversionChainError, match=r"^P2Plus Controller: `style` \(StyleDiffusion values\) is not "
-                                                      rf"supported on {bare_family(f)} yet"):
+        with pytest.raises(InversionChainError, match=rf"^P2Plus Controller: `style`: the model family "
+                                                      rf"{family_pattern(f)} " + WHY_NO_STYLE):
             p2plus(f, latent={"samples": torch.zeros_like(f["latent"]["samples"])}, style=style)

@@ -175,6 +175,7 @@ class DiTP2PlusOverride(compat.PatchObject):
     def __call__(self, func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}
         q, k, v = args[0], args[1], args[2]
+        mask = args[4] if len(args) > 4 else kwargs.get("mask")   # Qwen-Image passes it positionally
         if not kwargs.get("skip_reshape") or q.dim() != 4 or to.get("block_type") not in ("double", "single"):
             return self._hand_on(func, args, kwargs)
         n = q.shape[2]
@@ -201,7 +202,7 @@ class DiTP2PlusOverride(compat.PatchObject):
         heads, maps = q.shape[1], None
         for src, tgt, edit in halves:
             edit = HalfEdit(edit.cross, edit.self_, eq if edit.equalizer is not None else None)
-            o = edited_rows(q, k, v, kwargs.get("mask"), text, src, tgt, edit, mapper, aligned,
+            o = edited_rows(q, k, v, mask, text, src, tgt, edit, mapper, aligned,
                             words=words if src == cond else None)
             if src == cond:
                 o, maps = o
@@ -209,7 +210,7 @@ class DiTP2PlusOverride(compat.PatchObject):
             out[[src, tgt]] = o.to(out.dtype)
         if record:
             if maps is None:     # the cond half is not edited in this call: its own probabilities
-                _o, maps = edited_rows(q, k, v, kwargs.get("mask"), text, cond, cond + 1,
+                _o, maps = edited_rows(q, k, v, mask, text, cond, cond + 1,
                                        HalfEdit(False, False, None), mapper, aligned, words=words)
             h, w = self._grid(to)
             position = self.block_positions.get((to["block_type"], int(to["block_index"])), 0)
