@@ -265,6 +265,7 @@ def saved_images(server, entry, graph) -> dict:
             for nid in nodes_of(graph, "SaveImage")}
 
 
+@pytest.mark.fast
 def test_flow_outputs_cover_the_flow_graphs():
     assert sorted(FLOW_OUTPUTS) == FLOW_NAMES
 
