@@ -406,6 +406,27 @@ TECHNIQUE_NOTES = {
         "prompt, and CFGGuider samples back at the same cfg 4 with the same prompts; Inverted Noise hands the "
         "inverted latent to SamplerCustomAdvanced (euler, DDIM Invert's sigmas). Keep the cfg, the prompts and "
         "the steps equal in both. Reconstruction error shows max/mean |latent difference| after a run."),
+    "kv_inject_edit_qwen": (
+        "KV Inject on Qwen-Image (mutual, the middle band of blocks).\n"
+        "The photo is inverted at true cfg 4 with the negative prompt, as in the reconstruction graph; its "
+        "inverted noise is sampled with a target prompt (CFGGuider, cfg 4) while the image tokens of the injected "
+        "blocks attend to the source's image-token keys/values from the first step. KV Inject gets the same "
+        "negative: each CFG half reads the source run with that half's prompt. start_layer -1 = blocks 15-44 "
+        "of 60 (no vital-layer list is published for Qwen-Image; docs/nodes.md says why this band); mode union "
+        "appends the source's tokens instead."),
+    "p2plus_edit_real_qwen": (
+        "Prompt-to-Prompt on a real photo on Qwen-Image (true cfg).\n"
+        "DDIM Invert at cfg 1 gives the photo's inverted latent; Null-Text Inversion in negative-prompt mode (no "
+        "optimisation: the source prompt becomes the negative) makes row 0 reconstruct at cfg 4; its method "
+        "null-text optimises the negative per step instead (slower, closer). P2Plus Controller returns a "
+        "two-row batch (row 0 the photo, row 1 the edit) over Qwen2.5 tokens; Inverted Noise starts both rows "
+        "and CFGGuider (cfg 4) samples them with the controller's prompts and sigmas."),
+    "attention_maps_qwen": (
+        "Attention maps on Qwen-Image.\n"
+        "Attention Capture records the joint attention of every block while SamplerCustomAdvanced runs "
+        "(img2img from your photo, denoise 0.8, CFGGuider cfg 4 with the negative prompt): image-to-text maps "
+        "per Qwen2.5 token (cross) and image self-attention at a 4x4 grid of query points (self). Every block "
+        "attends on one token grid (latent/2). Give it the prompts the sampler gets."),
     "attention_maps": (
         "Attention maps.\n"
         "Attention Capture records cross- and self-attention while the KSampler runs (img2img from your "

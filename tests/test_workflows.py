@@ -252,6 +252,10 @@ FLOW_OUTPUTS = {
                             "ic_attention_self": (1, None)},
     "ddim_invert_reconstruct_flux": {"ic_reconstruction": (1, "photo")},
     "ddim_invert_reconstruct_qwen": {"ic_reconstruction": (1, "photo")},
+    "kv_inject_edit_qwen": {"ic_kv_inject": (1, "photo")},
+    "p2plus_edit_real_qwen": {"ic_p2plus_edit": (2, "photo")},     # the photo's reconstruction and its edit
+    "attention_maps_qwen": {"ic_attention_result": (1, "photo"), "ic_attention_cross": (1, None),
+                            "ic_attention_self": (1, None)},
     "kv_inject_edit_flux": {"ic_kv_inject": (1, "photo")},
     "p2plus_edit_flux": {"ic_p2plus_edit": (2, "photo")},          # the source and the edited target
     "p2plus_edit_real_flux": {"ic_p2plus_edit": (2, "photo")},     # the photo's reconstruction and its edit
