@@ -61,17 +61,7 @@ def f(request):
                 negative=negative, empty=empty, sigmas=sigmas, inv=inv)
 
 
-def sample_back(f, model=None, positive=None, negative=None, cfg=1.0):
-    """The stock graph from the inversion's noise: Inverted Noise -> SamplerCustomAdvanced (CFGGuider, euler, DDIM
-    Invert's sigmas)."""
-    import comfy_extras.nodes_custom_sampler as ncs
-    model = model or f["model"]
-    with torch.inference_mode():
-        noise = ICInvertedNoise().noise(model, f["inv"])["result"][0]
-        guider = ncs.CFGGuider.execute(model, positive or f["positive"], negative or f["positive"], cfg).result[0]
-        sampler = ncs.KSamplerSelect.execute("euler").result[0]
-        empty = {"samples": torch.zeros_like(f["latent"]["samples"])}
-        return ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, f["sigmas"], empty).result[0]["samples"]
+sample_back = flow_models.sample_back
 
 
 def err(a, b):

@@ -15,7 +15,6 @@ from inversion_chain import compat
 from inversion_chain.artifacts import InversionChainError
 from inversion_chain.attention.core import dit_layers
 from inversion_chain.nodes.invert import ICDDIMInvert
-from inversion_chain.nodes.inverted_noise import ICInvertedNoise
 from inversion_chain.nodes.kv_inject import ICKVInject
 from inversion_chain.pipelines import kv_inject as pipeline
 from tests.harness.measure import measured
@@ -73,16 +72,7 @@ def flow(request):
                 same_length=same_length, sigmas=sigmas, inv=inv)
 
 
-def sample(f, model=None, positive=None, negative=None, cfg=1.0):
-    """The stock graph: Inverted Noise -> SamplerCustomAdvanced (CFGGuider, euler, DDIM Invert's sigmas)."""
-    import comfy_extras.nodes_custom_sampler as ncs
-    model = model or f["model"]
-    with torch.inference_mode():
-        noise = ICInvertedNoise().noise(model, f["inv"])["result"][0]
-        guider = ncs.CFGGuider.execute(model, positive or f["positive"], negative or f["positive"], cfg).result[0]
-        sampler = ncs.KSamplerSelect.execute("euler").result[0]
-        empty = {"samples": torch.zeros_like(f["latent"]["samples"])}
-        return ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, f["sigmas"], empty).result[0]["samples"]
+sample = flow_models.sample_back
 
 
 def error(a, b):

@@ -210,3 +210,18 @@ def load_family(family: str):
 def _more():
     from . import flow_models_more
     return flow_models_more
+
+
+def sample_back(f: dict, model=None, positive=None, negative=None, cfg: float = 1.0):
+    """The stock graph from an inversion's noise: Inverted Noise -> SamplerCustomAdvanced (CFGGuider at ``cfg``, euler,
+    DDIM Invert's sigmas, an empty latent of the source's shape). ``f``: the flow tests' fixture dict (model, inv,
+    positive, sigmas, latent); ``negative`` defaults to the positive (unused at cfg 1)."""
+    import comfy_extras.nodes_custom_sampler as ncs
+    from inversion_chain.nodes.inverted_noise import ICInvertedNoise
+    model = model or f["model"]
+    with torch.inference_mode():
+        noise = ICInvertedNoise().noise(model, f["inv"])["result"][0]
+        guider = ncs.CFGGuider.execute(model, positive or f["positive"], negative or f["positive"], cfg).result[0]
+        sampler = ncs.KSamplerSelect.execute("euler").result[0]
+        empty = {"samples": torch.zeros_like(f["latent"]["samples"])}
+        return ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, f["sigmas"], empty).result[0]["samples"]
