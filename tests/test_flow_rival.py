@@ -393,7 +393,7 @@ def test_sd35_is_refused_naming_the_hook_its_mmdit_lacks():
     """SD3.5 (flow_models_more.py's random-weight MMDiT, a real inversion): RIVAL refuses before sampling and says
     which hook ComfyUI's MMDiT lacks; the claims of the message are checked against this tree's MMDiT source, so the
     test fails (and RIVAL should be built there) once ComfyUI adds them."""
-    reason = flow_models.missing_feature(WHO, "sd3-models") or flow_models.missing_family("sd3")
+    reason = flow_models.missing_feature("RIVAL's SD3.5 refusal", "sd3-models") or flow_models.missing_family("sd3")
     if reason:
         pytest.skip(reason)
     import inspect
