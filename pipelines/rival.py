@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..artifacts import Inversion, InversionChainError, node_name, user_text
-from ..attention.core import dit_layers, patching
+from ..attention.core import dit_layers, mmdit_bridge, patching
 from ..attention.core.schedule import Schedule
 from ..attention.editors.dit_rival import DiTRival, DiTRivalKernelMask
 from ..attention.editors.rival import RivalAttentionEditor
@@ -30,7 +30,7 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
     ``reference_mode='cache'`` records the reference row once per inversion (and negative prompt) and keeps it out
     of the batch; ``'batch'`` runs it as row 0 of every step (the official code's layout). ``mask`` (a ComfyUI
     MASK, 1 = regenerate): example-based inpainting, see ``samplers/rival.py``. DiTs whose joint attention calls
-    ``attn1_patch`` (Flux, Chroma, Qwen-Image): ``rival_dit``."""
+    ``attn1_patch`` (Flux, Chroma, Qwen-Image; SD3.5 through the bridge): ``rival_dit``."""
     if compat.is_flow_family(compat.model_sampling(model)):
         return rival_dit(model, positive, negative, inversion, seed, batch_size, cfg, replace_end_percent,
                          normalize_end_percent, init, normalize, preview, reference_mode, mask)
@@ -94,30 +94,31 @@ def variations(model, m, source, inversion: Inversion, seed: int, batch_size: in
 def rival_dit(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float,
               replace_end_percent: float, normalize_end_percent: float, init: str, normalize: str, preview: bool,
               reference_mode: str, mask=None, steps=None):
-    """RIVAL on a DiT with joint attention (Flux, Chroma, Qwen-Image): the same loop (``sample_variations``:
+    """RIVAL on a DiT with joint attention (Flux, Chroma, Qwen-Image, SD3.5): the same loop (``sample_variations``:
     ComfyUI's Euler step in sigma space, which on these models moves along the predicted velocity), the cross-image
     attention as an ``attn1_patch`` in every joint-attention block (attention/editors/dit_rival.py; on Qwen-Image
-    with the kernel's mask set by an ``optimized_attention_override``). ``normalize='eps'`` normalises the
+    with the kernel's mask set by an ``optimized_attention_override``; SD3.5's MMDiT calls the patch through
+    attention/core/mmdit_bridge.py, which ``patching.add_attn1_patch`` installs). ``normalize='eps'`` normalises the
     sampler's direction ``(x - denoised) / sigma``: eps on eps-models (the official code), the velocity here.
     ``steps`` (tests): the steps the attention patch acts at, default all."""
     check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
                  allow_flow=True)
     family = compat.family_name(model)
-    refuse_mmdit(model, family)
     if not dit_layers.is_joint_attention_dit(model):
         raise InversionChainError(
             f"the model family '{family}' is not supported yet; among the rectified-flow families RIVAL runs "
-            f"on Flux, Chroma and Qwen-Image (their joint attention's attn1_patch).")
-    qwen = dit_layers.is_qwen_image(model)
-    for feature in ("dit-attention-patches",) + (("attention-override",) if qwen else ()):
+            f"on Flux, Chroma, Qwen-Image and SD3.5 (their joint attention's attn1_patch).")
+    qwen, mmdit = dit_layers.is_qwen_image(model), mmdit_bridge.is_mmdit(model)
+    for feature in ("dit-attention-patches",) + (("attention-override",) if qwen or mmdit else ()):
         missing = compat.missing_feature_message(feature, node_name())
         if missing:
             raise InversionChainError(missing)
     if not dit_layers.calls_attn1_patch(model):
+        # SD3 / SD3.5 reach the patches through the attention override (attention/core/mmdit_bridge.py)
+        feature = "attention-override" if mmdit else "dit-attention-patches"
         raise InversionChainError(
             f"this ComfyUI's {family} attention calls no attn1_patch, so RIVAL's cross-image attention cannot be "
-            f"set; update ComfyUI (the DiT attention patches exist from "
-            f"{compat.FEATURES['dit-attention-patches'][0]} on).")
+            f"set; update ComfyUI (the hook it needs exists from {compat.FEATURES[feature][0]} on).")
     if reference_mode not in REFERENCE_MODES:
         raise InversionChainError(f"unknown reference mode '{user_text(reference_mode)}'; use one of "
                                   f"{', '.join(REFERENCE_MODES)}.")
@@ -147,25 +148,6 @@ def rival_dit(model, positive, negative, inversion: Inversion, seed: int, batch_
         m.model_options["transformer_options"] = to
     return variations(model, m, source, inversion, seed, batch_size, init, region, pos, neg, cfg, schedule, normalize,
                       normalize_end, preview, oom_hint)
-
-
-MMDIT_MODULE = "comfy.ldm.modules.diffusionmodules.mmdit"
-
-
-def refuse_mmdit(model, family: str):
-    """SD3 / SD3.5 (ComfyUI's MMDiT, comfy/ldm/modules/diffusionmodules/mmdit.py): its joint attention calls no
-    ``attn1_patch`` and names no block (no ``block_index`` / ``img_slice`` in transformer_options). Its kernel call
-    does receive transformer_options (an ``optimized_attention_override`` reaches it, after q/k normalisation), but
-    without a block name the photo's keys cannot be recorded per block for the cache nor handed back to the same
-    block, and the text/image split would have to be inferred from lengths: not built."""
-    dm = dit_layers.diffusion_model_of(model)
-    if dm is not None and type(dm).__module__ == MMDIT_MODULE:
-        raise InversionChainError(
-            f"the model family '{family}' (SD3 / SD3.5, an MMDiT) is not supported yet: ComfyUI's MMDiT joint "
-            f"attention calls no attn1_patch (transformer_options['patches'] is never read in its blocks) and puts "
-            f"no block_index or img_slice in transformer_options, so RIVAL can neither hand a block the photo's image "
-            f"keys/values nor record them per block for the cache. RIVAL runs on Flux, Chroma and Qwen-Image, and on "
-            f"SD1.x/SD2.x/SDXL.")
 
 
 def dit_reference(model, inversion: Inversion, negative, blocks, tokens: int, branches: int):

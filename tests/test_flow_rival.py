@@ -1,13 +1,14 @@
 """RIVAL Align Sampler on DiTs with joint attention (Flux dev-style, Chroma, Qwen-Image): cross-image attention in every
 block through ComfyUI's attn1_patch (on Qwen-Image the kernel's mask through an optimized_attention_override), the
-variations' velocity (or latents) normalised to the photo's. SD3.5 is refused, naming the hook its MMDiT lacks.
+variations' velocity (or latents) normalised to the photo's; SD3.5's MMDiT calls the patch through the pack's
+bridge (attention/core/mmdit_bridge.py).
 
 The models are tests/harness/flow_models.py's random-weight layouts (Flux/Chroma: one double and one single block;
-Qwen-Image, from flow_models_more.py: two joint blocks) loaded through the stock loaders: the claims here are about
-exactness and plumbing (cache == batch, disabled == stock, the photo's row untouched, one block's attention against
-a hand computation), not about what RIVAL does to images (random weights cannot show that variations keep the photo's
-palette). On trees without a family or without the DiT attention patch every test skips and names the missing
-feature."""
+Qwen-Image and SD3.5, from flow_models_more.py: joint blocks only) loaded through the stock loaders: the claims here
+are about exactness and plumbing (cache == batch, disabled == stock, the photo's row untouched, one block's attention
+against a hand computation), not about what RIVAL does to images (random weights cannot show that variations keep
+the photo's palette). On trees without a family or without the DiT attention patch every test skips and names the
+missing feature."""
 import pytest
 import torch
 
@@ -24,18 +25,19 @@ SOURCE = "a photo of an astronaut"
 GUIDANCE = 3.5
 STEPS = 6
 PX = 128
-FAMILIES = ("flux", "chroma", "qwen_image")
-WHO = "RIVAL on Flux, Chroma and Qwen-Image"
-# as many tokens as SOURCE on Chroma (T5) and Qwen-Image (its Qwen2.5-VL tokenizer); Flux pads T5 to 256 anyway
+FAMILIES = ("flux", "chroma", "qwen_image", "sd3")
+WHO = "RIVAL on Flux, Chroma, Qwen-Image and SD3.5"
+# as many tokens as SOURCE on Chroma (T5), Qwen-Image (its Qwen2.5-VL tokenizer) and SD3.5 (CLIP padded to 77, then
+# T5); Flux pads T5 to 256 anyway
 NEGATIVE = "a photo of an animal"
-# guidance-distilled Flux samples at cfg 1; Chroma and Qwen-Image run true CFG (both halves)
-CFG = {"flux": 1.0, "chroma": 2.0, "qwen_image": 2.0}
+# guidance-distilled Flux samples at cfg 1; Chroma, Qwen-Image and SD3.5 run true CFG (both halves)
+CFG = {"flux": 1.0, "chroma": 2.0, "qwen_image": 2.0, "sd3": 2.0}
 
 
 def missing(family: str = "flux") -> str | None:
-    features = ("flux-models", "dit-attention-patches")
-    if family == "qwen_image":
-        features += ("qwen-image-models", "attention-override")
+    features = {"qwen_image": ("qwen-image-models", "attention-override"),
+                "sd3": ("sd3-models", "attention-override")}.get(family, ())
+    features = ("flux-models", "dit-attention-patches") + features
     return flow_models.missing_feature(WHO, *features) or flow_models.missing_family(family)
 
 
@@ -372,9 +374,11 @@ def test_the_run_leaves_nothing_on_the_model(flow, store):
 def test_inputs_are_checked(flow, store):
     with pytest.raises(InversionChainError, match="input `batch_size` got 0"):
         rival(flow, batch_size=0)
-    if flow["family"] != "flux":
-        longer = flow["encode"]("a blurry photo of an astronaut on the moon")
-        tokens = flow["positive"][0][0].shape[1]
+    longer = flow["encode"]("a blurry photo of an astronaut on the moon")
+    tokens = flow["positive"][0][0].shape[1]
+    if flow["family"] == "sd3":   # CLIP and T5 both padded to 77 tokens: any short prompt stacks with the source's
+        assert longer[0][0].shape == flow["positive"][0][0].shape
+    elif flow["family"] != "flux":
         with pytest.raises(InversionChainError, match=rf"reference_kv 'batch' runs the photo's row with the "
                                                       rf"inversion's prompt \({tokens} tokens\).*\(\d+ tokens\)"):
             with torch.inference_mode():
@@ -387,34 +391,6 @@ def test_inputs_are_checked(flow, store):
             with torch.inference_mode():
                 ICRIVALAlignSampler().sample(flow["model"], other, flow["negative"], flow["inv"], 0, 1, 1.0, 0.4,
                                              0.4, "permute", "eps", "batch")
-
-
-def test_sd35_is_refused_naming_the_hook_its_mmdit_lacks():
-    """SD3.5 (flow_models_more.py's random-weight MMDiT, a real inversion): RIVAL refuses before sampling and says
-    which hook ComfyUI's MMDiT lacks; the claims of the message are checked against this tree's MMDiT source, so the
-    test fails (and RIVAL should be built there) once ComfyUI adds them."""
-    reason = flow_models.missing_feature("RIVAL's SD3.5 refusal", "sd3-models") or flow_models.missing_family("sd3")
-    if reason:
-        pytest.skip(reason)
-    import inspect
-    import sys
-    model, vae = flow_models.load_model("sd3"), flow_models._more().load_vae("sd3")
-    # what the stock ConditioningZeroOut hands the model (zeros of its text and pooled widths): the refusal does not
-    # depend on the prompt, and SD3.5's three text encoders take most of this test's time to load
-    dm = model.model.diffusion_model
-    positive = [[torch.zeros(1, 77, dm.context_embedder.in_features),
-                 {"pooled_output": torch.zeros(1, dm.y_embedder.mlp[0].in_features)}]]
-    with torch.inference_mode():
-        latent = {"samples": vae.encode(photos.photo("astronaut", 64))}
-        _, _, inv = ICDDIMInvert().invert(model, latent, positive, 2, 1.0, 1, scheduler="simple")
-        with pytest.raises(InversionChainError) as err:
-            ICRIVALAlignSampler().sample(model, positive, positive, inv, 0, 1, 4.5, 0.4, 0.4, "permute", "eps", "cache")
-    text = str(err.value)
-    assert "'SD3" in text and "MMDiT" in text and "not supported yet" in text, text
-    assert "calls no attn1_patch" in text and "no block_index or img_slice" in text and "Qwen-Image" in text, text
-    source = inspect.getsource(sys.modules[pipeline.MMDIT_MODULE])
-    assert "attn1_patch" not in source and "block_index" not in source and "img_slice" not in source
-    assert '.get("patches", {})' not in source   # only patches_replace (whole blocks) is read
 
 
 @pytest.mark.fast
