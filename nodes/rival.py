@@ -51,9 +51,9 @@ class ICRIVALAlignSampler:
             "init": tip(list(INITS), "permute: a random spatial permutation of x_T per variation (keeps its "
                         "statistics); adain: fresh noise normalised to x_T; inverted: x_T itself (editing mode).",
                         default="permute"),
-            "normalize": tip(list(NORMALIZE), "eps: normalise the noise prediction (official code; on Flux / "
-                             "Chroma / Qwen-Image the predicted velocity, the sampler's step direction there); latent: "
-                             "normalise the latents (paper prose); off.", default="eps"),
+            "normalize": tip(list(NORMALIZE), "eps: normalise the noise prediction (official code; on the flow "
+                             "DiTs, Flux / Chroma / Qwen-Image / SD3.5, the predicted velocity, the sampler's step "
+                             "direction there); latent: normalise the latents (paper prose); off.", default="eps"),
         }, "optional": {
             "reference_kv": tip(list(REFERENCE_MODES), "cache: record the photo's keys/values once per "
                                 "inversion and negative prompt, then every run (new seeds) costs only the variations; "
