@@ -33,7 +33,7 @@ def check_supported(model_patcher, allow_flow: bool = False):
         raise InversionChainError(
             f"the model family '{family}' (a rectified-flow / DiT model) is not supported yet by this node; "
             f"so far DDIM Invert runs on every rectified-flow family, KV Inject and RIVAL on Flux, Chroma, "
-            f"Qwen-Image and SD3.5, P2Plus on Flux and Chroma, Attention Capture on Flux, "
+            f"Qwen-Image and SD3.5, P2Plus on Flux, Chroma and Qwen-Image, Attention Capture on Flux, "
             f"Chroma, Qwen-Image and SD3.5, Null-Text Inversion (sampled through Null-Text Conditioning) on "
             f"{TRUE_CFG_FLOW_NAMES}. Supported here: {SUPPORTED}.")
     if unet_of(model_patcher) is None:

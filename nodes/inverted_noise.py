@@ -12,14 +12,17 @@ class ICInvertedNoise:
                    "sampler euler or ddim, the sampler starts exactly at the inverted latent and reconstructs the "
                    "image. Flow models (Flux, Chroma) need it: at sigma 1 their samplers scale the LATENT by "
                    "1 - sigma = 0, so SamplerCustom with add_noise off would start from zeros. On SD models it "
-                   "matches SamplerCustom with add_noise off.")
+                   "matches SamplerCustom with add_noise off. A latent_image whose batch is k times the inversion's "
+                   "starts each block of rows at the inverted latents (P2Plus Controller's 2-row LATENT on a real "
+                   "image).")
     CATEGORY = CATEGORY + "/utils"
     FUNCTION = "noise"
     OUTPUT_NODE = True   # shows what it starts from; runs (and checks its inputs) even before it is wired
     RETURN_TYPES = ("NOISE",)
     RETURN_NAMES = ("noise",)
     OUTPUT_TOOLTIPS = ("Connect to SamplerCustomAdvanced's `noise`; its latent_image: the image's latent or an empty "
-                       "latent of the same size, its sigmas: DDIM Invert's `sigmas`.",)
+                       "latent of the same size (or a batch k times the inversion's, e.g. P2Plus Controller's "
+                       "LATENT), its sigmas: DDIM Invert's `sigmas`.",)
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -50,7 +50,8 @@ class ICKVInject:
                             "foreground queries attend only to the source's foreground keys, background to "
                             "background; the source's foreground from its cross-attention of `mask_words`, the "
                             "target's from its own cross-attention of `target_words` in the same step. "
-                            "Flux/Chroma/Qwen-Image: mutual only.",
+                            "Flux, Chroma, Qwen-Image, SD3.5: mutual or union (the source's image tokens appended "
+                            "to the joint sequence).",
                             default="mutual"),
             },
             "optional": {

@@ -76,9 +76,12 @@ class ICP2PlusController:
                                            "authors' null-text code: 0.2).", default=0.2, min=0.0, max=1.0,
                                            step=0.01),
                 "inversion": tip(INVERSION, "Real image: the source's DDIM inversion (one image, cfg 1). Its x_T "
-                                 "starts both rows and its schedule defines the steps."),
+                                 "starts both rows and its schedule defines the steps. Flux/Chroma: sample with "
+                                 "SamplerCustomAdvanced, noise from Inverted Noise (same inversion), this node's "
+                                 "sigmas and LATENT, sampler euler."),
                 "null_text": tip(NULL_TEXT, "From Null-Text Inversion on the same inversion: per-step "
-                                 "unconditional embeddings that make row 0 reconstruct the image under guidance."),
+                                 "unconditional embeddings that make row 0 reconstruct the image under guidance. SD "
+                                 "models and Chroma; not Flux (guidance-distilled: no unconditional branch)."),
                 "latent": tip("LATENT", "Generated image (no inversion): gives the size; the noise comes from "
                               "`seed`."),
                 "seed": tip("INT", "Generated image (no inversion): seed of the shared starting noise (SD models; on "
@@ -129,8 +132,8 @@ class ICNullTextInversion:
         "Makes CFG sampling retrace a real image's inversion: null-text inversion optimises one unconditional "
         "embedding per step (Adam, early stop as the paper); negative-prompt inversion uses the source prompt as "
         "the unconditional prompt (no cost). Feed the NULL_TEXT to P2Plus Controller with the same inversion (SD "
-        "models), or to Null-Text Conditioning for a stock sampler's negative (every family it runs on, including "
-        "Chroma, Qwen-Image and SD3.5).")
+        "models, Chroma), or to Null-Text Conditioning for a stock sampler's negative (every family it runs on, "
+        "including Chroma, Qwen-Image and SD3.5).")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = (NULL_TEXT,)

@@ -10,7 +10,7 @@ from ..attention.core import dit_layers, mmdit_bridge, patching
 from ..attention.core.layers import MAP_SIZE_AUTO, decoder_start, map_level, map_size_problem, select_layers
 from ..attention.core.schedule import check_percents, steps_within
 from ..attention.core.tokens import locate_words, parse_words
-from ..attention.editors.dit_kv_inject import DiTKVInject
+from ..attention.editors.dit_kv_inject import DIT_MODES, DiTKVInject
 from ..attention.editors.kv_inject import MODES, KVInjectEditor, TargetMapObserver, negative_check
 from ..attention.store.dit_reference import DiTRecorder, DiTReferenceKV, compute_dtype, image_tokens
 from ..attention.store import reference as reference_store
@@ -103,12 +103,11 @@ def build_dit(model, inversion, start_percent: float, start_layer: int, mode: st
             f"ComfyUI (the hook it needs exists from {compat.FEATURES[feature][0]} on).")
     if mode not in MODES:
         raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
-    if mode != "mutual":
+    if mode not in DIT_MODES:
         raise InversionChainError(
             f"mode '{user_text(mode)}' is not available on {family} yet; use mutual (the source's image-token "
-            f"K/V replace the target's, Stable Flow's injection). union would append the source's image tokens to the "
-            f"joint sequence with their own rotary positions, and masked needs the image-to-text attention maps of "
-            f"joint attention: neither is built for DiT models yet.")
+            f"K/V replace the target's, Stable Flow's injection) or union (appended to the joint sequence). masked "
+            f"needs masks from the image-to-text maps of joint attention, which are not wired to it yet.")
     blocks = dit_layers.enumerate_blocks(model)
     doubles, singles = dit_layers.depths(blocks)
     if not (start_layer == -1 or 0 <= start_layer < len(blocks)):
@@ -126,10 +125,10 @@ def build_dit(model, inversion, start_percent: float, start_layer: int, mode: st
                                   f"{inversion.steps} steps, so nothing would be injected; use a value below "
                                   f"{(inversion.steps - 1) / inversion.steps:g} (Stable Flow injects from the first "
                                   f"step: 0).")
-    return patch_dit(model, inversion, dit_layers.select_blocks(blocks, start_layer), steps, negative, cache)
+    return patch_dit(model, inversion, dit_layers.select_blocks(blocks, start_layer), steps, negative, cache, mode)
 
 
-def patch_dit(model, inversion, blocks, steps, negative=None, cache: str = "auto"):
+def patch_dit(model, inversion, blocks, steps, negative=None, cache: str = "auto", mode: str = "mutual"):
     """A ``model.clone()`` whose ``blocks`` take the source's image-token K/V at chain ``steps`` (cached in the one
     reference store, or recomputed next to each sampling call)."""
     branches = 1 if negative is None else 2
@@ -142,14 +141,15 @@ def patch_dit(model, inversion, blocks, steps, negative=None, cache: str = "auto
     key = conditioning.fingerprint(positive) + ("" if negative is None else conditioning.fingerprint(negative))
     # "partial": the first steps that fit the store's budget cached, the others recomputed next to their calls
     if reference.estimate_bytes() == 0:   # no block or no step chosen: nothing to record, the patch never acts
-        mode = "cache"
+        serving = "cache"
     else:
-        reference, mode = cached_steps(
+        reference, serving = cached_steps(
             "dit_kv_inject", model, reference, key, cache, lambda ref: ref.fill(model, latent, negative=negative),
             positive, negative, extra=(tuple(b.key for b in blocks),))
     patched = patching.add_attn1_patch(model.clone(), DiTRecorder())
-    patching.add_attn1_patch(patched, DiTKVInject(reference, blocks, steps, tokens))
-    return serve_reference(patched, model, reference, mode, positive, negative, latent,
+    patching.add_attn1_patch(patched, DiTKVInject(reference, blocks, steps, tokens, mode,
+                                                  text_mask=dit_layers.is_qwen_image(model)))
+    return serve_reference(patched, model, reference, serving, positive, negative, latent,
                            f"{len(blocks)} blocks x {branches} CFG half(s)")
 
 

@@ -10,19 +10,21 @@ import torch
 
 from .. import compat, conditioning
 from ..artifacts import InversionChainError, NullText, Style, node_name, user_text
-from ..model_info import check_supported, model_key, reads_pooled_output, require_inversion
+from ..model_info import (check_supported, model_key, reads_pooled_output, require_inversion,
+                          uncond_branch_problem)
 from ..attention.core import patching
+from ..optimize import null_text as null_text_lib
 from ..attention.core.context import UNCOND, CfgCheck, ContextPatch
 from ..attention.core import dit_layers
-from ..attention.editors.dit_p2p import DiTP2PlusOverride
-from ..attention.editors.edit_plan import build_plan, build_t5_plan
+from ..attention.editors.dit_p2p import DiTP2PlusOverride, StartCheck
+from ..attention.editors.edit_plan import build_plan, build_stream_plan
 from ..attention.viewer import dit_capture
 from ..attention.core.layers import MAP_SIZE_AUTO, map_level, map_size_problem
 from ..attention.editors.local_blend import LocalBlend
 from ..attention.editors.p2p import DEFAULT_SELF_MAX_RES, P2PlusEditor
 from ..attention.core.schedule import Schedule, check_percents
-from ..attention.editors.style import value_injection
-from ..attention.core.tokens import parse_words, t5_tokenizer, t5_word_positions, word_positions
+from ..attention.editors.style import joint_attention_has_no_value_input, value_injection
+from ..attention.core.tokens import QWEN_STREAM, T5_STREAM, parse_words, word_positions
 
 
 
@@ -172,7 +174,7 @@ def build_edit(model, clip, source_prompt: str, target_prompt: str, mode: str, c
     return Edit(patched, positive, negative, latent_out, schedule.sigmas.clone(), description)
 
 
-DIT_FAMILIES = "Flux (dev-style, guidance-distilled: cfg 1) and Chroma (true CFG)"
+DIT_FAMILIES = "Flux (dev-style, guidance-distilled: cfg 1), Chroma and Qwen-Image (true CFG)"
 
 
 def blend_positions(words, plan, positions_of, source_prompt: str, target_prompt: str, tokens: str = ""):
@@ -191,45 +193,74 @@ def blend_positions(words, plan, positions_of, source_prompt: str, target_prompt
 
 
 def _starting_latent(model, inversion, latent, steps, scheduler, family):
-    """(Schedule, the 2-row LATENT) of a generated image on a flow model: zeros with ``batch_index`` [0, 0], so a
-    stock sampler with add_noise ON gives both rows the same noise (its seed's first row). A flow sampler at sigma 1
-    scales the LATENT by 1 - sigma = 0, so an x_T in the LATENT (add_noise off, as on UNets) would be lost."""
+    """(Schedule, the 2-row LATENT) on a flow model. A flow sampler at sigma 1 scales the LATENT by 1 - sigma = 0, so
+    an x_T in the LATENT with add_noise off (as on UNets) would be lost. Generated image: zeros with ``batch_index``
+    [0, 0], so a stock sampler with add_noise ON gives both rows the same noise (its seed's first row). Real image
+    (``inversion``): the inversion's x_T in both rows (LATENT space), its schedule; the sampler starts there from
+    Inverted Noise (one image's start tiled to the two rows) on SamplerCustomAdvanced."""
     if inversion is not None:
-        raise InversionChainError(
-            f"`inversion` (editing a real image) is not supported on {family} yet: a flow sampler at sigma 1 "
-            f"drops the LATENT (it scales it by 1 - sigma = 0), so both rows would need the inversion's x_T as a "
-            f"2-row NOISE, which this node does not output. On {DIT_FAMILIES} it edits generated images: disconnect "
-            f"`inversion`, connect `latent` and sample with add_noise on.")
+        require_inversion(model, inversion, allow_flow=True)
+        if inversion.latent_shape[0] != 1:
+            raise InversionChainError(f"the INVERSION holds {inversion.latent_shape[0]} images; edit one "
+                                      f"image at a time.")
+        x_t = compat.latent_out(model, inversion.chain[0].float().clone()).cpu()
+        return Schedule.of(inversion), {"samples": x_t.repeat(2, *([1] * (x_t.ndim - 1))).contiguous()}
     if latent is None or "samples" not in latent:
-        raise InversionChainError(f"connect `latent` (e.g. EmptySD3LatentImage: the size of the generated "
-                                  f"image); on {family} the noise comes from the sampler's seed (add_noise on).")
+        raise InversionChainError(f"connect `inversion` (edit a real image: sample from Inverted Noise) or `latent` "
+                                  f"(e.g. EmptySD3LatentImage: the size of the generated image); on {family} a "
+                                  f"generated image's noise comes from the sampler's seed (add_noise on).")
     sigmas = compat.calculate_sigmas(model, scheduler, steps)
-    zeros = torch.zeros_like(latent["samples"][:1]).repeat(2, 1, 1, 1)
+    first = latent["samples"][:1]
+    zeros = torch.zeros_like(first).repeat(2, *([1] * (first.ndim - 1)))
     return Schedule(sigmas, scheduler), {"samples": zeros, "batch_index": [0, 0]}
+
+
+def _dit_negative(model, clip, null_text, inversion, source, source_prompt):
+    """The 2-row negative of a DiT edit: the empty prompt; with a NULL_TEXT (true-CFG families only), the source
+    prompt (negative-prompt inversion) or the per-step optimised contexts as Null-Text Conditioning places them
+    (one entry per step, active around its sigma), each in both rows."""
+    if null_text is None:
+        uncond = _encode(clip, "")
+        return _conditioning([uncond, uncond], {})
+    problem = uncond_branch_problem(model, "null-text inversion")
+    if problem:
+        raise InversionChainError(f"`null_text`: {problem}")
+    null_text.check_inversion(inversion)   # its type: the node contract checked it
+    _require_source_prompt(null_text.positive, source, {}, source_prompt, "NULL_TEXT", "Null-Text Inversion",
+                           reads_pooled_output(model))
+    if null_text.method == "negative-prompt":
+        return _conditioning([source, source], {})
+    return [[t.repeat(2, *([1] * (t.ndim - 1))), extra] for t, extra in null_text_lib.as_conditioning(model, null_text)]
+
+
+def _carried(inversion) -> dict:
+    """What the edit's positive keeps from the inversion's besides the prompt: Flux-dev's FluxGuidance value (a
+    re-encoded prompt without it is read at ComfyUI's default guidance, and row 0 would stop reconstructing)."""
+    if inversion is None or not inversion.positive:
+        return {}
+    extra = inversion.positive[0][1]
+    return {"guidance": extra["guidance"]} if "guidance" in extra else {}
 
 
 def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replace_end_percent,
                    self_replace_end_percent, uncond_self_replace_end_percent, reweight, blend_words,
                    blend_threshold, blend_start_percent, inversion, null_text, latent, seed, steps, scheduler,
                    self_replace_max_res, style, blend_map_size=MAP_SIZE_AUTO) -> Edit:
-    """Prompt-to-Prompt / P2Plus on a Flux-layout DiT: the edit plan over T5 tokens, applied to the joint
-    attention's image-to-text probabilities by an ``optimized_attention_override`` (attention/editors/dit_p2p.py)."""
+    """Prompt-to-Prompt / P2Plus on a Flux-layout DiT or Qwen-Image: the edit plan over the text tokens the DiT reads
+    (T5, Qwen2.5), applied to the joint attention's image-to-text probabilities by an
+    ``optimized_attention_override`` (attention/editors/dit_p2p.py)."""
     family = compat.family_name(model)
-    if not dit_layers.is_flux_layout(model):
+    qwen = dit_layers.is_qwen_image(model)
+    if not (dit_layers.is_flux_layout(model) or qwen):
         raise InversionChainError(f"the model family '{family}' is not supported yet by this node; on "
                                   f"rectified-flow models it edits {DIT_FAMILIES}, and SD1.x, SD2.x, SDXL.")
+    stream = QWEN_STREAM if qwen else T5_STREAM
     for feature in ("dit-attention-patches", "attention-override"):
         missing = compat.missing_feature_message(feature, node_name())
         if missing:
             raise InversionChainError(missing)
-    for name, value, why in (
-            ("null_text", null_text is not None, "null-text inversion"),
-            ("style", style is not None, "StyleDiffusion values")):
-        if value:
-            raise InversionChainError(
-                f"`{name}` ({why}) is not supported on {family} yet; on {DIT_FAMILIES} this node does "
-                f"replace, refine, reweight (cross/self/uncond-self windows) and local blend. Disconnect or clear "
-                f"`{name}`.")
+    if style is not None:
+        raise InversionChainError(f"`style`: {joint_attention_has_no_value_input(family)} Disconnect `style`.")
     check_percents(cross_replace_end_percent=cross_replace_end_percent,
                    self_replace_end_percent=self_replace_end_percent,
                    uncond_self_replace_end_percent=uncond_self_replace_end_percent,
@@ -238,24 +269,23 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
         raise InversionChainError(f"`blend_map_size` '{user_text(blend_map_size)}': every block of {family} attends on "
                                   f"one token grid (latent/2), so the blend mask has no other size to read; set it to "
                                   f"{MAP_SIZE_AUTO}.")
-    if t5_tokenizer(clip) is None:
-        raise InversionChainError(f"{family} reads the prompts as T5 tokens, and this `clip` has no T5 "
-                                  f"tokenizer; connect the CLIP that encodes its prompts (Flux: CLIP-L + T5, "
-                                  f"Chroma: T5).")
-    plan = build_t5_plan(clip, source_prompt, target_prompt, mode, reweight)
+    if stream.tokenizer(clip) is None:
+        raise InversionChainError(f"{family} reads the prompts as {stream.name} tokens, and this `clip` has no "
+                                  f"{stream.name} tokenizer; connect the CLIP that encodes its prompts (Flux: CLIP-L "
+                                  f"+ T5, Chroma: T5, Qwen-Image: Qwen2.5-VL).")
+    plan = build_stream_plan(clip, stream, source_prompt, target_prompt, mode, reweight)
     schedule, latent_out = _starting_latent(model, inversion, latent, steps, scheduler, family)
     source, target = _encode(clip, source_prompt), _encode(clip, target_prompt)
     if source[0].shape[1] != plan.mapper.numel():
         raise InversionChainError(f"this CLIP encodes {source[0].shape[1]} text tokens for "
-                                  f"{plan.mapper.numel()} T5 tokens; connect the CLIP of {family} (Flux: CLIP-L + "
-                                  f"T5, Chroma: T5).")
-    uncond = _encode(clip, "")
-    positive = _conditioning([source, target], {})
-    negative = _conditioning([uncond, uncond], {})
+                                  f"{plan.mapper.numel()} {stream.name} tokens; connect the CLIP of {family} "
+                                  f"(Flux: CLIP-L + T5, Chroma: T5, Qwen-Image: Qwen2.5-VL).")
+    positive = _conditioning([source, target], _carried(inversion))
+    negative = _dit_negative(model, clip, null_text, inversion, source, source_prompt)
     words, blend = parse_words(blend_words), None
     if words:
-        src_pos, tgt_pos = blend_positions(words, plan, lambda ids, word: t5_word_positions(clip, ids, word),
-                                           source_prompt, target_prompt, " (as T5 tokens)")
+        src_pos, tgt_pos = blend_positions(words, plan, lambda ids, word: stream.word_positions(clip, ids, word),
+                                           source_prompt, target_prompt, f" (as {stream.name} tokens)")
         blend = LocalBlend(sorted(set(src_pos)), sorted(set(tgt_pos)), blend_threshold, blend_start_percent, 0,
                            schedule)
     patched = model.clone()
@@ -268,11 +298,19 @@ def build_dit_edit(model, clip, source_prompt, target_prompt, mode, cross_replac
         to.get("optimized_attention_override"), blend, positions, dit_capture.SHAPE_KEY)
     patched.model_options["transformer_options"] = to
     patching.add_unet_wrapper(patched, dit_capture.shape_wrapper)
+    if inversion is not None:
+        patching.add_unet_wrapper(patched, lambda previous: StartCheck(inversion.chain[0], inversion.sigmas[0],
+                                                                       previous))
     if blend is not None:
         patching.add_post_cfg_function(patched, blend)
-    description = (f"{plan.describe()} (T5 tokens, joint attention of {family}); {schedule.steps} steps "
+    if null_text is not None and null_text.method == "null-text":
+        patching.add_post_cfg_function(patched, CfgCheck(null_text.cfg))
+    how = ("real image: sample from Inverted Noise (the same inversion) with SamplerCustomAdvanced on these sigmas, "
+           "sampler euler" if inversion is not None else "sample with add_noise ON (both rows get the sampler "
+                                                         "seed's noise)")
+    description = (f"{plan.describe()} ({stream.name} tokens, joint attention of {family}); {schedule.steps} steps "
                    f"({schedule.scheduler}); cross/self/uncond-self replace until {cross_replace_end_percent}/"
                    f"{self_replace_end_percent}/{uncond_self_replace_end_percent} of the steps"
-                   f"{'; local blend ' + ', '.join(words) if words else ''}; sample with add_noise ON (both rows "
-                   f"get the sampler seed's noise)")
+                   f"{'; local blend ' + ', '.join(words) if words else ''}"
+                   f"{'; ' + null_text.method + ' uncond' if null_text is not None else ''}; {how}")
     return Edit(patched, positive, negative, latent_out, schedule.sigmas.clone(), description)

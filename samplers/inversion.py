@@ -141,7 +141,10 @@ class InvertedNoise(compat.PatchObject):
     """A NOISE for SamplerCustomAdvanced (``seed``, ``generate_noise(latent)``) that starts the sampler exactly at
     the inversion's first latent, whatever LATENT the sampler is given (compat.noise_for_start). Flow models need it:
     at sigma 1 their sampler scales the LATENT by 1 - sigma = 0, so SamplerCustom with add_noise off starts from
-    zeros there; on eps / v models it is equivalent to SamplerCustom with add_noise off."""
+    zeros there; on eps / v models it is equivalent to SamplerCustom with add_noise off. A LATENT whose batch is k
+    times the inversion's starts every block of its rows at the inversion's latents (tiled, as ComfyUI repeats a
+    conditioning to the batch): P2Plus Controller's 2-row LATENT (row 0 source, row 1 edit) from a 1-image
+    inversion."""
 
     def __init__(self, model_patcher, inversion: Inversion):
         self.model, self.inversion, self.node, self.seed = model_patcher, inversion, node_name(), 0
@@ -149,9 +152,15 @@ class InvertedNoise(compat.PatchObject):
     def generate_noise(self, input_latent):
         samples = input_latent["samples"]
         inv = self.inversion
-        if tuple(samples.shape) != tuple(inv.latent_shape):
-            raise named_error(f"{self.node}: SamplerCustomAdvanced's latent_image is {tuple(samples.shape)} "
-                                      f"but the inversion was made for {tuple(inv.latent_shape)}. Give it a latent of "
-                                      f"that size (the inverted image's latent, or an empty latent).")
-        noise = compat.noise_for_start(self.model, inv.chain[0], inv.sigmas, samples.float().cpu())
+        shape, made = tuple(samples.shape), tuple(inv.latent_shape)
+        if shape[1:] != made[1:] or shape[0] % made[0]:
+            raise named_error(f"{self.node}: SamplerCustomAdvanced's latent_image is {shape} but the inversion was "
+                              f"made for {made}. Give it a latent of that size (the inverted image's latent, or an "
+                              f"empty latent) or one whose batch is a multiple of {made[0]} with the same "
+                              f"channels and size (e.g. P2Plus Controller's LATENT: each block of {made[0]} rows "
+                              f"starts at the inversion's latents).")
+        start = inv.chain[0]
+        if shape[0] != made[0]:
+            start = start.repeat(shape[0] // made[0], *([1] * (start.ndim - 1)))
+        noise = compat.noise_for_start(self.model, start, inv.sigmas, samples.float().cpu())
         return noise.to(samples.device, samples.dtype)

@@ -381,6 +381,16 @@ TECHNIQUE_NOTES = {
         "blend_words keeps the rest of the image unchanged. Its LATENT is zeros with batch_index [0, 0]: "
         "sample it with add_noise ON (RandomNoise here; KSampler works too), so both rows start from the "
         "seed's noise. cfg 1 (BasicGuider) with FluxGuidance 3.5; the sampler uses the controller's sigmas."),
+    "p2plus_edit_real_flux": (
+        "Prompt-to-Prompt on a real photo on FLUX.1-dev.\n"
+        "DDIM Invert (cfg 1, FluxGuidance 3.5) gives the photo's inverted latent; P2Plus Controller with that "
+        "inversion returns a two-row batch (row 0 reconstructs the photo, row 1 is the edit) whose LATENT is the "
+        "inverted latent twice, the inversion's sigmas and a positive that keeps its FluxGuidance. A flow "
+        "sampler drops the LATENT at sigma 1, so Inverted Noise starts both rows (it tiles the one-image start "
+        "over the two rows): sample with SamplerCustomAdvanced, euler, the controller's sigmas, cfg 1 "
+        "(BasicGuider). A KSampler or RandomNoise would add its own noise: the controller stops that run. Flux "
+        "has no unconditional branch, so no null-text here (Chroma takes one). Edit the prompts on the "
+        "controller (refine: prompts of different T5 lengths)."),
     "attention_maps_flux": (
         "Attention maps on FLUX.1-dev.\n"
         "Attention Capture records the joint attention of every double and single block while "

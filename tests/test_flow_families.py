@@ -139,7 +139,7 @@ def test_rival_cached_reference_equals_the_in_batch_reference_or_refusal(f, stor
 
 
 # -- P2Plus Controller -------------------------------------------------------------------------------------------
-P2PLUS_FAMILIES = ("flux", "chroma")
+P2PLUS_FAMILIES = ("flux", "chroma", "qwen_image")
 
 
 def p2plus(f, target=SOURCE, **kw):
@@ -149,14 +149,15 @@ def p2plus(f, target=SOURCE, **kw):
 
 def test_p2plus_identical_prompts_give_identical_rows_or_refusal(f):
     """On Flux and Chroma the controller edits generated images (add_noise on, the seed's noise in both rows):
-    identical prompts with every window open give identical rows bit for bit; a real image's `inversion` is refused
-    naming why (`style`: the StyleDiffusion test below). Elsewhere the family is refused."""
+    identical prompts with every window open give identical rows bit for bit, and on a real image (`inversion`, sampled
+    from Inverted Noise) row 0 is the plain reconstruction (`style`: the StyleDiffusion test below). Elsewhere the
+    family is refused."""
     latent = {"samples": torch.zeros_like(f["latent"]["samples"])}
     if f["family"] not in P2PLUS_FAMILIES:
         # COORDINATOR: flip on merge of the P2Plus-on-Qwen-Image branch (this is today's refusal)
         with pytest.raises(InversionChainError, match=rf"^P2Plus Controller: the model family {family_pattern(f)} "
                                                       r"is not supported yet by this node; on rectified-flow models "
-                                                      r"it edits Flux .* and Chroma"):
+                                                      r"it edits Flux .*, Chroma and Qwen-Image"):
             p2plus(f, latent=latent, steps=STEPS, scheduler="simple")
         return
     import nodes
@@ -165,11 +166,19 @@ def test_p2plus_identical_prompts_give_identical_rows_or_refusal(f):
     with torch.inference_mode():
         out = nodes.common_ksampler(model, 0, STEPS, cfg, "euler", "simple", positive, negative, rows)[0]["samples"]
     assert torch.equal(out[0], out[1])
-    # COORDINATOR: flip on merge of the P2Plus-on-real-images branch (today: `inversion` refused)
-    with pytest.raises(InversionChainError, match=r"^P2Plus Controller: `inversion` \(editing a real image\) is not "
-                                                  rf"supported on {bare_family(f)} yet: a flow sampler at sigma 1 "
-                                                  r"drops the LATENT"):
-        p2plus(f, inversion=f["inv"])
+    # a real image (the controller given the inversion): both rows start at the inverted latent (Inverted Noise over
+    # the controller's 2-row LATENT); identical prompts: identical rows, row 0 the plain reconstruction
+    import comfy_extras.nodes_custom_sampler as ncs
+    model, positive, negative, rows, sigmas = p2plus(f, inversion=f["inv"])
+    with torch.inference_mode():
+        noise = ICInvertedNoise().noise(f["model"], f["inv"])["result"][0]
+        guider = ncs.CFGGuider.execute(model, positive, negative, cfg).result[0]
+        sampler = ncs.KSamplerSelect.execute("euler").result[0]
+        real = ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, rows).result[0]["samples"]
+    plain = sample_back(f, negative=negative[:1] if cfg > 1 else None, cfg=cfg)
+    measured(f"{f['family']}: P2Plus on the inverted photo, identical prompts: row 0 vs the plain reconstruction "
+             f"{err(real[0], plain[0]):.2e}")
+    assert torch.equal(real[0], real[1]) and err(real[0], plain[0]) < 1e-3
 
 
 # -- Null-Text Inversion (sampled through Null-Text Conditioning) --------------------------------------------------
@@ -295,8 +304,6 @@ def test_stylediffusion_nodes_refuse_dit_families_saying_why(f, sd_style):
                                                           + WHY_NO_STYLE):
                 call()
     if f["family"] in P2PLUS_FAMILIES:
-        # COORDINATOR: pipelines/p2plus.py build_dit_edit could give attention.editors.style's
-        # joint_attention_has_no_value_input(family) for `style` (today: "not supported on ... yet")
-        with pytest.raises(InversionChainError, match=r"^P2Plus Controller: `style` \(StyleDiffusion values\) is not "
-                                                      rf"supported on {bare_family(f)} yet"):
+        with pytest.raises(InversionChainError, match=rf"^P2Plus Controller: `style`: the model family "
+                                                      rf"{family_pattern(f)} " + WHY_NO_STYLE):
             p2plus(f, latent={"samples": torch.zeros_like(f["latent"]["samples"])}, style=style)

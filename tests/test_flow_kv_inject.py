@@ -6,6 +6,8 @@ The models are tests/harness/flow_models.py's random-weight layouts (Flux/Chroma
 Qwen-Image, from flow_models_more.py: two joint blocks, a real negative) loaded through the stock loaders; claims
 here are about exactness and plumbing, not semantics. On trees without a family or without the DiT attention patch
 every test skips and names the missing feature."""
+import math
+
 import pytest
 import torch
 
@@ -106,28 +108,71 @@ def test_at_the_chain_latents_the_patched_model_predicts_bit_identically(flow, s
     values the block computes, so the prediction is the stock one bit for bit (recorded and injected at the same
     hook, before RoPE, the injected keys are rotated once, as the block's own: a record taken after the rotation
     would be rotated twice and show here)."""
-    import comfy.samplers
-    inv, patched = flow["inv"], inject(flow)
-    for model in (flow["model"], patched):
-        model.model.current_patcher = model
-    outs = {}
-    for name, model in (("stock", flow["model"]), ("patched", patched)):
-        guider = comfy.samplers.CFGGuider(model)
-        guider.set_conds(flow["positive"], flow["positive"])
-        guider.set_cfg(1.0)
-        calls = []
+    assert torch.equal(chain_predictions(flow, flow["model"]), chain_predictions(flow, inject(flow)))
 
-        def run(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-            for i in range(inv.steps):
-                x_i = inv.latent_at(i, x.device, x.dtype)
-                calls.append(model_k(x_i, x_i.new_ones([1]) * float(inv.sigmas[i]), **(extra_args or {})))
-            return x
 
-        with torch.inference_mode():
-            compat.sample_with_function(model, run, inv.sigmas, flow["positive"], flow["positive"], 1.0,
-                                        torch.zeros_like(flow["latent"]["samples"]))
-        outs[name] = torch.stack(calls)
-    assert torch.equal(outs["stock"], outs["patched"])
+def chain_predictions(flow, model):
+    """The model's predictions (cfg 1, the source prompt) at the inversion's chain latents, one per step."""
+    inv, calls = flow["inv"], []
+    model.model.current_patcher = model
+
+    def run(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        for i in range(inv.steps):
+            x_i = inv.latent_at(i, x.device, x.dtype)
+            calls.append(model_k(x_i, x_i.new_ones([1]) * float(inv.sigmas[i]), **(extra_args or {})))
+        return x
+
+    with torch.inference_mode():
+        compat.sample_with_function(model, run, inv.sigmas, flow["positive"], flow["positive"], 1.0,
+                                    torch.zeros_like(flow["latent"]["samples"]))
+    return torch.stack(calls)
+
+
+def own_image_keys_appended(block):
+    """Qwen-Image's oracle (its attention takes no mask back from a patch): in ``block`` the block's own image K/V
+    and their rotary rows appended, what union appends at the chain latents."""
+    def patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        if (extra_options["block_type"], extra_options["block_index"]) != block.key:
+            return {}
+        s0, s1 = extra_options["img_slice"]
+        return {"k": torch.cat([k, k[:, :, s0:s1]], 2), "v": torch.cat([v, v[:, :, s0:s1]], 2),
+                "pe": torch.cat([pe, pe[:, :, s0:s1]], 2)}
+    return patch
+
+
+def doubled_image_keys(block):
+    """The oracle of union in ``block`` at the chain latents: there every image key's logit raised by log 2 (two
+    equal copies of a key weigh as one with twice its exponent), as an additive mask; nothing appended."""
+    def patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        if (extra_options["block_type"], extra_options["block_index"]) != block.key:
+            return {}
+        s0, s1 = extra_options["img_slice"]
+        bias = torch.zeros(k.shape[0], 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+        bias[..., s0:s1] = math.log(2.0)
+        base = dit_layers.additive_mask(attn_mask, q.device, q.dtype)
+        return {"attn_mask": bias if base is None else base + bias}
+    return patch
+
+
+def test_union_at_the_chain_latents_equals_attention_with_doubled_image_keys(flow, store):
+    """union appends the source's image K/V (with their own rotary rows) to the joint sequence. In the last block,
+    at the chain latents, they equal the target's own (every earlier block is stock, as in the source's pass), so
+    each image key appears twice: the attention of an independent patch that raises every image key's logit by
+    log 2 there instead. (In later blocks union's own changes to the hidden state make the two differ, as intended.)
+    Qwen-Image's attention takes no mask back from a patch: there the oracle appends the block's own image K/V, which
+    checks the recorded source but not the append itself. Control: the stock prediction differs far more."""
+    from inversion_chain.attention.core import patching
+    last = dit_layers.enumerate_blocks(flow["model"])[-1]
+    with torch.inference_mode():
+        union = ICKVInject().patch(flow["model"], flow["inv"], 0.0, last.position, "union")[0]
+    got = chain_predictions(flow, union)
+    oracle = own_image_keys_appended if flow["family"] == "qwen_image" else doubled_image_keys
+    want = chain_predictions(flow, patching.add_attn1_patch(flow["model"].clone(), oracle(last)))
+    stock = chain_predictions(flow, flow["model"])
+    err, moved = error(got, want), error(stock, want)
+    measured(f"{flow['family']}: union in {last.describe()} vs doubled image keys at the chain latents {err:.2e}; "
+             f"stock vs them {moved:.2e}")
+    assert err < 1e-4 and moved > 100 * err
 
 
 def test_no_blocks_or_no_steps_is_bit_identical_to_stock_sampling(flow, store):
@@ -306,10 +351,9 @@ def test_inputs_are_checked_with_the_family_range(flow, store):
         where = r"0\.\.0 the double blocks, 1\.\.1 the single blocks \(valid: 0\.\.1\), or -1 for Stable Flow"
     with pytest.raises(InversionChainError, match=r"start_layer 2 is outside this .*2 blocks.*" + where):
         inject(flow, start_layer=2)
-    for mode in ("union", "masked"):   # issue 25 item 9: refused by name, not silently run as mutual
-        with pytest.raises(InversionChainError, match=f"mode '{mode}' is not available on .*use mutual"):
-            with torch.inference_mode():
-                ICKVInject().patch(flow["model"], flow["inv"], 0.0, 0, mode)
+    with pytest.raises(InversionChainError, match="mode 'masked' is not available on .*use mutual .* or union"):
+        with torch.inference_mode():   # refused by name, not silently run as mutual
+            ICKVInject().patch(flow["model"], flow["inv"], 0.0, 0, "masked")
 
 
 @pytest.mark.fast

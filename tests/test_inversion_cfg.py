@@ -9,6 +9,7 @@ import comfy.samplers
 
 from inversion_chain.nodes.invert import DEFAULT_REFINE_ITERS, ICDDIMInvert
 from inversion_chain.samplers.inversion import DEFAULT_TOLERANCE
+from tests.harness.measure import measured
 
 TARGET = 1e-3   # issue 25: round trip, LATENT max abs, for inversion_cfg > 1 too
 
@@ -31,6 +32,8 @@ def test_guided_inversion_round_trip_within_the_bound(family, family_model, fami
     positive, negative = family_encode(clip, "a photo of an astronaut"), family_encode(clip, "")
     exact, inv = round_trip(model, family_latent, positive, negative, cfg, steps, DEFAULT_REFINE_ITERS)
     naive, _ = round_trip(model, family_latent, positive, negative, cfg, steps, 0)
+    measured(f"{family} cfg {cfg}, {steps} steps: round trip {exact:.3e} at {inv.unet_calls / steps:.2f} calls/step, "
+             f"naive {naive:.3e}")
     assert inv.cfg == cfg and inv.negative is negative
     assert exact < TARGET, f"{family} cfg {cfg}, {steps} steps: round trip {exact:.3e}"
     assert naive > 10 * TARGET, f"{family} cfg {cfg}: the naive inversion's {naive:.3e} should miss the bound"

@@ -1,7 +1,8 @@
 """Finding words of a prompt among its CLIP tokens (real tokenization through the CLIP object)."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -305,3 +306,34 @@ def t5_word_positions(clip, ids: Sequence[int], word: str) -> List[int]:
         if list(ids[s:s + len(pieces)]) == pieces:
             found.extend(range(s, s + len(pieces)))
     return found
+
+
+def qwen_word_positions(clip, ids: Sequence[int], word: str) -> List[int]:
+    """Every position of ``word``'s BPE pieces among the prompt tokens of ``ids`` (with its leading space inside the
+    prompt, without at its start; all occurrences), [] if absent."""
+    inner = qwen_tokenizer(clip).tokenizer
+    end = qwen_word_count(ids)
+    found: List[int] = []
+    for variant in (" " + word.strip(), word.strip()):
+        pieces = inner.encode(variant, add_special_tokens=False)
+        for s in range(0, end - len(pieces) + 1) if pieces else ():
+            if list(ids[s:s + len(pieces)]) == pieces and s not in found:
+                found.extend(range(s, s + len(pieces)))
+    return sorted(set(found))
+
+
+@dataclass(frozen=True)
+class TextStream:
+    """How a DiT reads a prompt as text tokens (position p = text token p of its joint sequence): the tokens' name
+    and the lookups over them. T5 for Flux and Chroma, Qwen2.5 for Qwen-Image."""
+    name: str
+    tokenizer: Callable
+    ids: Callable
+    word_count: Callable      # (clip, ids) -> the prompt's tokens before the stream's end marker
+    readable: Callable
+    word_positions: Callable  # (clip, ids, word) -> every position of the word's pieces
+
+
+T5_STREAM = TextStream("T5", t5_tokenizer, t5_ids, t5_word_count, t5_readable, t5_word_positions)
+QWEN_STREAM = TextStream("Qwen", qwen_tokenizer, qwen_ids, lambda clip, ids: qwen_word_count(ids), qwen_readable,
+                         qwen_word_positions)

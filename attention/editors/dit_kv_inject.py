@@ -1,7 +1,9 @@
-"""KV injection in the joint attention of DiTs (Flux, Chroma, Qwen-Image): in the chosen double/single blocks, from
-the chosen step on, the target's image-token keys and values are replaced by the source's at the same step and CFG
-half (Stable Flow's attention injection, MasaCtrl's mutual self-attention). Text tokens keep their own K/V, and
-every query (text and image) attends over the joint sequence as usual.
+"""KV injection in the joint attention of DiTs (Flux, Chroma, Qwen-Image, SD3.5): in the chosen double/single blocks,
+from the chosen step on, the source's image-token keys and values at the same step and CFG half either replace the
+target's (``mutual``: Stable Flow's attention injection, MasaCtrl's mutual self-attention) or are appended to the
+joint sequence (``union``: every query attends over [own text ; own image ; source image], the appended keys with
+the rotary rows of their own image positions, as RIVAL's concatenation in dit_rival.py). Text tokens keep their own
+K/V.
 
 Installed as an ``attn1_patch`` (ComfyUI's hook in comfy/ldm/flux/layers.py and comfy/ldm/qwen_image/model.py): it
 returns a new k and v, never edits the tensors it is given; ComfyUI applies RoPE afterwards by position, so the
@@ -12,18 +14,26 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import torch
+
 from ... import compat
 from ...artifacts import named_error, node_name
 from ..core.dit_layers import DiTBlock
 from ..store.dit_reference import RECORDING_KEY, step_of
+from .dit_rival import extended_mask
+
+DIT_MODES = ("mutual", "union")
 
 
 class DiTKVInject(compat.PatchObject):
-    def __init__(self, reference, blocks: Sequence[DiTBlock], steps: Iterable[int], tokens: int):
+    def __init__(self, reference, blocks: Sequence[DiTBlock], steps: Iterable[int], tokens: int,
+                 mode: str = "mutual", text_mask: bool = False):
         self.reference = reference    # a DiTReferenceKV, or a PartialReference of one
         self.blocks = {b.key: b for b in blocks}
         self.tokens = int(tokens)
         self.steps = set(int(s) for s in steps)
+        self.mode = mode
+        self.text_mask = text_mask   # Qwen-Image hands the patch its text mask, not the joint mask it attends with
         self.node = node_name()
 
     def __call__(self, q, k, v, pe=None, attn_mask=None, extra_options=None):
@@ -55,6 +65,22 @@ class DiTKVInject(compat.PatchObject):
                 f"not connected. Each CFG half attends to the source run with that half's prompt: connect the same "
                 f"negative conditioning the sampler gets (or sample at cfg 1, as guidance-distilled Flux does).")
         rows = k.shape[0] // len(branches)
+        if self.mode == "union":
+            if self.text_mask and attn_mask is not None:
+                raise named_error(
+                    f"{self.node}: mode union on Qwen-Image with an attention mask in the conditioning: ComfyUI's "
+                    f"Qwen-Image attention builds its mask before the patch and takes none back, so the appended "
+                    f"source tokens cannot be given their mask columns. Use mode mutual, or conditioning without a "
+                    f"mask.")
+            refs = [self.reference.get(step, self.blocks[key], k.device, k.dtype, int(b)) for b in branches]
+            out = {"k": torch.cat([k, torch.cat([r[0].expand(rows, -1, -1, -1) for r in refs])], dim=2),
+                   "v": torch.cat([v, torch.cat([r[1].expand(rows, -1, -1, -1) for r in refs])], dim=2)}
+            if pe is not None:
+                out["pe"] = torch.cat([pe, pe[:, :, s0:s1]], dim=2)
+            mask = extended_mask(attn_mask, k.shape[0], k.shape[2], s1 - s0, [], q.dtype, q.device)
+            if mask is not None:
+                out["attn_mask"] = mask
+            return out
         k, v = k.clone(), v.clone()
         for chunk, branch in enumerate(branches):
             k_ref, v_ref = self.reference.get(step, self.blocks[key], k.device, k.dtype, int(branch))

@@ -175,6 +175,7 @@ class DiTP2PlusOverride(compat.PatchObject):
     def __call__(self, func, *args, **kwargs):
         to = kwargs.get("transformer_options") or {}
         q, k, v = args[0], args[1], args[2]
+        mask = args[4] if len(args) > 4 else kwargs.get("mask")   # Qwen-Image passes it positionally
         if not kwargs.get("skip_reshape") or q.dim() != 4 or to.get("block_type") not in ("double", "single"):
             return self._hand_on(func, args, kwargs)
         n = q.shape[2]
@@ -201,7 +202,7 @@ class DiTP2PlusOverride(compat.PatchObject):
         heads, maps = q.shape[1], None
         for src, tgt, edit in halves:
             edit = HalfEdit(edit.cross, edit.self_, eq if edit.equalizer is not None else None)
-            o = edited_rows(q, k, v, kwargs.get("mask"), text, src, tgt, edit, mapper, aligned,
+            o = edited_rows(q, k, v, mask, text, src, tgt, edit, mapper, aligned,
                             words=words if src == cond else None)
             if src == cond:
                 o, maps = o
@@ -209,7 +210,7 @@ class DiTP2PlusOverride(compat.PatchObject):
             out[[src, tgt]] = o.to(out.dtype)
         if record:
             if maps is None:     # the cond half is not edited in this call: its own probabilities
-                _o, maps = edited_rows(q, k, v, kwargs.get("mask"), text, cond, cond + 1,
+                _o, maps = edited_rows(q, k, v, mask, text, cond, cond + 1,
                                        HalfEdit(False, False, None), mapper, aligned, words=words)
             h, w = self._grid(to)
             position = self.block_positions.get((to["block_type"], int(to["block_index"])), 0)
@@ -227,3 +228,29 @@ class DiTP2PlusOverride(compat.PatchObject):
                                                   dtype=torch.long, device=device)
                                      for pos in self.blend.positions)
         return self._tiled[key]
+
+
+class StartCheck(compat.PatchObject):
+    """Model function wrapper of a real-image edit on a flow model: at the schedule's first sigma every row must be
+    the inversion's x_T (sampler space), as Inverted Noise starts it. A sampler that adds its own noise (KSampler,
+    RandomNoise) would otherwise generate a new image in both rows without a word; it is stopped naming the fix."""
+
+    def __init__(self, start: torch.Tensor, sigma0: float, previous=None):
+        self.start, self.sigma0, self.previous = start.float().cpu(), float(sigma0), previous
+        self.tolerance = 1e-4 * max(1.0, float(self.start.abs().max()))
+        self.node = node_name()
+
+    def __call__(self, apply_model, args):
+        x, sigma = args["input"], args["timestep"]
+        sigma = float(torch.as_tensor(sigma).flatten()[0])
+        if abs(sigma - self.sigma0) <= 1e-6 * max(1.0, self.sigma0):
+            miss = float((x.float().cpu() - self.start).abs().max())
+            if miss > self.tolerance:
+                raise named_error(
+                    f"{self.node}: the rows do not start at the inversion's latent (max difference {miss:.3g} at "
+                    f"sigma {sigma:.4g}): the sampler added its own noise. On flow models sample a real image with "
+                    f"SamplerCustomAdvanced, noise = Inverted Noise (the same INVERSION), this node's sigmas and "
+                    f"LATENT.")
+        if self.previous is not None:
+            return self.previous(apply_model, args)
+        return apply_model(x, args["timestep"], **args["c"])

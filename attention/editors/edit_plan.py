@@ -9,8 +9,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from ...artifacts import InversionChainError, user_text
-from ..core.tokens import (align_tokens, describe_tokens, prompt_tokens, t5_ids, t5_readable, t5_word_count,
-                           t5_word_positions, token_count, word_positions)
+from ..core.tokens import (T5_STREAM, TextStream, align_tokens, describe_tokens, prompt_tokens, token_count,
+                           word_positions)
 
 MODES = ("replace", "refine", "reweight")
 REWEIGHT_RANGE = (-2.0, 2.0)
@@ -121,32 +121,39 @@ def _equalizer(weights, n: int, positions_of, target_prompt: str, readable_token
 
 
 def build_t5_plan(clip, source_prompt: str, target_prompt: str, mode: str, reweight: str = "") -> EditPlan:
-    """The plan over the T5 text tokens a Flux-layout DiT reads (position p = text token p of the joint sequence;
-    no start token): replace needs the same number of prompt tokens, refine aligns the two sequences (longest
-    common subsequence, as for CLIP), reweight scales every occurrence of a word's pieces in the target."""
+    return build_stream_plan(clip, T5_STREAM, source_prompt, target_prompt, mode, reweight)
+
+
+def build_stream_plan(clip, stream: TextStream, source_prompt: str, target_prompt: str, mode: str,
+                      reweight: str = "") -> EditPlan:
+    """The plan over the text tokens a DiT reads (``stream``: T5 on Flux and Chroma, Qwen2.5 on Qwen-Image;
+    position p = text token p of the joint sequence, no start token): replace needs the same number of prompt
+    tokens, refine aligns the two sequences (longest common subsequence, as for CLIP), reweight scales every
+    occurrence of a word's pieces in the target."""
     if mode not in MODES:
         raise InversionChainError(f"unknown mode '{user_text(mode)}'; use one of {', '.join(MODES)}.")
-    src, tgt = t5_ids(clip, source_prompt), t5_ids(clip, target_prompt)
-    ns, nt = t5_word_count(clip, src), t5_word_count(clip, tgt)
+    src, tgt = stream.ids(clip, source_prompt), stream.ids(clip, target_prompt)
+    ns, nt = stream.word_count(clip, src), stream.word_count(clip, tgt)
     weights = parse_reweight(reweight)
     if mode == "reweight" and not weights:
         raise InversionChainError(f"mode 'reweight' needs `reweight`, e.g. 'flowers:2.0' (a word of the "
                                   f"target prompt and a scale in [{REWEIGHT_RANGE[0]:g}, {REWEIGHT_RANGE[1]:g}]).")
     word_swap = mode == "replace" or (mode == "reweight" and ns == nt)
     if word_swap and ns != nt:
-        show = lambda ids, n: user_text(", ".join(t5_readable(clip, ids[:n])))  # noqa: E731
+        show = lambda ids, n: user_text(", ".join(stream.readable(clip, ids[:n])))  # noqa: E731
         raise InversionChainError(
-            f"mode 'replace' swaps words token for token, but the source prompt has {ns} T5 tokens "
+            f"mode 'replace' swaps words token for token, but the source prompt has {ns} {stream.name} tokens "
             f"({show(src, ns)}) and the target prompt {nt} ({show(tgt, nt)}). Use mode 'refine' for prompts of "
-            f"different lengths, or choose replacement words with the same number of T5 tokens.")
+            f"different lengths, or choose replacement words with the same number of {stream.name} tokens.")
     if len(src) != len(tgt):
         raise InversionChainError(
             f"the source and target prompts are {len(src)} and {len(tgt)} text tokens long (this CLIP does "
-            f"not pad T5 to a fixed length, as Chroma's does not); both rows of the edit are sampled in one batch, "
-            f"which needs equal lengths. Choose prompts with the same number of T5 tokens.")
+            f"not pad {stream.name} to a fixed length, as Chroma's and Qwen-Image's do not); both rows of the edit are "
+            f"sampled in one batch, which needs equal lengths. Choose prompts with the same number of {stream.name} "
+            f"tokens.")
     n = len(tgt)
     mapper, aligned = _alignment(src, tgt, n, word_swap)
-    equalizer = _equalizer(weights, n, lambda word: t5_word_positions(clip, tgt, word), target_prompt,
-                           lambda: user_text(", ".join(t5_readable(clip, tgt[:nt]))), "T5 tokens")
+    equalizer = _equalizer(weights, n, lambda word: stream.word_positions(clip, tgt, word), target_prompt,
+                           lambda: user_text(", ".join(stream.readable(clip, tgt[:nt]))), f"{stream.name} tokens")
     return EditPlan(mode=mode, source_ids=src, target_ids=tgt, mapper=mapper, aligned=aligned, equalizer=equalizer,
                     reweight=weights, words=nt)

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from .comfy_env import REPO_ROOT, comfy_tree
-from . import extra_models, models, photos
+from . import extra_models, flow_models, flow_models_more, models, photos
 
 PACK_NODES = ("ICDDIMInvert", "ICLatentDifference")
 PHOTOS = ("astronaut", "chelsea", "coffee")
@@ -38,7 +38,9 @@ class ComfyServer:
     """Starts ``main.py --cpu --listen 127.0.0.1 --port P`` with the pack (linked into the tree's custom_nodes by
     the setup script), the test checkpoints and a test-only node registering their configs.
 
-    ``checkpoints``: test model sizes to put in the checkpoints folder (built and cached on first use).
+    ``checkpoints``: test models (TEST_MODELS) to offer, built and cached on first use: a checkpoint in the
+    checkpoints folder, or for the flow test models ("flux", "qwen_image") the diffusion model in diffusion_models
+    and the VAE in vae, on trees that have the family (elsewhere they are left out; their graphs skip).
     ``extra_checkpoints``: {file name: path} of user checkpoints to link in as well.
     ``photo_sizes``: sizes at which astronaut/chelsea/coffee are written into the input folder.
     ``shipped_names``: also offer the model and photo names the shipped workflows use (SHIPPED_CHECKPOINTS,
@@ -46,8 +48,8 @@ class ComfyServer:
     frontend with every file it names present (the SDXL name stands in with the small SD1.5-layout model until an
     SDXL test model exists: enough to load the graph, not to run it)."""
 
-    def __init__(self, workdir: Path, checkpoints=("small", "sd15", "sdxl"), extra_checkpoints=None,
-                 python=sys.executable, photo_sizes=PHOTO_SIZES, shipped_names=False):
+    def __init__(self, workdir: Path, checkpoints=("small", "sd15", "sdxl", "flux", "qwen_image"),
+                 extra_checkpoints=None, python=sys.executable, photo_sizes=PHOTO_SIZES, shipped_names=False):
         self.workdir = Path(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -77,8 +79,12 @@ class ComfyServer:
         lora_dir = self.workdir / "loras"
         for d in (ckpt_dir, nodes_dir, vision_dir, control_dir, lora_dir, self.output_dir, self.input_dir):
             d.mkdir(parents=True, exist_ok=True)
+        flow_folders = set()
         for size in self.checkpoints:
-            self._link(ckpt_dir / models.CHECKPOINT_NAMES[size], models.checkpoint_path(size))
+            if "unet" in TEST_MODELS[size]:
+                flow_folders |= self._link_flow_test_model(size)
+            else:
+                self._link(ckpt_dir / models.CHECKPOINT_NAMES[size], models.checkpoint_path(size))
         for name, path in self.extra_checkpoints.items():
             path = Path(path).expanduser().resolve()
             if not path.is_file():
@@ -101,6 +107,7 @@ class ComfyServer:
                 self._link(control_dir / name, extra_models.controlnet_path(stand_in))
             for folder, names in SHIPPED_FLOW_FILES.items():   # names only: the flow graphs load, never run here
                 (self.workdir / folder).mkdir(exist_ok=True)
+                flow_folders.add(folder)
                 for name in names:
                     (self.workdir / folder / name).touch()
             if not (self.input_dir / SHIPPED_IMAGE).exists():
@@ -114,7 +121,7 @@ class ComfyServer:
         extra.write_text(f"ic_test:\n  base_path: {json.dumps(str(self.workdir))}\n  checkpoints: checkpoints\n"
                          f"  clip_vision: clip_vision\n  controlnet: controlnet\n  loras: loras\n"
                          f"  custom_nodes: test_nodes\n"
-                         + "".join(f"  {folder}: {folder}\n" for folder in SHIPPED_FLOW_FILES if self.shipped_names))
+                         + "".join(f"  {folder}: {folder}\n" for folder in sorted(flow_folders)))
         env = dict(os.environ, IC_REPO_ROOT=str(REPO_ROOT), PYTHONUNBUFFERED="1")
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
@@ -127,6 +134,20 @@ class ComfyServer:
             self.stop()
             raise
         return self
+
+    def _link_flow_test_model(self, size: str) -> set:
+        """Diffusion model and VAE files of flow test model ``size``, where the server's diffusion_models and vae
+        folders find them; the folders used (none on a tree without the family)."""
+        spec = TEST_MODELS[size]
+        if flow_models.missing_family(spec["clip_family"]):
+            return set()
+        files = {("diffusion_models", spec["unet"]): flow_models.model_path(spec["clip_family"]),
+                 ("vae", spec["vae"]): (flow_models_more.wan_vae_path() if spec["vae"] == flow_models_more.WAN_VAE_NAME
+                                        else flow_models.vae_path())}
+        for (folder, name), source in files.items():
+            (self.workdir / folder).mkdir(exist_ok=True)
+            self._link(self.workdir / folder / name, source)
+        return {folder for folder, _ in files}
 
     @staticmethod
     def _link(target: Path, source: Path):
@@ -310,14 +331,35 @@ def set_inputs(graph: dict, class_type: str, **values) -> dict:
 
 def with_checkpoint(graph: dict, ckpt_name: str, image_size: int | None = None, photo: str = "astronaut") -> dict:
     """A copy of ``graph`` using ``ckpt_name`` in every checkpoint loader and, if ``image_size`` is given, the
-    scikit-image ``photo`` at that size in every LoadImage (``photo_name(photo, size)``, written by the server) and
-    that size in every ImageScale."""
+    scikit-image ``photo`` at that size (``with_image_size``)."""
     graph = set_inputs(graph, "CheckpointLoaderSimple", ckpt_name=ckpt_name)
-    if image_size is not None:
-        for nid in nodes_of(graph, "LoadImage"):
-            graph[nid]["inputs"]["image"] = photo_name(photo, image_size)
-        for nid in nodes_of(graph, "ImageScale"):
-            graph[nid]["inputs"].update(width=image_size, height=image_size)
+    return graph if image_size is None else with_image_size(graph, image_size, photo)
+
+
+EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
+
+
+def with_image_size(graph: dict, image_size: int, photo: str = "astronaut") -> dict:
+    """A copy of ``graph`` with the scikit-image ``photo`` at ``image_size`` in every LoadImage
+    (``photo_name(photo, size)``, written by the server) and that size in every ImageScale and empty latent."""
+    graph = copy.deepcopy(graph)
+    for nid in nodes_of(graph, "LoadImage"):
+        graph[nid]["inputs"]["image"] = photo_name(photo, image_size)
+    for nid in [n for kind in ("ImageScale",) + EMPTY_LATENTS for n in nodes_of(graph, kind)]:
+        graph[nid]["inputs"].update(width=image_size, height=image_size)
+    return graph
+
+
+def with_flow_test_model(graph: dict, size: str) -> dict:
+    """A copy of a shipped flow graph on flow test model ``size``: UNETLoader and VAELoader read its files (which the
+    server puts in diffusion_models and vae), and the test-only "IC Test Flow CLIP Loader" (tests/comfy_test_node)
+    builds its shrunk text encoders in place of DualCLIPLoader / CLIPLoader, whose outputs keep their links."""
+    spec = TEST_MODELS[size]
+    graph = set_inputs(graph, "UNETLoader", unet_name=spec["unet"], weight_dtype="default")
+    graph = set_inputs(graph, "VAELoader", vae_name=spec["vae"])
+    for nid in nodes_of(graph, "DualCLIPLoader") + nodes_of(graph, "CLIPLoader"):
+        graph[nid] = {"class_type": FLOW_CLIP_LOADER, "inputs": {"family": spec["clip_family"]},
+                      "_meta": {"title": f"IC Test Flow CLIP Loader ({spec['clip_family']})"}}
     return graph
 
 
@@ -358,19 +400,21 @@ SHIPPED_CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 SHIPPED_CONTROLNETS = {"control_v11p_sd15_canny.pth": "sd15", "diffusers_xl_canny_full.safetensors": "sdxl"}
 SHIPPED_IMAGE = "example.png"  # ComfyUI's own input/example.png; the user puts a photo in its place
 # The flow-model graphs (current ComfyUI only) load diffusion model, text encoders and VAE by their own loaders: the
-# files of Comfy-Org's Flux and Qwen-Image repackages (ComfyUI's own templates name the same), by folder. No test
-# model stands in for them (the flow test layouts build their text encoders in-process): the browser server offers
-# the names as empty files, so the graphs load in the frontend; they are validated, not run (tests/test_workflows.py).
+# files of Comfy-Org's Flux and Qwen-Image repackages (ComfyUI's own templates name the same), by folder. They run on
+# the flow test models (TEST_MODELS "flux", "qwen_image": with_flow_test_model); the browser server offers the
+# shipped names as empty files, so the graphs load in the frontend with every file they name present.
 SHIPPED_DIFFUSION_MODELS = {"flux1-dev.safetensors": "flux", "qwen_image_fp8_e4m3fn.safetensors": "qwen"}
 SHIPPED_FLOW_FILES = {
     "diffusion_models": tuple(SHIPPED_DIFFUSION_MODELS),
     "text_encoders": ("t5xxl_fp16.safetensors", "clip_l.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors"),
     "vae": ("ae.safetensors", "qwen_image_vae.safetensors"),
 }
-# Test models that run each family's workflows (none for the flow families: their graphs are validated, not run).
-FAMILY_TEST_MODELS = {"sd15": ("small", "sd15"), "sdxl": ("sdxl",), "flux": (), "qwen": ()}
+# Test models that run each family's workflows.
+FAMILY_TEST_MODELS = {"sd15": ("small", "sd15"), "sdxl": ("sdxl",), "flux": ("flux",), "qwen": ("qwen_image",)}
+FLOW_CLIP_LOADER = "ICTestFlowCLIPLoader"    # tests/comfy_test_node: the flow test layouts' shrunk text encoders
 # Per test model: the checkpoint file, the photo size, and caps on step-like inputs (the full-size SD1.5 UNet
 # costs seconds per call on 2 CPU cores). "small" keeps the step counts the test suite measured its numbers at.
+STEPS_FLOW = 28
 TEST_MODELS = {
     "small": {"ckpt": models.CHECKPOINT_NAMES["small"], "image_size": 128,
               "caps": {"steps": 10, "inner_steps": 20}},
@@ -378,6 +422,11 @@ TEST_MODELS = {
              "caps": {"steps": 3, "refine_iters": 2, "inner_steps": 1, "batch_size": 2}},
     "sdxl": {"ckpt": models.CHECKPOINT_NAMES["sdxl"], "image_size": 128,   # the small SDXL-layout test model
              "caps": {"steps": 10, "inner_steps": 20}},
+    # the small random-weight flow layouts (tests/harness/flow_models*.py): diffusion model, VAE, text encoders
+    "flux": {"unet": flow_models.FILE_NAMES["flux"], "vae": flow_models.VAE_NAME, "clip_family": "flux",
+             "image_size": 64, "caps": {"steps": STEPS_FLOW}},
+    "qwen_image": {"unet": flow_models.FILE_NAMES["qwen_image"], "vae": flow_models_more.WAN_VAE_NAME,
+                   "clip_family": "qwen_image", "image_size": 64, "caps": {"steps": STEPS_FLOW}},
 }
 
 
@@ -402,10 +451,14 @@ def workflow_test_models(graph: dict) -> tuple:
 
 
 def for_test_model(graph: dict, size: str) -> dict:
-    """A copy of the shipped ``graph`` set up to run on test model ``size`` within CPU budgets: test checkpoint,
-    test CLIP vision and ControlNet, the astronaut photo at the model's size, capped step counts."""
+    """A copy of the shipped ``graph`` set up to run on test model ``size`` within CPU budgets: test checkpoint (or
+    the flow test model's files and text encoders), test CLIP vision and ControlNet, the astronaut photo at the
+    model's size, capped step counts."""
     spec = TEST_MODELS[size]
-    graph = with_checkpoint(graph, spec["ckpt"], spec["image_size"])
+    if "unet" in spec:
+        graph = with_image_size(with_flow_test_model(graph, size), spec["image_size"])
+    else:
+        graph = with_checkpoint(graph, spec["ckpt"], spec["image_size"])
     for nid in nodes_of(graph, "CLIPVisionLoader"):
         graph[nid]["inputs"]["clip_name"] = models.CLIP_VISION_NAME
     for nid in nodes_of(graph, "ControlNetLoader"):
