@@ -32,8 +32,8 @@ def check_supported(model_patcher, allow_flow: bool = False):
             return
         raise InversionChainError(
             f"the model family '{family}' (a rectified-flow / DiT model) is not supported yet by this node; "
-            f"so far DDIM Invert runs on every rectified-flow family, KV Inject on Flux, Chroma, Qwen-Image and "
-            f"SD3.5, RIVAL on Flux and Chroma, P2Plus on Flux, Chroma and Qwen-Image, Attention Capture on Flux, "
+            f"so far DDIM Invert runs on every rectified-flow family, KV Inject and RIVAL on Flux, Chroma, "
+            f"Qwen-Image and SD3.5, P2Plus on Flux, Chroma and Qwen-Image, Attention Capture on Flux, "
             f"Chroma, Qwen-Image and SD3.5, Null-Text Inversion (sampled through Null-Text Conditioning) on "
             f"{TRUE_CFG_FLOW_NAMES}. Supported here: {SUPPORTED}.")
     if unet_of(model_patcher) is None:

@@ -51,16 +51,16 @@ class ICRIVALAlignSampler:
             "init": tip(list(INITS), "permute: a random spatial permutation of x_T per variation (keeps its "
                         "statistics); adain: fresh noise normalised to x_T; inverted: x_T itself (editing mode).",
                         default="permute"),
-            "normalize": tip(list(NORMALIZE), "eps: normalise the noise prediction (official code; on Flux / "
-                             "Chroma the predicted velocity, the sampler's step direction there); latent: normalise "
-                             "the latents (paper prose); off.", default="eps"),
+            "normalize": tip(list(NORMALIZE), "eps: normalise the noise prediction (official code; on the flow "
+                             "DiTs, Flux / Chroma / Qwen-Image / SD3.5, the predicted velocity, the sampler's step "
+                             "direction there); latent: normalise the latents (paper prose); off.", default="eps"),
         }, "optional": {
             "reference_kv": tip(list(REFERENCE_MODES), "cache: record the photo's keys/values once per "
                                 "inversion and negative prompt, then every run (new seeds) costs only the variations; "
                                 "when they would not all fit the memory budget (SDXL at 1024 px), the first steps "
                                 "that fit are cached and the others recomputed per step. batch: run the photo as an "
-                                "extra row every step (the official layout; on Flux / Chroma its prompt must have "
-                                "as many tokens as the positive's).",
+                                "extra row every step (the official layout; on Flux / Chroma / Qwen-Image its "
+                                "prompt must have as many tokens as the positive's).",
                                 default="cache"),
             "mask": tip("MASK", "Example-based inpainting (official inpaint_mask): 1 = regenerate, 0 = keep (the "
                         "official masks are the inverse: white = keep; use Invert Mask). Outside the mask every "

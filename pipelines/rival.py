@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..artifacts import Inversion, InversionChainError, node_name, user_text
-from ..attention.core import dit_layers, patching
+from ..attention.core import dit_layers, mmdit_bridge, patching
 from ..attention.core.schedule import Schedule
-from ..attention.editors.dit_rival import DiTRival
+from ..attention.editors.dit_rival import DiTRival, DiTRivalKernelMask
 from ..attention.editors.rival import RivalAttentionEditor
 from ..attention.store import reference as reference_store
 from ..attention.store.dit_reference import DiTReferenceKV, compute_dtype, image_tokens
@@ -29,8 +29,8 @@ def rival_sample(model, positive, negative, inversion: Inversion, seed: int, bat
 
     ``reference_mode='cache'`` records the reference row once per inversion (and negative prompt) and keeps it out
     of the batch; ``'batch'`` runs it as row 0 of every step (the official code's layout). ``mask`` (a ComfyUI
-    MASK, 1 = regenerate): example-based inpainting, see ``samplers/rival.py``. Flux-layout DiTs (Flux, Chroma):
-    ``rival_dit``."""
+    MASK, 1 = regenerate): example-based inpainting, see ``samplers/rival.py``. DiTs whose joint attention calls
+    ``attn1_patch`` (Flux, Chroma, Qwen-Image; SD3.5 through the bridge): ``rival_dit``."""
     if compat.is_flow_family(compat.model_sampling(model)):
         return rival_dit(model, positive, negative, inversion, seed, batch_size, cfg, replace_end_percent,
                          normalize_end_percent, init, normalize, preview, reference_mode, mask)
@@ -94,21 +94,31 @@ def variations(model, m, source, inversion: Inversion, seed: int, batch_size: in
 def rival_dit(model, positive, negative, inversion: Inversion, seed: int, batch_size: int, cfg: float,
               replace_end_percent: float, normalize_end_percent: float, init: str, normalize: str, preview: bool,
               reference_mode: str, mask=None, steps=None):
-    """RIVAL on a Flux-layout DiT: the same loop (``sample_variations``: ComfyUI's Euler step in sigma space, which
-    on these models moves along the predicted velocity), the cross-image attention as an ``attn1_patch`` in every
-    double and single block (attention/editors/dit_rival.py). ``normalize='eps'`` normalises the sampler's direction
-    ``(x - denoised) / sigma``: eps on eps-models (the official code), the velocity here. ``steps`` (tests): the
-    steps the attention patch acts at, default all."""
+    """RIVAL on a DiT with joint attention (Flux, Chroma, Qwen-Image, SD3.5): the same loop (``sample_variations``:
+    ComfyUI's Euler step in sigma space, which on these models moves along the predicted velocity), the cross-image
+    attention as an ``attn1_patch`` in every joint-attention block (attention/editors/dit_rival.py; on Qwen-Image
+    with the kernel's mask set by an ``optimized_attention_override``; SD3.5's MMDiT calls the patch through
+    attention/core/mmdit_bridge.py, which ``patching.add_attn1_patch`` installs). ``normalize='eps'`` normalises the
+    sampler's direction ``(x - denoised) / sigma``: eps on eps-models (the official code), the velocity here.
+    ``steps`` (tests): the steps the attention patch acts at, default all."""
     check_inputs(model, inversion, batch_size, cfg, replace_end_percent, normalize_end_percent, init, normalize,
                  allow_flow=True)
     family = compat.family_name(model)
-    if not dit_layers.is_flux_layout(model):
+    if not dit_layers.is_joint_attention_dit(model):
         raise InversionChainError(
             f"the model family '{family}' is not supported yet; among the rectified-flow families RIVAL runs "
-            f"on Flux and Chroma (their joint attention's attn1_patch).")
-    missing = compat.missing_feature_message("dit-attention-patches", node_name())
-    if missing:
-        raise InversionChainError(missing)
+            f"on Flux, Chroma, Qwen-Image and SD3.5 (their joint attention's attn1_patch).")
+    qwen, mmdit = dit_layers.is_qwen_image(model), mmdit_bridge.is_mmdit(model)
+    for feature in ("dit-attention-patches",) + (("attention-override",) if qwen or mmdit else ()):
+        missing = compat.missing_feature_message(feature, node_name())
+        if missing:
+            raise InversionChainError(missing)
+    if not dit_layers.calls_attn1_patch(model):
+        # SD3 / SD3.5 reach the patches through the attention override (attention/core/mmdit_bridge.py)
+        feature = "attention-override" if mmdit else "dit-attention-patches"
+        raise InversionChainError(
+            f"this ComfyUI's {family} attention calls no attn1_patch, so RIVAL's cross-image attention cannot be "
+            f"set; update ComfyUI (the hook it needs exists from {compat.FEATURES[feature][0]} on).")
     if reference_mode not in REFERENCE_MODES:
         raise InversionChainError(f"unknown reference mode '{user_text(reference_mode)}'; use one of "
                                   f"{', '.join(REFERENCE_MODES)}.")
@@ -121,7 +131,7 @@ def rival_dit(model, positive, negative, inversion: Inversion, seed: int, batch_
         if reference_mode == "cache" else None
     m = model.clone()
     if store is not None:   # the photo's K/V and velocity from the store; only the variations are sampled
-        patching.add_attn1_patch(m, DiTRival(inversion.sigmas, blocks, replace_end, tokens, store, steps))
+        patching.add_attn1_patch(m, DiTRival(inversion.sigmas, blocks, replace_end, tokens, store, steps, qwen))
         source = cached_reference_source(store)
         pos = [[torch.cat([positive[0][0][:1]] * batch_size), repeat_pooled(positive[0][1], batch_size)]]
         neg = [[torch.cat([negative[0][0][:1]] * batch_size), repeat_pooled(negative[0][1], batch_size)]]
@@ -129,9 +139,13 @@ def rival_dit(model, positive, negative, inversion: Inversion, seed: int, batch_
     else:                   # the photo's row runs in the batch, row 0 of every step
         pos = dit_rows(inversion.positive, positive, batch_size)
         neg = dit_rows(negative, negative, batch_size)
-        patching.add_attn1_patch(m, DiTRival(inversion.sigmas, blocks, replace_end, tokens, None, steps))
+        patching.add_attn1_patch(m, DiTRival(inversion.sigmas, blocks, replace_end, tokens, None, steps, qwen))
         source = in_batch_source(m, None)
         oom_hint = " (+1 reference row)"
+    if qwen:   # Qwen-Image ignores a patch's attn_mask: the appended columns are masked in the kernel call
+        to = dict(m.model_options.get("transformer_options", {}))
+        to["optimized_attention_override"] = DiTRivalKernelMask(store is None, to.get("optimized_attention_override"))
+        m.model_options["transformer_options"] = to
     return variations(model, m, source, inversion, seed, batch_size, init, region, pos, neg, cfg, schedule, normalize,
                       normalize_end, preview, oom_hint)
 
@@ -140,7 +154,8 @@ def dit_reference(model, inversion: Inversion, negative, blocks, tokens: int, br
     """The photo's image-token K/V in every block at every chain step (and its conditional velocity), recorded
     once per (inversion, negative) into the shared reference store; None when it would not fit the store's budget
     (then the photo's row runs in the batch)."""
-    entry = DiTReferenceKV(inversion, blocks, range(inversion.steps), tokens, compute_dtype(model), branches)
+    entry = DiTReferenceKV(inversion, blocks, range(inversion.steps), tokens, compute_dtype(model), branches,
+                           repeat_text=compat.text_batches_by_repeat(model))
     entry.record_eps = True
     positive = first_row(inversion.positive)
     negative_row = first_row(negative) if branches == 2 else None

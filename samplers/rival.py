@@ -46,9 +46,11 @@ CONTROL_KEYS = ("control", "control_apply_to_uncond")   # CONDITIONING entries o
 
 
 def adain(x: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-row, per-channel statistics over HxW of ``x`` set to those of ``target`` (broadcast over rows)."""
-    mean_x, var_x = x.mean(dim=(2, 3), keepdim=True), x.var(dim=(2, 3), keepdim=True, unbiased=False)
-    mean_t, var_t = target.mean(dim=(2, 3), keepdim=True), target.var(dim=(2, 3), keepdim=True, unbiased=False)
+    """Per-row, per-channel statistics over HxW (Qwen-Image's 5-D latents: over its 1xHxW) of ``x`` set to those of
+    ``target`` (broadcast over rows)."""
+    dims = tuple(range(2, x.dim()))
+    mean_x, var_x = x.mean(dim=dims, keepdim=True), x.var(dim=dims, keepdim=True, unbiased=False)
+    mean_t, var_t = target.mean(dim=dims, keepdim=True), target.var(dim=dims, keepdim=True, unbiased=False)
     return (x - mean_x) / (var_x + eps).sqrt() * (var_t + eps).sqrt() + mean_t
 
 
@@ -58,12 +60,11 @@ def initial_latent(x_T: torch.Tensor, seed: int, init: str,
     (a [1, 1, H, W] bool latent mask, True = regenerated) only that region is drawn, as the official inpainting
     does (a permutation of x_T's values inside it); the rest is x_T. An all-True region gives the unmasked draw."""
     gen = torch.Generator(device="cpu").manual_seed(compat.wrap_seed(seed))  # seed + j wraps as ComfyUI seeds
-    _, c, h, w = x_T.shape
     if init == "inverted":
         return x_T.clone()
     if init == "permute":  # one spatial permutation for all channels: per-channel statistics kept exactly
-        flat = x_T.flatten(2)
-        cells = torch.arange(h * w) if region is None else region.flatten().nonzero().squeeze(1).cpu()
+        flat = x_T.flatten(2)   # [1, C, H*W] (Qwen-Image's [1, C, 1, H, W] too)
+        cells = torch.arange(flat.shape[-1]) if region is None else region.flatten().nonzero().squeeze(1).cpu()
         perm = torch.randperm(len(cells), generator=gen)
         out = flat.clone()
         out[:, :, cells.to(x_T.device)] = flat[:, :, cells[perm].to(x_T.device)]

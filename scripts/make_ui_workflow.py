@@ -427,6 +427,16 @@ TECHNIQUE_NOTES = {
         "(img2img from your photo, denoise 0.8, CFGGuider cfg 4 with the negative prompt): image-to-text maps "
         "per Qwen2.5 token (cross) and image self-attention at a 4x4 grid of query points (self). Every block "
         "attends on one token grid (latent/2). Give it the prompts the sampler gets."),
+    "rival_variation_qwen": (
+        "RIVAL: variations of a real photo on Qwen-Image (true cfg).\n"
+        "ModelSamplingAuraFlow shift 3.1 (ComfyUI's Qwen-Image template) feeds both nodes: the inversion and the "
+        "variations must use the same model. DDIM Invert records the photo's inversion chain at cfg 1 (RIVAL's "
+        "setting, as on the UNets); RIVAL Align Sampler generates a batch at true cfg 4 with the negative prompt,"
+        " whose joint attention reads the photo's image-token keys/values in every block (replaced for the first "
+        "40% of the steps, then appended with their own RoPE positions) and whose per-step velocity follows the "
+        "photo chain's per-channel statistics for the first 40%. reference_kv cache records the photo's "
+        "keys/values for both CFG halves once per inversion and negative prompt; batch runs the photo as an extra"
+        " row (its prompt must then have as many tokens as the positive's)."),
     "attention_maps": (
         "Attention maps.\n"
         "Attention Capture records cross- and self-attention while the KSampler runs (img2img from your "

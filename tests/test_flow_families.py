@@ -110,7 +110,7 @@ def test_kv_inject_identity_or_refusal(f, store):
 # one, and the stock model on this CPU is not batch-invariant; test_flow_rival.py measures that yardstick at 128 px:
 # flux 4.1e-6, chroma 1.2e-5). Measured here at 64 px: see scripts/test_figures.py; asserted below 1e-4.
 RIVAL_TOL = 1e-4
-RIVAL_FAMILIES = ("flux", "chroma")
+RIVAL_FAMILIES = ("flux", "chroma", "qwen_image", "sd3")
 
 
 def test_rival_cached_reference_equals_the_in_batch_reference_or_refusal(f, store):
@@ -120,13 +120,7 @@ def test_rival_cached_reference_equals_the_in_batch_reference_or_refusal(f, stor
         with torch.inference_mode():
             return ICRIVALAlignSampler().sample(f["model"], f["positive"], f["negative"], f["inv"], 0, 2, cfg,
                                                 0.5, 0.5, "permute", "eps", mode)
-    if f["family"] not in RIVAL_FAMILIES:
-        # COORDINATOR: flip on merge of the RIVAL-on-Qwen-Image/SD3.5 branch (this is today's refusal)
-        with pytest.raises(InversionChainError, match=rf"^RIVAL Align Sampler: the model family {family_pattern(f)} "
-                                                      r"is not supported yet; among the rectified-flow families RIVAL "
-                                                      r"runs on Flux and Chroma"):
-            run("cache")
-        return
+    assert f["family"] in RIVAL_FAMILIES   # every flow family runs RIVAL (tests/test_flow_rival.py)
     cached, batched = run("cache"), run("batch")
     assert torch.equal(cached[1]["samples"], batched[1]["samples"])      # the photo's reference row
     diff = err(cached[0]["samples"], batched[0]["samples"])

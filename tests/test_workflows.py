@@ -260,6 +260,7 @@ FLOW_OUTPUTS = {
     "p2plus_edit_flux": {"ic_p2plus_edit": (2, "photo")},          # the source and the edited target
     "p2plus_edit_real_flux": {"ic_p2plus_edit": (2, "photo")},     # the photo's reconstruction and its edit
     "rival_variation_flux": {"ic_rival_variation": (2, "photo")},  # RIVAL Align Sampler's batch_size
+    "rival_variation_qwen": {"ic_rival_variation": (2, "photo")},
 }
 
 

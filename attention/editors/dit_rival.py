@@ -1,6 +1,8 @@
-"""RIVAL's cross-image attention in the joint attention of Flux-layout DiTs (Flux, Chroma), as an ``attn1_patch``.
+"""RIVAL's cross-image attention in the joint attention of DiTs whose joint attention calls ``attn1_patch`` (Flux,
+Chroma, Qwen-Image).
 
-In every double and single block, for the generated rows of each CFG half:
+In every block (Flux/Chroma: double and single; Qwen-Image: its one stack of joint blocks), for the generated rows
+of each CFG half:
 - while ``step / N < replace_end_percent`` (RIVAL's t > t_align): their image-token keys/values are replaced by the
   reference's at the same step and half (text tokens keep their own), every query attending over the joint
   sequence as usual (KV Inject's mutual mode);
@@ -16,6 +18,12 @@ The reference comes from row 0 of every CFG chunk (``reference=None``: the photo
 DiTReferenceKV recorded along the inversion chain (cache). In the batch layout the reference row must keep its own
 attention: its appended columns are masked out (an additive -inf mask on the extended keys only; the reference row's
 result then equals its unmasked attention up to float rounding, ~1e-7 per call).
+
+Qwen-Image (comfy/ldm/qwen_image/model.py): its joint attention calls the same ``attn1_patch`` (q, k, v before RoPE,
+``pe`` = its 3-axis RoPE table over [text ; image] in that order, ``img_slice``), so the keys/values and ``pe`` rows are
+extended as above. But it builds the kernel's mask before the patch and ignores the ``attn_mask`` a patch returns;
+the mask of the appended columns is set in the kernel call instead, by ``DiTRivalKernelMask`` (an
+``optimized_attention_override``, which Qwen-Image's attention passes its transformer_options to).
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ def extended_mask(attn_mask: Optional[torch.Tensor], rows: int, length: int, ext
 
 class DiTRival(compat.PatchObject):
     def __init__(self, sigmas: torch.Tensor, blocks: Sequence[DiTBlock], replace_end_percent: float, tokens: int,
-                 reference=None, steps: Optional[Sequence[int]] = None):
+                 reference=None, steps: Optional[Sequence[int]] = None, mask_in_kernel: bool = False):
         self.sigmas = sigmas.detach().float().cpu()
         self.total = int(self.sigmas.numel()) - 1
         self.blocks = {b.key: b for b in blocks}
@@ -53,6 +61,7 @@ class DiTRival(compat.PatchObject):
         self.tokens = int(tokens)
         self.reference = reference       # None: row 0 of each CFG chunk (batch layout); else a filled DiTReferenceKV
         self.steps = set(range(self.total)) if steps is None else set(int(s) for s in steps)
+        self.mask_in_kernel = bool(mask_in_kernel)   # Qwen-Image: DiTRivalKernelMask masks, not this patch
         self.node = node_name()   # raised inside the sampler: the errors name the node that built the patch
 
     def reference_kv(self, k, v, step, block, branches, s0, s1):
@@ -77,7 +86,8 @@ class DiTRival(compat.PatchObject):
         if s1 - s0 != self.tokens:
             raise named_error(
                 f"{self.node}: the sampled latent has {s1 - s0} image tokens, the inversion's latent has "
-                f"{self.tokens}; sample at the inverted image's size, without reference latents (Flux Kontext).")
+                f"{self.tokens}; sample at the inverted image's size, without reference latents (Flux Kontext, "
+                f"Qwen-Image-Edit).")
         branches = list(options.get("cond_or_uncond") or [0])
         if self.reference is not None and 1 in branches and self.reference.branches < 2:
             raise named_error(
@@ -98,8 +108,33 @@ class DiTRival(compat.PatchObject):
         out = {"k": k_ext, "v": v_ext}
         if pe is not None:
             out["pe"] = torch.cat([pe, pe[:, :, s0:s1]], dim=2)
+        if self.mask_in_kernel:
+            return out
         hidden = [c * rows for c in range(chunks)] if self.reference is None else []
         mask = extended_mask(attn_mask, k.shape[0], k.shape[2], n, hidden, q.dtype, q.device)
         if mask is not None:
             out["attn_mask"] = mask
         return out
+
+
+class DiTRivalKernelMask(compat.PatchObject):
+    """``optimized_attention_override`` for Qwen-Image: on a joint-attention call whose keys RIVAL extended (more
+    keys than queries), the kernel's mask widened by the appended columns and, in the batch layout
+    (``batch_layout``), those columns closed for the photo's row (row 0 of each CFG chunk). Other calls pass
+    through unchanged (to ``previous``, an override already installed, if any)."""
+
+    def __init__(self, batch_layout: bool, previous=None):
+        self.batch_layout = bool(batch_layout)
+        self.previous = previous
+
+    def __call__(self, func, q, k, v, heads, mask=None, *args, **kwargs):
+        extra = k.shape[-2] - q.shape[-2]
+        if kwargs.get("skip_reshape") and extra > 0:
+            options = kwargs.get("transformer_options") or {}
+            chunks = len(options.get("cond_or_uncond") or [0])
+            rows = k.shape[0] // chunks
+            hidden = [c * rows for c in range(chunks)] if self.batch_layout else []
+            mask = extended_mask(mask, k.shape[0], q.shape[-2], extra, hidden, q.dtype, q.device)
+        if self.previous is not None:
+            return self.previous(func, q, k, v, heads, mask, *args, **kwargs)
+        return func(q, k, v, heads, mask, *args, **kwargs)
