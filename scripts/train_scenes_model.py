@@ -13,17 +13,32 @@ Recipe (every number here is what produced models/ic_demo_scenes.safetensors; se
   borders), copied from models/ic_demo_photos.safetensors. AdamW 1.5e-3 after a 100-step warm-up, then
   constant (so the step-k checkpoint of a longer run equals a `--steps k` run), batch 8, EMA 0.995 saved.
 - Progress signal, logged every --eval-every steps on fixed eval scenes at t = 300 and 600: each colour word's
-  cross-attention mass (16x16 layers, heads averaged) inside its object divided by the object's area share
-  (1.0 = no localisation), with the same ratio for the mirror-image mask as a control.
+  cross-attention mass (16x16 layers, heads averaged; "@8": the 8x8 layers) inside its object divided by the
+  object's area share (1.0 = no localisation), with the same ratio for the mirror-image mask as a control.
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python scripts/train_scenes_model.py --work /tmp/ic_scenes --steps N
-writes /tmp/ic_scenes/ic_demo_scenes_step{k}.safetensors every --ckpt-every steps. Same torch build, thread count
-and device give the same bytes. `--repack FILE` rewrites a step checkpoint with the photo model's decoder (what
-the training run does for every checkpoint it writes; for checkpoints written before it did).
+- Grounding stage (`--ground-from`, the second of two runs): the first run's step-4000 checkpoint fine-tuned with
+  the diffusion loss plus GROUND_WEIGHT x a token-level grounding loss (TokenCompose, Wang et al. 2024): for each
+  object's colour and shape word, (1 - the share of its cross-attention inside the object's drawn mask)^2, every
+  attn2 layer, samples with t < GROUND_MAX_T and a caption. Two-object scenes in half the batches from the start,
+  AdamW GROUND_LR after a 100-step warm-up, then constant. Without it the first stage's 8x8 layers stayed flat
+  and the colour words' own maps reached 1.1x (the frozen causal text encoder carries the colour into the later
+  tokens, which the UNet read instead).
+
+    COMFYUI_PATH=.comfyui OMP_NUM_THREADS=1 nice .venv/bin/python scripts/train_scenes_model.py \
+        --work /tmp/ic_scenes --steps 4000
+    COMFYUI_PATH=.comfyui OMP_NUM_THREADS=1 nice .venv/bin/python scripts/train_scenes_model.py \
+        --work /tmp/ic_ground --ground-from /tmp/ic_scenes/ic_demo_scenes_step4000.safetensors --steps 1250
+write {work}/ic_demo_scenes_step{k}.safetensors (first stage) and ic_demo_scenes_ground_step{k}.safetensors every
+--ckpt-every steps; the second run's step 1250 is the committed file (why 1250: models/README.md). The tree is
+the 2024-03 one (`scripts/setup_env.sh 2024-03` makes .comfyui; v0.33's TAESD has a buffer the photo model's decoder
+lacks). Same torch build, thread count and device give the same bytes (CPU; CUDA kernels add in another order).
+`--repack FILE` rewrites a first-stage checkpoint with the photo model's decoder (what the training run does for
+every checkpoint it writes; for checkpoints written before it did).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 import time
@@ -44,6 +59,10 @@ SEED = 20261203
 CURRICULUM_STEP = 2000
 TWO_OBJECT_SHARE = 0.5
 CAPTION_DROPOUT = 0.15
+# grounding stage (--ground-from): fine-tune the one-stage model with a token-level grounding loss
+GROUND_LR = 5e-4
+GROUND_WEIGHT = 0.1
+GROUND_MAX_T = 800           # above this the noisy latent hardly shows where the objects are
 LOG = tdm.log
 
 
@@ -60,10 +79,11 @@ def word_token_index(clip, caption: str) -> dict[str, int]:
 
 
 class CrossAttentionProbe:
-    """Records head-averaged softmax(q k^T / sqrt(d)) of every attn2 for one forward (training-time metric only)."""
+    """Records head-averaged softmax(q k^T / sqrt(d)) of every attn2 for one forward: detached for the metric, with
+    gradients (``grad``) for the grounding loss."""
 
     def __init__(self, unet):
-        self.maps, self.on = [], False
+        self.maps, self.on, self.grad = [], False, False
         for name, mod in unet.named_modules():
             if name.endswith("attn2"):
                 mod.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -77,7 +97,8 @@ class CrossAttentionProbe:
         h = mod.heads
         q = q.view(b, n, h, c // h).transpose(1, 2)
         k = k.view(b, -1, h, c // h).transpose(1, 2)
-        self.maps.append(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(c // h), -1).mean(1).detach())
+        p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(c // h), -1).mean(1)
+        self.maps.append(p if self.grad else p.detach())
 
 
 def localisation(base, clip, probe, eval_scenes, conds, x0, sigma, noise) -> dict[str, float]:
@@ -85,24 +106,55 @@ def localisation(base, clip, probe, eval_scenes, conds, x0, sigma, noise) -> dic
     with torch.no_grad():
         base.apply_model(x0 + noise * sigma, sigma.expand(len(eval_scenes)), c_crossattn=conds)
     probe.on = False
-    ratios = {"colour": [], "shape": [], "control": []}
+    ratios = {"colour": [], "shape": [], "control": [], "colour@8": [], "shape@8": []}
     for p in probe.maps:
         side = int(round(math.sqrt(p.shape[1])))
-        if side != 16:
+        if side not in (8, 16):
             continue
+        suffix = "" if side == 16 else "@8"
         for i, scene in enumerate(eval_scenes):
             pos = word_token_index(clip, scene.caption)
             for obj in scene.objects:
                 for kind, word in (("colour", obj.colour), ("shape", obj.shape)):
                     a = p[i, :, pos[word]]
                     a = a / a.sum()
-                    for name, mask in ((kind, obj.mask), ("control", obj.mask[::-1, ::-1].copy())):
-                        if name == "control" and kind != "colour":
+                    for name, mask in ((kind + suffix, obj.mask), ("control", obj.mask[::-1, ::-1].copy())):
+                        if name == "control" and (kind != "colour" or suffix):
                             continue
                         m = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], side)
-                        m = m.flatten()
+                        m = m.flatten().to(p.device)
                         ratios[name].append(float((a * m).sum()) / float(m.mean()))
     return {k: round(float(np.mean(v)), 2) for k, v in ratios.items()}
+
+
+def object_token_positions(scene) -> list[tuple[int, int]]:
+    """(colour, shape) token positions of each of ``scene.objects``: every scene word is one CLIP token, so word j
+    of the caption is token j + 1 (after the start token)."""
+    words = scene.caption.split()
+    out = []
+    for obj in scene.objects:
+        j = next(i for i in range(len(words) - 1) if words[i] == obj.colour and words[i + 1] == obj.shape)
+        out.append((j + 1, j + 2))
+    return out
+
+
+def grounding_loss(maps, batch, use) -> torch.Tensor:
+    """Token-level grounding (as in TokenCompose, Wang et al. 2024): for each object word (colour and shape) of each
+    used sample, (1 - the share of the word's cross-attention that falls inside its object)^2, averaged over words
+    and attn2 layers. ``maps``: the probe's [B, N, 77] head-averaged maps with gradients."""
+    terms = []
+    for p in maps:
+        side = int(round(math.sqrt(p.shape[1])))
+        for i, scene in enumerate(batch):
+            if not use[i]:
+                continue
+            for obj, tokens in zip(scene.objects, object_token_positions(scene)):
+                m = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(obj.mask).float()[None, None], side)
+                m = m.flatten().to(p.device)
+                for tok in tokens:
+                    a = p[i, :, tok]
+                    terms.append((1 - (a * m).sum() / a.sum().clamp_min(1e-8)) ** 2)
+    return torch.stack(terms).mean() if terms else maps[0].sum() * 0
 
 
 def photo_decoder_state(work: Path) -> Path:
@@ -138,6 +190,11 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repack", type=Path, help="only rewrite this checkpoint with the photo model's decoder")
+    ap.add_argument("--ground-from", type=Path,
+                    help="grounding stage: fine-tune this checkpoint (the first stage's step 4000) with the grounding "
+                         "loss, two-object scenes from the start; writes ic_demo_scenes_ground_step{k}")
+    ap.add_argument("--ground-weight", type=float, default=GROUND_WEIGHT, help="grounding stage: the loss weight")
+    ap.add_argument("--ground-lr", type=float, default=GROUND_LR, help="grounding stage: the peak learning rate")
     args = ap.parse_args(argv)
     setup_comfy()
     if args.repack:
@@ -148,9 +205,13 @@ def main(argv=None):
     photo_decoder_state(args.work)
     dm.register_demo_model_config()
     torch.manual_seed(SEED)
+    ground = args.ground_from is not None
+    start = args.ground_from if ground else tdm.initial_checkpoint(args.work)
+    if ground:
+        tdm.initial_checkpoint(args.work)       # tdm.pack takes the frozen CLIP from it
+        LOG(f"grounding stage from {start} (sha256 {hashlib.sha256(start.read_bytes()).hexdigest()})")
     with torch.no_grad():
-        model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(str(tdm.initial_checkpoint(args.work)),
-                                                                    output_vae=True, output_clip=True)
+        model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(str(start), output_vae=True, output_clip=True)
     base = model.model
     unet = base.diffusion_model
     unet.to(args.device).float().train().requires_grad_(True)
@@ -175,7 +236,8 @@ def main(argv=None):
         return torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in batch]).to(args.device)
 
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW(unet.parameters(), lr=1.5e-3, weight_decay=0.0)
+    peak_lr = args.ground_lr if ground else 1.5e-3
+    opt = torch.optim.AdamW(unet.parameters(), lr=peak_lr, weight_decay=0.0)
     rng = np.random.default_rng(SEED + 1)
     gen = torch.Generator().manual_seed(SEED + 2)
     eval_noise = torch.randn((12, 4, 16, 16), generator=torch.Generator().manual_seed(SEED + 3)).to(args.device)
@@ -200,8 +262,8 @@ def main(argv=None):
     evaluate(0)
     for step in range(1, args.steps + 1):
         for g in opt.param_groups:
-            g["lr"] = 1.5e-3 * min(1.0, step / 100)
-        two_share = TWO_OBJECT_SHARE if step > CURRICULUM_STEP else 0.0
+            g["lr"] = peak_lr * min(1.0, step / 100)
+        two_share = TWO_OBJECT_SHARE if ground or step > CURRICULUM_STEP else 0.0
         batch = [scenes.random_scene(rng, 2 if rng.random() < two_share else 1) for _ in range(args.batch)]
         drop = rng.random(args.batch) < CAPTION_DROPOUT
         ctx = torch.cat([cond("" if d else s.caption) for s, d in zip(batch, drop)])
@@ -211,10 +273,18 @@ def main(argv=None):
         noise = torch.randn(x0.shape, generator=gen).to(args.device)
         sigma = sig_tab[t]
         # 2024-03's transformer block adds residuals in place; cloning saved tensors keeps backward valid
+        probe.maps, probe.on, probe.grad = [], ground, True
         with torch.autograd.graph.saved_tensors_hooks(lambda z: z.clone(), lambda z: z):
             den = base.apply_model(x0 + noise * sigma[:, None, None, None], sigma, c_crossattn=ctx)
+        probe.on, probe.grad = False, False
         # v MSE in x0 terms (as the photo model): |x0 - x0_hat|^2 (sigma^2 + 1) / sigma^2
         loss = (((den - x0) ** 2).mean(dim=(1, 2, 3)) * (sigma ** 2 + 1) / sigma ** 2).mean()
+        grounding = torch.zeros(())
+        if ground:
+            use = [not d and int(ti) < GROUND_MAX_T for d, ti in zip(drop, t.tolist())]
+            grounding = grounding_loss(probe.maps, batch, use)
+            probe.maps = []
+            loss = loss + args.ground_weight * grounding
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -225,13 +295,15 @@ def main(argv=None):
                 if v.is_floating_point():
                     ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
         if step % 50 == 0:
-            LOG(f"step {step}/{args.steps} loss {loss.item():.4f} ({(time.time() - t0) / step:.2f} s/step, "
+            LOG(f"step {step}/{args.steps} loss {loss.item():.4f} grounding {grounding.item():.4f} "
+                f"({(time.time() - t0) / step:.2f} s/step, "
                 f"{time.time() - t0:.0f} s wall, {time.process_time():.0f} CPU-s)")
         if step % args.eval_every == 0:
             evaluate(step)
         if step % args.ckpt_every == 0 or step == args.steps:
             torch.save({"step": step, "ema": ema}, args.work / "unet.pt")
-            tdm.pack(args.work, args.work / f"ic_demo_scenes_step{step}.safetensors")
+            name = "ic_demo_scenes_ground_step" if ground else "ic_demo_scenes_step"
+            tdm.pack(args.work, args.work / f"{name}{step}.safetensors")
     LOG(f"scenes: {args.steps} steps in {time.time() - t0:.0f} s wall, {time.process_time():.0f} CPU-s")
 
 
