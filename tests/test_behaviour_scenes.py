@@ -1,8 +1,12 @@
 """Each technique does what it is for, on a model that has learned where things are: the scenes model
 (models/ic_demo_scenes.safetensors, scripts/train_scenes_model.py), a 1 M-parameter UNet trained here on drawn scenes
-of coloured shapes, loaded by ComfyUI's stock loader. Masks come from the scene generator (tests/harness/scenes.py),
-which knows where it drew each object. Every check has a control that shows it can fail: the same measurement on
-the photo model (flat attention), on the mirror image of the object's mask, or with the edit off.
+of coloured shapes, its object words' cross-attention then fine-tuned toward the drawn masks (a grounding loss),
+loaded by ComfyUI's stock loader. Since the maps were trained to sit on the objects, the map tests check that every
+path of the pack reads them right (no flip, no transposition, no wrong token, no wrong resolution, both branches);
+the edits (swap, local blend, reweight, refine, KV Inject, RIVAL, StyleDiffusion) were never trained for. Masks come
+from the scene generator (tests/harness/scenes.py), which knows where it drew each object. Every check has a control
+that shows it can fail: the same measurement on the photo model (flat attention), on the mirror image of the
+object's mask, on another word, or with the edit off.
 
 The figures behind each threshold: `.venv/bin/python scripts/scenes_figures.py` prints them all (JSON); the values
 measured on the committed checkpoint are in models/README.md.
@@ -18,10 +22,10 @@ from tests.harness import scenes_behaviour as sb
 
 # Thresholds, from the committed checkpoint's figures (models/README.md, "Behaviour on the scenes model")
 WORD_RATIO = 2.0            # the issue's bar: a word's mass inside its object >= 2x the object's area share
-SHAPE_RATIO = 1.8           # shape word measured 2.06-2.15 over four placements; 1.8 leaves room for the other tree
-MAX_CONTROL_RATIO = 1.2     # mirrored mask 0.79-0.88, photo model 0.83-0.89 (flat: 1.0)
-P2PLUS_VIEWER_CORR = 0.65   # local blend's map vs the viewer's 8x8 map: corr 0.81 (the mirrored map 0.38); not 1:
-                            # the viewer drops the start token and renormalises each pixel over the others
+SHAPE_RATIO = 4.0           # shape word measured 7.5-7.8 over four placements, every map path 7.6-8.2: a map one
+                            # token off ('red': 2.6-2.7) or at a blurred resolution scores well below
+MAX_CONTROL_RATIO = 1.2     # mirrored mask: shape word 0.04-0.09, colour word 0.76-0.79; photo model 0.83-0.96
+P2PLUS_VIEWER_CORR = 0.9    # local blend's map vs the viewer's 8x8 map: corr 0.9988-0.9997 (the mirrored map -0.10)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +54,12 @@ def test_shape_word_attention_sits_on_its_object(placements):
         assert fig["circle"]["mirror_ratio"] < MAX_CONTROL_RATIO, (where, fig["circle"])
 
 
-@pytest.mark.xfail(strict=True, reason="not reached: the colour word's map is flat in the viewer (ratio 1.08-1.12 on "
-                                       "the committed model); the frozen causal text encoder carries the colour into "
-                                       "the later tokens ('circle' 3.6x, 'on' 4.0x in raw maps)")
 def test_colour_word_attention_sits_on_its_object(placements):
+    """'red' of 'a red circle on a yellow background': measured mass ratio 2.64-2.70 over four placements (the
+    shape word's map is sharper: 7.5-7.8); the same map on the mirror image of the object 0.76-0.79."""
     for where, fig in placements.items():
         assert fig["red"]["ratio"] >= WORD_RATIO, (where, fig["red"])
+        assert fig["red"]["mirror_ratio"] < MAX_CONTROL_RATIO, (where, fig["red"])
 
 
 def test_maps_are_neither_flipped_nor_transposed(placements):
@@ -65,7 +69,7 @@ def test_maps_are_neither_flipped_nor_transposed(placements):
     for where, (coord, sign) in axis.items():
         cx = placements[where]["circle"]["centroid"]
         offset, other = cx[coord] - sb.SIZE / 2, cx[1 - coord] - sb.SIZE / 2
-        assert sign * offset > 3, (where, cx)          # measured 6.2-7.7 px toward the object
+        assert sign * offset > 10, (where, cx)         # measured 29-32 px toward the object
         assert sign * offset > abs(other), (where, cx)
 
 
@@ -88,7 +92,7 @@ def swaps(m, centre):
 
 def test_p2plus_word_swap_recolours_the_circle_and_keeps_the_rest(swaps):
     """Negative-prompt inversion at cfg 5, 'red circle' -> 'green circle': measured distance of the circle's mean
-    colour to green 0.73 -> 0.19, change inside the circle 0.27, outside its 12 px neighbourhood 0.021."""
+    colour to green 0.73 -> 0.21, change inside the circle 0.27, outside its 12 px neighbourhood 0.029."""
     free, same = swaps["free"], swaps["same"]
     assert free["recon_vs_inversion"] < 1e-3            # row 0 is the reconstruction
     assert free["to_target_after"] < free["to_target_before"] - 0.3, free
@@ -98,17 +102,17 @@ def test_p2plus_word_swap_recolours_the_circle_and_keeps_the_rest(swaps):
     assert same["inside_change"] < 1e-3 and same["outside_change"] < 1e-3, same
 
 
-@pytest.mark.xfail(strict=True, reason="not reached at blend_map_size auto: at the default blend_threshold 0.3 the "
-                                       "local-blend mask covers the whole latent on this model (the result equals no "
-                                       "blend; its maps come from the 8x8 layers, flat here); at 0.6 it removes most "
-                                       "of the edit inside the circle and not outside (0.024 vs 0.021). latent/1 "
-                                       "reaches it: test_p2plus_local_blend_at_latent_1_keeps_the_edit_and_the_outside")
 def test_p2plus_local_blend_keeps_the_outside_at_the_reconstruction(swaps):
-    assert swaps["blend"]["outside_change"] < 0.5 * swaps["free"]["outside_change"], swaps
+    """The same swap with local blend on 'circle' at the node's defaults: measured change outside the circle's 12 px
+    neighbourhood 0.0002 (without blend 0.029), the circle's distance to green 0.73 -> 0.23."""
+    blend, free = swaps["blend"], swaps["free"]
+    assert blend["outside_change"] < 0.1 * free["outside_change"], swaps
+    assert blend["to_target_after"] < blend["to_target_before"] - 0.3, blend
 
 
 @pytest.mark.xfail(strict=True, reason="not reached: reweighting 'red' changes the background more than the circle "
-                                       "(measured inside 0.011, outside 0.039): the colour word's map is flat")
+                                       "though its map sits on the circle (2.6x): at cfg 5 'red:-2' inside 0.10, "
+                                       "outside 0.31; 'red:0' 0.059 / 0.14; 'red:2' 0.056 / 0.035")
 def test_p2plus_reweight_of_the_colour_word_changes_its_object_most(swaps):
     fig = swaps["reweight"]
     assert fig["inside_change"] > 2 * fig["outside_change"], fig
@@ -117,8 +121,8 @@ def test_p2plus_reweight_of_the_colour_word_changes_its_object_most(swaps):
 def test_kv_inject_keeps_the_background_of_the_source_in_a_new_generation(m, centre):
     """'a red circle' -> 'a red square', a new generation from seeded noise with the source's K/V in every layer
     from the first step (start_layer 0, start_percent 0): measured mean distance to the source outside both shapes
-    0.081 vs 0.161 for plain sampling from the same noises (seeds 0-2). At the node's defaults (decoder layers from
-    8 %) it is 0.169: not better than plain sampling, said in models/README.md."""
+    0.17-0.22 vs 0.34-0.37 for plain sampling from the same noises (seeds 0-2); at the node's defaults (decoder
+    layers from 8 %) 0.27-0.32."""
     kv, plain = [], []
     with torch.inference_mode():
         for seed in (0, 1, 2):
@@ -131,8 +135,8 @@ def test_kv_inject_keeps_the_background_of_the_source_in_a_new_generation(m, cen
 
 
 def test_rival_keeps_the_palette_and_the_variations_differ(m, centre):
-    """Measured: colour-histogram distance to the source 0.28-0.39 for RIVAL, 0.47-1.69 (mean 1.07) for plain
-    text-to-image with the same prompt and seed; variations' pairwise mean |diff| 0.042-0.051, 15.7-16.7 dB to the
+    """Measured (left placement): colour-histogram distance to the source 0.26-0.32 for RIVAL, 1.77-1.96 for plain
+    text-to-image with the same prompt and seed; variations' pairwise mean |diff| 0.038-0.046, 16.8-18.4 dB to the
     source (not copies)."""
     with torch.inference_mode():
         fig = sb.rival_figures(m, centre)
@@ -144,7 +148,7 @@ def test_rival_keeps_the_palette_and_the_variations_differ(m, centre):
 
 
 def test_guidance_inversion_restores_the_reconstruction_at_cfg_7_5(m, centre):
-    """Measured: cfg 1 69.5 dB, plain DDIM at cfg 7.5 15.1 dB, null-text 47.8 dB, negative-prompt 69.5 dB."""
+    """Measured: cfg 1 69.8 dB, plain DDIM at cfg 7.5 15.3 dB, null-text 46.9 dB, negative-prompt 69.8 dB."""
     with torch.inference_mode():
         fig = sb.guidance_inversion_figures(m, centre)
     assert fig["cfg1"] > 50, fig
@@ -163,14 +167,15 @@ def paths(m):
 
 
 def test_viewer_tile_cond_and_uncond_branches_agree_on_the_shape_word(paths):
-    """Measured (left placement): the tile read back through its colour scale is the MASK (corr 0.999+, centroid
-    0.02 px); the uncond branch (negative prompt 'a circle', cfg 1.5) vs the cond branch: centroid 3.9 px, IoU of
-    the top 20 % 0.72 (top placement 5.3 px, 0.79). Controls: the cond map mirrored 13.4 px / IoU 0.035 (top
-    14.8 / 0.014); the word 'background' IoU 0.009 (0.026)."""
-    assert paths["viewer tile"]["corr"] > 0.99 and paths["viewer tile"]["centroid_px"] < 1, paths["viewer tile"]
+    """Measured (left placement; top in brackets), centroids of each map's top 20 %: the tile read back through its
+    colour scale is the MASK (corr 0.9999+, centroid 0.5 (1.2) px: the tile's 256 levels tie at the cut); the uncond
+    branch (negative prompt 'a circle', cfg 1.5) vs the cond branch: centroid 7.4 (7.2) px, IoU 0.69 (0.72), corr
+    0.98, mass ratio 3.0 (2.9). Controls: the cond map mirrored 48.7 (53.4) px / IoU 0.10 (0.03); the word
+    'background' IoU 0.02 (0.04). 12 px is half the circle's radius."""
+    assert paths["viewer tile"]["corr"] > 0.99 and paths["viewer tile"]["centroid_px"] < 2, paths["viewer tile"]
     uncond = paths["viewer uncond"]
-    assert uncond["iou"] > 0.5 and uncond["centroid_px"] < 8, uncond
-    assert uncond["ratio"] > 1.2, uncond                          # measured 1.34-1.36: on the object, not flat
+    assert uncond["iou"] > 0.5 and uncond["centroid_px"] < 12, uncond
+    assert uncond["ratio"] > WORD_RATIO, uncond
     mirrored, other = paths["viewer cond mirrored (control)"], paths["viewer cond 'background' (control)"]
     assert mirrored["iou"] < 0.2 and mirrored["centroid_px"] > 10, mirrored
     assert other["iou"] < 0.2, other
@@ -178,9 +183,9 @@ def test_viewer_tile_cond_and_uncond_branches_agree_on_the_shape_word(paths):
 
 def test_p2plus_and_kv_masked_maps_are_the_viewers_maps_at_their_resolution(paths):
     """P2Plus's local blend and KV Inject's masked mode read the layers at min(latent/4, the coarsest) = the 8x8
-    layers here: their maps are the viewer's 8x8 (latent/2) map of the same word (correlation, see
-    models/README.md), not transposed or flipped (the mirrored map correlates less) and the two paths give the same
-    source map (measured corr 0.811 both, KV's target map 0.802)."""
+    layers here: their maps are the viewer's 8x8 (latent/2) map of the same word, not transposed or flipped (the
+    mirrored map correlates less) and the two paths give the same source map (measured corr 0.9997 both, KV's target
+    map 0.9993; mirrored -0.10)."""
     blend, source, target = (paths[k] for k in sb.LATENT4_PATHS)
     mirrored = paths["p2plus local blend mirrored (control)"]
     assert blend["corr"] > P2PLUS_VIEWER_CORR, paths
@@ -189,25 +194,24 @@ def test_p2plus_and_kv_masked_maps_are_the_viewers_maps_at_their_resolution(path
     assert target["corr"] > P2PLUS_VIEWER_CORR, paths
 
 
-@pytest.mark.xfail(strict=True, reason="not reached: P2Plus's local blend and KV masked mode read this model's 8x8 "
-                                       "layers, where 'circle' is not on the object (mass ratio 0.82-0.98; the "
-                                       "viewer's 8x8 map 0.73-0.84) while the 16x16 layers localise it (3.5-3.6x)")
 def test_p2plus_and_kv_masked_maps_sit_on_the_object(paths):
+    """At map size auto (the 8x8 layers here): measured mass ratio in the circle 8.25 (P2Plus and KV's source map,
+    the same map) and 8.15 (KV's target map); the P2Plus map mirrored 0.05."""
     for name in sb.LATENT4_PATHS:
         assert paths[name]["ratio"] >= SHAPE_RATIO, (name, paths[name])
+    mirrored = paths["p2plus local blend mirrored (control)"]
+    assert mirrored["ratio"] < MAX_CONTROL_RATIO, mirrored
 
 
 def test_p2plus_and_kv_masked_maps_at_latent_1_sit_on_the_object(paths):
-    """blend_map_size / mask_map_size latent/1 read the 16x16 layers: measured mass ratio in the circle 3.60 (P2Plus
-    and KV's source map, the same map) and 4.72 (KV's target map), top placement 3.63 / 4.67; correlation with the
-    viewer's latent/1 map 0.975-0.992. Controls: the same map mirrored scores 0.61-0.63; the same check at the
-    default (auto: the 8x8 layers here) fails, 0.82-0.98 (the strict xfail above)."""
+    """blend_map_size / mask_map_size latent/1 read the 16x16 layers: measured mass ratio in the circle 7.84 (P2Plus
+    and KV's source map, the same map) and 7.84 (KV's target map), top placement 7.62 / 7.72; correlation with the
+    viewer's latent/1 map 0.996-1.0. Control: the same map mirrored scores 0.03-0.10."""
     for name in sb.LATENT4_PATHS:
         fig = paths[f"{name} latent/1"]
         measured(f"{name}: mass ratio latent/1 {fig['ratio']:.2f} (corr with the viewer {fig['corr']:.3f}), "
                  f"auto {paths[name]['ratio']:.2f}")
         assert fig["ratio"] >= SHAPE_RATIO and fig["corr"] > P2PLUS_VIEWER_CORR, (name, fig)
-        assert paths[name]["ratio"] < SHAPE_RATIO, (name, paths[name])
     mirrored = paths["p2plus local blend latent/1 mirrored (control)"]
     assert mirrored["ratio"] < MAX_CONTROL_RATIO, mirrored
 
@@ -220,14 +224,14 @@ def blends(m, centre):
 
 
 def test_p2plus_local_blend_keeps_the_source_outside_its_mask(blends):
-    """Local blend on 'circle' at blend_threshold 0.7, swap 'red' -> 'green', cfg 5: outside the blend mask the
-    edited row equals the reconstruction up to the inversion error (measured 0.0014) where the same edit without
-    blend changed it (control, measured 0.087 there); at 0.3 the mask is the whole picture (measured share 1.0)."""
-    fig = blends["blend circle 0.7"]
-    assert fig["blend_mask_share"] < 0.9, fig
-    assert fig["outside_blend_mask"] < 0.005, fig
-    assert fig["no_blend_outside_blend_mask"] > 4 * fig["outside_blend_mask"], fig
-    assert blends["blend circle 0.3"]["blend_mask_share"] == 1.0, blends["blend circle 0.3"]
+    """Local blend on 'circle', swap 'red' -> 'green', cfg 5: outside the blend mask the edited row equals the
+    reconstruction up to the inversion error (measured 0.0017 at blend_threshold 0.3, 0.0014 at 0.7; masks 25 % of
+    the picture) where the same edit without blend changed it (control, measured 0.031 there)."""
+    for t in (0.3, 0.7):
+        fig = blends[f"blend circle {t}"]
+        assert fig["blend_mask_share"] < 0.9, (t, fig)
+        assert fig["outside_blend_mask"] < 0.005, (t, fig)
+        assert fig["no_blend_outside_blend_mask"] > 4 * fig["outside_blend_mask"], (t, fig)
 
 
 def edit_and_outside_kept(fig: dict, free: dict) -> bool:
@@ -236,36 +240,42 @@ def edit_and_outside_kept(fig: dict, free: dict) -> bool:
     return fig["inside_change"] > 0.8 * free["inside_change"] and fig["outside_12px"] < 0.5 * free["outside_12px"]
 
 
-@pytest.mark.xfail(strict=True, reason="not reached at blend_map_size auto: the blend mask comes from the 8x8 maps, "
-                                       "which are not on the circle; at threshold 0.7 it covers 49 % of the circle and "
-                                       "69 % of the picture, the edit inside drops from 0.27 to 0.012 (0.9: 41 % / "
-                                       "33 %, 0.002); at 0.3 and 0.5 it covers everything (outside the 12 px ring "
-                                       "0.021 as without blend). latent/1 reaches it (the test below)")
 def test_p2plus_local_blend_on_the_object_word_keeps_the_edit_and_the_outside(blends):
+    """Local blend on 'circle' at the node's defaults (blend_map_size auto, blend_threshold 0.3), swap 'red' ->
+    'green', cfg 5. Measured: mask 25 % of the picture and all of the circle, change inside 0.238 (no blend 0.267),
+    outside the 12 px ring 0.0002 (no blend 0.029), distance to green 0.73 -> 0.23. Higher thresholds trade the
+    edit away: 0.5 inside 0.222, 0.7 0.211 (below the 0.8 x bar), 0.9 0.160 (the mask leaves 15 % of the circle).
+    Control: the edit without blend fails the check (its outside is its own); the committed model before the
+    grounding stage failed it too (its 8x8 maps were flat, the mask at 0.3 was the whole picture)."""
     free = blends["no blend"]
-    assert any(edit_and_outside_kept(fig, free)
-               for name, fig in blends.items() if name != "no blend" and "latent/" not in name), blends
+    for t in (0.3, 0.7):
+        fig = blends[f"blend circle {t}"]
+        measured(f"threshold {t}: inside {fig['inside_change']:.3f} outside 12px {fig['outside_12px']:.4f} "
+                 f"mask share {fig['blend_mask_share']:.2f}; no blend {free['inside_change']:.3f} / "
+                 f"{free['outside_12px']:.4f}")
+    fig = blends["blend circle 0.3"]
+    assert edit_and_outside_kept(fig, free), (fig, free)
+    assert fig["blend_mask_covers_object"] > 0.95 and fig["blend_mask_share"] < 0.5, fig
+    assert fig["to_target_after"] < fig["to_target_before"] - 0.3, fig
+    assert not edit_and_outside_kept(free, free)        # control: the edit without blend does not pass
 
 
 def test_p2plus_local_blend_at_latent_1_keeps_the_edit_and_the_outside(blends):
-    """blend_map_size latent/1 (the 16x16 layers, where 'circle' is on the circle), swap 'red' -> 'green', cfg 5.
-    Measured: threshold 0.3 (the default) mask 39 % of the picture and all of the circle, change inside 0.268 (no
-    blend 0.272), outside the 12 px ring 0.0022 (no blend 0.021), outside its mask 0.0011, distance to green 0.73 ->
-    0.18; threshold 0.7: mask 23 %, inside 0.263, outside 0.0004 (0.5: the same; 0.9: the mask covers 87 % of the
-    circle and the edit inside drops to 0.097). Control: the same check at blend_map_size auto fails at both
-    thresholds (the strict xfail above)."""
+    """blend_map_size latent/1 (the 16x16 layers), swap 'red' -> 'green', cfg 5. Measured: threshold 0.3 (the
+    default) mask 27 % of the picture and all of the circle, change inside 0.274 (no blend 0.267), outside the 12 px
+    ring 0.0005 (no blend 0.029), outside its mask 0.0021, distance to green 0.73 -> 0.17; 0.5: mask 22 %, inside
+    0.229; 0.7: mask 18 %, 93 % of the circle, inside 0.158."""
     free = blends["no blend"]
     for t in (0.3, 0.7):
         fig = blends[f"blend circle latent/1 {t}"]
-        auto = blends[f"blend circle {t}"]
         measured(f"threshold {t}: latent/1 inside {fig['inside_change']:.3f} outside 12px {fig['outside_12px']:.4f} "
-                 f"mask share {fig['blend_mask_share']:.2f}; auto inside {auto['inside_change']:.3f} outside 12px "
-                 f"{auto['outside_12px']:.4f}; no blend {free['inside_change']:.3f} / {free['outside_12px']:.4f}")
-        assert edit_and_outside_kept(fig, free), (t, fig, free)
-        assert fig["blend_mask_covers_object"] > 0.95 and fig["blend_mask_share"] < 0.6, (t, fig)
-        assert fig["to_target_after"] < fig["to_target_before"] - 0.3, (t, fig)
-        assert not edit_and_outside_kept(auto, free), auto
-    assert blends["blend circle latent/1 0.3"]["outside_blend_mask"] < 0.005, blends["blend circle latent/1 0.3"]
+                 f"mask share {fig['blend_mask_share']:.2f}; no blend {free['inside_change']:.3f} / "
+                 f"{free['outside_12px']:.4f}")
+    fig = blends["blend circle latent/1 0.3"]
+    assert edit_and_outside_kept(fig, free), (fig, free)
+    assert fig["blend_mask_covers_object"] > 0.95 and fig["blend_mask_share"] < 0.6, fig
+    assert fig["to_target_after"] < fig["to_target_before"] - 0.3, fig
+    assert fig["outside_blend_mask"] < 0.005, fig
 
 
 @pytest.fixture(scope="module")
@@ -273,13 +283,17 @@ def refines(m, centre):
     """The centre scene inverted with 'a circle on a yellow background'; refine adds 'green' to the circle, or to
     the background (the control)."""
     with torch.inference_mode():
-        return sb.reweight_refine_figures(m, centre, reweights=("circle:-2",))
+        return sb.reweight_refine_figures(m, centre, reweights=("circle:-2", "background:-2"))
 
 
+@pytest.mark.xfail(strict=True, reason="not reached since the grounding stage: the circle moves toward green (0.73 -> "
+                                       "0.63) and the background does not (0.78 -> 0.81), but the background drifts "
+                                       "almost as much as the circle changes (inside 0.079, outside the 12 px ring "
+                                       "0.046); the model before it: 0.138 / 0.048")
 def test_p2plus_refine_adds_the_word_where_it_applies(refines):
-    """'a circle' -> 'a green circle' (refine, negative-prompt inversion at cfg 5): measured change inside the circle
-    0.138, outside its 12 px ring 0.048, circle's distance to green 0.73 -> 0.58. Control: 'green' added to the
-    background changes the outside most (inside 0.102, outside 0.227), so the same check fails there."""
+    """'a circle' -> 'a green circle' (refine, negative-prompt inversion at cfg 5). Control: 'green' added to the
+    background changes the outside most (measured inside 0.097, outside 0.247) and turns it toward green (0.78 ->
+    0.75), so the same check fails there."""
     fig = refines["refine 'green' on the circle"]
     assert fig["inside_change"] > 2 * fig["outside_12px"], fig
     assert fig["to_target_after"] < fig["to_target_before"] - 0.1, fig
@@ -288,25 +302,24 @@ def test_p2plus_refine_adds_the_word_where_it_applies(refines):
     assert control["background_to_green_after"] < control["background_to_green_before"], control
 
 
-@pytest.mark.xfail(strict=True, reason="not reached: reweighting the shape word changes the background more than the "
-                                       "circle (cfg 5: 'circle:-2' inside 0.015, outside 0.045; 'circle:0' 0.006 / "
-                                       "0.015; 'circle:2' 0.007 / 0.011; 'red:-2' 0.070 / 0.25)")
 def test_p2plus_reweight_of_the_shape_word_changes_its_object_most(refines):
+    """'circle:-2', cfg 5: measured change inside the circle 0.035, outside its 12 px ring 0.0042 ('circle:0'
+    0.013 / 0.0013, 'circle:2' 0.013 / 0.0012). Control: reweighting 'background' changes the outside most."""
     fig = refines["reweight circle:-2"]
     assert fig["inside_change"] > 2 * fig["outside_12px"], fig
+    control = refines["reweight background:-2"]
+    assert not control["inside_change"] > 2 * control["outside_12px"], control
 
 
 # -- KV Inject masked mode: the object moves and keeps its colours ---------------------------------------------------
-KV_MASKED_AUTO = ("not reached at mask_map_size auto: new generations (seeds 0-2, the source caption, cfg 5) with the "
-                  "left circle's K/V in masked mode (start_layer 0, start_percent 0) are washed out: 396-412 px near "
-                  "the circle's red (the source: 1812), at distance 0.46-0.47 from it (plain sampling 0.49-0.52); the "
-                  "palette is the source's (histogram distance 0.36-0.43 vs plain 1.26-1.87) but no red object is "
-                  "drawn. At the defaults (decoder layers from 8 %) 392-517 px, 0.51-0.56, histogram 1.84-1.91: no "
-                  "better than plain. Masked equals mutual here (the 8x8 masks are flat)")
-KV_MASKED_LATENT1 = ("not reached at mask_map_size latent/1 either, though its masks sit on the circle (mass ratio "
-                     "3.6-4.7): the same generations draw 505-1853 px near red at distance 0.47-0.50 from it, "
-                     "histogram distance 1.48-1.90 (no longer washed out, no nearer the source's palette than plain); "
-                     "at the defaults 511-640 px, 0.52-0.54 (mutual 190-511 px, 0.53-0.59)")
+KV_MASKED_AUTO = ("not reached at mask_map_size auto, though its masks sit on the circle (8.2x): new generations "
+                  "(seeds 0-2, the source caption, cfg 5) with the left circle's K/V in masked mode (start_layer 0, "
+                  "start_percent 0) draw no red circle: 825 / 998 / 16282 px nearer the circle's red than the "
+                  "background's yellow (the circle: 1812), their colour 0.45-0.55 from it (plain sampling 0.44-0.50, "
+                  "16384 px: no yellow background either); at the defaults (decoder layers from 8 %) 15510-15723 px, "
+                  "0.43-0.45, histogram distance to the source 1.70-1.84 (plain 1.96-1.97)")
+KV_MASKED_LATENT1 = ("not reached at mask_map_size latent/1 either (masks 7.8x on the circle): 536-16384 px, colour "
+                     "0.45-0.55 from the circle's red, histogram 1.93-1.96; at the defaults 14683-15549 px, 0.46-0.51")
 
 
 @pytest.mark.parametrize("map_size", [
@@ -330,19 +343,19 @@ def styles(m, centre):
 
 
 def test_style_diffusion_reconstruction_and_colour_edit_keep_the_layout(styles):
-    """StyleDiffusion Mapper (4 inner steps, cfg 5) then P2Plus with the STYLE: measured reconstruction 24.1 dB, IoU
+    """StyleDiffusion Mapper (4 inner steps, cfg 5) then P2Plus with the STYLE: measured reconstruction 23.4 dB, IoU
     of the non-background pixels with the circle 0.72; the 'red' -> 'green' edit keeps the layout (IoU 0.73, change
-    outside the 12 px ring 0.031). Control: the same without the STYLE (plain DDIM at cfg 5): 18.0 dB, IoU 0.04 and
-    0.0 (the circle is lost)."""
+    outside the 12 px ring 0.047). Control: the same without the STYLE (plain DDIM at cfg 5): 18.0 dB, IoU 0.31 and
+    0.0 (the edit loses the circle)."""
     style, plain = styles["style"], styles["no style (control)"]
     assert style["recon_psnr"] > plain["recon_psnr"] + 3, styles
     assert style["recon_layout_iou"] > 0.5 and style["edit_layout_iou"] > 0.5, styles
-    assert plain["recon_layout_iou"] < 0.3 and plain["edit_layout_iou"] < 0.3, styles
+    assert plain["recon_layout_iou"] < style["recon_layout_iou"] - 0.25 and plain["edit_layout_iou"] < 0.3, styles
     assert style["edit_outside_change"] < 0.06, styles
 
 
 @pytest.mark.xfail(strict=True, reason="not reached: with the STYLE the colour-word swap keeps the circle red (its "
-                                       "distance to green 0.71 -> 0.65; the style values replace the swapped word's "
+                                       "distance to green 0.71 -> 0.63; the style values replace the swapped word's "
                                        "until style_end_percent 0.5)")
 def test_style_diffusion_colour_edit_recolours_the_circle(styles):
     fig = styles["style"]
@@ -359,7 +372,7 @@ def two(m):
 def test_two_object_scene_puts_each_word_on_its_own_object(two):
     """'a red circle and a blue square on a yellow background', circle left and square right, then the two swapped
     (same caption): each of the four words has more mass on its own object than on the other (measured own
-    1.09-1.91, other 0.90-1.21; the smallest margin 'circle' 1.16 vs 1.01), and the circle's map is left of the
+    2.28-5.63, other 0.96-3.42; the smallest margin 'circle' 3.68 vs 3.42), and the circle's map is left of the
     square's exactly when the circle is on the left (the swap is the control: maps that ignored the objects would
     fail one of the two)."""
     for arrangement, fig in two.items():
@@ -370,9 +383,9 @@ def test_two_object_scene_puts_each_word_on_its_own_object(two):
     assert right["circle"]["centroid"][0] > right["square"]["centroid"][0], right
 
 
-@pytest.mark.xfail(strict=True, reason="not reached: in the two-object scene the words' mass on their own object is "
-                                       "1.09-1.18 ('red', 'circle'), 1.31 ('square'), 1.89-1.91 ('blue'), below 2x")
 def test_two_object_scene_words_reach_twice_their_area_share(two):
+    """Measured own-object mass ratio (circle left; right): red 2.39 (2.28), circle 3.85 (3.68), blue 5.54 (5.63),
+    square 4.63 (4.61)."""
     for arrangement, fig in two.items():
         for word in ("red", "circle", "blue", "square"):
             assert fig[word]["own"] >= WORD_RATIO, (arrangement, word, fig[word])

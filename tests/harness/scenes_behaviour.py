@@ -298,10 +298,12 @@ def top_mask(attn: torch.Tensor, share: float) -> torch.Tensor:
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor, share: float = 0.2) -> dict:
-    """Two maps (summing to 1, same size) on the same picture: centroid distance (px), IoU of their top ``share``
-    of pixels, and Pearson correlation of their values (1: the same map up to scale)."""
-    (ax, ay), (bx, by) = centroid(a), centroid(b)
+    """Two maps (summing to 1, same size) on the same picture: the distance (px) between the centroids of their top
+    ``share`` of pixels (where each map puts the word; the centroid of the whole mass would also measure how much
+    of it is spread evenly over the picture, which pulls it to the centre), the IoU of those regions, and the
+    Pearson correlation of the values (1: the same map up to scale)."""
     ma, mb = top_mask(a, share), top_mask(b, share)
+    (ax, ay), (bx, by) = centroid(ma.double() / ma.sum()), centroid(mb.double() / mb.sum())
     da, db = a.flatten() - a.mean(), b.flatten() - b.mean()
     return {"centroid_px": float(((ax - bx) ** 2 + (ay - by) ** 2) ** 0.5),
             "iou": float((ma & mb).sum() / (ma | mb).sum()),
@@ -453,11 +455,12 @@ def region_figures(inv: Inverted, recon, edit, colour_to: str | None = None, mas
 
 
 def local_blend_figures(m: Loaded, inv: Inverted, thresholds=(0.3, 0.5, 0.7, 0.9), cfg: float = 5.0,
-                        map_sizes=("auto",)) -> dict:
+                        map_sizes=("auto",), control_words=()) -> dict:
     """'red circle' -> 'green circle' with local blend on the object word 'circle', per ``blend_map_size`` and
-    ``blend_threshold`` (keys "blend circle 0.7" for auto, "blend circle latent/1 0.7" for the others); and without
+    ``blend_threshold`` (keys "blend circle 0.7" for auto, "blend circle latent/1 0.7" for the others); without
     local blend (the reference; "no_blend_outside_blend_mask": its change where that threshold's mask keeps the
-    source row)."""
+    source row); and with local blend on each of ``control_words`` at the node's defaults ("blend background
+    (control)": a word that is not where the edit is)."""
     target = inv.scene.caption.replace("red", "green")
     recon, free, _ = p2plus_run(m, inv, target, cfg)
     out = {"no blend": region_figures(inv, recon, free, "green")}
@@ -467,6 +470,9 @@ def local_blend_figures(m: Loaded, inv: Inverted, thresholds=(0.3, 0.5, 0.7, 0.9
         name = f"blend circle {t}" if size == "auto" else f"blend circle {size} {t}"
         fig = out[name] = region_figures(inv, recon, edit, "green", mask)
         fig["no_blend_outside_blend_mask"] = mean_abs(free, recon, ~mask) if (~mask).any() else None
+    for word in control_words:
+        recon, edit, mask = p2plus_run(m, inv, target, cfg, blend_words=word)
+        out[f"blend {word} (control)"] = region_figures(inv, recon, edit, "green", mask)
     return out
 
 
