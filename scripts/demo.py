@@ -105,19 +105,16 @@ SCENE_IMAGE = "ic_scene_red_circle.png"
 SCENE_EDITS = {
     "ddim_invert_reconstruct": ("reconstruction", {}),
     "rival_variation": ("RIVAL variations at cfg 2", {"ICRIVALAlignSampler": {"cfg": 2.0}}),
-    # blend_map_size latent/1: this small UNet's 16x16 layers, where 'circle' sits on the circle (at auto the
-    # blend reads its 8x8 layers and the mask is loose; tests/test_behaviour_scenes.py measures both).
-    "p2plus_edit_real": ("P2Plus 'red' -> 'green', local blend on 'circle' at latent/1 (row 1 reconstruction, "
-                         "row 2 edit)",
+    "p2plus_edit_real": ("P2Plus 'red' -> 'green', local blend on 'circle' (row 1 reconstruction, row 2 edit)",
                          {"ICP2PlusController": {"target_prompt": "a green circle on a yellow background",
-                                                 "blend_words": "circle", "blend_map_size": "latent/1"}}),
+                                                 "blend_words": "circle"}}),
     # from the first step in every layer: the settings of the scenes test that keeps the source's background
     "kv_inject_edit": ("KV Inject from step 0 in every layer: target prompt 'a red square ...' with the source's "
                        "self-attention K/V",
                        {"CLIPTextEncode:target": "a red square on a yellow background",
                         "ICKVInject": {"start_layer": 0, "start_percent": 0.0}, "SamplerCustom": {"cfg": 3.0}}),
-    "attention_maps": ("cross-attention of 'red', 'circle', 'yellow' in the 16x16 layers",
-                       {"ICAttentionMapViewer:cross": {"tokens": "red, circle, yellow", "resolution": "latent/1"},
+    "attention_maps": ("cross-attention of 'red', 'circle', 'yellow', every layer",
+                       {"ICAttentionMapViewer:cross": {"tokens": "red, circle, yellow"},
                         "KSampler": {"cfg": 1.0}}),
 }
 
