@@ -213,6 +213,13 @@ def swap_figures(m: Loaded, inv: Inverted, edited, colour_to: str) -> dict:
             "recon_vs_inversion": mean_abs(recon, inv.recon, np.ones_like(obj))}
 
 
+def seeded_start(m: Loaded, inv: Inverted, seed: int) -> torch.Tensor:
+    """A new generation's start for ``sample``: seeded unit noise at the first sigma, in the model's own latent
+    space, handed over as a raw latent (``sample`` scales its input by the latent format, as every sampler does)."""
+    noise = torch.randn(inv.noise.shape, generator=torch.Generator().manual_seed(seed)) * inv.sigmas[0]
+    return m.model.model.process_latent_out(noise)
+
+
 def kv_inject_figures(m: Loaded, inv: Inverted, target: str, cfg: float = 5.0, seed: int | None = 0,
                       **kv_inputs) -> dict:
     """KV Inject vs plain sampling with the same target prompt from the same start: a new generation from seeded
@@ -221,9 +228,7 @@ def kv_inject_figures(m: Loaded, inv: Inverted, target: str, cfg: float = 5.0, s
     from inversion_chain.nodes.kv_inject import ICKVInject
     pos, neg = m.encode(target), m.encode("")
     patched = call(ICKVInject, model=m.model, inversion=inv.inversion, negative=neg, **kv_inputs)[0]
-    start = inv.noise
-    if seed is not None:
-        start = torch.randn(inv.noise.shape, generator=torch.Generator().manual_seed(seed)) * inv.sigmas[0]
+    start = inv.noise if seed is None else seeded_start(m, inv, seed)
     kv = m.vae.decode(sample(patched, pos, neg, start, inv.sigmas, cfg))
     plain = m.vae.decode(sample(m.model, pos, neg, start, inv.sigmas, cfg))
     obj = inv.scene.objects[0]
@@ -532,7 +537,7 @@ def kv_masked_figures(m: Loaded, inv: Inverted, target: str | None = None, seeds
     for name in modes:
         rows = []
         for seed in seeds:
-            start = torch.randn(inv.noise.shape, generator=torch.Generator().manual_seed(seed)) * inv.sigmas[0]
+            start = seeded_start(m, inv, seed)
             image = m.vae.decode(sample(models[name], pos, neg, start, inv.sigmas, cfg))
             px = image.reshape(SIZE, SIZE, 3).float()
             near = ((px - rgb(obj.colour)).norm(dim=-1) < (px - rgb(inv.scene.background)).norm(dim=-1)).numpy()
