@@ -460,12 +460,11 @@ def region_figures(inv: Inverted, recon, edit, colour_to: str | None = None, mas
 
 
 def local_blend_figures(m: Loaded, inv: Inverted, thresholds=(0.3, 0.5, 0.7, 0.9), cfg: float = 5.0,
-                        map_sizes=("auto",), control_words=()) -> dict:
+                        map_sizes=("auto",)) -> dict:
     """'red circle' -> 'green circle' with local blend on the object word 'circle', per ``blend_map_size`` and
-    ``blend_threshold`` (keys "blend circle 0.7" for auto, "blend circle latent/1 0.7" for the others); without
+    ``blend_threshold`` (keys "blend circle 0.7" for auto, "blend circle latent/1 0.7" for the others); and without
     local blend (the reference; "no_blend_outside_blend_mask": its change where that threshold's mask keeps the
-    source row); and with local blend on each of ``control_words`` at the node's defaults ("blend background
-    (control)": a word that is not where the edit is)."""
+    source row)."""
     target = inv.scene.caption.replace("red", "green")
     recon, free, _ = p2plus_run(m, inv, target, cfg)
     out = {"no blend": region_figures(inv, recon, free, "green")}
@@ -475,9 +474,6 @@ def local_blend_figures(m: Loaded, inv: Inverted, thresholds=(0.3, 0.5, 0.7, 0.9
         name = f"blend circle {t}" if size == "auto" else f"blend circle {size} {t}"
         fig = out[name] = region_figures(inv, recon, edit, "green", mask)
         fig["no_blend_outside_blend_mask"] = mean_abs(free, recon, ~mask) if (~mask).any() else None
-    for word in control_words:
-        recon, edit, mask = p2plus_run(m, inv, target, cfg, blend_words=word)
-        out[f"blend {word} (control)"] = region_figures(inv, recon, edit, "green", mask)
     return out
 
 
