@@ -29,7 +29,8 @@ Recipe (every number here is what produced models/ic_demo_scenes.safetensors; se
     COMFYUI_PATH=.comfyui OMP_NUM_THREADS=1 nice .venv/bin/python scripts/train_scenes_model.py \
         --work /tmp/ic_ground --ground-from /tmp/ic_scenes/ic_demo_scenes_step4000.safetensors --steps 1250
 write {work}/ic_demo_scenes_step{k}.safetensors (first stage) and ic_demo_scenes_ground_step{k}.safetensors every
---ckpt-every steps; the second run's step 1250 is the committed file (why 1250: models/README.md). The tree is
+--ckpt-every steps; the second run's step 1250 is the committed file (why 1250: models/README.md; the first run's
+step 4000 is models/ic_demo_scenes.safetensors at commit 871b097, `git show 871b097:models/...`). The tree is
 the 2024-03 one (`scripts/setup_env.sh 2024-03` makes .comfyui; v0.33's TAESD has a buffer the photo model's decoder
 lacks). Same torch build, thread count and device give the same bytes (CPU; CUDA kernels add in another order).
 `--repack FILE` rewrites a first-stage checkpoint with the photo model's decoder (what the training run does for
