@@ -274,7 +274,7 @@ def main(argv=None):
         noise = torch.randn(x0.shape, generator=gen).to(args.device)
         sigma = sig_tab[t]
         # 2024-03's transformer block adds residuals in place; cloning saved tensors keeps backward valid
-        probe.maps, probe.on, probe.grad = [], ground, True
+        probe.maps, probe.on, probe.grad = [], ground, ground
         with torch.autograd.graph.saved_tensors_hooks(lambda z: z.clone(), lambda z: z):
             den = base.apply_model(x0 + noise * sigma[:, None, None, None], sigma, c_crossattn=ctx)
         probe.on, probe.grad = False, False

@@ -230,7 +230,7 @@ def test_p2plus_local_blend_keeps_the_source_outside_its_mask(blends):
     reconstruction up to the inversion error (measured 0.0017 at blend_threshold 0.3, 0.0014 at 0.7; masks 25 % of
     the picture) where the same edit without blend changed it (control, measured 0.031 there)."""
     for t in (0.3, 0.7):
-        fig = blends[f"blend circle {t}"]
+        fig = blends[sb.blend_key("auto", t)]
         assert fig["blend_mask_share"] < 0.9, (t, fig)
         assert fig["outside_blend_mask"] < 0.005, (t, fig)
         assert fig["no_blend_outside_blend_mask"] > 4 * fig["outside_blend_mask"], (t, fig)
@@ -240,10 +240,6 @@ def edit_and_outside_kept(fig: dict, free: dict) -> bool:
     """The local blend keeps the edit inside the circle (> 0.8 of the edit without blend) and the source outside
     its 12 px ring (< 0.5 of the change without blend there)."""
     return fig["inside_change"] > 0.8 * free["inside_change"] and fig["outside_12px"] < 0.5 * free["outside_12px"]
-
-
-def blend_key(map_size: str, threshold: float) -> str:
-    return f"blend circle {threshold}" if map_size == "auto" else f"blend circle {map_size} {threshold}"
 
 
 @pytest.mark.parametrize("map_size", ["auto", "latent/1"])
@@ -258,11 +254,11 @@ def test_p2plus_local_blend_on_the_object_word_keeps_the_edit_and_the_outside(bl
     the grounding stage failed it at auto too (its 8x8 maps were flat, the mask at 0.3 was the whole picture)."""
     free = blends["no blend"]
     for t in (0.3, 0.7):
-        fig = blends[blend_key(map_size, t)]
+        fig = blends[sb.blend_key(map_size, t)]
         measured(f"{map_size} threshold {t}: inside {fig['inside_change']:.3f} outside 12px "
                  f"{fig['outside_12px']:.4f} mask share {fig['blend_mask_share']:.2f}; no blend "
                  f"{free['inside_change']:.3f} / {free['outside_12px']:.4f}")
-    fig = blends[blend_key(map_size, 0.3)]
+    fig = blends[sb.blend_key(map_size, 0.3)]
     assert edit_and_outside_kept(fig, free), (fig, free)
     assert fig["blend_mask_covers_object"] > 0.95 and fig["blend_mask_share"] < 0.5, fig
     assert fig["to_target_after"] < fig["to_target_before"] - 0.3, fig

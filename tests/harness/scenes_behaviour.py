@@ -459,6 +459,11 @@ def region_figures(inv: Inverted, recon, edit, colour_to: str | None = None, mas
     return out
 
 
+def blend_key(map_size: str, threshold: float) -> str:
+    """local_blend_figures' key for local blend on 'circle' at ``map_size`` and ``threshold``."""
+    return f"blend circle {threshold}" if map_size == "auto" else f"blend circle {map_size} {threshold}"
+
+
 def local_blend_figures(m: Loaded, inv: Inverted, thresholds=(0.3, 0.5, 0.7, 0.9), cfg: float = 5.0,
                         map_sizes=("auto",)) -> dict:
     """'red circle' -> 'green circle' with local blend on the object word 'circle', per ``blend_map_size`` and
@@ -471,8 +476,7 @@ def local_blend_figures(m: Loaded, inv: Inverted, thresholds=(0.3, 0.5, 0.7, 0.9
     for size, t in ((size, t) for size in map_sizes for t in thresholds):
         recon, edit, mask = p2plus_run(m, inv, target, cfg, blend_words="circle", blend_threshold=t,
                                        blend_map_size=size)
-        name = f"blend circle {t}" if size == "auto" else f"blend circle {size} {t}"
-        fig = out[name] = region_figures(inv, recon, edit, "green", mask)
+        fig = out[blend_key(size, t)] = region_figures(inv, recon, edit, "green", mask)
         fig["no_blend_outside_blend_mask"] = mean_abs(free, recon, ~mask) if (~mask).any() else None
     return out
 
